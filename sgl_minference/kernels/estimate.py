@@ -1,0 +1,215 @@
+"""Triton kernels for the online index estimation (hot at long lengths, so never Python loops).
+
+* ``lastq_scores``: softmax of the last ``n = min(last_q, Sq)`` queries of each request's chunk against all its
+  keys (bottom-right causal, fp32), reduced to per-key column sums and per-diagonal sums, for vertical-slash.
+* ``pool_keys``: mean of each aligned 64-key block (padding excluded), for block-sparse.
+
+Both read keys through a ``KVSource`` (contiguous or SGLang's paged pool), so a cached prefix is never copied.
+Memory is O(heads x context): no [queries x keys] score matrix is ever materialised.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from ..layout import BLOCK, BatchGeometry, KVSource, check, check_tensor
+from .kv_access import kv_args, kv_rows
+
+LOG2E = 1.4426950408889634
+
+
+@triton.jit
+def _lastq_tile_scores(q, pos, row_ok, K, KvStart, ReqToToken, PoolIdx, r, kvh, j, sk, stride_tok,
+                      stride_kt, stride_kh, qk_scale, HEAD_DIM: tl.constexpr, PAGED: tl.constexpr):
+    """exp2-domain scores of the row tile ``q`` against key positions ``j``, and which pairs are valid."""
+    offs_d = tl.arange(0, HEAD_DIM)
+    kmask = (j >= 0) & (j < sk)
+    rows = kv_rows(KvStart, ReqToToken, PoolIdx, r, tl.where(kmask, j, 0), stride_tok, PAGED)
+    k = tl.load(K + rows[:, None] * stride_kt + kvh * stride_kh + offs_d[None, :], mask=kmask[:, None], other=0.0)
+    qk = tl.dot(q, tl.trans(k)) * qk_scale
+    valid = row_ok[:, None] & kmask[None, :] & (j[None, :] <= pos[:, None])
+    return qk, valid
+
+
+@triton.jit
+def _lastq_setup(Q, CuQ, SeqK, QHead, KvHead, r, h, stride_qt, stride_qh, n_last,
+                 BLOCK_M: tl.constexpr, HEAD_DIM: tl.constexpr):
+    sk = tl.load(SeqK + r)
+    q_end = tl.load(CuQ + r + 1)
+    n = tl.minimum(n_last, q_end - tl.load(CuQ + r))
+    p0 = sk - n  # absolute position of the first estimation row
+    rows = tl.arange(0, BLOCK_M)
+    row_ok = rows < n
+    qh = tl.load(QHead + h).to(tl.int64)
+    kvh = tl.load(KvHead + h).to(tl.int64)
+    offs_d = tl.arange(0, HEAD_DIM)
+    tok = (q_end - n + rows).to(tl.int64)
+    q = tl.load(Q + tok[:, None] * stride_qt + qh * stride_qh + offs_d[None, :], mask=row_ok[:, None], other=0.0)
+    return sk, p0, rows, row_ok, kvh, q
+
+
+@triton.jit
+def _lastq_lse_kernel(Q, K, KvStart, ReqToToken, PoolIdx, CuQ, SeqK, QHead, KvHead, MaxOut, SumOut,
+                      stride_qt, stride_qh, stride_kt, stride_kh, stride_tok, qk_scale, n_last, tiles_per_split,
+                      PAGED: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr):
+    """Pass 1: partial (row max, row sum) in the exp2 domain over this program's share of key tiles."""
+    tl.static_assert(BLOCK_M == 64)
+    r = tl.program_id(0)
+    h = tl.program_id(1)
+    s = tl.program_id(2)
+    sk, p0, rows, row_ok, kvh, q = _lastq_setup(Q, CuQ, SeqK, QHead, KvHead, r, h, stride_qt, stride_qh, n_last,
+                                                BLOCK_M, HEAD_DIM)
+    pos = p0 + rows
+    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_M], tl.float32)
+    t_end = tl.minimum((s + 1) * tiles_per_split, tl.cdiv(sk, BLOCK_N))
+    for t in range(s * tiles_per_split, t_end):
+        j = t * BLOCK_N + tl.arange(0, BLOCK_N)
+        qk, valid = _lastq_tile_scores(q, pos, row_ok, K, KvStart, ReqToToken, PoolIdx, r, kvh, j, sk,
+                                      stride_tok, stride_kt, stride_kh, qk_scale, HEAD_DIM, PAGED)
+        qk = tl.where(valid, qk, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(qk, 1))
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # all-masked so far: keep sums at 0, no NaN
+        l_i = l_i * tl.exp2(m_i - m_safe) + tl.sum(tl.exp2(qk - m_safe[:, None]), 1)
+        m_i = m_new
+    out = ((r * tl.num_programs(1) + h) * tl.num_programs(2) + s).to(tl.int64) * BLOCK_M + rows
+    tl.store(MaxOut + out, m_i)
+    tl.store(SumOut + out, l_i)
+
+
+@triton.jit
+def _lastq_scores_kernel(Q, K, KvStart, ReqToToken, PoolIdx, CuQ, SeqK, QHead, KvHead, Lse2, ColOut, DiagOut,
+                         stride_qt, stride_qh, stride_kt, stride_kh, stride_tok, stride_out_b, stride_out_h,
+                         qk_scale, n_last, tiles_per_split,
+                         PAGED: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr):
+    """Pass 2: probabilities summed per key (column) and per diagonal ``offset = pos - key``.
+
+    Program tile t owns diagonal offsets [64t, 64t+64). Those offsets touch the 128 keys
+    [p0 - 64t - 63, p0 - 64t + 64]; the upper 64 of them are this tile's columns (tiles 0..cdiv(Sk,64) cover every
+    key exactly once). A gather skews the [64, 128] probability tile so that each diagonal becomes a column.
+    """
+    tl.static_assert(BLOCK_M == 64)
+    tl.static_assert(BLOCK_N == 64)
+    r = tl.program_id(0)
+    h = tl.program_id(1)
+    s = tl.program_id(2)
+    sk, p0, rows, row_ok, kvh, q = _lastq_setup(Q, CuQ, SeqK, QHead, KvHead, r, h, stride_qt, stride_qh, n_last,
+                                                BLOCK_M, HEAD_DIM)
+    pos = p0 + rows
+    lse2 = tl.load(Lse2 + (r * tl.num_programs(1) + h).to(tl.int64) * BLOCK_M + rows)
+    lse2 = tl.where(row_ok, lse2, 0.0)
+    out_base = r.to(tl.int64) * stride_out_b + h.to(tl.int64) * stride_out_h
+    jj = tl.arange(0, 2 * BLOCK_N)
+    o = tl.arange(0, BLOCK_N)
+    skew = (BLOCK_N - 1) + rows[:, None] - o[None, :]  # [64, 64]: p[a, skew[a, o]] lies on diagonal o0 + o
+    t_end = tl.minimum((s + 1) * tiles_per_split, tl.cdiv(sk, BLOCK_N) + 1)
+    for t in range(s * tiles_per_split, t_end):
+        o0 = t * BLOCK_N
+        j = p0 - o0 - (BLOCK_N - 1) + jj
+        qk, valid = _lastq_tile_scores(q, pos, row_ok, K, KvStart, ReqToToken, PoolIdx, r, kvh, j, sk,
+                                      stride_tok, stride_kt, stride_kh, qk_scale, HEAD_DIM, PAGED)
+        p = tl.where(valid, tl.exp2(qk - lse2[:, None]), 0.0)
+        # -- columns: keys of the upper half belong to this tile
+        col = tl.sum(p, 0)
+        tl.store(ColOut + out_base + j, col, mask=(jj >= BLOCK_N) & (j >= 0) & (j < sk))
+        # -- diagonals: skew then reduce over rows
+        diag = tl.sum(tl.gather(p, skew, axis=1), 0)
+        tl.store(DiagOut + out_base + o0 + o, diag, mask=(o0 + o) < sk)
+
+
+def _validate(q: torch.Tensor, kv: KVSource, geom: BatchGeometry, q_head: torch.Tensor, kv_head: torch.Tensor):
+    check_tensor(q, "q", ndim=3, dtypes=(torch.float16, torch.bfloat16, torch.float32))
+    kv.validate(geom.num_requests)
+    check(q.shape[2] in (64, 128, 256), "head_dim", f"{q.shape[2]} not supported (64, 128 or 256)")
+    check(kv.k.shape[2] == q.shape[2], "k", f"head_dim {kv.k.shape[2]} != q head_dim {q.shape[2]}")
+    check(q.shape[0] == geom.num_tokens, "q", f"{q.shape[0]} tokens, geometry has {geom.num_tokens}")
+    check_tensor(q_head, "q_head", ndim=1, dtypes=(torch.int32,))
+    check(kv_head.shape == q_head.shape, "kv_head", "one KV head per query head needed")
+
+
+def _splits(num_tiles: int, programs: int) -> tuple[int, int]:
+    """(splits, tiles per split): enough programs to fill an H100 (132 SMs) without tiny splits."""
+    splits = max(1, min(triton.cdiv(num_tiles, 4), triton.cdiv(4 * 132, max(programs, 1))))
+    per = triton.cdiv(num_tiles, splits)
+    return triton.cdiv(num_tiles, per), per
+
+
+def lastq_scores(q: torch.Tensor, kv: KVSource, geom: BatchGeometry, q_head: torch.Tensor, kv_head: torch.Tensor,
+                 *, sm_scale: float, last_q: int = 64) -> tuple[torch.Tensor, torch.Tensor]:
+    """Column and diagonal softmax sums of the last ``min(last_q, Sq_r)`` queries of every request.
+
+    Args:
+        q: ``[T, Hq, D]`` fp16/bf16 chunk queries, packed by ``geom.cu_seqlens_q``.
+        kv: keys of every request (``k`` is ``[rows, Hk, D]``, same dtype as ``q``).
+        q_head, kv_head: ``[Hs]`` int32: the query heads to score and the KV head each reads.
+    Returns:
+        ``(col, diag)``, each ``[B, Hs, max Sk]`` float32: ``col[r, h, j]`` = probability mass on key ``j``,
+        ``diag[r, h, o]`` = mass on the diagonal ``pos - key = o``; entries at ``>= Sk_r`` are ``-1``.
+    """
+    _validate(q, kv, geom, q_head, kv_head)
+    check(1 <= last_q <= BLOCK, "last_q", f"{last_q} not in [1, {BLOCK}]")
+    B, Hs, D = geom.num_requests, q_head.shape[0], q.shape[2]
+    max_sk = geom.max_seqlen_k
+    qk_scale = sm_scale * LOG2E
+    kv_ptrs = kv_args(kv)
+    common = dict(PAGED=kv_ptrs[4], BLOCK_M=BLOCK, BLOCK_N=BLOCK, HEAD_DIM=D, num_warps=4 if D <= 128 else 8)
+
+    splits, per = _splits(triton.cdiv(max_sk, BLOCK), B * Hs)
+    maxes = torch.empty(B, Hs, splits, BLOCK, device=q.device, dtype=torch.float32)
+    sums = torch.empty_like(maxes)
+    _lastq_lse_kernel[(B, Hs, splits)](
+        q, kv.k, *kv_ptrs[:3], geom.cu_seqlens_q, geom.seq_lens_k, q_head, kv_head, maxes, sums,
+        q.stride(0), q.stride(1), kv.k.stride(0), kv.k.stride(1), kv_ptrs[3], qk_scale, last_q, per, **common)
+    m = maxes.amax(2, keepdim=True)
+    m_safe = torch.where(m == float("-inf"), torch.zeros_like(m), m)
+    lse2 = (m_safe + torch.log2((sums * torch.exp2(maxes - m_safe)).sum(2, keepdim=True))).squeeze(2).contiguous()
+
+    col = torch.full((B, Hs, max_sk), -1.0, device=q.device, dtype=torch.float32)
+    diag = torch.full_like(col, -1.0)
+    splits, per = _splits(triton.cdiv(max_sk, BLOCK) + 1, B * Hs)
+    _lastq_scores_kernel[(B, Hs, splits)](
+        q, kv.k, *kv_ptrs[:3], geom.cu_seqlens_q, geom.seq_lens_k, q_head, kv_head, lse2, col, diag,
+        q.stride(0), q.stride(1), kv.k.stride(0), kv.k.stride(1), kv_ptrs[3], col.stride(0), col.stride(1),
+        qk_scale, last_q, per, **common)
+    return col, diag
+
+
+@triton.jit
+def _pool_keys_kernel(K, KvStart, ReqToToken, PoolIdx, SeqK, Out, stride_kt, stride_kh, stride_tok,
+                      stride_ob, stride_oh, stride_on, PAGED: tl.constexpr, BLOCK_N: tl.constexpr,
+                      HEAD_DIM: tl.constexpr):
+    """Mean of the valid keys of aligned key block ``n`` of request ``r``, KV head ``h`` (fp32)."""
+    r = tl.program_id(0)
+    h = tl.program_id(1).to(tl.int64)
+    n = tl.program_id(2)
+    sk = tl.load(SeqK + r)
+    j = n * BLOCK_N + tl.arange(0, BLOCK_N)
+    kmask = j < sk
+    rows = kv_rows(KvStart, ReqToToken, PoolIdx, r, tl.where(kmask, j, 0), stride_tok, PAGED)
+    offs_d = tl.arange(0, HEAD_DIM)
+    k = tl.load(K + rows[:, None] * stride_kt + h * stride_kh + offs_d[None, :], mask=kmask[:, None], other=0.0)
+    count = tl.maximum(tl.minimum(sk - n * BLOCK_N, BLOCK_N), 1)
+    mean = tl.sum(k.to(tl.float32), 0) / count.to(tl.float32)
+    tl.store(Out + r.to(tl.int64) * stride_ob + h * stride_oh + n.to(tl.int64) * stride_on + offs_d, mean,
+             mask=n * BLOCK_N < sk)
+
+
+def pool_keys(kv: KVSource, geom: BatchGeometry) -> torch.Tensor:
+    """Mean-pooled keys per aligned 64-key block: ``[B, Hk, cdiv(max Sk, 64), D]`` float32.
+
+    Blocks past a request's end are 0; the last partial block averages only its valid keys (padding excluded).
+    """
+    kv.validate(geom.num_requests)
+    B, Hk, D = geom.num_requests, kv.k.shape[1], kv.k.shape[2]
+    nkb = triton.cdiv(geom.max_seqlen_k, BLOCK)
+    out = torch.zeros(B, Hk, nkb, D, device=kv.k.device, dtype=torch.float32)
+    kv_ptrs = kv_args(kv)
+    _pool_keys_kernel[(B, Hk, nkb)](kv.k, *kv_ptrs[:3], geom.seq_lens_k, out, kv.k.stride(0), kv.k.stride(1),
+                                    kv_ptrs[3], out.stride(0), out.stride(1), out.stride(2), PAGED=kv_ptrs[4],
+                                    BLOCK_N=BLOCK, HEAD_DIM=D)
+    return out
+
+
+__all__ = ["lastq_scores", "pool_keys", "LOG2E"]

@@ -1,0 +1,207 @@
+"""The one index structure every sparse pattern emits and every kernel reads.
+
+Like FlexAttention's ``BlockMask``, a :class:`SparseLayout` says, for each (64-row query block, query head),
+which keys to visit: a list of key *ranges* (each at most 64 keys wide) plus a list of individually
+gathered key *columns*. Ranges come first as "full" ranges (no mask needed at all) and then "partial"
+ranges (which need the causal / bounds / range-end mask). Kernels never see pattern names.
+
+Geometry of a batch (:class:`BatchGeometry`): several requests, each with a chunk of ``Sq_r`` new queries
+at the *last* ``Sq_r`` positions of a context of ``Sk_r = prefix_r + Sq_r`` keys (bottom-right causal).
+All key positions in a layout are request-local absolute positions ``0 <= j < Sk_r``.
+Query row ``i`` of request ``r`` (chunk row, position ``p = prefix_r + i``) in query block ``qb`` and head
+``h`` attends exactly the keys ``j`` with ``0 <= j <= p`` and ``j`` in
+``union_b [block_start[qb,h,b], block_end[qb,h,b]) for b < block_count[qb,h]``
+``union {col_index[qb,h,c] for c < col_count[qb,h]}``.
+Invariants kept by every builder: ranges are disjoint and non-empty with ``end - start <= 64``; columns
+are unique, ascending, ``< Sk_r`` and lie in no range; entries ``[0, full_count)`` are full ranges
+(``end - start == 64``, ``start >= 0`` and ``end - 1 <=`` the position of the block's first row), the rest
+are partial; each group is ascending.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+BLOCK = 64  # rows per query block and keys per range; the kernels' BLOCK_M / BLOCK_N
+
+
+def check(cond: bool, name: str, msg: str) -> None:
+    """Raise a ``ValueError`` naming the offending argument when ``cond`` is false."""
+    if not cond:
+        raise ValueError(f"{name}: {msg}")
+
+
+def check_tensor(t, name: str, *, ndim: int | None = None, dtypes=None, device=None) -> None:
+    """Validate one tensor argument up front (rank, dtype, device); raises ``ValueError`` naming it."""
+    check(isinstance(t, torch.Tensor), name, f"expected a torch.Tensor, got {type(t).__name__}")
+    if ndim is not None:
+        check(t.dim() == ndim, name, f"expected {ndim} dims, got shape {tuple(t.shape)}")
+    if dtypes is not None:
+        check(t.dtype in dtypes, name, f"dtype {t.dtype} not in {tuple(dtypes)}")
+    if device is not None:
+        check(t.device.type == torch.device(device).type, name, f"on {t.device}, expected {device}")
+
+
+@dataclass(kw_only=True)
+class BatchGeometry:
+    """Per-batch shape metadata, built once per forward batch (plan), shared by every layer.
+
+    Device tensors are int32 on the queries' device; host lists are the same numbers, known at plan time
+    (SGLang has them as ``extend_seq_lens_cpu`` / ``seq_lens_cpu``), so nothing here syncs per layer.
+    """
+
+    cu_seqlens_q: torch.Tensor  # [B+1] int32: packed query offsets (q is [T, Hq, D], T = cu_seqlens_q[-1])
+    seq_lens_k: torch.Tensor  # [B] int32: keys per request, prefix + chunk
+    prefix_lens: torch.Tensor  # [B] int32: seq_lens_k - chunk length
+    qb_request: torch.Tensor  # [NQB] int32: request of each query block
+    qb_row: torch.Tensor  # [NQB] int32: first chunk row of each query block (a multiple of 64)
+    seq_lens_q_cpu: list[int]  # B chunk lengths
+    seq_lens_k_cpu: list[int]  # B context lengths
+
+    @property
+    def num_requests(self) -> int:
+        return len(self.seq_lens_q_cpu)
+
+    @property
+    def num_query_blocks(self) -> int:
+        return int(self.qb_request.shape[0])
+
+    @property
+    def num_tokens(self) -> int:
+        return sum(self.seq_lens_q_cpu)
+
+    @property
+    def max_seqlen_k(self) -> int:
+        return max(self.seq_lens_k_cpu)
+
+    @property
+    def max_seqlen_q(self) -> int:
+        return max(self.seq_lens_q_cpu)
+
+    @classmethod
+    def build(cls, seq_lens_q: list[int], seq_lens_k: list[int], device) -> "BatchGeometry":
+        """Build from host lengths: ``seq_lens_q[r]`` new queries against ``seq_lens_k[r]`` keys."""
+        check(len(seq_lens_q) == len(seq_lens_k) and len(seq_lens_q) > 0, "seq_lens_q",
+              f"need one chunk length per request ({len(seq_lens_q)} vs {len(seq_lens_k)} context lengths)")
+        for r, (sq, sk) in enumerate(zip(seq_lens_q, seq_lens_k)):
+            check(0 < sq <= sk, "seq_lens_q", f"request {r}: chunk length {sq} must be in [1, {sk}]")
+        qb_request, qb_row = [], []
+        for r, sq in enumerate(seq_lens_q):
+            n = -(-sq // BLOCK)
+            qb_request += [r] * n
+            qb_row += [BLOCK * b for b in range(n)]
+        cu = [0]
+        for sq in seq_lens_q:
+            cu.append(cu[-1] + sq)
+
+        def i32(x):
+            return torch.tensor(x, dtype=torch.int32, device=device)
+
+        return cls(
+            cu_seqlens_q=i32(cu),
+            seq_lens_k=i32(list(seq_lens_k)),
+            prefix_lens=i32([sk - sq for sq, sk in zip(seq_lens_q, seq_lens_k)]),
+            qb_request=i32(qb_request),
+            qb_row=i32(qb_row),
+            seq_lens_q_cpu=list(seq_lens_q),
+            seq_lens_k_cpu=list(seq_lens_k),
+        )
+
+
+@dataclass(kw_only=True)
+class KVSource:
+    """Where the kernels read keys and values of request ``r``'s key position ``j``.
+
+    Contiguous: row ``kv_start[r] + j`` of ``k``/``v``. Paged (SGLang's pool, page size 1): row
+    ``req_to_token[req_pool_indices[r], j]``, so a cached prefix is read in place, never copied.
+    """
+
+    k: torch.Tensor  # [rows, Hk, D] fp16/bf16 (a packed tensor, or SGLang's k_buffer)
+    v: torch.Tensor  # [rows, Hk, D] same dtype and shape as k
+    kv_start: torch.Tensor | None = None  # [B] int32: first row of each request (contiguous mode)
+    req_to_token: torch.Tensor | None = None  # [pool_size, max_context] int32 (paged mode)
+    req_pool_indices: torch.Tensor | None = None  # [B] int32/int64 (paged mode)
+
+    @property
+    def paged(self) -> bool:
+        return self.req_to_token is not None
+
+    def validate(self, num_requests: int) -> None:
+        check_tensor(self.k, "k", ndim=3, dtypes=(torch.float16, torch.bfloat16, torch.float32))
+        check_tensor(self.v, "v", ndim=3, dtypes=(self.k.dtype,))
+        check(self.v.shape == self.k.shape, "v", f"shape {tuple(self.v.shape)} != k {tuple(self.k.shape)}")
+        if self.paged:
+            check_tensor(self.req_to_token, "req_to_token", ndim=2, dtypes=(torch.int32, torch.int64))
+            check_tensor(self.req_pool_indices, "req_pool_indices", ndim=1, dtypes=(torch.int32, torch.int64))
+            check(self.req_pool_indices.shape[0] == num_requests, "req_pool_indices",
+                  f"{self.req_pool_indices.shape[0]} entries for {num_requests} requests")
+        else:
+            check_tensor(self.kv_start, "kv_start", ndim=1, dtypes=(torch.int32, torch.int64))
+            check(self.kv_start.shape[0] == num_requests, "kv_start",
+                  f"{self.kv_start.shape[0]} entries for {num_requests} requests")
+
+    @classmethod
+    def packed(cls, k: torch.Tensor, v: torch.Tensor, seq_lens_k: list[int]) -> "KVSource":
+        """Contiguous source for ``k``/``v`` packed request after request (``[sum Sk_r, Hk, D]``)."""
+        starts = [0]
+        for sk in seq_lens_k[:-1]:
+            starts.append(starts[-1] + sk)
+        return cls(k=k, v=v, kv_start=torch.tensor(starts, dtype=torch.int32, device=k.device))
+
+    def gather(self, r: int, seq_len_k: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Request ``r``'s full K and V, ``[Sk, Hk, D]`` each (a copy: for references and tests only)."""
+        if self.paged:
+            rows = self.req_to_token[self.req_pool_indices[r], :seq_len_k].long()
+        else:
+            start = int(self.kv_start[r])
+            rows = torch.arange(start, start + seq_len_k, device=self.k.device)
+        return self.k[rows], self.v[rows]
+
+
+@dataclass(kw_only=True)
+class SparseLayout:
+    """Per (query block, query head) key ranges and gathered columns; see the module docstring."""
+
+    block_start: torch.Tensor  # [NQB, Hq, MAXB] int32: first key of each range (request-local)
+    block_end: torch.Tensor  # [NQB, Hq, MAXB] int32: one past the last key, end - start in [1, 64]
+    block_count: torch.Tensor  # [NQB, Hq] int32: valid ranges
+    full_count: torch.Tensor  # [NQB, Hq] int32: ranges [0, full_count) need no mask
+    col_index: torch.Tensor  # [NQB, Hq, MAXC] int32: gathered key columns, ascending
+    col_count: torch.Tensor  # [NQB, Hq] int32: valid columns
+
+    @property
+    def num_heads(self) -> int:
+        return int(self.block_count.shape[1])
+
+    def to_dense(self, geom: BatchGeometry) -> list[torch.Tensor]:
+        """Exact attended-key mask per request: a list of ``[Hq, Sq_r, Sk_r]`` bool tensors (tests/debugging).
+
+        Includes the causal cut ``j <= prefix + i``; loops on the host, so keep shapes small.
+        """
+        bs, be = self.block_start.cpu(), self.block_end.cpu()
+        bc, ci, cc = self.block_count.cpu(), self.col_index.cpu(), self.col_count.cpu()
+        masks = []
+        for sq, sk in zip(geom.seq_lens_q_cpu, geom.seq_lens_k_cpu):
+            masks.append(torch.zeros(self.num_heads, sq, sk, dtype=torch.bool))
+        for qb, (r, row) in enumerate(zip(geom.qb_request.tolist(), geom.qb_row.tolist())):
+            m = masks[r]
+            rows = slice(row, min(row + BLOCK, m.shape[1]))
+            for h in range(self.num_heads):
+                for b in range(int(bc[qb, h])):
+                    m[h, rows, max(int(bs[qb, h, b]), 0): max(int(be[qb, h, b]), 0)] = True
+                cols = ci[qb, h, : int(cc[qb, h])].long()
+                m[h, rows, cols] = True
+        for m, sq, sk in zip(masks, geom.seq_lens_q_cpu, geom.seq_lens_k_cpu):
+            pos = torch.arange(sk - sq, sk).view(-1, 1)
+            m &= torch.arange(sk).view(1, -1) <= pos
+        return masks
+
+    def sparsity(self, geom: BatchGeometry) -> float:
+        """Share of causal (query, key) pairs the layout skips, over the whole batch (1.0 = all skipped)."""
+        kept = total = 0
+        for m, sq, sk in zip(self.to_dense(geom), geom.seq_lens_q_cpu, geom.seq_lens_k_cpu):
+            kept += int(m.sum())
+            total += self.num_heads * (sq * (sk - sq) + sq * (sq + 1) // 2)
+        return 1.0 - kept / total

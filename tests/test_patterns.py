@@ -1,0 +1,253 @@
+"""Index builders: online estimation kernels and the layouts each pattern emits, against plain-torch meanings."""
+
+import math
+import os
+
+import pytest
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+from sgl_minference.kernels.estimate import lastq_scores, pool_keys  # noqa: E402
+from sgl_minference.layout import BLOCK, BatchGeometry, KVSource  # noqa: E402
+from sgl_minference.patterns import (HeadSet, build_a_shape, build_block_sparse, build_dense,  # noqa: E402
+                                     build_vertical_slash, concat_heads, estimate_vertical_slash)
+
+DEV = "cuda" if torch.cuda.is_available() else "cpu"
+DTYPE = torch.float16
+
+
+def make_batch(seq_q, seq_k, hq, hk, d, *, paged=False, seed=0):
+    """Random packed q and K/V for a ragged batch; ``paged`` puts K/V in a shuffled pool read via a token table."""
+    g = torch.Generator().manual_seed(seed)
+    geom = BatchGeometry.build(seq_q, seq_k, DEV)
+    q = torch.randn(sum(seq_q), hq, d, generator=g).to(DEV, DTYPE)
+    k = torch.randn(sum(seq_k), hk, d, generator=g).to(DEV, DTYPE)
+    v = torch.randn(sum(seq_k), hk, d, generator=g).to(DEV, DTYPE)
+    if not paged:
+        return geom, q, KVSource.packed(k, v, seq_k)
+    slots = sum(seq_k) + 7
+    perm = torch.randperm(slots, generator=g)[: sum(seq_k)]
+    kb = torch.zeros(slots, hk, d, dtype=DTYPE)
+    vb = torch.zeros(slots, hk, d, dtype=DTYPE)
+    kb[perm], vb[perm] = k.cpu(), v.cpu()
+    table = torch.zeros(len(seq_k) + 2, max(seq_k) + 5, dtype=torch.int32)
+    pool_idx = torch.randperm(len(seq_k) + 2, generator=g)[: len(seq_k)]
+    start = 0
+    for r, sk in enumerate(seq_k):
+        table[pool_idx[r], :sk] = perm[start:start + sk].int()
+        start += sk
+    return geom, q, KVSource(k=kb.to(DEV), v=vb.to(DEV), req_to_token=table.to(DEV),
+                             req_pool_indices=pool_idx.to(DEV, torch.int64))
+
+
+def heads_of(hq, hk, **budgets):
+    return HeadSet.build(list(range(hq)), num_q_heads=hq, num_kv_heads=hk, device=DEV, **budgets)
+
+
+def request_qk(q, kv, geom, r):
+    cu = geom.cu_seqlens_q.tolist()
+    k, _ = kv.gather(r, geom.seq_lens_k_cpu[r])
+    return q[cu[r]:cu[r + 1]].float().cpu(), k.float().cpu()
+
+
+def causal(sq, sk):
+    return torch.arange(sk).view(1, -1) <= torch.arange(sk - sq, sk).view(-1, 1)
+
+
+def check_invariants(layout, geom):
+    """The SparseLayout contract of sgl_minference.layout's docstring, entry by entry."""
+    bs, be, bc, fc = (t.cpu() for t in (layout.block_start, layout.block_end, layout.block_count, layout.full_count))
+    ci, cc = layout.col_index.cpu(), layout.col_count.cpu()
+    for qb, (r, row) in enumerate(zip(geom.qb_request.tolist(), geom.qb_row.tolist())):
+        sk, sq = geom.seq_lens_k_cpu[r], geom.seq_lens_q_cpu[r]
+        r0 = sk - sq + row
+        for h in range(layout.num_heads):
+            n, nf = int(bc[qb, h]), int(fc[qb, h])
+            assert 0 <= nf <= n
+            starts, ends = bs[qb, h, :n].tolist(), be[qb, h, :n].tolist()
+            for i, (s, e) in enumerate(zip(starts, ends)):
+                assert 0 < e - s <= BLOCK and e > 0
+                is_full = e - s == BLOCK and s >= 0 and e - 1 <= r0
+                assert is_full == (i < nf), (qb, h, i, s, e, r0, nf)
+            assert starts[:nf] == sorted(starts[:nf]) and starts[nf:] == sorted(starts[nf:])
+            spans = sorted(zip(starts, ends))
+            assert all(a[1] <= b[0] for a, b in zip(spans, spans[1:])), "ranges overlap"
+            cols = ci[qb, h, : int(cc[qb, h])].tolist()
+            assert cols == sorted(set(cols)) and all(0 <= c < sk for c in cols)
+            assert not any(s <= c < e for c in cols for s, e in spans), "column inside a range"
+
+
+def reference_scores(q, k, n_last, group):
+    """Plain-torch column and diagonal sums of the last-q softmax: ([H, Sk], [H, Sk])."""
+    sq, sk, hq = q.shape[0], k.shape[0], q.shape[1]
+    n = min(n_last, sq)
+    qq = q[sq - n:]
+    s = torch.einsum("ahd,jhd->haj", qq, k.repeat_interleave(group, 1)) / math.sqrt(q.shape[-1])
+    pos = torch.arange(sk - n, sk).view(-1, 1)
+    p = s.masked_fill(torch.arange(sk).view(1, -1) > pos, float("-inf")).softmax(-1)
+    col = p.sum(1)
+    off = pos - torch.arange(sk).view(1, -1)  # [n, Sk] diagonal of each (row, key)
+    diag = torch.zeros(hq, sk).index_put_((torch.arange(hq).view(-1, 1, 1), off.clamp(min=0).expand(hq, -1, -1)),
+                                          p * (off >= 0), accumulate=True)
+    return col, diag
+
+
+CASES = [  # (seq_q, seq_k, hq, hk, d, paged)
+    ([70, 1, 130], [100, 65, 300], 4, 2, 64, False),
+    ([64, 33], [64, 200], 4, 1, 64, True),
+    ([129], [129], 8, 1, 128, False),
+    ([5, 90], [261, 90], 2, 2, 256, True),
+]
+
+
+@pytest.mark.parametrize("seq_q,seq_k,hq,hk,d,paged", CASES)
+def test_lastq_scores_match_torch(seq_q, seq_k, hq, hk, d, paged):
+    geom, q, kv = make_batch(seq_q, seq_k, hq, hk, d, paged=paged)
+    hs = heads_of(hq, hk)
+    col, diag = lastq_scores(q, kv, geom, hs.q_head, hs.kv_head, sm_scale=1 / math.sqrt(d), last_q=64)
+    for r, sk in enumerate(seq_k):
+        qr, kr = request_qk(q, kv, geom, r)
+        ref_col, ref_diag = reference_scores(qr, kr, 64, hq // hk)
+        torch.testing.assert_close(col[r, :, :sk].cpu(), ref_col, atol=3e-3, rtol=1e-3)
+        torch.testing.assert_close(diag[r, :, :sk].cpu(), ref_diag, atol=3e-3, rtol=1e-3)
+        assert (col[r, :, sk:] == -1).all() and (diag[r, :, sk:] == -1).all()
+
+
+def test_pool_keys_excludes_padding():
+    geom, q, kv = make_batch([10, 3], [130, 64], 2, 2, 64, paged=True)
+    pooled = pool_keys(kv, geom).cpu()
+    for r, sk in enumerate(geom.seq_lens_k_cpu):
+        k, _ = kv.gather(r, sk)
+        for b in range(-(-sk // BLOCK)):
+            torch.testing.assert_close(pooled[r, :, b], k[b * BLOCK:(b + 1) * BLOCK].float().mean(0).cpu(),
+                                       atol=1e-3, rtol=1e-3)
+        assert (pooled[r, :, -(-sk // BLOCK):] == 0).all()
+
+
+def vertical_slash_mask(columns, offsets, geom, r):
+    """What a vertical-slash layout means per 64-row block: the columns plus, for each diagonal o, the keys
+    [r0 - o, r0 - o + 64) of the block starting at position r0; causal. Returns [H, Sq, Sk] bool."""
+    sq, sk = geom.seq_lens_q_cpu[r], geom.seq_lens_k_cpu[r]
+    h = columns.shape[1]
+    m = torch.zeros(h, sq, sk, dtype=torch.bool)
+    for hh in range(h):
+        cols = [c for c in columns[r, hh].tolist() if c < sk]
+        offs = [o for o in offsets[r, hh].tolist() if o >= 0]
+        for row in range(0, sq, BLOCK):
+            r0, rows = sk - sq + row, slice(row, min(row + BLOCK, sq))
+            m[hh, rows, cols] = True
+            for o in offs:
+                m[hh, rows, max(r0 - o, 0):max(r0 - o + BLOCK, 0)] = True
+    return m & causal(sq, sk)
+
+
+def assert_top(scores, chosen, candidates, tol=2e-3):
+    """``chosen`` are top entries of ``scores`` among ``candidates`` (up to float ties within ``tol``)."""
+    rest = candidates - chosen
+    if chosen and rest:
+        assert min(float(scores[i]) for i in chosen) >= max(float(scores[i]) for i in rest) - tol
+
+
+@pytest.mark.parametrize("seq_q,seq_k,hq,hk,d,paged", CASES)
+def test_vertical_slash_layout_is_the_pattern(seq_q, seq_k, hq, hk, d, paged):
+    geom, q, kv = make_batch(seq_q, seq_k, hq, hk, d, paged=paged, seed=1)
+    budgets = dict(vertical=[3, 10, 400, 1, 7, 2, 9, 5][:hq], slash=[2, 20, 1, 500, 3, 4, 1, 6][:hq])
+    hs = heads_of(hq, hk, **budgets)
+    kw = dict(sm_scale=1 / math.sqrt(d), last_q=64, forced_sink=2, forced_local=1)
+    columns, offsets = estimate_vertical_slash(q, kv, geom, hs, **kw)
+    layout = build_vertical_slash(q, kv, geom, hs, **kw)
+    check_invariants(layout, geom)
+    columns, offsets = columns.cpu(), offsets.cpu()
+    for r, sk in enumerate(seq_k):
+        qr, kr = request_qk(q, kv, geom, r)
+        ref_col, ref_diag = reference_scores(qr, kr, 64, hq // hk)
+        for h in range(hq):
+            cols = [c for c in columns[r, h].tolist() if c < sk]
+            offs = [o for o in offsets[r, h].tolist() if o >= 0]
+            # budgets clamp to the length; forced sink columns / local diagonals always in; the rest by score
+            assert len(cols) == min(budgets["vertical"][h], sk) and len(offs) == min(budgets["slash"][h], sk)
+            assert cols == sorted(cols) and offs == sorted(offs, reverse=True)
+            assert set(range(min(2, sk, len(cols)))) <= set(cols) and (0 in offs)
+            assert_top(ref_col[h], set(cols) - {0, 1}, set(range(2, sk)))
+            assert_top(ref_diag[h], set(offs) - {0}, set(range(1, sk)))
+        assert torch.equal(layout.to_dense(geom)[r], vertical_slash_mask(columns, offsets, geom, r))
+
+
+def test_budgets_beyond_the_sequence_give_dense_causal():
+    geom, q, kv = make_batch([1, 77, 200], [150, 77, 260], 4, 4, 64)
+    hs = heads_of(4, 4, vertical=[10_000] * 4, slash=[10_000] * 4)
+    layout = build_vertical_slash(q, kv, geom, hs, sm_scale=0.125)
+    for m, sq, sk in zip(layout.to_dense(geom), geom.seq_lens_q_cpu, geom.seq_lens_k_cpu):
+        assert torch.equal(m, causal(sq, sk).expand_as(m))
+
+
+@pytest.mark.parametrize("seq_q,seq_k", [([1], [1]), ([1, 64, 100], [300, 64, 165]), ([200], [513])])
+def test_dense_layout_is_causal(seq_q, seq_k):
+    geom = BatchGeometry.build(seq_q, seq_k, DEV)
+    layout = build_dense(geom, heads_of(3, 1))
+    check_invariants(layout, geom)
+    for m, sq, sk in zip(layout.to_dense(geom), seq_q, seq_k):
+        assert torch.equal(m, causal(sq, sk).expand_as(m))
+    assert layout.sparsity(geom) == 0.0
+
+
+def test_a_shape_layout():
+    seq_q, seq_k = [100, 1, 64], [400, 129, 64]
+    sink, local = [1, 64, 100, 3], [1, 64, 65, 500]
+    geom = BatchGeometry.build(seq_q, seq_k, DEV)
+    layout = build_a_shape(geom, heads_of(4, 2, sink=sink, local=local))
+    check_invariants(layout, geom)
+    for r, (m, sq, sk) in enumerate(zip(layout.to_dense(geom), seq_q, seq_k)):
+        ref = torch.zeros_like(m)
+        for h in range(4):
+            for row in range(0, sq, BLOCK):
+                r0, rows = sk - sq + row, slice(row, min(row + BLOCK, sq))
+                ref[h, rows, : sink[h]] = True
+                ref[h, rows, max(r0 - local[h] + 1, 0):] = True  # band of the block's first row, onwards
+        assert torch.equal(m, ref & causal(sq, sk)), r
+
+
+def test_block_sparse_layout():
+    seq_q, seq_k, hq, hk = [130, 1, 64], [400, 129, 100], 4, 2
+    topk = [1, 2, 3, 100]
+    geom, q, kv = make_batch(seq_q, seq_k, hq, hk, 64, paged=True, seed=3)
+    layout = build_block_sparse(q, kv, geom, heads_of(hq, hk, topk=topk))
+    check_invariants(layout, geom)
+    for r, (m, sq, sk) in enumerate(zip(layout.to_dense(geom), seq_q, seq_k)):
+        qr, kr = request_qk(q, kv, geom, r)
+        nkb = -(-sk // BLOCK)
+        pk = torch.stack([kr[b * BLOCK:(b + 1) * BLOCK].mean(0) for b in range(nkb)])  # [NKB, Hk, D]
+        ref = torch.zeros_like(m)
+        for row in range(0, sq, BLOCK):
+            r0, p_last = sk - sq + row, sk - sq + min(row + BLOCK, sq) - 1
+            pq = qr[row:row + BLOCK].mean(0)  # [Hq, D]
+            for h in range(hq):
+                score = pk[:, h // (hq // hk)] @ pq[h]
+                cand = [b for b in range(nkb) if b * BLOCK <= p_last]
+                diag = [b for b in cand if b >= r0 // BLOCK]
+                others = sorted((b for b in cand if b not in diag), key=lambda b: -float(score[b]))
+                keep = diag + others[: max(topk[h] - len(diag), 0)]
+                for b in keep:
+                    ref[h, row:row + BLOCK, b * BLOCK:(b + 1) * BLOCK] = True
+        assert torch.equal(m, ref & causal(sq, sk)), r
+
+
+def test_concat_heads_puts_groups_back():
+    geom, q, kv = make_batch([70], [300], 4, 2, 64)
+    dense = build_dense(geom, HeadSet.build([1, 3], num_q_heads=4, num_kv_heads=2, device=DEV))
+    ashape = build_a_shape(geom, HeadSet.build([2, 0], num_q_heads=4, num_kv_heads=2, device=DEV,
+                                               sink=[4, 64], local=[64, 128]))
+    joined = concat_heads([dense, ashape], [[1, 3], [2, 0]], 4)
+    m, d, a = joined.to_dense(geom)[0], dense.to_dense(geom)[0], ashape.to_dense(geom)[0]
+    assert torch.equal(m[[1, 3]], d) and torch.equal(m[[2, 0]], a)
+    with pytest.raises(ValueError, match="heads"):
+        concat_heads([dense, ashape], [[1, 3], [2, 2]], 4)
+
+
+def test_head_set_validates_budgets():
+    with pytest.raises(ValueError, match="vertical"):
+        HeadSet.build([0, 1], num_q_heads=2, num_kv_heads=1, device=DEV, vertical=[0, 4])
+    with pytest.raises(ValueError, match="heads"):
+        HeadSet.build([2], num_q_heads=2, num_kv_heads=1, device=DEV)
