@@ -11,13 +11,14 @@ import triton
 import triton.language as tl
 
 SENTINEL = 1 << 29  # "no entry" in start/column lists; far right of every position, r0 + SENTINEL fits int32
+_SENTINEL: tl.constexpr = tl.constexpr(SENTINEL)
 
 
 @triton.jit
 def _shifted_ranges(RelStart, RelEnd, base, i, n_rel, r0, p_last, BLOCK: tl.constexpr):
     m = i < n_rel
-    s = r0 + tl.load(RelStart + base + i, mask=m, other=SENTINEL)
-    e = r0 + tl.load(RelEnd + base + i, mask=m, other=SENTINEL)
+    s = r0 + tl.load(RelStart + base + i, mask=m, other=_SENTINEL)
+    e = r0 + tl.load(RelEnd + base + i, mask=m, other=_SENTINEL)
     valid = m & (e > 0) & (s <= p_last)
     s = tl.maximum(s, 0)
     full = valid & (e - s == BLOCK) & (e - 1 <= r0)
@@ -69,7 +70,7 @@ def _materialise_kernel(RelStart, RelEnd, Cols, Cover, QbReq, QbRow, CuQ, SeqK,
     kept = 0
     for c0 in range(0, n_col, CHUNK):
         i = c0 + offs
-        c = tl.load(Cols + col_base + i, mask=i < n_col, other=SENTINEL)
+        c = tl.load(Cols + col_base + i, mask=i < n_col, other=_SENTINEL)
         ok = (i < n_col) & (c <= p_last)
         covered = tl.load(Cover + cover_base + (c - r0 - cover_lo), mask=ok, other=0)
         keep = ok & (covered == 0)
