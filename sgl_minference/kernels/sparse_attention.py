@@ -1,0 +1,242 @@
+"""Sparse prefill attention forward: one Triton kernel that visits exactly the keys a ``SparseLayout`` names.
+
+One program per (64-row query block, query head). It loads its query tile once and streams three kinds of
+key tiles through one online-softmax helper (:func:`_attend`): the layout's full ranges (no mask at all),
+its partial ranges (range / bounds / causal mask) and its gathered columns in tiles of 64 (causal / count
+mask). Keys and values are read in place from a packed tensor or from SGLang's paged pool
+(:func:`sgl_minference.kernels.kv_access.kv_rows`); K/V heads are shared by GQA groups, never repeated.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from sgl_minference.kernels.kv_access import kv_args, kv_rows
+from sgl_minference.layout import BLOCK, BatchGeometry, KVSource, SparseLayout, check, check_tensor
+
+HEAD_DIMS = (64, 128, 256)
+DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+LOG2E = 1.4426950408889634  # scores are kept in base 2 so the softmax can use exp2
+LN2: tl.constexpr = tl.constexpr(0.6931471805599453)  # converts the base-2 lse back to the natural log
+
+
+@triton.jit
+def _attend(acc, l_i, m_i, q, cols, valid, pos_m,
+            K, V, KvStart, ReqToToken, PoolIdx, r, stride_tok,
+            k_head, v_head, stride_kn, stride_vn, offs_d, qk_scale,
+            MASKED: tl.constexpr, PAGED: tl.constexpr):
+    """Fold one tile of ``BLOCK_N`` keys (request-local positions ``cols``) into the running softmax state.
+
+    With ``MASKED``, ``valid`` ([BLOCK_N] bool) marks the keys the caller may read (range / bounds / count)
+    and the causal cut ``cols <= pos_m`` is applied on top; without it (``valid`` is None) every key of the
+    tile is read and attended by every row.
+    State: ``acc`` [BLOCK_M, BLOCK_D] fp32, ``l_i`` / ``m_i`` [BLOCK_M] fp32 (running sum and max, base-2
+    units); ``q`` [BLOCK_M, BLOCK_D] input dtype; ``cols`` [BLOCK_N] int32; ``pos_m`` [BLOCK_M] int32 query
+    positions; ``k_head`` / ``v_head`` int64 element offsets of the KV head.
+    """
+    if MASKED:
+        # Masked-out keys are pointed at position 0 (always a real key) so the table lookup stays in bounds.
+        cols = tl.where(valid, cols, 0)
+    rows = kv_rows(KvStart, ReqToToken, PoolIdx, r, cols, stride_tok, PAGED)
+    k_ptrs = K + k_head + rows[None, :] * stride_kn + offs_d[:, None]
+    v_ptrs = V + v_head + rows[:, None] * stride_vn + offs_d[None, :]
+    if MASKED:
+        k = tl.load(k_ptrs, mask=valid[None, :], other=0.0)
+        v = tl.load(v_ptrs, mask=valid[:, None], other=0.0)
+    else:
+        k = tl.load(k_ptrs)
+        v = tl.load(v_ptrs)
+    qk = tl.dot(q, k) * qk_scale
+    if MASKED:
+        keep = valid[None, :] & (cols[None, :] <= pos_m[:, None])
+        qk = tl.where(keep, qk, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(qk, 1))
+    if MASKED:
+        # A row that has seen no key yet keeps max = -inf; shifting by 0 then gives p = 0 instead of NaN.
+        m_new_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+    else:
+        m_new_safe = m_new
+    p = tl.math.exp2(qk - m_new_safe[:, None])
+    alpha = tl.math.exp2(m_i - m_new_safe)
+    l_i = l_i * alpha + tl.sum(p, 1)
+    acc = acc * alpha[:, None]
+    acc = tl.dot(p.to(v.dtype), v, acc)
+    return acc, l_i, m_new
+
+
+@triton.jit
+def _sparse_attention_fwd(
+    Q, K, V, O, Lse,
+    CuSeqlensQ, SeqLensK, PrefixLens, QbRequest, QbRow,
+    KvStart, ReqToToken, PoolIdx, stride_tok,
+    BlockStart, BlockEnd, BlockCount, FullCount, ColIndex, ColCount,
+    stride_qt, stride_qh, stride_kn, stride_kh, stride_vn, stride_vh,
+    stride_ot, stride_oh, stride_lt, stride_lh,
+    stride_bs_q, stride_bs_h, stride_be_q, stride_be_h, stride_bc_q, stride_bc_h,
+    stride_fc_q, stride_fc_h, stride_ci_q, stride_ci_h, stride_cc_q, stride_cc_h,
+    qk_scale, group,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, PAGED: tl.constexpr,
+):
+    """Program (qb, h): rows ``[qb_row, qb_row + 64)`` of request ``qb_request[qb]``, query head ``h``.
+
+    Q / O [T, Hq, D], Lse [T, Hq] fp32; K / V [rows, Hk, D]; geometry vectors int32 ([B+1], [B], [NQB]);
+    layout tensors int32 [NQB, Hq, MAXB | MAXC] and [NQB, Hq]; ``group`` = Hq // Hk.
+    """
+    tl.static_assert(BLOCK_M == 64 and BLOCK_N == 64, "the layout is built for 64x64 tiles")
+    tl.static_assert(BLOCK_D == 64 or BLOCK_D == 128 or BLOCK_D == 256, "head_dim must be 64, 128 or 256")
+    qb = tl.program_id(0)
+    h = tl.program_id(1)
+
+    # -- setup: which request, rows and positions this query block covers --
+    r = tl.load(QbRequest + qb)
+    row = tl.load(QbRow + qb)
+    q_start = tl.load(CuSeqlensQ + r)
+    seq_q = tl.load(CuSeqlensQ + r + 1) - q_start
+    seq_k = tl.load(SeqLensK + r)
+    prefix = tl.load(PrefixLens + r)
+    offs_m = tl.arange(0, BLOCK_M)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    row_valid = row + offs_m < seq_q
+    pos_m = prefix + row + offs_m  # bottom-right causal: chunk row i sits at position prefix + i
+    tok = (q_start + row + offs_m).to(tl.int64)
+    h64 = h.to(tl.int64)
+    kv_h64 = (h // group).to(tl.int64)
+
+    q = tl.load(Q + tok[:, None] * stride_qt + h64 * stride_qh + offs_d[None, :], mask=row_valid[:, None],
+                other=0.0)
+    k_head = kv_h64 * stride_kh
+    v_head = kv_h64 * stride_vh
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+
+    qb64 = qb.to(tl.int64)
+    range_start = BlockStart + qb64 * stride_bs_q + h64 * stride_bs_h
+    range_end = BlockEnd + qb64 * stride_be_q + h64 * stride_be_h
+    n_ranges = tl.load(BlockCount + qb64 * stride_bc_q + h64 * stride_bc_h)
+    n_full = tl.load(FullCount + qb64 * stride_fc_q + h64 * stride_fc_h)
+    col_base = ColIndex + qb64 * stride_ci_q + h64 * stride_ci_h
+    n_cols = tl.load(ColCount + qb64 * stride_cc_q + h64 * stride_cc_h)
+
+    # -- phase 1: full ranges, 64 keys left of every row of the block: no mask at all --
+    for b in range(0, n_full):
+        cols = tl.load(range_start + b) + offs_n
+        acc, l_i, m_i = _attend(acc, l_i, m_i, q, cols, None, pos_m,
+                                K, V, KvStart, ReqToToken, PoolIdx, r, stride_tok,
+                                k_head, v_head, stride_kn, stride_vn, offs_d, qk_scale,
+                                MASKED=False, PAGED=PAGED)
+
+    # -- phase 2: partial ranges: clip to [max(start, 0), end) and to the context, then the causal cut --
+    for b in range(n_full, n_ranges):
+        start = tl.load(range_start + b)
+        end = tl.load(range_end + b)
+        cols = start + offs_n
+        valid = (cols >= 0) & (cols < end) & (cols < seq_k)
+        acc, l_i, m_i = _attend(acc, l_i, m_i, q, cols, valid, pos_m,
+                                K, V, KvStart, ReqToToken, PoolIdx, r, stride_tok,
+                                k_head, v_head, stride_kn, stride_vn, offs_d, qk_scale,
+                                MASKED=True, PAGED=PAGED)
+
+    # -- phase 3: gathered columns, BLOCK_N at a time (count mask, then the causal cut) --
+    for c in range(0, n_cols, BLOCK_N):
+        valid = c + offs_n < n_cols
+        cols = tl.load(col_base + c + offs_n, mask=valid, other=0)
+        acc, l_i, m_i = _attend(acc, l_i, m_i, q, cols, valid, pos_m,
+                                K, V, KvStart, ReqToToken, PoolIdx, r, stride_tok,
+                                k_head, v_head, stride_kn, stride_vn, offs_d, qk_scale,
+                                MASKED=True, PAGED=PAGED)
+
+    # -- epilogue: normalise; a row that attended nothing has l = 0 and is stored as 0 with lse = -inf --
+    attended = l_i > 0.0
+    o = acc / tl.where(attended, l_i, 1.0)[:, None]
+    lse = tl.where(attended, (m_i + tl.math.log2(tl.where(attended, l_i, 1.0))) * LN2,
+                   float("-inf"))
+    tl.store(O + tok[:, None] * stride_ot + h64 * stride_oh + offs_d[None, :], o.to(O.dtype.element_ty),
+             mask=row_valid[:, None])
+    tl.store(Lse + tok * stride_lt + h64 * stride_lh, lse, mask=row_valid)
+
+
+def _launch_config(head_dim: int) -> tuple[int, int]:
+    """(num_warps, num_stages) per head_dim: pre-tuning defaults, to be replaced by GPU autotuning results."""
+    if head_dim == 256:
+        return 8, 2
+    return 4, 3
+
+
+def _check_inputs(q, kv: KVSource, layout: SparseLayout, geom: BatchGeometry, out) -> None:
+    """Validate every argument of :func:`sparse_attention` up front (host metadata only, no device sync)."""
+    check_tensor(q, "q", ndim=3, dtypes=DTYPES)
+    tokens, num_heads, head_dim = q.shape
+    check(head_dim in HEAD_DIMS, "head_dim", f"{head_dim} not supported, expected one of {HEAD_DIMS}")
+    check(tokens == sum(geom.seq_lens_q_cpu), "q",
+          f"{tokens} tokens but geom packs {sum(geom.seq_lens_q_cpu)} chunk tokens")
+    check(q.stride(-1) == 1, "q", "head_dim must be the contiguous dimension")
+    kv.validate(geom.num_requests)
+    check(kv.k.dtype == q.dtype, "k", f"dtype {kv.k.dtype} != q dtype {q.dtype}")
+    check(kv.k.shape[2] == head_dim, "k", f"head_dim {kv.k.shape[2]} != q head_dim {head_dim}")
+    check(num_heads % kv.k.shape[1] == 0, "k", f"{kv.k.shape[1]} KV heads do not divide {num_heads} query heads")
+    check(kv.k.stride(-1) == 1 and kv.v.stride(-1) == 1, "k", "head_dim must be the contiguous dimension of k and v")
+    if kv.paged:
+        check(kv.req_to_token.stride(1) == 1, "req_to_token", "rows must be contiguous")
+    for name in ("k", "v", "kv_start", "req_to_token", "req_pool_indices"):
+        t = getattr(kv, name)
+        if t is not None:
+            check(t.device == q.device, name, f"on {t.device}, q on {q.device}")
+    for name in ("cu_seqlens_q", "seq_lens_k", "prefix_lens", "qb_request", "qb_row"):
+        t = getattr(geom, name)
+        check_tensor(t, name, ndim=1, dtypes=(torch.int32,))
+        check(t.device == q.device, name, f"on {t.device}, q on {q.device}")
+    nqb = geom.num_query_blocks
+    for name in ("block_start", "block_end", "block_count", "full_count", "col_index", "col_count"):
+        t = getattr(layout, name)
+        ndim = 2 if name.endswith("count") else 3
+        check_tensor(t, name, ndim=ndim, dtypes=(torch.int32,))
+        check(tuple(t.shape[:2]) == (nqb, num_heads), name,
+              f"shape {tuple(t.shape)} does not start with (query blocks {nqb}, Hq {num_heads})")
+        check(t.device == q.device, name, f"on {t.device}, q on {q.device}")
+    check(layout.block_end.shape == layout.block_start.shape, "block_end",
+          f"shape {tuple(layout.block_end.shape)} != block_start {tuple(layout.block_start.shape)}")
+    if out is not None:
+        check_tensor(out, "out", ndim=3, dtypes=(q.dtype,))
+        check(out.shape == q.shape, "out", f"shape {tuple(out.shape)} != q {tuple(q.shape)}")
+        check(out.stride(-1) == 1, "out", "head_dim must be the contiguous dimension")
+        check(out.device == q.device, "out", f"on {out.device}, q on {q.device}")
+
+
+def sparse_attention(q: torch.Tensor, kv: KVSource, layout: SparseLayout, geom: BatchGeometry, *,
+                     sm_scale: float, out: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Attention of each chunk query over exactly the keys ``layout`` selects (see ``sgl_minference.layout``).
+
+    q: ``[T, Hq, D]`` fp16/bf16 (fp32 accepted for testing), the chunk tokens packed by ``geom.cu_seqlens_q``;
+    D in (64, 128, 256). kv: ``[rows, Hk, D]`` keys/values of ``q``'s dtype, ``Hq % Hk == 0``; query head
+    ``h`` reads KV head ``h // (Hq // Hk)``. layout: int32 ``[NQB, Hq, ...]`` tensors on ``q``'s device.
+    out: optional ``[T, Hq, D]`` of ``q``'s dtype to write the output into.
+    Returns ``o`` ``[T, Hq, D]`` (``q.dtype``) and ``lse`` ``[T, Hq]`` float32, the natural-log log-sum-exp of
+    the scaled scores; a row that attends no key gets ``o = 0`` and ``lse = -inf``.
+    """
+    _check_inputs(q, kv, layout, geom, out)
+    tokens, num_heads, head_dim = q.shape
+    o = torch.empty_like(q) if out is None else out
+    lse = torch.empty(tokens, num_heads, dtype=torch.float32, device=q.device)
+    kv_start, req_to_token, pool_idx, stride_tok, paged = kv_args(kv)
+    bs, be, bc, fc, ci, cc = (layout.block_start, layout.block_end, layout.block_count, layout.full_count,
+                              layout.col_index, layout.col_count)
+    num_warps, num_stages = _launch_config(head_dim)
+    grid = (geom.num_query_blocks, num_heads)
+    _sparse_attention_fwd[grid](
+        q, kv.k, kv.v, o, lse,
+        geom.cu_seqlens_q, geom.seq_lens_k, geom.prefix_lens, geom.qb_request, geom.qb_row,
+        kv_start, req_to_token, pool_idx, stride_tok,
+        bs, be, bc, fc, ci, cc,
+        q.stride(0), q.stride(1), kv.k.stride(0), kv.k.stride(1), kv.v.stride(0), kv.v.stride(1),
+        o.stride(0), o.stride(1), lse.stride(0), lse.stride(1),
+        bs.stride(0), bs.stride(1), be.stride(0), be.stride(1), bc.stride(0), bc.stride(1),
+        fc.stride(0), fc.stride(1), ci.stride(0), ci.stride(1), cc.stride(0), cc.stride(1),
+        sm_scale * LOG2E, num_heads // kv.k.shape[1],
+        BLOCK_M=BLOCK, BLOCK_N=BLOCK, BLOCK_D=head_dim, PAGED=paged,
+        num_warps=num_warps, num_stages=num_stages,
+    )
+    return o, lse

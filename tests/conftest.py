@@ -1,0 +1,88 @@
+"""Shared test helpers: Triton interpreter setup on CPU, random batch geometries and K/V sources.
+
+Imported by pytest before any test module, so ``TRITON_INTERPRET`` is set before triton is first imported.
+Test modules may ``from conftest import ...`` the builders below.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+
+from sgl_minference.layout import BatchGeometry, KVSource  # noqa: E402
+
+INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+DEVICE = "cuda" if torch.cuda.is_available() and not INTERPRET else "cpu"
+
+
+def _fix_interpreter_loop_bounds() -> None:
+    """Let interpreted kernels use loaded scalars as ``range`` bounds under any NumPy.
+
+    Triton's interpreter holds scalars as size-1 arrays and turns them into Python ints with ``int()``, which
+    NumPy deprecates for 1-d arrays and 2.4 rejects (triton-lang/triton#9171); re-register ``__index__`` to
+    take the element instead.
+    """
+    from triton.runtime import interpreter
+
+    original = interpreter._patch_lang_tensor
+
+    def patch_lang_tensor(tensor, scope):
+        original(tensor, scope)
+        scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.reshape(-1)[0]))
+
+    interpreter._patch_lang_tensor = patch_lang_tensor
+
+
+if INTERPRET:
+    _fix_interpreter_loop_bounds()
+
+requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+
+def make_geometry(seq_lens_q: list[int], prefix_lens: list[int], device=DEVICE) -> BatchGeometry:
+    """Batch geometry of chunks of ``seq_lens_q[r]`` queries after ``prefix_lens[r]`` cached keys."""
+    return BatchGeometry.build(seq_lens_q, [p + s for p, s in zip(prefix_lens, seq_lens_q)], device)
+
+
+def make_qkv(geom: BatchGeometry, num_heads: int, num_kv_heads: int, head_dim: int, dtype, *, seed: int = 0,
+             device=DEVICE) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Random packed q ``[T, Hq, D]`` and k, v ``[sum Sk_r, Hk, D]`` (request after request), N(0, 1)."""
+    gen = torch.Generator(device="cpu").manual_seed(seed)
+    tokens, keys = sum(geom.seq_lens_q_cpu), sum(geom.seq_lens_k_cpu)
+    q = torch.randn(tokens, num_heads, head_dim, generator=gen)
+    k = torch.randn(keys, num_kv_heads, head_dim, generator=gen)
+    v = torch.randn(keys, num_kv_heads, head_dim, generator=gen)
+    return tuple(t.to(device=device, dtype=dtype) for t in (q, k, v))
+
+
+def paged_kv(k: torch.Tensor, v: torch.Tensor, seq_lens_k: list[int], *, seed: int = 0,
+             spare_slots: int = 7) -> KVSource:
+    """The packed ``k``/``v`` scattered into a shuffled page-size-1 pool, SGLang style.
+
+    Pool rows are a random permutation (plus ``spare_slots`` garbage rows), ``req_to_token`` has a few more
+    request slots and columns than needed (filled with -1 past each request's length, so a stray read
+    shows up), and ``req_pool_indices`` maps requests to slots out of order.
+    """
+    gen = torch.Generator(device="cpu").manual_seed(seed)
+    keys, num_requests = k.shape[0], len(seq_lens_k)
+    slots = keys + spare_slots
+    rows = torch.randperm(slots, generator=gen)[:keys]  # pool row of each packed key
+    pool_k = torch.full((slots, *k.shape[1:]), float("nan"), dtype=k.dtype, device=k.device)
+    pool_v = torch.full_like(pool_k, float("nan"))
+    pool_k[rows.to(k.device)] = k
+    pool_v[rows.to(k.device)] = v
+    pool_size = num_requests + 3
+    req_pool_indices = torch.randperm(pool_size, generator=gen)[:num_requests]
+    req_to_token = torch.full((pool_size, max(seq_lens_k) + 5), -1, dtype=torch.int32)
+    start = 0
+    for r, sk in enumerate(seq_lens_k):
+        req_to_token[req_pool_indices[r], :sk] = rows[start: start + sk].to(torch.int32)
+        start += sk
+    return KVSource(k=pool_k, v=pool_v, req_to_token=req_to_token.to(k.device),
+                    req_pool_indices=req_pool_indices.to(device=k.device, dtype=torch.int64))

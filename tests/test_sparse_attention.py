@@ -1,0 +1,272 @@
+"""The sparse attention kernel against exact masked attention (``masked_attention(..., layout.to_dense(geom))``).
+
+On CPU the kernel runs in Triton's interpreter (fp16 / fp32, small shapes); ``-m gpu`` tests run bf16 / fp16 on
+a CUDA device at moderate shapes.
+"""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+from conftest import DEVICE, INTERPRET, make_geometry, make_qkv, paged_kv, requires_cuda
+
+from sgl_minference.kernels.sparse_attention import sparse_attention
+from sgl_minference.layout import BLOCK, BatchGeometry, KVSource, SparseLayout
+from sgl_minference.reference import causal_masks, dense_attention, full_layout, masked_attention
+
+# (o atol/rtol, lse atol); fp32 on a GPU goes through tf32 tensor cores.
+TOLERANCES = {
+    torch.float16: (1e-2, 1e-3),
+    torch.bfloat16: (3e-2, 5e-3),
+    torch.float32: (1e-4, 1e-4) if INTERPRET else (1e-2, 1e-3),
+}
+JUNK = 1 << 30  # fills unused layout slots: the kernel must never read them
+
+
+def random_layout(geom: BatchGeometry, num_heads: int, *, seed: int, keep: float = 0.7, max_cols: int = 80,
+                  empty: float = 0.1) -> SparseLayout:
+    """A random layout that keeps every invariant of ``sgl_minference.layout`` and exercises every kernel path.
+
+    Per (query block, head): disjoint ranges of random width (mostly 64, some shorter) walking from a start in
+    [-63, 0] up to the context end, so some start below 0, some cross or lie past the diagonal; each kept with
+    probability ``keep``. Full / partial are split as the invariants define them. Then up to ``max_cols``
+    random columns outside every range (some right of the block's rows), and with probability ``empty``
+    nothing at all. Unused slots hold ``JUNK``.
+    """
+    rng = random.Random(seed)
+    entries = []
+    for r, row in zip(geom.qb_request.tolist(), geom.qb_row.tolist()):
+        sq, sk = geom.seq_lens_q_cpu[r], geom.seq_lens_k_cpu[r]
+        first = sk - sq + row
+        for _ in range(num_heads):
+            if rng.random() < empty:
+                entries.append(([], [], []))
+                continue
+            full, partial, covered = [], [], set()
+            cur = rng.randint(-BLOCK + 1, 0)
+            while cur < sk:
+                end = min(cur + (BLOCK if rng.random() < 0.6 else rng.randint(1, BLOCK)), sk)
+                if end > 0 and rng.random() < keep:
+                    is_full = end - cur == BLOCK and cur >= 0 and end - 1 <= first
+                    (full if is_full else partial).append((cur, end))
+                    covered.update(range(max(cur, 0), end))
+                cur = end + rng.choice([0, 0, 0, rng.randint(1, 2 * BLOCK)])
+            free = [j for j in range(sk) if j not in covered]
+            cols = sorted(rng.sample(free, min(len(free), rng.randint(0, max_cols))))
+            entries.append((full, partial, cols))
+    max_ranges = max(1, max(len(f) + len(p) for f, p, _ in entries))
+    max_cols_used = max(1, max(len(c) for _, _, c in entries))
+    nqb = geom.num_query_blocks
+    block_start = torch.full((nqb * num_heads, max_ranges), JUNK, dtype=torch.int32)
+    block_end = torch.full_like(block_start, JUNK + 1)
+    col_index = torch.full((nqb * num_heads, max_cols_used), JUNK, dtype=torch.int32)
+    block_count = torch.zeros(nqb * num_heads, dtype=torch.int32)
+    full_count = torch.zeros_like(block_count)
+    col_count = torch.zeros_like(block_count)
+    for i, (full, partial, cols) in enumerate(entries):
+        ranges = full + partial
+        block_start[i, : len(ranges)] = torch.tensor([s for s, _ in ranges], dtype=torch.int32)
+        block_end[i, : len(ranges)] = torch.tensor([e for _, e in ranges], dtype=torch.int32)
+        col_index[i, : len(cols)] = torch.tensor(cols, dtype=torch.int32)
+        block_count[i], full_count[i], col_count[i] = len(ranges), len(full), len(cols)
+    device = geom.qb_request.device
+    return SparseLayout(
+        block_start=block_start.view(nqb, num_heads, -1).to(device),
+        block_end=block_end.view(nqb, num_heads, -1).to(device),
+        block_count=block_count.view(nqb, num_heads).to(device),
+        full_count=full_count.view(nqb, num_heads).to(device),
+        col_index=col_index.view(nqb, num_heads, -1).to(device),
+        col_count=col_count.view(nqb, num_heads).to(device),
+    )
+
+
+def assert_matches(got: tuple[torch.Tensor, torch.Tensor], want: tuple[torch.Tensor, torch.Tensor], dtype) -> None:
+    """Outputs and lse agree within the dtype's tolerance (lse -inf exactly where the reference has it)."""
+    o_tol, lse_tol = TOLERANCES[dtype]
+    o, lse = got
+    assert o.dtype == dtype and lse.dtype == torch.float32
+    assert not torch.isnan(o).any() and not torch.isnan(lse).any()
+    torch.testing.assert_close(o.float(), want[0].float(), atol=o_tol, rtol=o_tol)
+    torch.testing.assert_close(lse, want[1], atol=lse_tol, rtol=lse_tol)
+
+
+def run_case(seq_lens_q, prefix_lens, num_heads, num_kv_heads, head_dim, dtype, *, seed=0, layout_seed=1,
+             **layout_kw):
+    geom = make_geometry(seq_lens_q, prefix_lens)
+    q, k, v = make_qkv(geom, num_heads, num_kv_heads, head_dim, dtype, seed=seed)
+    kv = KVSource.packed(k, v, geom.seq_lens_k_cpu)
+    layout = random_layout(geom, num_heads, seed=layout_seed, **layout_kw)
+    sm_scale = head_dim ** -0.5
+    got = sparse_attention(q, kv, layout, geom, sm_scale=sm_scale)
+    want = masked_attention(q, kv, geom, layout.to_dense(geom), sm_scale=sm_scale)
+    assert_matches(got, want, dtype)
+    return geom, q, k, v, layout, got
+
+
+INTERPRETER_DTYPES = [torch.float16, torch.float32]
+
+CASES = {  # name: (seq_lens_q, prefix_lens, Hq, Hk, head_dim)
+    "single-query": ([1], [300], 4, 4, 64),
+    "unaligned-gqa4-d128": ([100], [237], 4, 1, 128),
+    "gqa8": ([64], [192], 8, 1, 64),
+    "d256": ([70], [150], 2, 1, 256),
+    "ragged-batch": ([70, 1, 130], [130, 200, 5], 4, 2, 64),
+}
+
+
+@pytest.mark.parametrize("dtype", INTERPRETER_DTYPES, ids=str)
+@pytest.mark.parametrize("case", list(CASES), ids=str)
+def test_random_layout_matches_masked_reference(case, dtype):
+    run_case(*CASES[case], dtype)
+
+
+@pytest.mark.parametrize("dtype", INTERPRETER_DTYPES, ids=str)
+def test_full_layout_is_dense_causal_attention(dtype):
+    geom = make_geometry([70, 1, 130], [130, 64, 0])
+    layout = full_layout(geom, 4, DEVICE)
+    assert all(torch.equal(a, b.cpu()) for a, b in zip(layout.to_dense(geom), causal_masks(geom, 4)))
+    q, k, v = make_qkv(geom, 4, 2, 64, dtype)
+    kv = KVSource.packed(k, v, geom.seq_lens_k_cpu)
+    assert_matches(sparse_attention(q, kv, layout, geom, sm_scale=0.125),
+                   dense_attention(q, kv, geom, sm_scale=0.125), dtype)
+
+
+def test_full_layout_split_follows_invariants():
+    geom = make_geometry([200, 1], [37, 64])
+    layout = full_layout(geom, 2, DEVICE)
+    first = (geom.prefix_lens[geom.qb_request.long()] + geom.qb_row).tolist()
+    for qb in range(geom.num_query_blocks):
+        n, nf = int(layout.block_count[qb, 0]), int(layout.full_count[qb, 0])
+        start, end = layout.block_start[qb, 0, :n].tolist(), layout.block_end[qb, 0, :n].tolist()
+        for b in range(n):
+            is_full = end[b] - start[b] == BLOCK and start[b] >= 0 and end[b] - 1 <= first[qb]
+            assert is_full == (b < nf), (qb, b, start[b], end[b])
+        assert start[:nf] == sorted(start[:nf]) and start[nf:] == sorted(start[nf:])
+    # the single query at position 64 is covered by one unmasked range [1, 65) and the partial [-63, 1)
+    assert layout.block_start[-1, 0, :2].tolist() == [1, -63] and int(layout.full_count[-1, 0]) == 1
+
+
+@pytest.mark.parametrize("dtype", INTERPRETER_DTYPES, ids=str)
+def test_rows_attending_nothing_give_zero_and_minus_inf(dtype):
+    geom = make_geometry([100, 64], [0, 30])
+    q, k, v = make_qkv(geom, 2, 1, 64, dtype)
+    kv = KVSource.packed(k, v, geom.seq_lens_k_cpu)
+    layout = random_layout(geom, 2, seed=3, empty=0.0)
+    # (qb 0, head 0): no range, no column. (qb 0, head 1): only keys right of every row of the block
+    # (a partial range and a column past position 63), so every row attends nothing through the causal cut.
+    layout.block_count[0, 0] = layout.full_count[0, 0] = layout.col_count[0, 0] = 0
+    layout.block_start[0, 1, 0], layout.block_end[0, 1, 0] = 64, 90
+    layout.col_index[0, 1, 0] = 95
+    layout.block_count[0, 1], layout.full_count[0, 1], layout.col_count[0, 1] = 1, 0, 1
+    o, lse = sparse_attention(q, kv, layout, geom, sm_scale=0.125)
+    assert torch.isneginf(lse[:64]).all() and (o[:64] == 0).all()
+    assert torch.isfinite(lse[64:]).all()
+    assert_matches((o, lse), masked_attention(q, kv, geom, layout.to_dense(geom), sm_scale=0.125), dtype)
+
+
+@pytest.mark.parametrize("dtype", INTERPRETER_DTYPES, ids=str)
+def test_paged_kv_through_shuffled_pool(dtype):
+    geom, q, k, v, layout, packed = run_case([70, 1, 130], [130, 64, 5], 4, 2, 64, dtype, layout_seed=5)
+    kv = paged_kv(k, v, geom.seq_lens_k_cpu, seed=2)
+    assert not torch.equal(kv.req_pool_indices.sort().values, kv.req_pool_indices)
+    got = sparse_attention(q, kv, layout, geom, sm_scale=0.125)
+    # same keys in the same order, only their addresses differ: identical numbers
+    assert torch.equal(got[0], packed[0]) and torch.equal(got[1], packed[1])
+
+
+def test_writes_into_out():
+    geom = make_geometry([65], [3])
+    q, k, v = make_qkv(geom, 2, 2, 64, torch.float16)
+    kv = KVSource.packed(k, v, geom.seq_lens_k_cpu)
+    layout = random_layout(geom, 2, seed=7, empty=0.0)
+    out = torch.full_like(q, float("nan"))
+    o, lse = sparse_attention(q, kv, layout, geom, sm_scale=0.125, out=out)
+    assert o.data_ptr() == out.data_ptr()
+    assert_matches((o, lse), masked_attention(q, kv, geom, layout.to_dense(geom), sm_scale=0.125), torch.float16)
+
+
+def _valid_args():
+    geom = make_geometry([10], [5])
+    q, k, v = make_qkv(geom, 4, 2, 64, torch.float16)
+    return q, KVSource.packed(k, v, geom.seq_lens_k_cpu), full_layout(geom, 4, DEVICE), geom
+
+
+def _bad_head_dim(q, kv, layout, geom):
+    q, kv.k, kv.v = q[..., :48], kv.k[..., :48], kv.v[..., :48]
+    return q, kv, layout, geom, {}
+
+
+def _bad_tokens(q, kv, layout, geom):
+    return q[:-1], kv, layout, geom, {}
+
+
+def _bad_kv_heads(q, kv, layout, geom):
+    kv.k, kv.v = kv.k.repeat(1, 2, 1)[:, :3], kv.v.repeat(1, 2, 1)[:, :3]
+    return q, kv, layout, geom, {}
+
+
+def _bad_kv_dtype(q, kv, layout, geom):
+    kv.k, kv.v = kv.k.float(), kv.v.float()
+    return q, kv, layout, geom, {}
+
+
+def _bad_layout_heads(q, kv, layout, geom):
+    layout.block_count = layout.block_count[:, :2]
+    return q, kv, layout, geom, {}
+
+
+def _bad_col_index(q, kv, layout, geom):
+    layout.col_index = layout.col_index.long()
+    return q, kv, layout, geom, {}
+
+
+def _bad_out(q, kv, layout, geom):
+    return q, kv, layout, geom, {"out": torch.empty_like(q[:, :2])}
+
+
+@pytest.mark.parametrize("corrupt, name", [
+    (_bad_head_dim, "head_dim"), (_bad_tokens, "q"), (_bad_kv_heads, "k"), (_bad_kv_dtype, "k"),
+    (_bad_layout_heads, "block_count"), (_bad_col_index, "col_index"), (_bad_out, "out"),
+], ids=lambda x: getattr(x, "__name__", x))
+def test_bad_inputs_raise_naming_the_argument(corrupt, name):
+    q, kv, layout, geom, kwargs = corrupt(*_valid_args())
+    with pytest.raises(ValueError, match=f"^{name}: "):
+        sparse_attention(q, kv, layout, geom, sm_scale=0.125, **kwargs)
+
+
+# ---- GPU (compiled kernel, moderate shapes): pytest -m gpu ----
+
+GPU_CASES = {  # name: (seq_lens_q, prefix_lens, Hq, Hk, head_dim)
+    "sk4096-d128": ([1024], [3072], 32, 8, 128),
+    "ragged-d64": ([1000, 1, 300], [2000, 777, 0], 16, 4, 64),
+    "d256": ([513], [1500], 8, 1, 256),
+}
+
+
+@pytest.mark.gpu
+@requires_cuda
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("case", list(GPU_CASES), ids=str)
+def test_gpu_random_layout_matches_masked_reference(case, dtype):
+    run_case(*GPU_CASES[case], dtype, keep=0.3, max_cols=300)
+
+
+@pytest.mark.gpu
+@requires_cuda
+def test_gpu_full_layout_is_dense_causal_attention():
+    seq_lens_q, prefix_lens, hq, hk, d = GPU_CASES["sk4096-d128"]
+    geom = make_geometry(seq_lens_q, prefix_lens)
+    q, k, v = make_qkv(geom, hq, hk, d, torch.bfloat16)
+    kv = KVSource.packed(k, v, geom.seq_lens_k_cpu)
+    got = sparse_attention(q, kv, full_layout(geom, hq, DEVICE), geom, sm_scale=d ** -0.5)
+    assert_matches(got, dense_attention(q, kv, geom, sm_scale=d ** -0.5), torch.bfloat16)
+
+
+@pytest.mark.gpu
+@requires_cuda
+def test_gpu_paged_kv_through_shuffled_pool():
+    geom, q, k, v, layout, packed = run_case(*GPU_CASES["ragged-d64"], torch.bfloat16, keep=0.3, max_cols=300)
+    got = sparse_attention(q, paged_kv(k, v, geom.seq_lens_k_cpu, seed=4), layout, geom, sm_scale=64 ** -0.5)
+    assert torch.equal(got[0], packed[0]) and torch.equal(got[1], packed[1])
