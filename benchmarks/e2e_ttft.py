@@ -1,0 +1,349 @@
+"""End-to-end time to first token (TTFT) through ``sglang.Engine``, dense backends against ``minference``.
+
+Run from the repository root on a GPU host; each invocation appends to one results file and stays within
+``--budget-s`` seconds, so a long sweep is split across commands (``--resume`` skips finished cases)::
+
+    python -m benchmarks.e2e_ttft --model llama3-8b --backends fa3,minference --lengths 8K,32K,128K,256K
+
+Method:
+
+* Weights are random (``load_format="dummy"``, ``skip_tokenizer_init=True``) and prompts are token ids drawn
+  at random per request, so the radix cache never hits; each request asks for one new token
+  (``max_new_tokens=1``), so its latency is its TTFT. Scenarios: ``single`` (one request per length,
+  lengths ascending) and ``mixed`` (one batch, default 4 x 64K + 4 x 2K, timed until the last request's
+  first token; per-request latencies from SGLang's ``meta_info["e2e_latency"]``).
+* Every engine setting is SGLang's default except: CUDA graphs off for all backends (prefill graphs must be
+  off for ``minference``; TTFT with one new token runs no decode step anyway), the context length raised
+  to fit the longest prompt (``SGLANG_ALLOW_OVERWRITE_LONGER_CONTEXT_LEN=1``), and whatever
+  ``--engine-args`` adds. ``minference`` runs its default config with SGLang's default chunked prefill.
+* One engine at a time, each in its own subprocess (killed as a process group when the budget runs out),
+  so every backend starts on a clean GPU. Warm-up requests (``--warmup-lens``) run before timing.
+  Repetitions per case: up to ``--reps``, fewer when the first one is long (``--rep-budget-s``).
+* Memory: SGLang allocates in its scheduler process, so device memory is read with NVML (nvidia-smi
+  fallback) polled every 50 ms: ``gpu_used_base_mib`` with the engine idle after warm-up (weights, KV
+  pool, allocator cache), ``gpu_used_peak_mib`` the highest reading during a case. PyTorch's caching
+  allocator keeps what it reserved, so the difference is a high-water mark of activation memory that
+  grows monotonically along a backend's sequence of cases.
+* A length that fails (context or KV-pool limit, out of memory, engine crash) is recorded with the
+  reason and ends that backend's single-request sweep.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from benchmarks.common import (E2ERecord, add_record, add_run, done_keys, load_results, median, parse_lengths,
+                               save_results)
+
+REPO = Path(__file__).resolve().parents[1]
+MODELS_DIR = REPO / "launch" / "models"
+SERVER_KEYS = ("attention_backend", "prefill_attention_backend", "decode_attention_backend", "chunked_prefill_size",
+               "max_prefill_tokens", "mem_fraction_static", "context_length", "max_total_num_tokens",
+               "max_req_input_len", "page_size", "disable_radix_cache", "json_model_override_args")
+
+
+@dataclass(kw_only=True)
+class Scenario:
+    name: str  # "single" or "mixed"
+    input_lens: list[int]  # prompt length of each request of the batch
+
+
+@dataclass(kw_only=True)
+class WorkerSpec:
+    """Everything one engine subprocess needs (passed as JSON on its command line)."""
+
+    model_dir: str
+    model: str
+    backend: str
+    scenarios: list[dict]  # Scenario fields, in running order
+    warmup_lens: list[int]
+    reps: int
+    rep_budget_s: float
+    seed: int
+    engine_args: dict = field(default_factory=dict)
+    records_path: str  # JSON lines, one per finished case
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Device memory polling
+# ----------------------------------------------------------------------------------------------------------
+
+
+class GpuMemoryMonitor:
+    """Polls the used memory of one GPU (NVML, or nvidia-smi when NVML is missing) in a background thread."""
+
+    def __init__(self, interval_s: float = 0.05):
+        visible = os.environ.get("CUDA_VISIBLE_DEVICES", "0").split(",")[0].strip()
+        self.index = int(visible) if visible.isdigit() else 0
+        self.interval_s = interval_s
+        self.read = self._nvml_reader() or self._smi_reader
+        self.peak = self.read()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._poll, daemon=True)
+        self._thread.start()
+
+    def _nvml_reader(self):
+        try:
+            import pynvml
+
+            pynvml.nvmlInit()
+            handle = pynvml.nvmlDeviceGetHandleByIndex(self.index)
+        except Exception:  # no NVML bindings or driver: fall back to nvidia-smi
+            return None
+        return lambda: pynvml.nvmlDeviceGetMemoryInfo(handle).used / 2**20
+
+    def _smi_reader(self) -> float:
+        out = subprocess.run(["nvidia-smi", "--query-gpu=memory.used", "--format=csv,noheader,nounits",
+                              f"--id={self.index}"], capture_output=True, text=True, check=True).stdout
+        return float(out.strip().splitlines()[0])
+
+    def _poll(self):
+        while not self._stop.wait(self.interval_s):
+            self.peak = max(self.peak, self.read())
+
+    def reset_peak(self) -> float:
+        """Restart the high-water mark from the current reading; returns that reading (MiB)."""
+        self.peak = self.read()
+        return self.peak
+
+    def stop(self):
+        self._stop.set()
+        self._thread.join()
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Worker: one engine, one backend
+# ----------------------------------------------------------------------------------------------------------
+
+
+def engine_kwargs(spec: WorkerSpec, context_length: int) -> dict:
+    return {"model_path": spec.model_dir, "load_format": "dummy", "skip_tokenizer_init": True,
+            "attention_backend": spec.backend, "context_length": context_length, "disable_cuda_graph": True,
+            "random_seed": spec.seed, "log_level": "error", **spec.engine_args}
+
+
+def abort_reason(out: dict) -> str | None:
+    reason = out.get("meta_info", {}).get("finish_reason") or {}
+    if isinstance(reason, dict) and reason.get("type") == "abort":
+        return str(reason.get("message", "aborted"))
+    return None
+
+
+def worker(spec: WorkerSpec) -> None:
+    """Start one engine, warm it up, time every scenario in order, append one JSON line per case."""
+    import numpy as np
+
+    os.environ.setdefault("SGLANG_ALLOW_OVERWRITE_LONGER_CONTEXT_LEN", "1")
+    import sglang
+
+    scenarios = [Scenario(**s) for s in spec.scenarios]
+    longest = max([max(s.input_lens) for s in scenarios] + spec.warmup_lens)
+    vocab = json.loads((Path(spec.model_dir) / "config.json").read_text()).get("vocab_size", 32000)
+    rng = np.random.default_rng(spec.seed)
+
+    def prompts(lens: list[int]) -> list[list[int]]:
+        # Ids away from the special tokens at both ends; distinct per call so no prefix is ever cached.
+        return [rng.integers(16, vocab - 16, n).tolist() for n in lens]
+
+    monitor = GpuMemoryMonitor()
+    t0 = time.perf_counter()
+    engine = sglang.Engine(**engine_kwargs(spec, context_length=longest + 256))
+    info = engine.get_server_info()
+    params = {k: info.get(k) for k in SERVER_KEYS} | {"startup_s": time.perf_counter() - t0}
+    params["engine_args"] = spec.engine_args
+    for n in spec.warmup_lens:
+        engine.generate(input_ids=prompts([n]), sampling_params=[{"max_new_tokens": 1}])
+    base = monitor.reset_peak()
+
+    def emit(rec: dict) -> None:
+        with open(spec.records_path, "a") as f:
+            f.write(json.dumps(rec) + "\n")
+
+    single_failed = False
+    for sc in scenarios:
+        rec = {"model": spec.model, "backend": spec.backend, "scenario": sc.name, "input_lens": sc.input_lens,
+               "status": "ok", "params": params, "gpu_used_base_mib": base}
+        if sc.name == "single" and single_failed:
+            continue  # the parent records it as not run
+        monitor.reset_peak()
+        walls, per_request = [], []
+        try:
+            while len(walls) < spec.reps and (not walls or sum(walls) + walls[-1] <= spec.rep_budget_s):
+                batch = prompts(sc.input_lens)
+                t = time.perf_counter()
+                outs = engine.generate(input_ids=batch, sampling_params=[{"max_new_tokens": 1}] * len(batch))
+                walls.append(time.perf_counter() - t)
+                reasons = [r for r in map(abort_reason, outs) if r]
+                if reasons:
+                    raise RuntimeError(f"request aborted: {reasons[0]}")
+                per_request.append([o["meta_info"].get("e2e_latency", float("nan")) * 1e3 for o in outs])
+        except Exception as e:  # record where and why the sweep stops, keep the numbers so far
+            rec["status"] = "oom" if "out of memory" in str(e).lower() else "error"
+            rec["reason"] = f"{type(e).__name__}: {e}"[:1000]
+            single_failed = sc.name == "single"
+        if walls and rec["status"] == "ok":
+            order = sorted(range(len(walls)), key=walls.__getitem__)
+            rec |= {"ttft_ms": median(walls) * 1e3, "ttft_ms_all": [w * 1e3 for w in walls],
+                    "request_ms": per_request[order[len(order) // 2]]}
+        rec["gpu_used_peak_mib"] = monitor.peak
+        emit(rec)
+        print(f"[{spec.backend}] {sc.name} {sc.input_lens}: {rec['status']} "
+              f"{rec.get('ttft_ms', rec.get('reason'))}", flush=True)
+    monitor.stop()
+    engine.shutdown()
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Parent: one subprocess per backend, results merged into one file
+# ----------------------------------------------------------------------------------------------------------
+
+
+def parse_mixed(text: str) -> list[int]:
+    """``"64Kx4,2Kx4"`` -> four 65536s then four 2048s."""
+    lens = []
+    for part in text.split(","):
+        length, _, count = part.strip().partition("x")
+        if not count.isdigit() or int(count) <= 0:
+            raise ValueError(f"mixed: cannot read {part!r} (use e.g. 64Kx4,2Kx4)")
+        lens += parse_lengths(length) * int(count)
+    return lens
+
+
+def plan_scenarios(lengths: list[int], scenario_names: list[str], mixed: list[int]) -> list[Scenario]:
+    out = []
+    if "single" in scenario_names:
+        out += [Scenario(name="single", input_lens=[n]) for n in sorted(lengths)]
+    if "mixed" in scenario_names:
+        out.append(Scenario(name="mixed", input_lens=mixed))
+    return out
+
+
+def pending(scenarios: list[Scenario], done: set, model: str, backend: str) -> list[Scenario]:
+    return [s for s in scenarios if (model, backend, s.name, tuple(s.input_lens)) not in done]
+
+
+def records_for_backend(lines: list[dict], todo: list[Scenario], run: int, *, model: str, backend: str,
+                        exit_status: str, exit_note: str) -> list[E2ERecord]:
+    """Worker lines as records, plus one for each scenario it never reported, saying why.
+
+    ``exit_status``/``exit_note``: how the subprocess ended ("ok", "timeout" or "error", and a reason);
+    the first unreported scenario of a subprocess that did not end cleanly is the one it died on.
+    """
+    recs = [E2ERecord(run=run, **line) for line in lines]
+    reported = {(r.scenario, tuple(r.input_lens)) for r in recs}
+    single_failed = any(r.status != "ok" and r.scenario == "single" for r in recs)
+    blamed = False
+    for s in todo:
+        if (s.name, tuple(s.input_lens)) in reported:
+            continue
+        if s.name == "single" and single_failed:
+            status, reason = "skipped", "not run: a shorter length already failed"
+        elif exit_status != "ok" and not blamed:
+            status, reason, blamed = exit_status, exit_note, True
+        else:
+            status, reason = "skipped", f"not run: {exit_note or 'the engine subprocess ended early'}"
+        recs.append(E2ERecord(run=run, model=model, backend=backend, scenario=s.name, input_lens=s.input_lens,
+                              status=status, reason=reason))
+    return recs
+
+
+def run_worker(spec: WorkerSpec, timeout_s: float) -> tuple[str, str]:
+    """Run one engine subprocess; returns ("ok", "") or ("timeout" | "error", what went wrong)."""
+    if timeout_s <= 0:
+        return "timeout", "command budget spent before this backend started"
+    cmd = [sys.executable, "-m", "benchmarks.e2e_ttft", "--worker-spec", json.dumps(vars(spec))]
+    proc = subprocess.Popen(cmd, cwd=REPO, start_new_session=True)  # own process group: SGLang's children too
+    try:
+        code = proc.wait(timeout=timeout_s)
+    except subprocess.TimeoutExpired:
+        for sig in (signal.SIGTERM, signal.SIGKILL):
+            try:
+                os.killpg(proc.pid, sig)
+                proc.wait(timeout=30)
+                break
+            except subprocess.TimeoutExpired:
+                continue
+            except ProcessLookupError:
+                break
+        return "timeout", f"command budget ran out after {timeout_s:.0f} s (engine killed)"
+    return ("ok", "") if code == 0 else ("error", f"engine subprocess exited with code {code}")
+
+
+def resolve_model(name: str) -> tuple[str, Path]:
+    path = Path(name)
+    if not path.is_dir():
+        path = MODELS_DIR / name
+    if not (path / "config.json").is_file():
+        raise SystemExit(f"--model: no config.json in {path}")
+    return path.name, path.resolve()
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--worker-spec", help=argparse.SUPPRESS)
+    ap.add_argument("--model", default="llama3-8b", help="directory under launch/models, or a path")
+    ap.add_argument("--backends", default="fa3,flashinfer,minference")
+    ap.add_argument("--lengths", default="8K,16K,32K,64K,128K,256K")
+    ap.add_argument("--scenarios", default="single,mixed", help="single and/or mixed")
+    ap.add_argument("--mixed", default="64Kx4,2Kx4", help="the mixed batch, e.g. 64Kx4,2Kx4")
+    ap.add_argument("--warmup-lens", default="4K,64K", help="untimed requests after start-up")
+    ap.add_argument("--reps", type=int, default=3, help="most timed repetitions per case")
+    ap.add_argument("--rep-budget-s", type=float, default=30.0, help="no further repetition past this total")
+    ap.add_argument("--engine-args", default="{}", help="JSON of extra sglang.Engine arguments (all backends)")
+    ap.add_argument("--minference-args", default="",
+                    help='JSON for the minference backend, passed as json_model_override_args {"minference": ...}')
+    ap.add_argument("--budget-s", type=float, default=540.0, help="wall-clock budget of this whole command")
+    ap.add_argument("--resume", action="store_true", help="skip cases the results file already has as ok")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--out", default="benchmarks/results/e2e.json", help="results file (appended to)")
+    args = ap.parse_args(argv)
+    if args.worker_spec:
+        worker(WorkerSpec(**json.loads(args.worker_spec)))
+        return
+
+    deadline = time.monotonic() + args.budget_s
+    model, model_dir = resolve_model(args.model)
+    backends = [b.strip() for b in args.backends.split(",") if b.strip()]
+    scenarios = plan_scenarios(parse_lengths(args.lengths), args.scenarios.split(","), parse_mixed(args.mixed))
+    engine_args = json.loads(args.engine_args)
+    results = load_results(args.out, "e2e")
+    done = done_keys(results) if args.resume else set()
+    run = add_run(results, settings={
+        "model": model, "backends": backends, "scenarios": [vars(s) for s in scenarios],
+        "warmup_lens": parse_lengths(args.warmup_lens), "reps": args.reps, "rep_budget_s": args.rep_budget_s,
+        "engine_args": engine_args, "minference_args": args.minference_args, "seed": args.seed})
+    save_results(args.out, results)
+
+    for backend in backends:
+        todo = pending(scenarios, done, model, backend)
+        if not todo:
+            continue
+        extra = dict(engine_args)
+        if backend == "minference" and args.minference_args:
+            extra["json_model_override_args"] = json.dumps({"minference": json.loads(args.minference_args)})
+        with tempfile.TemporaryDirectory() as tmp:
+            spec = WorkerSpec(model_dir=str(model_dir), model=model, backend=backend,
+                              scenarios=[vars(s) for s in todo], warmup_lens=parse_lengths(args.warmup_lens),
+                              reps=args.reps, rep_budget_s=args.rep_budget_s, seed=args.seed, engine_args=extra,
+                              records_path=str(Path(tmp) / "records.jsonl"))
+            exit_status, exit_note = run_worker(spec, deadline - time.monotonic())
+            path = Path(spec.records_path)
+            lines = [json.loads(x) for x in path.read_text().splitlines()] if path.exists() else []
+        for rec in records_for_backend(lines, todo, run, model=model, backend=backend, exit_status=exit_status,
+                                       exit_note=exit_note):
+            add_record(results, rec)
+        save_results(args.out, results)
+
+
+if __name__ == "__main__":
+    main()
