@@ -87,7 +87,7 @@ class E2ERecord:
     reason: str = ""
     ttft_ms: float | None = None  # median over repetitions of the time until the last request's first token
     ttft_ms_all: list[float] = field(default_factory=list)  # every repetition
-    request_ms: list[float] = field(default_factory=list)  # per-request latency (median repetition)
+    request_ms: list[float | None] = field(default_factory=list)  # per-request latency (median repetition)
     gpu_used_base_mib: float | None = None  # device memory in use with the engine idle (static pools)
     gpu_used_peak_mib: float | None = None  # highest device memory in use seen while this case ran
     params: dict = field(default_factory=dict)  # engine settings as resolved by SGLang, startup time, ...

@@ -132,6 +132,10 @@ def engine_kwargs(spec: WorkerSpec, context_length: int) -> dict:
             "random_seed": spec.seed, "log_level": "error", **spec.engine_args}
 
 
+class RequestRejected(Exception):
+    """SGLang refused or aborted a request (length limits); the engine keeps serving."""
+
+
 def abort_reason(out: dict) -> str | None:
     reason = out.get("meta_info", {}).get("finish_reason") or {}
     if isinstance(reason, dict) and reason.get("type") == "abort":
@@ -171,34 +175,41 @@ def worker(spec: WorkerSpec) -> None:
 
     single_failed = False
     for sc in scenarios:
-        rec = {"model": spec.model, "backend": spec.backend, "scenario": sc.name, "input_lens": sc.input_lens,
-               "status": "ok", "params": params, "gpu_used_base_mib": base}
         if sc.name == "single" and single_failed:
             continue  # the parent records it as not run
+        rec = {"model": spec.model, "backend": spec.backend, "scenario": sc.name, "input_lens": sc.input_lens,
+               "status": "ok", "params": params, "gpu_used_base_mib": base}
         monitor.reset_peak()
-        walls, per_request = [], []
+        walls, per_request, engine_alive = [], [], True
         try:
             while len(walls) < spec.reps and (not walls or sum(walls) + walls[-1] <= spec.rep_budget_s):
                 batch = prompts(sc.input_lens)
                 t = time.perf_counter()
-                outs = engine.generate(input_ids=batch, sampling_params=[{"max_new_tokens": 1}] * len(batch))
+                try:
+                    outs = engine.generate(input_ids=batch, sampling_params=[{"max_new_tokens": 1}] * len(batch))
+                except ValueError as e:  # validated and refused before scheduling (e.g. context length)
+                    raise RequestRejected(str(e)) from None
                 walls.append(time.perf_counter() - t)
                 reasons = [r for r in map(abort_reason, outs) if r]
                 if reasons:
-                    raise RuntimeError(f"request aborted: {reasons[0]}")
-                per_request.append([o["meta_info"].get("e2e_latency", float("nan")) * 1e3 for o in outs])
-        except Exception as e:  # record where and why the sweep stops, keep the numbers so far
+                    raise RequestRejected(f"request aborted: {reasons[0]}")
+                per_request.append([1e3 * o["meta_info"]["e2e_latency"] if "e2e_latency" in o["meta_info"]
+                                    else None for o in outs])
+        except Exception as e:  # record where and why the sweep stops
             rec["status"] = "oom" if "out of memory" in str(e).lower() else "error"
             rec["reason"] = f"{type(e).__name__}: {e}"[:1000]
-            single_failed = sc.name == "single"
-        if walls and rec["status"] == "ok":
-            order = sorted(range(len(walls)), key=walls.__getitem__)
+            single_failed |= sc.name == "single"
+            engine_alive = isinstance(e, RequestRejected)
+        if rec["status"] == "ok":
+            middle = sorted(range(len(walls)), key=walls.__getitem__)[len(walls) // 2]
             rec |= {"ttft_ms": median(walls) * 1e3, "ttft_ms_all": [w * 1e3 for w in walls],
-                    "request_ms": per_request[order[len(order) // 2]]}
+                    "request_ms": per_request[middle]}
         rec["gpu_used_peak_mib"] = monitor.peak
         emit(rec)
         print(f"[{spec.backend}] {sc.name} {sc.input_lens}: {rec['status']} "
               f"{rec.get('ttft_ms', rec.get('reason'))}", flush=True)
+        if not engine_alive:
+            break  # anything but a refused request may have left the engine broken: the parent notes the rest
     monitor.stop()
     engine.shutdown()
 
@@ -236,7 +247,7 @@ def records_for_backend(lines: list[dict], todo: list[Scenario], run: int, *, mo
                         exit_status: str, exit_note: str) -> list[E2ERecord]:
     """Worker lines as records, plus one for each scenario it never reported, saying why.
 
-    ``exit_status``/``exit_note``: how the subprocess ended ("ok", "timeout" or "error", and a reason);
+    ``exit_status``/``exit_note``: how the subprocess ended (``run_worker``'s status and reason);
     the first unreported scenario of a subprocess that did not end cleanly is the one it died on.
     """
     recs = [E2ERecord(run=run, **line) for line in lines]
@@ -257,26 +268,45 @@ def records_for_backend(lines: list[dict], todo: list[Scenario], run: int, *, mo
     return recs
 
 
-def run_worker(spec: WorkerSpec, timeout_s: float) -> tuple[str, str]:
-    """Run one engine subprocess; returns ("ok", "") or ("timeout" | "error", what went wrong)."""
+def last_error_line(log: str) -> str:
+    """The last log line that looks like an error (else the last line), for a failure's reason."""
+    lines = [x.strip() for x in log.splitlines() if x.strip()]
+    errors = [x for x in lines if "error" in x.lower() or "out of memory" in x.lower()]
+    return (errors or lines or [""])[-1][:500]
+
+
+def run_worker(spec: WorkerSpec, timeout_s: float, log_path: Path) -> tuple[str, str]:
+    """Run one engine subprocess, its output going to ``log_path`` (echoed afterwards).
+
+    Returns ("ok", "") or ("timeout" | "oom" | "error", what went wrong).
+    """
     if timeout_s <= 0:
         return "timeout", "command budget spent before this backend started"
     cmd = [sys.executable, "-m", "benchmarks.e2e_ttft", "--worker-spec", json.dumps(vars(spec))]
-    proc = subprocess.Popen(cmd, cwd=REPO, start_new_session=True)  # own process group: SGLang's children too
+    with open(log_path, "w") as log:  # own process group, so a kill reaches SGLang's scheduler processes too
+        proc = subprocess.Popen(cmd, cwd=REPO, start_new_session=True, stdout=log, stderr=subprocess.STDOUT)
+    status, note = "ok", ""
     try:
         code = proc.wait(timeout=timeout_s)
+        if code != 0:
+            status, note = "error", f"engine subprocess exited with code {code}"
     except subprocess.TimeoutExpired:
         for sig in (signal.SIGTERM, signal.SIGKILL):
             try:
                 os.killpg(proc.pid, sig)
-                proc.wait(timeout=30)
+                proc.wait(timeout=15)
                 break
             except subprocess.TimeoutExpired:
                 continue
             except ProcessLookupError:
                 break
-        return "timeout", f"command budget ran out after {timeout_s:.0f} s (engine killed)"
-    return ("ok", "") if code == 0 else ("error", f"engine subprocess exited with code {code}")
+        status, note = "timeout", f"command budget ran out after {timeout_s:.0f} s (engine killed)"
+    log = log_path.read_text(errors="replace")
+    print("\n".join(log.splitlines()[-200:]), flush=True)
+    if status == "error":
+        status = "oom" if "out of memory" in log.lower() else status
+        note += f"; last error: {last_error_line(log)}"
+    return status, note
 
 
 def resolve_model(name: str) -> tuple[str, Path]:
@@ -302,7 +332,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--engine-args", default="{}", help="JSON of extra sglang.Engine arguments (all backends)")
     ap.add_argument("--minference-args", default="",
                     help='JSON for the minference backend, passed as json_model_override_args {"minference": ...}')
-    ap.add_argument("--budget-s", type=float, default=540.0, help="wall-clock budget of this whole command")
+    ap.add_argument("--budget-s", type=float, default=520.0, help="wall-clock budget of this whole command")
     ap.add_argument("--resume", action="store_true", help="skip cases the results file already has as ok")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", default="benchmarks/results/e2e.json", help="results file (appended to)")
@@ -336,7 +366,7 @@ def main(argv: list[str] | None = None) -> None:
                               scenarios=[vars(s) for s in todo], warmup_lens=parse_lengths(args.warmup_lens),
                               reps=args.reps, rep_budget_s=args.rep_budget_s, seed=args.seed, engine_args=extra,
                               records_path=str(Path(tmp) / "records.jsonl"))
-            exit_status, exit_note = run_worker(spec, deadline - time.monotonic())
+            exit_status, exit_note = run_worker(spec, deadline - time.monotonic(), Path(tmp) / "engine.log")
             path = Path(spec.records_path)
             lines = [json.loads(x) for x in path.read_text().splitlines()] if path.exists() else []
         for rec in records_for_backend(lines, todo, run, model=model, backend=backend, exit_status=exit_status,

@@ -39,6 +39,7 @@ kernel against ours on the same indices, FlashInfer's block-sparse against ours 
 from __future__ import annotations
 
 import argparse
+import time
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -506,8 +507,9 @@ def run_case(case: str, inp: Inputs, libs, b: Budgets, plan: TimingPlan, refs: d
         out = m.result
         counted = method.count(indices)
         pairs, visited = counted.attended, counted.visited
-    if case in CHECK_AGAINST and CHECK_AGAINST[case] in refs:
-        params["check"] = {"against": CHECK_AGAINST[case], "max_abs_diff": max_abs_diff(out, refs[CHECK_AGAINST[case]])}
+    ref = CHECK_AGAINST.get(case)
+    if ref in refs:
+        params["check"] = {"against": ref, "max_abs_diff": max_abs_diff(out, refs[ref])}
     if case in CHECK_AGAINST.values():
         refs[case] = out
     attn_ms = median(m.times_ms)
@@ -542,11 +544,15 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--block-topk", type=int, default=None, help="default (vertical + slash) / 64")
     ap.add_argument("--sink", type=int, default=128)
     ap.add_argument("--local", type=int, default=4096)
-    ap.add_argument("--quick", action="store_true", help="fewer repetitions: at most 3 timed calls per case (300 ms budget)")
+    ap.add_argument("--quick", action="store_true",
+                    help="fewer repetitions: at most 3 timed calls per case (300 ms budget)")
     ap.add_argument("--resume", action="store_true", help="skip cases the results file already has as ok")
+    ap.add_argument("--budget-s", type=float, default=480.0,
+                    help="start no new case after this many seconds (finish later with --resume)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", default="benchmarks/results/kernel.json", help="results file (appended to)")
     args = ap.parse_args(argv)
+    deadline = time.monotonic() + args.budget_s
 
     cases = [c.strip() for c in args.cases.split(",") if c.strip()]
     for c in cases:
@@ -581,6 +587,10 @@ def main(argv: list[str] | None = None) -> None:
                               num_kv_heads=args.num_kv_heads, head_dim=d, seed=args.seed)
             refs: dict = {}
             for case in todo:
+                if time.monotonic() > deadline:
+                    print(f"budget of {args.budget_s:.0f} s spent: stopping before D={d} Sq={seq_q} Sk={seq_k} "
+                          f"{case}; rerun the same command with --resume to finish", flush=True)
+                    return
                 method, pattern = CASES[case]
                 rec = KernelRecord(run=run, method=method, pattern=pattern, seq_q=seq_q, seq_k=seq_k, head_dim=d,
                                    num_q_heads=args.num_q_heads, num_kv_heads=args.num_kv_heads,

@@ -32,7 +32,7 @@ def kernel_speedups(results: dict, baseline: str = "fa3") -> dict[str, dict[str,
     recs = [r for r in latest_records(results) if r.status == "ok"]
     base = {(r.seq_q, r.seq_k, r.head_dim): r.attn_ms for r in recs if r.method == baseline and r.pattern == "dense"}
     panels: dict[str, dict[str, list[tuple[int, float]]]] = {}
-    for r in sorted(recs, key=lambda r: r.seq_k):
+    for r in sorted(recs, key=lambda r: (r.head_dim, r.seq_q != r.seq_k, r.seq_q, r.seq_k)):  # panel order
         ref = base.get((r.seq_q, r.seq_k, r.head_dim))
         if ref is None or r.pattern == "dense":
             continue
@@ -43,7 +43,8 @@ def kernel_speedups(results: dict, baseline: str = "fa3") -> dict[str, dict[str,
     return panels
 
 
-def e2e_speedups(results: dict, dense: tuple[str, ...] = DENSE_BACKENDS) -> dict[str, dict[str, list[tuple[int, float]]]]:
+def e2e_speedups(results: dict,
+                 dense: tuple[str, ...] = DENSE_BACKENDS) -> dict[str, dict[str, list[tuple[int, float]]]]:
     """{model: {backend: [(length, TTFT of the faster dense backend / TTFT of backend), ...]}}, single requests."""
     recs = [r for r in latest_records(results) if r.status == "ok" and r.scenario == "single"]
     best_dense: dict[tuple[str, int], float] = {}
@@ -61,17 +62,18 @@ def e2e_speedups(results: dict, dense: tuple[str, ...] = DENSE_BACKENDS) -> dict
 
 
 def draw(panels: dict[str, dict[str, list[tuple[int, float]]]], path: Path, *, ylabel: str, title: str) -> None:
-    """One subplot per panel, log2 length axis, a line at speedup 1."""
+    """One subplot per panel (in the dict's order), log2 length axis labelled in K tokens, a line at speedup 1."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    import matplotlib.ticker
 
     if not panels:
         raise ValueError(f"{title}: no successful records to plot")
     n = len(panels)
     fig, axes = plt.subplots(1, n, figsize=(6.5 * n, 4.5), squeeze=False)
-    for ax, (name, series) in zip(axes[0], sorted(panels.items())):
+    for ax, (name, series) in zip(axes[0], panels.items()):
         colors = {}
         for label, points in sorted(series.items()):
             base = label.removesuffix(" (attention only)")
@@ -82,6 +84,7 @@ def draw(panels: dict[str, dict[str, list[tuple[int, float]]]], path: Path, *, y
                     label=None if dashed else base, alpha=0.6 if dashed else 1.0)
         ax.axhline(1.0, color="gray", linewidth=0.8)
         ax.set_xscale("log", base=2)
+        ax.xaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda x, _: f"{x / 1024:g}K"))
         ax.set_xlabel("context length (tokens)")
         ax.set_ylabel(ylabel)
         ax.set_title(name)

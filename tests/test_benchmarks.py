@@ -384,3 +384,75 @@ def test_run_case_plumbing(monkeypatch):
         assert (out.float() - dense_reference(full)).abs().max() < 5e-2
         with pytest.raises(NotImplementedError, match="top-left"):
             kernel_bench.dense_sdpa(inp, libs, "MATH", params)
+
+
+class FakeEngine:
+    """Stands in for sglang.Engine: refuses prompts over ``limit`` tokens, or crashes at ``crash_at``."""
+
+    limit, crash_at, prompts = 2500, None, []
+
+    def __init__(self, **kwargs):
+        self.kwargs = kwargs
+
+    def get_server_info(self):
+        return {"attention_backend": self.kwargs["attention_backend"], "chunked_prefill_size": 8192,
+                "context_length": self.kwargs["context_length"], "unrelated": 1}
+
+    def generate(self, input_ids, sampling_params):
+        assert len(sampling_params) == len(input_ids) and sampling_params[0] == {"max_new_tokens": 1}
+        longest = max(len(ids) for ids in input_ids)
+        if longest == self.crash_at:
+            raise RuntimeError("scheduler died")
+        if longest > self.limit:
+            raise ValueError(f"The input ({longest} tokens) is longer than the model's context length")
+        FakeEngine.prompts += [tuple(ids[:32]) for ids in input_ids]
+        return [{"meta_info": {"e2e_latency": 0.002, "finish_reason": {"type": "length"}}} for _ in input_ids]
+
+    def shutdown(self):
+        pass
+
+
+class FakeMonitor:
+    def __init__(self):
+        self.peak = 150.0
+
+    def reset_peak(self):
+        return 100.0
+
+    def stop(self):
+        pass
+
+
+@pytest.mark.parametrize("crash_at", [None, 2000])
+def test_e2e_worker_records(tmp_path, monkeypatch, crash_at):
+    import types
+
+    monkeypatch.setitem(sys.modules, "sglang", types.SimpleNamespace(Engine=FakeEngine))
+    monkeypatch.setenv("SGLANG_ALLOW_OVERWRITE_LONGER_CONTEXT_LEN", "1")  # restored afterwards
+    monkeypatch.setattr(e2e_ttft, "GpuMemoryMonitor", FakeMonitor)
+    monkeypatch.setattr(FakeEngine, "crash_at", crash_at)
+    monkeypatch.setattr(FakeEngine, "prompts", [])
+    (tmp_path / "config.json").write_text(json.dumps({"vocab_size": 1000}))
+    scenarios = e2e_ttft.plan_scenarios([1000, 2000, 4000, 8000], ["single", "mixed"], [2000, 100])
+    spec = e2e_ttft.WorkerSpec(model_dir=str(tmp_path), model="tiny", backend="fa3",
+                               scenarios=[vars(s) for s in scenarios], warmup_lens=[64], reps=3, rep_budget_s=60.0,
+                               seed=0, records_path=str(tmp_path / "records.jsonl"))
+    e2e_ttft.worker(spec)
+    lines = [json.loads(x) for x in (tmp_path / "records.jsonl").read_text().splitlines()]
+    recs = e2e_ttft.records_for_backend(lines, scenarios, 0, model="tiny", backend="fa3", exit_status="ok",
+                                        exit_note="")
+    got = [(r.scenario, r.input_lens[0], r.status) for r in recs]
+    if crash_at is None:  # 4000 refused: 8000 not run, the engine still serves the mixed batch
+        assert got == [("single", 1000, "ok"), ("single", 2000, "ok"), ("single", 4000, "error"),
+                       ("mixed", 2000, "ok"), ("single", 8000, "skipped")]
+        assert "context length" in recs[2].reason
+        mixed = recs[3]
+        assert mixed.request_ms == [2.0, 2.0] and len(mixed.ttft_ms_all) == 3
+        assert mixed.gpu_used_base_mib == 100.0 and mixed.gpu_used_peak_mib == 150.0
+        assert mixed.params["chunked_prefill_size"] == 8192 and "unrelated" not in mixed.params
+        assert mixed.params["context_length"] == 8000 + 256
+    else:  # a crash may leave the engine broken: nothing after it runs
+        assert got == [("single", 1000, "ok"), ("single", 2000, "error"), ("single", 4000, "skipped"),
+                       ("single", 8000, "skipped"), ("mixed", 2000, "skipped")]
+    assert len(set(FakeEngine.prompts)) == len(FakeEngine.prompts)  # no two prompts share a prefix
+    assert all(0 < t < 1000 for p in FakeEngine.prompts for t in p)
