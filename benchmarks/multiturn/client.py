@@ -1,0 +1,231 @@
+"""A small blocking HTTP client for SGLang's native API (standard library only, one connection per call).
+
+``POST /generate`` with ``input_ids`` and greedy sampling; with ``"stream": true`` SGLang answers
+``text/event-stream`` lines ``data: {json}`` (one per emitted token step) and ``data: [DONE]``. Each JSON chunk
+holds ``output_ids`` (the whole output so far; only the new ids with ``--incremental-streaming-output``),
+``text`` (absent under ``--skip-tokenizer-init``) and ``meta_info`` (``prompt_tokens``, ``cached_tokens``,
+``completion_tokens``, ``finish_reason``, ...). The time to the first chunk is the time to first token.
+Errors: a non-200 status with ``{"error": {"message"}}`` (or ``{"message"}``); inside a stream, a chunk with an
+``error`` object or a ``finish_reason`` of type ``abort``.
+
+Only loopback servers are accepted: the benchmarks and load checks must never leave the machine.
+"""
+
+from __future__ import annotations
+
+import http.client
+import json
+import socket
+import time
+import urllib.parse
+from dataclasses import dataclass, field
+
+LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1")
+
+
+@dataclass(kw_only=True)
+class Reply:
+    """The outcome of one ``/generate`` call."""
+
+    status: int  # HTTP status; 0 when the connection failed
+    error: str | None = None  # server or transport error; None on success
+    text: str | None = None  # generated text (None under --skip-tokenizer-init)
+    output_ids: list[int] = field(default_factory=list)  # generated token ids
+    meta_info: dict = field(default_factory=dict)  # the last chunk's meta_info
+    ttft_s: float | None = None  # send -> first streamed chunk (None for a non-streamed call)
+    latency_s: float = 0.0  # send -> response complete
+    chunks: int = 0  # streamed chunks received
+
+    @property
+    def ok(self) -> bool:
+        return self.error is None
+
+    @property
+    def cached_tokens(self) -> int | None:
+        return self.meta_info.get("cached_tokens")
+
+    @property
+    def prompt_tokens(self) -> int | None:
+        return self.meta_info.get("prompt_tokens")
+
+    @property
+    def completion_tokens(self) -> int | None:
+        return self.meta_info.get("completion_tokens")
+
+
+def _error_text(body: bytes) -> str:
+    """The message of an SGLang error body, or the raw body."""
+    try:
+        data = json.loads(body)
+    except ValueError:
+        return body.decode(errors="replace")[:2000]
+    if isinstance(data, dict):
+        err = data.get("error", data)
+        if isinstance(err, dict) and "message" in err:
+            return str(err["message"])
+        if isinstance(err, str):
+            return err
+    return json.dumps(data)[:2000]
+
+
+def _abort_message(meta_info: dict) -> str | None:
+    reason = meta_info.get("finish_reason")
+    if isinstance(reason, dict) and reason.get("type") == "abort":
+        return str(reason.get("message") or "aborted")
+    return None
+
+
+class SGLangClient:
+    """Calls to one SGLang server at ``base_url`` (``http://127.0.0.1:PORT``)."""
+
+    def __init__(self, base_url: str, *, timeout_s: float = 600.0) -> None:
+        parts = urllib.parse.urlsplit(base_url)
+        if parts.scheme != "http" or parts.hostname not in LOOPBACK_HOSTS or parts.port is None:
+            raise ValueError(f"base_url: {base_url!r} is not http://<loopback host>:<port>")
+        self.base_url = base_url
+        self._host, self._port = parts.hostname, parts.port
+        self.timeout_s = timeout_s
+
+    def _connect(self, timeout_s: float | None = None) -> http.client.HTTPConnection:
+        return http.client.HTTPConnection(self._host, self._port, timeout=timeout_s or self.timeout_s)
+
+    def get(self, path: str, *, timeout_s: float | None = None) -> tuple[int, bytes]:
+        """``GET path``: (status, body); status 0 when the server cannot be reached."""
+        conn = self._connect(timeout_s)
+        try:
+            conn.request("GET", path)
+            resp = conn.getresponse()
+            return resp.status, resp.read()
+        except (OSError, http.client.HTTPException):
+            return 0, b""
+        finally:
+            conn.close()
+
+    def healthy(self, *, timeout_s: float = 30.0) -> bool:
+        """``GET /health_generate``: the server ran (or is running) a one-token generation."""
+        return self.get("/health_generate", timeout_s=timeout_s)[0] == 200
+
+    def server_info(self) -> dict:
+        """``GET /server_info``: the resolved server arguments plus the scheduler's limits
+        (``max_total_num_tokens``, ``max_req_input_len``)."""
+        status, body = self.get("/server_info")
+        if status != 200:
+            raise RuntimeError(f"/server_info answered {status}: {_error_text(body)}")
+        return json.loads(body)
+
+    def flush_cache(self) -> bool:
+        """``POST /flush_cache``: empties the radix cache; refused (False) while requests are running."""
+        conn = self._connect(60)
+        try:
+            conn.request("POST", "/flush_cache")
+            resp = conn.getresponse()
+            resp.read()
+            return resp.status == 200
+        except (OSError, http.client.HTTPException):
+            return False
+        finally:
+            conn.close()
+
+    @staticmethod
+    def payload(
+        input_ids: list[int], *, max_new_tokens: int, stop: list[str] | None = None, ignore_eos: bool = False,
+        stream: bool = True, rid: str | None = None,
+    ) -> dict:
+        """The ``/generate`` body of a greedy request."""
+        sampling = {"temperature": 0.0, "max_new_tokens": max_new_tokens, "ignore_eos": ignore_eos}
+        if stop:
+            sampling["stop"] = list(stop)
+        body = {"input_ids": list(input_ids), "sampling_params": sampling, "stream": stream}
+        if rid is not None:
+            body["rid"] = rid
+        return body
+
+    def generate(self, input_ids: list[int], *, max_new_tokens: int, stop: list[str] | None = None,
+                 ignore_eos: bool = False, stream: bool = True, rid: str | None = None) -> Reply:
+        """One greedy ``/generate`` call; never raises for server or transport errors (see ``Reply.error``)."""
+        body = json.dumps(self.payload(input_ids, max_new_tokens=max_new_tokens, stop=stop, ignore_eos=ignore_eos,
+                                       stream=stream, rid=rid)).encode()
+        conn = self._connect()
+        t0 = time.perf_counter()
+        try:
+            conn.request("POST", "/generate", body=body, headers={"Content-Type": "application/json"})
+            resp = conn.getresponse()
+            if resp.status != 200:
+                reply = Reply(status=resp.status, error=_error_text(resp.read()))
+            elif stream:
+                reply = self._read_stream(resp, t0)
+            else:
+                data = json.loads(resp.read())
+                meta = data.get("meta_info", {})
+                reply = Reply(status=200, error=_abort_message(meta), text=data.get("text"),
+                              output_ids=list(data.get("output_ids") or []), meta_info=meta)
+        except (OSError, http.client.HTTPException, ValueError) as e:
+            reply = Reply(status=0, error=f"{type(e).__name__}: {e}")
+        finally:
+            conn.close()
+        reply.latency_s = time.perf_counter() - t0
+        return reply
+
+    @staticmethod
+    def _read_stream(resp: http.client.HTTPResponse, t0: float) -> Reply:
+        reply = Reply(status=resp.status)
+        ids: list[int] = []
+        text = ""
+        for raw in iter(resp.readline, b""):
+            line = raw.strip()
+            if not line.startswith(b"data:"):
+                continue
+            data = line[len(b"data:"):].strip()
+            if data == b"[DONE]":
+                break
+            chunk = json.loads(data)
+            if reply.ttft_s is None:
+                reply.ttft_s = time.perf_counter() - t0
+            reply.chunks += 1
+            if "error" in chunk:
+                err = chunk["error"]
+                reply.error = str(err.get("message", err)) if isinstance(err, dict) else str(err)
+                continue
+            meta = chunk.get("meta_info", {})
+            reply.meta_info = meta
+            reply.error = reply.error or _abort_message(meta)
+            new_ids = list(chunk.get("output_ids") or [])
+            # Cumulative chunks (SGLang's default) carry all completion_tokens ids; incremental ones only the new.
+            cumulative = len(new_ids) == meta.get("completion_tokens", -1)
+            ids = new_ids if cumulative else ids + new_ids
+            if chunk.get("text") is not None:
+                text = chunk["text"] if cumulative else text + chunk["text"]
+                reply.text = text
+        reply.output_ids = ids
+        return reply
+
+    def abandon_generate(self, input_ids: list[int], *, after_s: float, max_new_tokens: int = 8) -> dict:
+        """Send a streamed request and hang up after ``after_s`` seconds (a client leaving mid-prefill).
+
+        Returns ``{"first_chunk_before_close": bool, "closed_after_s": float}``: False means no token had
+        arrived, i.e. the server was still prefilling (or queueing) when the connection closed.
+        """
+        body = json.dumps(self.payload(input_ids, max_new_tokens=max_new_tokens)).encode()
+        conn = self._connect()
+        t0 = time.perf_counter()
+        got_chunk = False
+        try:
+            conn.request("POST", "/generate", body=body, headers={"Content-Type": "application/json"})
+            sock = conn.sock
+            sock.settimeout(max(after_s, 1e-3))
+            try:
+                resp = conn.getresponse()
+                while not got_chunk:
+                    sock.settimeout(max(after_s - (time.perf_counter() - t0), 1e-3))
+                    line = resp.readline()
+                    if not line:
+                        break
+                    got_chunk = line.startswith(b"data:")
+            except (socket.timeout, TimeoutError):
+                pass
+            sock.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+        finally:
+            conn.close()
+        return {"first_chunk_before_close": got_chunk, "closed_after_s": time.perf_counter() - t0}

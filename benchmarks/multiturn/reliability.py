@@ -1,0 +1,455 @@
+"""Reliability checks of a served attention backend: load, serving faults and bad configs.
+
+Subcommands (each starts its own server on 127.0.0.1, prints one ``PASS``/``FAIL``/``INCONCLUSIVE`` line per
+check with what happened, and writes a results JSON with device, date and command):
+
+* ``load``: ``--clients`` concurrent clients send a seeded mix of long (>= 64K) and short token-id requests
+  until ``--max-requests`` were sent or ``--duration-s`` passed. Checks: the server survives; no response is
+  another request's answer (each response against the same request sent alone, greedy, by output ids);
+  GPU memory (nvidia-smi) stays bounded. Run it once per backend, then ``compare`` the memory peaks.
+* ``serving``: a prompt over the context length gets an HTTP error and the server keeps serving; a client
+  that hangs up mid-prefill leaves the server serving and the next request correct.
+* ``faults``: a malformed config file, a config for another model shape, an unknown pattern name and zero
+  budgets must each stop startup with a message naming the problem (exit code and message recorded).
+* ``compare``: peak memory of a sparse ``load`` result against a dense one.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import random
+import re
+import sys
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from benchmarks.multiturn.checks import attribute, cross_check
+from benchmarks.multiturn.client import Reply, SGLangClient
+from benchmarks.multiturn.gpu_memory import MemoryPoller, bounded_memory
+from benchmarks.multiturn.results import envelope, write_json
+from benchmarks.multiturn.server import (ServerStartError, add_server_arguments, attempt_startup, launched_server,
+                                         log_tail, model_config, spec_from_args)
+from benchmarks.multiturn.workload import token_id_range
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Reporting
+# ----------------------------------------------------------------------------------------------------------
+
+
+class Checks:
+    """Collects check results and prints each as ``STATUS name: message``."""
+
+    def __init__(self) -> None:
+        self.items: list[dict] = []
+
+    def add(self, name: str, status: str, message: str, **details) -> None:
+        print(f"{status} {name}: {message}", flush=True)
+        self.items.append({"name": name, "status": status, "message": message, **details})
+
+    @property
+    def failed(self) -> bool:
+        return any(c["status"] == "FAIL" for c in self.items)
+
+
+def _server_failed(checks: Checks, name: str, err: ServerStartError) -> None:
+    checks.add(name, "FAIL", f"server did not start (exit code {err.exit_code})", log_tail=err.log_tail)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Requests
+# ----------------------------------------------------------------------------------------------------------
+
+
+@dataclass(kw_only=True)
+class LoadRequest:
+    name: str
+    input_ids: list[int]
+
+
+def load_mix(*, vocab_size: int, long_tokens: int, short_tokens: int, long_contexts: int, variants: int,
+             shorts: int, seed: int, suffix_tokens: int = 32) -> list[LoadRequest]:
+    """Seeded requests: ``long_contexts`` long contexts each asked with ``variants`` different suffixes (so
+    requests share cached prefixes), plus ``shorts`` unrelated short prompts. Every prompt is distinct."""
+    if long_tokens <= suffix_tokens or short_tokens <= 0:
+        raise ValueError(f"long_tokens: {long_tokens} must exceed the {suffix_tokens}-token suffix")
+    rng = random.Random(f"sgl-minference-load:{seed}")
+    low, high = token_id_range(vocab_size)
+    draw = lambda n: [rng.randrange(low, high) for _ in range(n)]  # noqa: E731
+    mix = []
+    for c in range(long_contexts):
+        context = draw(long_tokens - suffix_tokens)
+        mix += [LoadRequest(name=f"long{c}-v{v}", input_ids=context + draw(suffix_tokens)) for v in range(variants)]
+    mix += [LoadRequest(name=f"short{s}", input_ids=draw(short_tokens)) for s in range(shorts)]
+    return mix
+
+
+def _flush(client: SGLangClient, timeout_s: float = 60.0) -> bool:
+    """Empty the radix cache, retrying while requests (an aborted one, say) still run."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if client.flush_cache():
+            return True
+        time.sleep(0.5)
+    return False
+
+
+def _alone(client: SGLangClient, ids: list[int], max_new_tokens: int) -> Reply:
+    """The request alone on an empty cache: its reference output (an error if the cache cannot be emptied,
+    which means some request never finished)."""
+    if not _flush(client):
+        return Reply(status=0, error="could not flush the radix cache: requests still running after 60 s")
+    return client.generate(ids, max_new_tokens=max_new_tokens, ignore_eos=True)
+
+
+def _vocab(args) -> int:
+    vocab = args.vocab_size or model_config(args.model).get("vocab_size")
+    if not vocab:
+        raise SystemExit("--vocab-size: needed (no config.json with vocab_size in --model)")
+    return int(vocab)
+
+
+def _log_path(args, what: str) -> Path:
+    return Path(args.log_dir) / f"reliability_{what}_{args.backend}_{time.strftime('%Y%m%d_%H%M%S')}.log"
+
+
+def _tracebacks(path: Path) -> int:
+    try:
+        return Path(path).read_text(errors="replace").count("Traceback (most recent call last)")
+    except OSError:
+        return 0
+
+
+# ----------------------------------------------------------------------------------------------------------
+# load
+# ----------------------------------------------------------------------------------------------------------
+
+
+def run_load(client: SGLangClient, mix: list[LoadRequest], *, clients: int, max_requests: int, duration_s: float,
+             max_new_tokens: int, seed: int) -> list[tuple[str, Reply]]:
+    """``clients`` threads send random picks of ``mix`` until ``max_requests`` were sent or ``duration_s``
+    passed (requests in flight then finish); returns ``(request name, reply)`` in completion order."""
+    lock = threading.Lock()
+    sent = [0]
+    done: list[tuple[str, Reply]] = []
+    deadline = time.monotonic() + duration_s
+
+    def worker(i: int) -> None:
+        rng = random.Random(f"sgl-minference-load-client:{seed}:{i}")
+        while True:
+            with lock:
+                if sent[0] >= max_requests or time.monotonic() >= deadline:
+                    return
+                sent[0] += 1
+            req = mix[rng.randrange(len(mix))]
+            reply = client.generate(req.input_ids, max_new_tokens=max_new_tokens, ignore_eos=True)
+            with lock:
+                done.append((req.name, reply))
+
+    threads = [threading.Thread(target=worker, args=(i,), name=f"load-client-{i}") for i in range(clients)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return done
+
+
+def cmd_load(args, checks: Checks, out: dict) -> None:
+    mix = load_mix(vocab_size=_vocab(args), long_tokens=args.long_tokens, short_tokens=args.short_tokens,
+                   long_contexts=args.long_contexts, variants=args.variants, shorts=args.shorts, seed=args.seed)
+    log = _log_path(args, "load")
+    try:
+        with launched_server(spec_from_args(args, args.backend), log_path=log,
+                             startup_timeout_s=args.startup_timeout_s) as srv:
+            out["server"] = {"command": srv.command, "startup_s": srv.startup_s, "log": str(log)}
+            client = srv.client(timeout_s=args.request_timeout_s)
+            t0 = time.monotonic()
+            refs = {r.name: _alone(client, r.input_ids, args.max_new_tokens) for r in mix}
+            out["reference_s"] = time.monotonic() - t0
+            bad = {n: r.error for n, r in refs.items() if not r.ok}
+            if bad:
+                checks.add("load-references", "FAIL", f"{len(bad)} of {len(mix)} requests failed alone: {bad}")
+                return
+            references = {n: r.output_ids for n, r in refs.items()}
+            _flush(client)
+            with MemoryPoller(gpu=args.gpu, interval_s=args.memory_interval_s) as mem:
+                time.sleep(2 * args.memory_interval_s)  # idle samples before the load starts
+                idle = mem.values()
+                t0 = time.monotonic()
+                done = run_load(client, mix, clients=args.clients, max_requests=args.max_requests,
+                                duration_s=args.duration_s, max_new_tokens=args.max_new_tokens, seed=args.seed)
+                elapsed = time.monotonic() - t0
+            alive, healthy = srv.alive(), client.healthy()
+            tb = _tracebacks(log)
+    except ServerStartError as e:
+        _server_failed(checks, "load", e)
+        return
+
+    longs = sum(name.startswith("long") for name, _ in done)
+    ttfts = sorted(r.ttft_s for _, r in done if r.ok and r.ttft_s is not None)
+    out["load"] = {"requests": len(done), "long_requests": longs, "elapsed_s": elapsed,
+                   "ttft_p50_s": ttfts[len(ttfts) // 2] if ttfts else None, "ttft_max_s": ttfts[-1] if ttfts else None}
+    status = "PASS" if alive and healthy and tb == 0 else "FAIL"
+    checks.add("load-crash", status, f"{len(done)} requests ({longs} of {args.long_tokens} tokens) from "
+               f"{args.clients} clients in {elapsed:.0f} s; server alive={alive}, healthy={healthy}, "
+               f"tracebacks in log={tb}")
+
+    attributions = [attribute(name, r.output_ids, references, r.error) for name, r in done]
+    cc = cross_check(attributions, references)
+    out["attributions"] = [dataclasses.asdict(a) for a in attributions]
+    checks.add("load-cross-request", cc.status, cc.message, counts=cc.counts)
+
+    values = mem.values()
+    if mem.error and not values:
+        checks.add("load-memory", "INCONCLUSIVE", f"no memory samples: {mem.error}")
+        return
+    load_values = values[len(idle):] or values
+    verdict = bounded_memory(load_values, slack_mib=args.memory_slack_mib)
+    out["memory"] = {"idle_mib": idle, "samples": mem.samples, **dataclasses.asdict(verdict)}
+    checks.add("load-memory", verdict.status, f"{verdict.message}; idle {max(idle, default=None)} MiB",
+               peak_mib=verdict.peak_mib)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# serving: over-long prompt, client disconnect
+# ----------------------------------------------------------------------------------------------------------
+
+
+def cmd_serving(args, checks: Checks, out: dict) -> None:
+    vocab = _vocab(args)
+    rng = random.Random(f"sgl-minference-serving:{args.seed}")
+    low, high = token_id_range(vocab)
+    probe = [rng.randrange(low, high) for _ in range(args.short_tokens)]
+    log = _log_path(args, "serving")
+    try:
+        with launched_server(spec_from_args(args, args.backend), log_path=log,
+                             startup_timeout_s=args.startup_timeout_s) as srv:
+            out["server"] = {"command": srv.command, "startup_s": srv.startup_s, "log": str(log)}
+            client = srv.client(timeout_s=args.request_timeout_s)
+            info = client.server_info()
+            max_input = int(info["max_req_input_len"])
+            context_len = info.get("context_length") or model_config(args.model).get("max_position_embeddings") or 0
+            out["limits"] = {"max_req_input_len": max_input, "context_length": context_len}
+            ref = _alone(client, probe, args.max_new_tokens)
+            if not ref.ok:
+                checks.add("serving-probe", "FAIL", f"the probe request failed on a fresh server: {ref.error}")
+                return
+
+            def still_serving() -> tuple[bool, str]:
+                again = _alone(client, probe, args.max_new_tokens)
+                ok = client.healthy() and again.ok and again.output_ids == ref.output_ids
+                why = ("probe output matches its reference" if ok else
+                       f"probe error={again.error}, matches={again.output_ids == ref.output_ids}")
+                return ok, why
+
+            # Over-long prompt: beyond the context length (and the scheduler's input limit).
+            n = max(int(context_len), max_input + 6) + 16
+            reply = client.generate([rng.randrange(low, high) for _ in range(n)], max_new_tokens=4, stream=False)
+            ok, why = still_serving()
+            refused = reply.status >= 400 and reply.error is not None
+            checks.add("serving-overlong", "PASS" if refused and ok else "FAIL",
+                       f"{n}-token prompt -> HTTP {reply.status} {reply.error!r}; afterwards {why}",
+                       prompt_tokens=n, http_status=reply.status, error=reply.error)
+
+            # Client hang-ups during the prefill of the longest allowed prompt.
+            long_ids = [rng.randrange(low, high) for _ in range(min(args.long_tokens, max_input - 8))]
+            for after in args.disconnect_after_s:
+                gone = client.abandon_generate(long_ids, after_s=after)
+                time.sleep(1.0)  # let the server notice the closed connection
+                ok, why = still_serving()
+                mid = not gone["first_chunk_before_close"]
+                status = ("PASS" if mid else "INCONCLUSIVE") if ok else "FAIL"
+                checks.add(f"serving-disconnect-{after:g}s", status,
+                           f"{len(long_ids)}-token request closed after {gone['closed_after_s']:.2f} s, "
+                           f"{'before its first token (mid-prefill)' if mid else 'after its first token arrived'}; "
+                           f"afterwards {why}", **gone)
+            alive = srv.alive()
+            tb = _tracebacks(log)
+    except ServerStartError as e:
+        _server_failed(checks, "serving", e)
+        return
+    checks.add("serving-crash", "PASS" if alive else "FAIL", f"server alive={alive} after the checks; "
+               f"tracebacks in log={tb}", tracebacks=tb)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# faults: bad configs must stop startup
+# ----------------------------------------------------------------------------------------------------------
+
+
+@dataclass(kw_only=True)
+class ConfigFault:
+    name: str
+    content: str  # the config file's text
+    expect: str  # regex (case-insensitive) a clear error message matches
+
+
+def config_faults(num_layers: int, num_heads: int) -> list[ConfigFault]:
+    """The bad configs, in MInference's table format, for a model of ``num_layers`` x ``num_heads``."""
+
+    def table(layers: int, heads: int, special: dict[tuple[int, int], list] | None = None) -> str:
+        rows = []
+        for layer in range(layers):
+            row = {str(h): ["vertical_and_slash", 1000, 6096, 0.9] for h in range(heads)}
+            for (sl, sh), entry in (special or {}).items():
+                if sl == layer:
+                    row[str(sh)] = entry
+            rows.append(row)
+        return json.dumps(rows)
+
+    good = table(num_layers, num_heads)
+    return [
+        ConfigFault(name="malformed", content=good[: len(good) // 2] + ",,", expect=r"json|parse|decode|expecting"),
+        ConfigFault(name="shape", content=table(num_layers + 2, num_heads * 2), expect=r"layer|head"),
+        ConfigFault(name="pattern", content=table(num_layers, num_heads, {(0, 0): ["diagonal_magic", 100, 100, 0.9]}),
+                    expect=r"diagonal_magic"),
+        ConfigFault(name="budget", content=table(num_layers, num_heads, {(0, 1): ["vertical_and_slash", 0, 0, 0.9]}),
+                    expect=r"budget|vertical|slash|greater than 0|positive"),
+    ]
+
+
+def error_line(log_text: str, expect: str) -> str | None:
+    """The server-output line that explains a failed start: the first line matching ``expect`` that is not
+    the echoed command or SGLang's dump of its own arguments (both contain the config path)."""
+    rx = re.compile(expect, re.IGNORECASE)
+    candidates = [line.strip() for line in log_text.splitlines()
+                  if rx.search(line) and not line.startswith("$ ") and "server_args=" not in line
+                  and "ServerArgs(" not in line and "json_model_override_args" not in line]
+    errors = [line for line in candidates if re.search(r"error|exception|invalid", line, re.IGNORECASE)]
+    return (errors or candidates or [None])[0]
+
+
+def cmd_faults(args, checks: Checks, out: dict) -> None:
+    cfg = model_config(args.model)
+    layers, heads = cfg.get("num_hidden_layers"), cfg.get("num_attention_heads")
+    if not layers or not heads:
+        raise SystemExit(f"--model: {args.model}/config.json lacks num_hidden_layers / num_attention_heads")
+    wanted = [f.strip() for f in args.faults.split(",") if f.strip()]
+    faults = {f.name: f for f in config_faults(layers, heads)}
+    unknown = [w for w in wanted if w not in faults]
+    if unknown:
+        raise SystemExit(f"--faults: {unknown} not in {sorted(faults)}")
+    folder = Path(args.log_dir) / f"fault_configs_{time.strftime('%Y%m%d_%H%M%S')}"
+    folder.mkdir(parents=True, exist_ok=True)
+    out["faults"] = []
+    for i, name in enumerate(wanted):
+        fault = faults[name]
+        # A neutral file name: the path shows up in the log and must not match the expected message itself.
+        path = folder / f"bad_config_{i}.json"
+        path.write_text(fault.content)
+        log = _log_path(args, f"fault_{name}")
+        outcome = attempt_startup(spec_from_args(args, args.backend, config_path=str(path)), log_path=log,
+                                  timeout_s=args.startup_timeout_s)
+        text = Path(log).read_text(errors="replace")
+        line = error_line(text, fault.expect)
+        stopped = not outcome.became_healthy and outcome.exit_code not in (None, 0)
+        status = "PASS" if stopped and line else "FAIL"
+        if outcome.became_healthy:
+            what = "server started and served despite the bad config"
+        elif outcome.exit_code is None:
+            what = f"server neither started nor exited within {args.startup_timeout_s:.0f} s"
+        else:
+            what = f"startup stopped after {outcome.elapsed_s:.0f} s with exit code {outcome.exit_code}"
+        msg = f"{what}; message: {line!r}" if line else f"{what}; no line matching /{fault.expect}/ in the log"
+        checks.add(f"fault-{name}", status, msg, exit_code=outcome.exit_code, log=str(log), config=str(path))
+        out["faults"].append({"name": name, "exit_code": outcome.exit_code, "became_healthy": outcome.became_healthy,
+                              "elapsed_s": outcome.elapsed_s, "message": line, "log_tail": log_tail(log, 40),
+                              "command": outcome.command})
+
+
+# ----------------------------------------------------------------------------------------------------------
+# compare
+# ----------------------------------------------------------------------------------------------------------
+
+
+def cmd_compare(args, checks: Checks, out: dict) -> None:
+    peaks = {}
+    for label, path in (("sparse", args.sparse), ("dense", args.dense)):
+        data = json.loads(Path(path).read_text())
+        peaks[label] = (data.get("memory") or {}).get("peak_mib")
+        if peaks[label] is None:
+            raise SystemExit(f"--{label}: {path} has no memory peak (not a finished load result)")
+    delta = peaks["sparse"] - peaks["dense"]
+    status = "PASS" if delta <= args.memory_slack_mib else "FAIL"
+    out["memory_peaks_mib"] = peaks
+    checks.add("memory-vs-dense", status, f"peak {peaks['sparse']} MiB (sparse) vs {peaks['dense']} MiB (dense): "
+               f"{delta:+d} MiB, allowed {args.memory_slack_mib}")
+
+
+# ----------------------------------------------------------------------------------------------------------
+# CLI
+# ----------------------------------------------------------------------------------------------------------
+
+
+def _floats(text: str) -> list[float]:
+    return [float(x) for x in text.split(",") if x.strip()]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m benchmarks.multiturn.reliability", description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
+    sub = p.add_subparsers(dest="command", required=True)
+
+    def common(sp):
+        sp.add_argument("--backend", default="minference")
+        sp.add_argument("--vocab-size", type=int, help="default: the model's config.json")
+        sp.add_argument("--seed", type=int, default=0)
+        sp.add_argument("--max-new-tokens", type=int, default=16)
+        sp.add_argument("--request-timeout-s", type=float, default=300.0)
+        sp.add_argument("--out", required=True, help="results JSON")
+        add_server_arguments(sp)
+
+    load = sub.add_parser("load", help="concurrent mixed load: crash, cross-request answers, memory")
+    common(load)
+    load.add_argument("--clients", type=int, default=8)
+    load.add_argument("--long-tokens", type=int, default=65536)
+    load.add_argument("--short-tokens", type=int, default=1024)
+    load.add_argument("--long-contexts", type=int, default=2)
+    load.add_argument("--variants", type=int, default=3, help="suffixes per long context (shared prefixes)")
+    load.add_argument("--shorts", type=int, default=6)
+    load.add_argument("--max-requests", type=int, default=64)
+    load.add_argument("--duration-s", type=float, default=150.0, help="stop sending new requests after this")
+    load.add_argument("--gpu", type=int, default=0, help="nvidia-smi GPU index to poll")
+    load.add_argument("--memory-interval-s", type=float, default=0.5)
+    load.add_argument("--memory-slack-mib", type=int, default=512)
+
+    serving = sub.add_parser("serving", help="over-long prompt and client disconnects")
+    common(serving)
+    serving.add_argument("--long-tokens", type=int, default=131072, help="prompt abandoned mid-prefill (capped)")
+    serving.add_argument("--short-tokens", type=int, default=256, help="probe prompt")
+    serving.add_argument("--disconnect-after-s", type=_floats, default=[0.3, 1.0], help="comma list")
+
+    faults = sub.add_parser("faults", help="bad configs must stop startup with a clear message")
+    common(faults)
+    faults.add_argument("--faults", default="malformed,shape,pattern,budget")
+
+    cmp_ = sub.add_parser("compare", help="peak memory: sparse load result vs dense load result")
+    cmp_.add_argument("--sparse", required=True)
+    cmp_.add_argument("--dense", required=True)
+    cmp_.add_argument("--memory-slack-mib", type=int, default=512)
+    cmp_.add_argument("--out", required=True)
+    return p
+
+
+COMMANDS = {"load": cmd_load, "serving": cmd_serving, "faults": cmd_faults, "compare": cmd_compare}
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    checks = Checks()
+    out = {**envelope(f"reliability-{args.command}"), "args": vars(args)}
+    try:
+        COMMANDS[args.command](args, checks, out)
+    finally:
+        out["checks"] = checks.items
+        write_json(args.out, out)
+    print(f"results: {args.out}")
+    return 1 if checks.failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,716 @@
+"""CPU tests of the shared-context multi-turn workload, its HTTP client and the reliability checks.
+
+The client and runners talk to a fake SGLang server started here on 127.0.0.1 that speaks ``/generate`` as
+SGLang 0.5.17 does (SSE ``data:`` lines over chunked transfer, cumulative or incremental ``output_ids``,
+``meta_info`` with ``cached_tokens``, error bodies, ``[DONE]``), so the real client code runs end to end.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import re
+import sys
+import textwrap
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import pytest
+
+# The benchmarks folder is not an installed package; import it from the repository root.
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from benchmarks.multiturn import checks, gpu_memory, prompts, reliability, run, server, sessions, workload  # noqa: E402
+from benchmarks.multiturn.client import SGLangClient  # noqa: E402
+from benchmarks.multiturn.tokenization import HFTokenizer  # noqa: E402
+
+# ----------------------------------------------------------------------------------------------------------
+# Fakes
+# ----------------------------------------------------------------------------------------------------------
+
+
+class WordTokenizer:
+    """Deterministic reversible tokenizer: words, single punctuation marks and whitespace runs are tokens."""
+
+    bos_ids = [1]
+
+    def __init__(self) -> None:
+        self._ids: dict[str, int] = {}
+        self._pieces: list[str] = []
+        self._lock = threading.Lock()
+
+    def encode(self, text: str) -> list[int]:
+        out = []
+        with self._lock:
+            for piece in re.findall(r"\w+|[^\w\s]|\s+", text):
+                if piece not in self._ids:
+                    self._ids[piece] = len(self._pieces) + 10
+                    self._pieces.append(piece)
+                out.append(self._ids[piece])
+        return out
+
+    def decode(self, ids: list[int]) -> str:
+        return "".join(self._pieces[i - 10] for i in ids if i >= 10)
+
+    def render_chat(self, messages, *, generation_prompt):
+        raise ValueError("tokenizer: has no chat template")
+
+
+def token_respond(ids: list[int], n: int) -> tuple[None, list[int]]:
+    """Dummy-weight stand-in: output ids are a deterministic function of the whole prompt."""
+    h = 0
+    for t in ids:
+        h = (h * 1000003 + t) % 2**61
+    return None, [100 + (h >> (4 * i)) % 4000 for i in range(n)]
+
+
+class FakeSGLang:
+    """A loopback HTTP server mimicking SGLang's native endpoints used by the client.
+
+    ``respond(input_ids, max_new_tokens) -> (pieces or None, output_ids)``: the generation (``pieces``: text of
+    each output token; None imitates --skip-tokenizer-init). ``cached_tokens`` is the longest prefix shared
+    with an earlier prompt+output (at most len - 1, as SGLang); the first chunk waits
+    ``prefill_s_per_token`` per uncached token.
+    """
+
+    def __init__(self, respond, *, context_len: int = 1 << 20, prefill_s_per_token: float = 0.0,
+                 incremental: bool = False) -> None:
+        self.respond, self.context_len = respond, context_len
+        self.prefill_s_per_token, self.incremental = prefill_s_per_token, incremental
+        self.cache: list[list[int]] = []
+        self.requests: list[dict] = []
+        self.running = 0
+        self.lock = threading.Lock()
+        fake = self
+
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def log_message(self, *a):
+                pass
+
+            def _json(self, status, obj):
+                body = json.dumps(obj).encode()
+                self.send_response(status)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(body)))
+                self.send_header("Connection", "close")
+                self.end_headers()
+                self.wfile.write(body)
+
+            def do_GET(self):
+                if self.path in ("/health", "/health_generate"):
+                    self._json(200, {})
+                elif self.path == "/server_info":
+                    self._json(200, {"context_length": None, "max_req_input_len": fake.context_len - 6,
+                                     "max_total_num_tokens": fake.context_len})
+                else:
+                    self._json(404, {"detail": "Not Found"})
+
+            def do_POST(self):
+                body = self.rfile.read(int(self.headers.get("Content-Length", 0)))
+                if self.path == "/flush_cache":
+                    with fake.lock:
+                        busy = fake.running > 0
+                        if not busy:
+                            fake.cache.clear()
+                    return self._json(400 if busy else 200, {})
+                if self.path != "/generate" or self.headers.get("Content-Type") != "application/json":
+                    return self._json(400, {"object": "error", "message": "bad request", "code": 400})
+                req = json.loads(body)
+                with fake.lock:
+                    fake.requests.append(req)
+                    fake.running += 1
+                try:
+                    self._generate(req)
+                except (BrokenPipeError, ConnectionResetError):
+                    pass  # the client hung up
+                finally:
+                    with fake.lock:
+                        fake.running -= 1
+
+            def _chunk(self, data: bytes):
+                self.wfile.write(b"%x\r\n%s\r\n" % (len(data), data))
+                self.wfile.flush()
+
+            def _generate(self, req):
+                ids, sp = req["input_ids"], req["sampling_params"]
+                stream = req.get("stream", False)
+                if len(ids) >= fake.context_len:
+                    msg = (f"The input ({len(ids)} tokens) is longer than the model's context length "
+                           f"({fake.context_len} tokens).")
+                    if not stream:
+                        return self._json(400, {"error": {"message": msg}})
+                    self.send_response(200)
+                    self.send_header("Content-Type", "text/event-stream")
+                    self.send_header("Transfer-Encoding", "chunked")
+                    self.end_headers()
+                    self._chunk(b"data: " + json.dumps({"error": {"message": msg, "code": 400}}).encode() + b"\n\n")
+                    self._chunk(b"data: [DONE]\n\n")
+                    return self._chunk(b"")
+                with fake.lock:
+                    cached = max((_lcp(ids, seq) for seq in fake.cache), default=0)
+                cached = min(cached, len(ids) - 1)
+                pieces, out = fake.respond(ids, sp["max_new_tokens"])
+                with fake.lock:
+                    fake.cache.append(ids + out)
+                meta = lambda i: {"id": req.get("rid", "r"), "prompt_tokens": len(ids), "cached_tokens": cached,  # noqa: E731
+                                  "completion_tokens": i, "reasoning_tokens": 0, "weight_version": "default",
+                                  "finish_reason": {"type": "length", "length": i} if i == len(out) else None}
+                if not stream:
+                    obj = {"output_ids": out, "meta_info": meta(len(out))}
+                    if pieces is not None:
+                        obj["text"] = "".join(pieces)
+                    return self._json(200, obj)
+                self.send_response(200)
+                self.send_header("Content-Type", "text/event-stream")
+                self.send_header("Transfer-Encoding", "chunked")
+                self.end_headers()
+                time.sleep(fake.prefill_s_per_token * (len(ids) - cached))
+                for i in range(1, len(out) + 1):
+                    if fake.incremental:
+                        obj = {"output_ids": out[i - 1:i], "meta_info": meta(i)}
+                        text = None if pieces is None else pieces[i - 1]
+                    else:
+                        obj = {"output_ids": out[:i], "meta_info": meta(i)}
+                        text = None if pieces is None else "".join(pieces[:i])
+                    if text is not None:
+                        obj["text"] = text
+                    self._chunk(b"data: " + json.dumps(obj).encode() + b"\n\n")
+                self._chunk(b"data: [DONE]\n\n")
+                self._chunk(b"")
+
+        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.httpd.daemon_threads = True
+        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}"
+        self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
+
+    def __enter__(self):
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+
+def _lcp(a, b):
+    return checks.common_prefix(a, b)
+
+
+def oracle(tok: WordTokenizer, contexts: list[workload.SharedContext]):
+    """A fake model that answers the last question of a plain-format prompt correctly."""
+    answers = {q.question: q.answers for c in contexts for q in c.queries}
+
+    def respond(ids, n):
+        text = tok.decode(ids)
+        question = re.findall(r"Question: (.*?)\nAnswer:", text)[-1]
+        reply = " " + ", ".join(answers[question])
+        out = tok.encode(reply)
+        return [tok.decode([i]) for i in out], out
+
+    return respond
+
+
+@pytest.fixture
+def tok():
+    return WordTokenizer()
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Generator
+# ----------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("task", workload.TEXT_TASKS)
+def test_text_contexts_are_seeded(task, tok):
+    a = workload.make_contexts(task=task, target_tokens=3000, count=2, seed=7, tokenizer=tok)
+    b = workload.make_contexts(task=task, target_tokens=3000, count=2, seed=7, tokenizer=WordTokenizer())
+    c = workload.make_contexts(task=task, target_tokens=3000, count=2, seed=8, tokenizer=tok)
+    assert [x.context for x in a] == [x.context for x in b]
+    assert [x.queries for x in a] == [x.queries for x in b]
+    assert a[0].context != a[1].context  # indices differ
+    assert a[0].context != c[0].context  # seeds differ
+    assert len({x.context_id for x in a + c}) == 4
+
+
+@pytest.mark.parametrize("task", workload.TEXT_TASKS)
+@pytest.mark.parametrize("target", [800, 5000, 40000])
+def test_text_context_length_hits_target(task, target, tok):
+    ctx = workload.text_context(task=task, target_tokens=target, tokenizer=tok, seed=1)
+    assert ctx.context_ids == tok.encode(ctx.context)
+    # One filler unit short at most: a word (+ space + full stop) or, for kv, one key-value pair.
+    pair = f', "{"0" * 8}-{"0" * 4}-{"0" * 4}-{"0" * 4}-{"0" * 12}": "{"0" * 8}-{"0" * 4}-{"0" * 4}-{"0" * 4}-{"0" * 12}"'
+    unit = len(tok.encode(pair)) if task == "kv" else 3
+    assert target - unit < ctx.context_tokens <= target
+
+
+@pytest.mark.parametrize("task", workload.TEXT_TASKS)
+def test_text_queries_are_answerable_from_context(task, tok):
+    for ctx in workload.make_contexts(task=task, target_tokens=6000, count=3, seed=3, tokenizer=tok):
+        assert len(ctx.queries) == workload.QUERIES_PER_CONTEXT
+        assert len({q.question for q in ctx.queries}) == workload.QUERIES_PER_CONTEXT
+        for q in ctx.queries:
+            assert q.answers and all(ctx.context.count(a) >= 1 for a in q.answers)
+        if task == "kv":
+            data = json.loads(ctx.context[ctx.context.index("{"):])
+            for q in ctx.queries:
+                key = re.search(r'"(.+)"', q.question).group(1)
+                assert data[key] == q.answers[0]
+        if task == "vt":
+            for q in ctx.queries:
+                value = re.search(r"value (\d+)", q.question).group(1)
+                first, *rest = q.answers
+                pos = ctx.context.index(f"VAR {first} = {value}.")
+                for prev, name in zip(q.answers, rest):  # each copy comes after what it copies
+                    nxt = ctx.context.index(f"VAR {name} = VAR {prev}.")
+                    assert nxt > pos
+                    pos = nxt
+
+
+def test_needles_are_spread_over_the_context(tok):
+    ctx = workload.text_context(task="passkey", target_tokens=20000, tokenizer=tok, seed=5)
+    where = sorted(ctx.context.index(q.answers[0]) / len(ctx.context) for q in ctx.queries)
+    # one needle per fifth of the context
+    assert [int(w * 5) for w in where] == [0, 1, 2, 3, 4]
+
+
+def test_token_contexts_exact_and_seeded():
+    a = workload.make_contexts(task="tokens", target_tokens=4096, count=2, seed=1, vocab_size=128256)
+    b = workload.make_contexts(task="tokens", target_tokens=4096, count=2, seed=1, vocab_size=128256)
+    low, high = workload.token_id_range(128256)
+    assert high <= 128000  # clear of Llama 3's special tokens
+    for x, y in zip(a, b):
+        assert x.context_tokens == 4096 and x.context_ids == y.context_ids
+        assert len(x.queries) == workload.QUERIES_PER_CONTEXT
+        assert all(len(q.question_ids) == 32 and not q.answers for q in x.queries)
+        assert all(low <= t < high for t in x.context_ids)
+    assert a[0].context_ids != a[1].context_ids
+
+
+def test_fit_units_and_argument_errors(tok):
+    # count = 7 + 3n exactly: the largest n with 7 + 3n <= target
+    for target in (7, 10, 11, 1000, 123457):
+        n = workload.fit_units(lambda n: "x" * (7 + 3 * n), len, target, start=0)
+        assert 7 + 3 * n <= target < 7 + 3 * (n + 1)
+    with pytest.raises(ValueError, match="target_tokens"):
+        workload.text_context(task="kv", target_tokens=20, tokenizer=tok, seed=0)
+    with pytest.raises(ValueError, match="task"):
+        workload.make_contexts(task="sums", target_tokens=100, count=1, seed=0, tokenizer=tok)
+    with pytest.raises(ValueError, match="tokenizer"):
+        workload.make_contexts(task="kv", target_tokens=100, count=1, seed=0)
+    with pytest.raises(ValueError, match="vocab_size"):
+        workload.make_contexts(task="tokens", target_tokens=100, count=1, seed=0)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Prompt formats (both modes)
+# ----------------------------------------------------------------------------------------------------------
+
+
+def _tiny_hf_tokenizer():
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+
+    specials = ["<unk>", "<s>", "</s>", "<|user|>", "<|assistant|>", "<|end|>"]
+    vocab = {s: i for i, s in enumerate(specials)}
+    core = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    core.pre_tokenizer = pre_tokenizers.Whitespace()
+    core.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
+    hf = PreTrainedTokenizerFast(tokenizer_object=core, bos_token="<s>", eos_token="</s>", unk_token="<unk>",
+                                 additional_special_tokens=specials[3:])
+    hf.chat_template = ("{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}<|end|>{% endfor %}"
+                        "{% if add_generation_prompt %}<|assistant|>{% endif %}")
+    return HFTokenizer(hf)
+
+
+def _check_multiturn_prefixes(fmt, ctx):
+    replies, prev = [], None
+    for k in range(len(ctx.queries)):
+        ids = prompts.multiturn_prompt(fmt, ctx, replies)
+        if prev is not None:
+            assert ids[: len(prev)] == prev and len(ids) > len(prev)
+        assert prompts.multiturn_prompt(fmt, ctx, replies) == ids  # deterministic
+        prev = ids
+        replies.append((f"reply {k}", [200 + k, 201 + k]))
+    with pytest.raises(ValueError, match="replies"):
+        prompts.multiturn_prompt(fmt, ctx, replies)
+
+
+def test_token_format_both_modes():
+    ctx = workload.token_context(target_tokens=512, vocab_size=32000, seed=0)
+    fmt = prompts.make_format("tokens", "plain", None)
+    _check_multiturn_prefixes(fmt, ctx)
+    turn2 = prompts.multiturn_prompt(fmt, ctx, [(None, [7, 8, 9])])
+    assert turn2 == ctx.context_ids + ctx.queries[0].question_ids + [7, 8, 9] + ctx.queries[1].question_ids
+    requests = [fmt.first(ctx, q) for q in ctx.queries]
+    assert all(r[:512] == ctx.context_ids for r in requests) and len({tuple(r) for r in requests}) == 5
+
+
+def test_plain_format_both_modes(tok):
+    ctx = workload.text_context(task="kv", target_tokens=2000, tokenizer=tok, seed=0)
+    fmt = prompts.make_format("kv", "plain", tok)
+    _check_multiturn_prefixes(fmt, ctx)
+    first = fmt.first(ctx, ctx.queries[0])
+    assert first[:1] == tok.bos_ids and first[1: 1 + ctx.context_tokens] == ctx.context_ids
+    assert tok.decode(first).endswith(f"Question: {ctx.queries[0].question}\nAnswer:")
+    turn2 = tok.decode(prompts.multiturn_prompt(fmt, ctx, [("  the value \n", [])]))
+    assert turn2.endswith(f"Answer: the value\n\nQuestion: {ctx.queries[1].question}\nAnswer:")
+
+
+def test_chat_format_with_hf_tokenizer():
+    hf = _tiny_hf_tokenizer()
+    assert hf.bos_ids == [1] and hf.encode("<|end|>") == [5]
+    ctx = workload.SharedContext(context_id="c", task="kv", target_tokens=3, context_ids=[0, 0, 0],
+                                 queries=[workload.Query(question=f"q{i}", answers=["a"]) for i in range(5)])
+    fmt = prompts.make_format("kv", "chat", hf)
+    first = fmt.first(ctx, ctx.queries[0])
+    # <|user|> + context ids + "\n\nq0" (unknown words -> <unk>) + <|end|><|assistant|>
+    assert first[0] == 3 and first[1:4] == [0, 0, 0] and first[-2:] == [5, 4]
+    _check_multiturn_prefixes(fmt, ctx)
+    # reply "x" (<unk>) <|end|> <|user|> "q1" (<unk>) <|end|> <|assistant|>
+    assert fmt.follow("x", [], ctx.queries[1]) == [0, 5, 3, 0, 5, 4]
+    with pytest.raises(ValueError, match="chat template"):
+        prompts.ChatFormat(WordTokenizer()).first(ctx, ctx.queries[0])
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Checks
+# ----------------------------------------------------------------------------------------------------------
+
+
+def test_answer_matching():
+    assert checks.score_reply(["123456"], "The pass key is 123456.") == 1.0
+    assert checks.score_reply(["123456"], "It is 1234567") == 0.0  # not inside a longer number
+    assert checks.score_reply(["ABCDE", "FGHIJ", "KLMNO", "PQRST"], "abcde, FGHIJ and KLMNOP") == 0.5
+    assert checks.score_reply(["x"], None) == 0.0
+    with pytest.raises(ValueError, match="answers"):
+        checks.score_reply([], "text")
+
+
+def test_cross_request_attribution():
+    refs = {"a": [1, 2, 3], "b": [4, 5, 6], "c": [1, 2, 9]}
+    verdicts = {
+        "exact": checks.attribute("a", [1, 2, 3], refs),
+        "drift": checks.attribute("a", [1, 2, 7], refs),
+        "cross": checks.attribute("a", [4, 5, 6], refs),
+        "error": checks.attribute("b", None, refs, error="HTTP 500"),
+    }
+    assert {k: v.verdict for k, v in verdicts.items()} == {k: k for k in verdicts}
+    assert verdicts["drift"].agree == 2 and verdicts["cross"].other == "b"
+    assert checks.cross_check([verdicts["exact"], verdicts["drift"]], refs).status == "PASS"
+    bad = checks.cross_check(list(verdicts.values()), refs)
+    assert bad.status == "FAIL" and bad.counts["cross"] == 1 and "a<-b" in bad.message
+    same = {"a": [1, 1], "b": [1, 1]}
+    assert checks.cross_check([checks.attribute("a", [1, 1], same)], same).status == "INCONCLUSIVE"
+    with pytest.raises(ValueError, match="request"):
+        checks.attribute("zzz", [1], refs)
+
+
+def test_memory_parsing_and_bounds():
+    assert gpu_memory.parse_memory_used("1234\n 5678 \n") == [1234, 5678]
+    assert gpu_memory.parse_memory_used("80123 MiB\n") == [80123]
+    for bad in ("", "N/A\n", "12.5\n"):
+        with pytest.raises(ValueError, match="text"):
+            gpu_memory.parse_memory_used(bad)
+    flat = gpu_memory.bounded_memory([1000, 1200, 1100, 1150, 1190, 1210, 1200, 1205], slack_mib=64)
+    assert flat.status == "PASS" and flat.peak_mib == 1210 and flat.early_peak_mib == 1200
+    leak = gpu_memory.bounded_memory([1000, 1100, 1200, 1300, 1400, 1500, 1600, 1700], slack_mib=64)
+    assert leak.status == "FAIL" and leak.late_peak_mib == 1700
+    assert gpu_memory.bounded_memory([1, 2], slack_mib=0).status == "INCONCLUSIVE"
+
+
+def test_memory_poller_samples_and_reports_errors():
+    readings = iter(["100\n7\n", "300\n7\n", "200\n7\n"] + ["250\n7\n"] * 1000)
+    with gpu_memory.MemoryPoller(gpu=0, interval_s=0.01, read=lambda: next(readings)) as mem:
+        time.sleep(0.2)
+    assert mem.values()[:3] == [100, 300, 200] and mem.error is None
+    with gpu_memory.MemoryPoller(gpu=0, interval_s=0.01, read=lambda: "oops\n") as broken:
+        time.sleep(0.05)
+    assert broken.values() == [] and "oops" in broken.error
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Client against the fake server
+# ----------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("incremental", [False, True])
+def test_client_streams_and_reads_meta_info(incremental, tok):
+    def respond(ids, n):
+        out = tok.encode(" the answer is 42")[:n]
+        return [tok.decode([i]) for i in out], out
+
+    with FakeSGLang(respond, prefill_s_per_token=2e-4, incremental=incremental) as fake:
+        client = SGLangClient(fake.url, timeout_s=30)
+        assert client.healthy() and client.server_info()["max_req_input_len"] > 0
+        ids = list(range(10, 1010))
+        r1 = client.generate(ids, max_new_tokens=8, stop=["\n\n"])
+        assert r1.ok and r1.text == " the answer is 42" and r1.output_ids == tok.encode(" the answer is 42")
+        assert r1.cached_tokens == 0 and r1.prompt_tokens == 1000 and r1.completion_tokens == len(r1.output_ids)
+        assert r1.chunks == len(r1.output_ids) and 0.15 < r1.ttft_s <= r1.latency_s
+        r2 = client.generate(ids + [5, 6], max_new_tokens=8)
+        assert r2.cached_tokens == 1000 and r2.ttft_s < r1.ttft_s
+        assert fake.requests[0]["sampling_params"] == {"temperature": 0.0, "max_new_tokens": 8, "ignore_eos": False,
+                                                       "stop": ["\n\n"]}
+        assert fake.requests[0]["stream"] is True and fake.requests[0]["input_ids"] == ids
+        plain = client.generate(ids, max_new_tokens=8, stream=False)
+        assert plain.ok and plain.ttft_s is None and plain.output_ids == r1.output_ids
+        assert client.flush_cache() and client.generate(ids, max_new_tokens=2).cached_tokens == 0
+
+
+def test_client_errors_and_disconnects():
+    with FakeSGLang(token_respond, context_len=2048, prefill_s_per_token=1e-3) as fake:
+        client = SGLangClient(fake.url, timeout_s=30)
+        too_long = list(range(100, 2200))
+        r = client.generate(too_long, max_new_tokens=4, stream=False)
+        assert r.status == 400 and "longer than the model's context length" in r.error and not r.ok
+        r = client.generate(too_long, max_new_tokens=4, stream=True)
+        assert r.status == 200 and "context length" in r.error
+        # 1.9 s of fake prefill: hanging up after 0.2 s leaves before the first token
+        gone = client.abandon_generate(list(range(100, 2000)), after_s=0.2)
+        assert gone["first_chunk_before_close"] is False and gone["closed_after_s"] < 1.0
+        again = client.generate(list(range(100, 200)), max_new_tokens=4)
+        assert again.ok and again.output_ids == token_respond(list(range(100, 200)), 4)[1]
+        done = client.abandon_generate(list(range(100, 110)), after_s=1.0)
+        assert done["first_chunk_before_close"] is True
+    dead = SGLangClient(fake.url, timeout_s=2).generate([1, 2], max_new_tokens=1)
+    assert dead.status == 0 and not dead.ok and not SGLangClient(fake.url, timeout_s=2).healthy()
+    with pytest.raises(ValueError, match="base_url"):
+        SGLangClient("http://10.0.0.1:30000")
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Sessions and the run CLI against the fake server
+# ----------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("task", workload.TEXT_TASKS)
+def test_multiturn_session_hits_cache_and_scores(task, tok):
+    ctxs = workload.make_contexts(task=task, target_tokens=3000, count=1, seed=2, tokenizer=tok)
+    fmt = prompts.make_format(task, "plain", tok)
+    with FakeSGLang(oracle(tok, ctxs), prefill_s_per_token=5e-5) as fake:
+        client = SGLangClient(fake.url)
+        recs = sessions.run_session("multiturn", client, fmt, ctxs[0], backend="fake", turns=5, max_new_tokens=48)
+    assert [r.turn for r in recs] == [1, 2, 3, 4, 5] and all(r.error is None for r in recs)
+    assert all(r.accuracy == 1.0 for r in recs)
+    for prev, cur in zip(recs, recs[1:]):
+        assert cur.cached_tokens >= prev.prompt_tokens  # the whole previous prompt came from the cache
+        assert cur.ttft_s < recs[0].ttft_s
+    assert recs[0].cached_tokens == 0 and recs[0].context_tokens == ctxs[0].context_tokens
+    # turn k's prompt extends turn k-1's prompt + its reply
+    sent = [r["input_ids"] for r in fake.requests]
+    for k in range(1, 5):
+        assert sent[k][: len(sent[k - 1])] == sent[k - 1]
+        assert tok.decode(sent[k][len(sent[k - 1]):]).startswith(" " + ", ".join(ctxs[0].queries[k - 1].answers))
+
+
+def test_multirequest_sessions_share_context(tok):
+    ctxs = workload.make_contexts(task="passkey", target_tokens=3000, count=1, seed=4, tokenizer=tok)
+    fmt = prompts.make_format("passkey", "plain", tok)
+    with FakeSGLang(oracle(tok, ctxs)) as fake:
+        recs = sessions.run_multirequest(SGLangClient(fake.url), fmt, ctxs[0], backend="fake", turns=5,
+                                         max_new_tokens=16, concurrency=2)
+    assert sorted(r.turn for r in recs) == [1, 2, 3, 4, 5] and all(r.accuracy == 1.0 for r in recs)
+    assert recs[0].cached_tokens == 0
+    assert all(r.cached_tokens >= 1 + ctxs[0].context_tokens for r in recs[1:])
+    assert all(len(r["input_ids"]) < 1 + ctxs[0].context_tokens + 40 for r in fake.requests)  # no history
+
+
+def test_run_cli_token_mode_and_summary(tmp_path):
+    outs = {}
+    for label, per_token in (("minference", 2e-5), ("flashinfer", 8e-5)):
+        with FakeSGLang(token_respond, prefill_s_per_token=per_token) as fake:
+            out = tmp_path / f"{label}.json"
+            rc = run.main(["--server-url", fake.url, "--backends", label, "--task", "tokens", "--vocab-size", "32000",
+                           "--lengths", "4K", "--sessions", "2", "--mode", "multiturn,multirequest", "--turns", "3",
+                           "--out", str(out)])
+            assert rc == 0
+            outs[label] = out
+    data = json.loads(outs["minference"].read_text())
+    assert {"device", "date", "command", "versions"} <= set(data)
+    recs = data["runs"][0]["records"]
+    assert len(recs) == 2 * 2 * 3 and {r["mode"] for r in recs} == {"multiturn", "multirequest"}
+    assert all(r["context_tokens"] == 4096 and r["error"] is None for r in recs)
+    assert all(r["cached_tokens"] >= 4096 for r in recs if r["turn"] > 1)
+    joined = run.report([r for p in outs.values() for r in run._records_of(json.loads(p.read_text()))],
+                        sparse="minference", dense="flashinfer", exp=sessions.Expectations())
+    assert len(joined["comparison"]) == 2 * 3
+    assert all(line.startswith("PASS expectation") for line in joined["expectations"]), joined["expectations"]
+    slow = sessions.Expectations(min_first_turn_speedup=100.0)
+    lines = sessions.expectation_lines(joined["comparison"], slow)
+    assert all(line.startswith("FAIL") and "turn-1 speedup" in line for line in lines)
+    assert run.main(["--summarize", str(outs["minference"]), str(outs["flashinfer"])]) == 0
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Reliability pieces
+# ----------------------------------------------------------------------------------------------------------
+
+
+def test_load_mix_and_run_load_detects_swapped_answers():
+    mix = reliability.load_mix(vocab_size=32000, long_tokens=3000, short_tokens=64, long_contexts=2, variants=3,
+                               shorts=4, seed=0)
+    assert len(mix) == 10 and len({tuple(r.input_ids) for r in mix}) == 10
+    assert mix[0].input_ids[:2968] == mix[1].input_ids[:2968] != mix[3].input_ids[:2968]
+    assert all(len(r.input_ids) == 3000 for r in mix[:6]) and all(len(r.input_ids) == 64 for r in mix[6:])
+    refs = {r.name: token_respond(r.input_ids, 6)[1] for r in mix}
+
+    with FakeSGLang(token_respond, prefill_s_per_token=1e-6) as fake:
+        done = reliability.run_load(SGLangClient(fake.url), mix, clients=8, max_requests=40, duration_s=30,
+                                    max_new_tokens=6, seed=0)
+    assert len(done) == 40
+    ok = checks.cross_check([checks.attribute(n, r.output_ids, refs, r.error) for n, r in done], refs)
+    assert ok.status == "PASS" and ok.counts["exact"] == 40
+
+    last, lock = {}, threading.Lock()  # a server bug: every request gets the answer of the one before it
+
+    def swapped(ids, n):
+        with lock:
+            prev, last["ids"] = last.get("ids", ids), ids
+        return token_respond(prev, n)
+
+    with FakeSGLang(swapped) as fake:
+        done = reliability.run_load(SGLangClient(fake.url), mix, clients=8, max_requests=40, duration_s=30,
+                                    max_new_tokens=6, seed=1)
+    bad = checks.cross_check([checks.attribute(n, r.output_ids, refs, r.error) for n, r in done], refs)
+    assert bad.status == "FAIL" and bad.counts["cross"] > 0
+
+
+def test_run_load_stops_at_the_deadline():
+    mix = reliability.load_mix(vocab_size=32000, long_tokens=200, short_tokens=16, long_contexts=1, variants=1,
+                               shorts=1, seed=0)
+    with FakeSGLang(token_respond, prefill_s_per_token=1e-3) as fake:
+        t0 = time.monotonic()
+        done = reliability.run_load(SGLangClient(fake.url), mix, clients=8, max_requests=10**6, duration_s=0.5,
+                                    max_new_tokens=2, seed=0)
+    assert 8 <= len(done) < 10**6 and time.monotonic() - t0 < 3.0
+
+
+def test_config_faults_trip_the_config_layer(tmp_path):
+    # The same files the faults check hands to a server, read by the project's config layer as the backend
+    # does at startup: each must raise, with a message the check recognises.
+    config = pytest.importorskip("sgl_minference.config")
+    faults = {f.name: f for f in reliability.config_faults(num_layers=4, num_heads=8)}
+    assert sorted(faults) == ["budget", "malformed", "pattern", "shape"]
+    for i, (name, fault) in enumerate(sorted(faults.items())):
+        path = tmp_path / f"bad_config_{i}.json"
+        path.write_text(fault.content)
+        with pytest.raises(config.ConfigError) as err:
+            config.MInferenceConfig.load(path).validate_for_model(4, 8)
+        assert re.search(fault.expect, str(err.value), re.IGNORECASE), (name, str(err.value))
+    shape = json.loads(faults["shape"].content)
+    assert len(shape) == 6 and len(shape[0]) == 16
+    config.MInferenceConfig.load(_write(tmp_path / "good.json", faults["shape"].content)).validate_for_model(6, 16)
+
+
+def _write(path: Path, text: str) -> Path:
+    path.write_text(text)
+    return path
+
+
+def test_error_line_skips_the_echoed_command():
+    log = textwrap.dedent("""\
+        $ python -m sglang.launch_server --json-model-override-args {"minference": {"config_path": "/x/layer.json"}}
+        [2025] server_args=ServerArgs(model_path='m', json_model_override_args='layer head')
+        [2025] Load weight end.
+        sgl_minference.config.ConfigError: /x/bad_config_1.json: layer 4, field 'num_layers': out of range
+        """)
+    assert reliability.error_line(log, r"layer|head").startswith("sgl_minference.config.ConfigError")
+    assert reliability.error_line(log, r"diagonal_magic") is None
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Server launching (with a stand-in for sglang.launch_server)
+# ----------------------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(kw_only=True)
+class ScriptSpec(server.ServerSpec):
+    """Runs ``script`` (with the port as argument) instead of ``python -m sglang.launch_server``."""
+
+    script: str = ""
+
+    def command(self, port):
+        return [sys.executable, self.script, str(port)]
+
+
+def _script(tmp_path, body: str) -> str:
+    path = tmp_path / "fake_launch.py"
+    path.write_text(textwrap.dedent(body))
+    return str(path)
+
+
+def test_launched_server_waits_for_health_and_always_stops(tmp_path):
+    script = _script(tmp_path, """\
+        import subprocess, sys, time
+        from http.server import BaseHTTPRequestHandler, HTTPServer
+        # a child in the same process group, as SGLang's scheduler
+        child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)"])
+        print("child", child.pid, flush=True)
+        time.sleep(0.5)  # startup
+        class H(BaseHTTPRequestHandler):
+            def do_GET(self):
+                self.send_response(200 if self.path == "/health_generate" else 404)
+                self.send_header("Content-Length", "0")
+                self.end_headers()
+            def log_message(self, *a):
+                pass
+        HTTPServer(("127.0.0.1", int(sys.argv[1])), H).serve_forever()
+        """)
+    spec = ScriptSpec(model_path="m", attention_backend="minference", script=script)
+    log = tmp_path / "server.log"
+    with pytest.raises(RuntimeError, match="inside"):
+        with server.launched_server(spec, log_path=log, startup_timeout_s=30) as srv:
+            assert srv.alive() and srv.client().healthy() and srv.startup_s >= 0.5
+            proc = srv.process
+            raise RuntimeError("inside")
+    assert proc.poll() is not None
+    child = int(re.search(r"child (\d+)", log.read_text()).group(1))
+    assert not Path(f"/proc/{child}").exists() or "zombie" in Path(f"/proc/{child}/status").read_text().lower()
+
+
+def test_attempt_startup_reports_exit_code_and_log(tmp_path):
+    script = _script(tmp_path, """\
+        import sys
+        print("sgl_minference.config.ConfigError: bad_config_0.json: layer 0, head 0, field 'type': "
+              "unknown pattern type 'diagonal_magic'", flush=True)
+        sys.exit(3)
+        """)
+    spec = ScriptSpec(model_path="m", attention_backend="minference", script=script)
+    outcome = server.attempt_startup(spec, log_path=tmp_path / "f.log", timeout_s=30)
+    assert outcome.exit_code == 3 and not outcome.became_healthy
+    assert "diagonal_magic" in reliability.error_line((tmp_path / "f.log").read_text(), "diagonal_magic")
+    with pytest.raises(server.ServerStartError, match="exited with code 3") as err:
+        with server.launched_server(spec, log_path=tmp_path / "g.log", startup_timeout_s=30):
+            pass
+    assert err.value.exit_code == 3 and "diagonal_magic" in err.value.log_tail
+
+
+def test_server_command_and_shared_options(tmp_path):
+    parser = run.build_parser()
+    cfg = tmp_path / "cfg.json"
+    args = parser.parse_args(["--model", "launch/models/llama3.2-1b", "--dummy", "--minference-config", str(cfg),
+                              "--json-model-override-args", '{"rope_scaling": null}', "--chunked-prefill-size",
+                              "8192", "--mem-fraction-static", "0.8", "--disable-cuda-graph", "--context-length",
+                              "262144", "--server-arg=--log-level=warning"])
+    spec = server.spec_from_args(args, "minference")
+    cmd = spec.command(12345)
+    assert cmd[1:3] == ["-m", "sglang.launch_server"]
+    for pair in (["--host", "127.0.0.1"], ["--port", "12345"], ["--attention-backend", "minference"],
+                 ["--load-format", "dummy"], ["--chunked-prefill-size", "8192"], ["--mem-fraction-static", "0.8"],
+                 ["--context-length", "262144"]):
+        i = cmd.index(pair[0])
+        assert cmd[i: i + 2] == pair
+    assert "--skip-tokenizer-init" in cmd and "--disable-cuda-graph" in cmd and cmd[-1] == "--log-level=warning"
+    override = json.loads(cmd[cmd.index("--json-model-override-args") + 1])
+    assert override == {"rope_scaling": None, "minference": {"config_path": str(cfg.resolve())}}
+    assert spec.environment()["SGLANG_ALLOW_OVERWRITE_LONGER_CONTEXT_LEN"] == "1"
+    env_args = parser.parse_args(["--model", "m", "--minference-config", str(cfg), "--config-via", "env"])
+    env_spec = server.spec_from_args(env_args, "flashinfer")
+    assert "--json-model-override-args" not in env_spec.command(1)
+    assert env_spec.environment()[server.CONFIG_ENV_VAR] == str(cfg.resolve())
+    port = server.free_port()
+    assert 0 < port < 65536
