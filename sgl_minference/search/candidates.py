@@ -1,0 +1,90 @@
+"""The offline search's per-head candidate patterns, all of about the same kernel cost, and the cost model.
+
+Cost model. The sparse kernel's work for a query row is the number of keys it visits (``QK^T`` and ``PV`` both
+scale with it), visited in 64-key tiles per 64-row query block (``sgl_minference.layout``). Nominal keys per row:
+
+* ``a_shape(sink, local)``: ``ceil(sink / 64) * 64`` gathered sink columns, plus the band
+  ``[r0 - local + 1, r0 + 64)`` of the block starting at ``r0``: ``local + 63`` keys.
+* ``vertical_slash(V, S)``: ``ceil(V / 64) * 64`` gathered columns, plus ``S + 63`` keys for the diagonals when
+  they are contiguous (most top diagonals hug the local band; a scattered diagonal costs up to 64 keys).
+* ``block_sparse(K)``: ``64 K`` keys.
+
+Candidate space for a budget ``B`` keys per row (:func:`candidate_space`), each of nominal cost about ``B``:
+one A-shape (a 64-key sink, the rest local), vertical-slash with ``VERTICAL_SHARES`` of the budget in columns
+(from slash-heavy to vertical-heavy, like the reference search's 30/800 .. 3500/100 splits), and block-sparse
+with ``B / 64`` blocks. :func:`budget_for` turns a density (share of the causal attention computed) into ``B``.
+The search measures every candidate's *realised* cost too (``head_recall``'s keys per row) and only picks among
+those within ``slack`` times the budget (:func:`choose`), so a pattern whose diagonals scatter cannot win by
+spending more; among candidates of equal recall (within ``tol``) the cheapest wins.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from ..config import AShapeSpec, BlockSparseSpec, DenseSpec, VerticalSlashSpec
+from ..layout import BLOCK, check
+
+VERTICAL_SHARES = (0.03, 0.12, 0.4, 0.95)  # share of the budget spent on key columns, one candidate each
+SINK = BLOCK  # A-shape sink columns: one key tile
+MIN_BUDGET = 8 * BLOCK  # below this the splits collapse into one another
+
+
+def _tiles(n: int) -> int:
+    return -(-n // BLOCK) * BLOCK
+
+
+def nominal_cost(spec) -> int:
+    """Keys per query row the kernel visits for ``spec`` under the cost model (dense: ``-1``, unbounded)."""
+    if isinstance(spec, AShapeSpec):
+        return _tiles(spec.sink) + spec.local + BLOCK - 1
+    if isinstance(spec, VerticalSlashSpec):
+        return _tiles(spec.vertical) + spec.slash + BLOCK - 1
+    if isinstance(spec, BlockSparseSpec):
+        return BLOCK * spec.topk
+    if isinstance(spec, DenseSpec):
+        return -1
+    raise ValueError(f"spec: unsupported head spec {spec!r}")
+
+
+def budget_for(length: int, density: float) -> int:
+    """Keys per row that compute ``density`` of the causal attention of a ``length``-token prompt.
+
+    A causal row has ``(length + 1) / 2`` keys on average, so the budget is ``density * (length + 1) / 2``.
+    """
+    check(0.0 < density <= 1.0, "density", f"{density} is not in (0, 1]")
+    check(length > 0, "length", f"must be positive, got {length}")
+    return max(1, round(density * (length + 1) / 2))
+
+
+def candidate_space(budget: int, *, forced_sink: int = 30, forced_local: int = 100) -> list:
+    """The candidate specs for ``budget`` keys per row (see the module docstring), without duplicates.
+
+    Vertical-slash budgets never go below the forced columns / diagonals the online estimation always keeps.
+    """
+    check(budget >= MIN_BUDGET, "budget", f"{budget} keys per row is too small to split (need >= {MIN_BUDGET})")
+    specs = [AShapeSpec(sink=SINK, local=budget - SINK - BLOCK + 1)]
+    most_vertical = (budget - forced_local - BLOCK + 1) // BLOCK * BLOCK  # leaves the forced diagonals their keys
+    for share in VERTICAL_SHARES:
+        vertical = max(forced_sink, 1, min(round(share * budget), most_vertical))
+        slash = max(forced_local, 1, budget - _tiles(vertical) - BLOCK + 1)
+        specs.append(VerticalSlashSpec(vertical=vertical, slash=slash))
+    specs.append(BlockSparseSpec(topk=max(1, round(budget / BLOCK))))
+    out = []
+    for spec in specs:
+        if spec not in out:
+            out.append(spec)
+    return out
+
+
+def choose(recall: Sequence[float], keys: Sequence[float], budget: int, slack: float = 1.5,
+           tol: float = 1e-3) -> int:
+    """Index of the chosen candidate among those whose realised keys per row are at most ``slack * budget``:
+    the cheapest (fewest keys) of those within ``tol`` of the best recall there, so equally good patterns are
+    not told apart by rounding noise; the cheapest candidate overall when none is within the slack."""
+    check(len(recall) == len(keys) and len(recall) > 0, "recall", "need one recall and one cost per candidate")
+    within = [i for i in range(len(recall)) if keys[i] <= slack * budget]
+    if not within:
+        return min(range(len(keys)), key=lambda i: keys[i])
+    best = max(recall[i] for i in within)
+    return min((i for i in within if recall[i] >= best - tol), key=lambda i: (keys[i], -recall[i]))

@@ -1,0 +1,177 @@
+"""Attention recall of sparse patterns: the share of each query row's softmax mass a pattern keeps.
+
+A pattern is first *realised* for one head on one sequence (:func:`realise`): the keys it keeps, exactly as the
+online path would pick them and the kernels would visit them. Realised selections are scored by
+:func:`head_recall`, which streams query rows in blocks (exact softmax of a row block over its causal keys), so
+no ``N x N`` matrix is ever held: memory is ``O(row_block x N)`` per head.
+
+Kept keys (the kernel layout's semantics, per 64-row query block starting at row ``r0``; see
+``sgl_minference.patterns``): every key column in ``columns``; for each diagonal offset ``o`` in ``offsets``
+the 64 keys ``[r0 - o, r0 - o + 64)`` (so a row late in a block sees up to 63 diagonals past ``o``, as the
+kernel computes them); every 64x64 block set in ``blocks``; always cut to the causal keys ``j <= i``.
+A-shape ``(sink, local)`` is columns ``0..sink-1`` plus offsets ``0..local-1``, as the online builder writes it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from ..config import AShapeSpec, BlockSparseSpec, DenseSpec, VerticalSlashSpec
+from ..layout import BLOCK, check, check_tensor
+
+
+@dataclass(kw_only=True)
+class Selection:
+    """The keys one head's pattern keeps on one sequence of ``n`` tokens (see the module docstring)."""
+
+    n: int  # sequence length
+    columns: torch.Tensor  # [C] int64 key columns kept by every row (C may be 0)
+    offsets: torch.Tensor  # [S] int64 diagonal offsets i - j, each widened to a 64-key range per query block
+    blocks: torch.Tensor | None = None  # [ceil(n/64), ceil(n/64)] bool kept 64x64 blocks (block-sparse)
+    dense: bool = False  # every causal key
+
+    def row_mask(self, r0: int, r1: int) -> torch.Tensor:
+        """``[r1 - r0, r1]`` bool: kept keys ``0 <= j < r1`` of query rows ``r0 <= i < r1`` (causal cut not applied)."""
+        dev = self.columns.device
+        rows = torch.arange(r0, r1, device=dev)
+        if self.dense:
+            return torch.ones(r1 - r0, r1, dtype=torch.bool, device=dev)
+        mask = torch.zeros(r1 - r0, r1, dtype=torch.bool, device=dev)
+        cols = self.columns[self.columns < r1]
+        mask[:, cols] = True
+        if self.offsets.numel():
+            qb0, qb1 = r0 // BLOCK, (r1 - 1) // BLOCK + 1
+            block_row = BLOCK * torch.arange(qb0, qb1, device=dev).view(-1, 1)
+            starts = (block_row - self.offsets.view(1, -1)).clamp(0, r1)  # [nqb, S]
+            ends = (block_row - self.offsets.view(1, -1) + BLOCK).clamp(0, r1)
+            # +1 at each range start, -1 at its end: a running sum > 0 marks covered keys
+            diff = torch.zeros(qb1 - qb0, r1 + 1, dtype=torch.int32, device=dev)
+            diff.scatter_add_(1, starts, torch.ones_like(starts, dtype=torch.int32))
+            diff.scatter_add_(1, ends, torch.full_like(ends, -1, dtype=torch.int32))
+            covered = diff.cumsum(1)[:, :r1] > 0
+            mask |= covered[rows // BLOCK - qb0]
+        if self.blocks is not None:
+            mask |= self.blocks[rows // BLOCK].repeat_interleave(BLOCK, dim=1)[:, :r1]
+        return mask
+
+
+def _scores(q: torch.Tensor, k: torch.Tensor, sm_scale: float, softcap: float | None) -> torch.Tensor:
+    """fp32 attention logits ``q @ k^T * sm_scale``, soft-capped as the model does (``cap * tanh(s / cap)``)."""
+    s = (q.float() @ k.float().T) * sm_scale
+    return s if not softcap else softcap * torch.tanh(s / softcap)
+
+
+def lastq_indices(q: torch.Tensor, k: torch.Tensor, *, sm_scale: float, vertical: int, slash: int,
+                  last_q: int = 64, forced_sink: int = 30, forced_local: int = 100,
+                  softcap: float | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Vertical-slash indices of one head as the online method estimates them.
+
+    The last ``min(last_q, n)`` queries' causal softmax (fp32) is summed per key column and per diagonal; the
+    first ``forced_sink`` columns and the ``forced_local`` nearest diagonals are always taken (inside the budget).
+
+    Args:
+        q, k: ``[n, D]`` one head's queries and keys (after RoPE), any float dtype.
+    Returns:
+        ``columns [min(vertical, n)]`` int64 ascending and ``offsets [min(slash, n)]`` int64 descending.
+    """
+    n = q.shape[0]
+    rows = min(last_q, n)
+    pos = torch.arange(n - rows, n, device=q.device).view(-1, 1)
+    keys = torch.arange(n, device=q.device).view(1, -1)
+    s = _scores(q[n - rows:], k, sm_scale, softcap).masked_fill(keys > pos, float("-inf"))
+    p = torch.softmax(s, dim=-1)  # [rows, n]
+    col = p.sum(0)
+    offset = (pos - keys).clamp(min=0)  # masked entries have p == 0, so clamping them to 0 adds nothing
+    diag = torch.zeros(n, dtype=torch.float32, device=q.device).scatter_add_(0, offset.flatten(), p.flatten())
+    col[:forced_sink] = float("inf")
+    diag[:forced_local] = float("inf")
+    columns = col.topk(min(vertical, n)).indices.sort().values
+    offsets = diag.topk(min(slash, n)).indices.sort(descending=True).values
+    return columns, offsets
+
+
+def _block_means(x: torch.Tensor) -> torch.Tensor:
+    """``[ceil(n/64), D]`` fp32 mean of each 64-row block of ``x [n, D]`` (the last block over its valid rows)."""
+    n, d = x.shape
+    nb = -(-n // BLOCK)
+    padded = torch.zeros(nb * BLOCK, d, dtype=torch.float32, device=x.device)
+    padded[:n] = x.float()
+    counts = torch.full((nb, 1), float(BLOCK), device=x.device)
+    counts[-1] = n - (nb - 1) * BLOCK
+    return padded.view(nb, BLOCK, d).sum(1) / counts
+
+
+def block_topk(q: torch.Tensor, k: torch.Tensor, *, topk: int) -> torch.Tensor:
+    """Block-sparse selection of one head as the online method picks it: ``[NB, NB]`` bool kept blocks.
+
+    Scores of mean-pooled 64-row query and key blocks; a key block is a candidate when it holds a causal key of
+    the query block's last row; the diagonal block is always kept and counts inside ``topk``.
+    q, k: ``[n, D]`` one head's queries and keys.
+    """
+    s = _block_means(q) @ _block_means(k).T  # [NB, NB]
+    nb = s.shape[0]
+    qb = torch.arange(nb, device=q.device).view(-1, 1)
+    kb = torch.arange(nb, device=q.device).view(1, -1)
+    s = s.masked_fill(kb > qb, float("-inf")).masked_fill(kb == qb, float("inf"))
+    vals, picked = s.topk(min(topk, nb), dim=-1)
+    kept = torch.zeros(nb, nb, dtype=torch.bool, device=q.device)
+    kept.scatter_(1, picked, vals > float("-inf"))
+    return kept
+
+
+def realise(spec, q: torch.Tensor, k: torch.Tensor, *, sm_scale: float, last_q: int = 64, forced_sink: int = 30,
+            forced_local: int = 100, softcap: float | None = None) -> Selection:
+    """The keys ``spec`` (a config head spec) keeps for one head; q, k: ``[n, D]``, budgets clamped to ``n``."""
+    n, dev = q.shape[0], q.device
+    none = torch.zeros(0, dtype=torch.int64, device=dev)
+    if isinstance(spec, DenseSpec):
+        return Selection(n=n, columns=none, offsets=none, dense=True)
+    if isinstance(spec, AShapeSpec):
+        return Selection(n=n, columns=torch.arange(min(spec.sink, n), device=dev),
+                         offsets=torch.arange(min(spec.local, n), device=dev).flip(0))
+    if isinstance(spec, VerticalSlashSpec):
+        columns, offsets = lastq_indices(q, k, sm_scale=sm_scale, vertical=spec.vertical, slash=spec.slash,
+                                         last_q=last_q, forced_sink=forced_sink, forced_local=forced_local,
+                                         softcap=softcap)
+        return Selection(n=n, columns=columns, offsets=offsets)
+    if isinstance(spec, BlockSparseSpec):
+        return Selection(n=n, columns=none, offsets=none, blocks=block_topk(q, k, topk=spec.topk))
+    raise ValueError(f"spec: unsupported head spec {spec!r}")
+
+
+def head_recall(q: torch.Tensor, k: torch.Tensor, selections: list[Selection], *, sm_scale: float,
+                row_block: int = 1024, skip_rows: int = 0,
+                softcap: float | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Recall and cost of each selection on one head, averaged over query rows ``skip_rows .. n-1``.
+
+    Query rows are processed ``row_block`` at a time: exact fp32 softmax of the block over its causal keys,
+    then each selection's kept mass. Never holds more than ``row_block x n`` scores.
+
+    Args:
+        q, k: ``[n, D]`` the head's queries and keys (after RoPE); selections realised on this sequence.
+    Returns:
+        ``recall [C]`` float64 (mean kept softmax mass per row, 1.0 = lossless) and ``keys [C]`` float64 (mean
+        causal keys kept per row: the work the sparse kernel does for the row).
+    """
+    check_tensor(q, "q", ndim=2)
+    check_tensor(k, "k", ndim=2)
+    n = q.shape[0]
+    check(k.shape == q.shape, "k", f"shape {tuple(k.shape)} != q {tuple(q.shape)}")
+    check(0 <= skip_rows < n, "skip_rows", f"{skip_rows} leaves no row of {n} to score")
+    check(row_block > 0, "row_block", f"must be positive, got {row_block}")
+    for i, sel in enumerate(selections):
+        check(sel.n == n, "selections", f"entry {i} was realised for {sel.n} tokens, not {n}")
+    recall = torch.zeros(len(selections), dtype=torch.float64, device=q.device)
+    keys = torch.zeros_like(recall)
+    for r0 in range(skip_rows, n, row_block):
+        r1 = min(r0 + row_block, n)
+        causal = torch.arange(r1, device=q.device).view(1, -1) <= torch.arange(r0, r1, device=q.device).view(-1, 1)
+        p = torch.softmax(_scores(q[r0:r1], k[:r1], sm_scale, softcap).masked_fill(~causal, float("-inf")), dim=-1)
+        for c, sel in enumerate(selections):
+            kept = sel.row_mask(r0, r1) & causal
+            recall[c] += (p * kept).sum(dtype=torch.float64)
+            keys[c] += kept.sum(dtype=torch.float64)
+    rows = n - skip_rows
+    return recall / rows, keys / rows

@@ -1,0 +1,132 @@
+"""Kernel-aware pattern search over a model's full-attention heads, and the config it produces.
+
+For every query head of every searched layer, each candidate spec is realised on the calibration sequence
+(dynamic indices estimated as online), scored by streamed attention recall, and the best one within the cost
+budget is kept (:func:`~sgl_minference.search.candidates.choose`). The same scoring measures the recall of a
+given config's specs (:func:`config_recall`), which the eval reports per layer.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import torch
+
+from ..config import DenseSpec, MInferenceConfig
+from ..layout import check
+from .candidates import choose, nominal_cost
+from .capture import LayerQK, capture_qk
+from .recall import head_recall, realise
+
+
+@dataclass(kw_only=True)
+class ScoreSettings:
+    """How heads are scored; the estimation fields mirror the config's globals."""
+
+    row_block: int = 1024  # query rows per streamed softmax block
+    skip_rows: int = 0  # rows before this one are not averaged (short rows are nearly dense anyway)
+    last_q: int = 64
+    forced_sink: int = 30
+    forced_local: int = 100
+
+
+@dataclass(kw_only=True)
+class HeadResult:
+    """Every candidate's score on one (layer, query head)."""
+
+    layer: int
+    head: int
+    specs: list  # candidate head specs (config classes)
+    recall: list[float]  # mean kept softmax mass per scored row, per candidate
+    keys: list[float]  # mean causal keys visited per scored row, per candidate
+    best: int = 0  # index of the chosen candidate
+
+    def as_dict(self) -> dict:
+        return {"layer": self.layer, "head": self.head, "best": self.best,
+                "candidates": [{"spec": s.model_dump(), "nominal_keys": nominal_cost(s), "recall": r, "keys": k}
+                               for s, r, k in zip(self.specs, self.recall, self.keys)]}
+
+
+def score_layer(qk: LayerQK, specs_for: Callable[[int, int], Sequence], settings: ScoreSettings,
+                on_head: Callable[[HeadResult], None] | None = None) -> list[HeadResult]:
+    """Score ``specs_for(layer, head)`` on every query head of one captured layer (GQA: head ``h`` reads KV head
+    ``h // (Hq / Hk)``)."""
+    num_heads, num_kv = qk.q.shape[0], qk.k.shape[0]
+    check(num_heads % num_kv == 0, "qk", f"{num_kv} KV heads do not divide {num_heads} query heads")
+    group = num_heads // num_kv
+    n = qk.q.shape[1]
+    skip = min(settings.skip_rows, n - 1)
+    out = []
+    for h in range(num_heads):
+        q, k = qk.q[h], qk.k[h // group]
+        specs = list(specs_for(qk.layer, h))
+        sels = [realise(s, q, k, sm_scale=qk.sm_scale, last_q=settings.last_q, forced_sink=settings.forced_sink,
+                        forced_local=settings.forced_local, softcap=qk.softcap) for s in specs]
+        recall, keys = head_recall(q, k, sels, sm_scale=qk.sm_scale, row_block=settings.row_block, skip_rows=skip,
+                                   softcap=qk.softcap)
+        res = HeadResult(layer=qk.layer, head=h, specs=specs, recall=recall.tolist(), keys=keys.tolist())
+        out.append(res)
+        if on_head is not None:
+            on_head(res)
+    return out
+
+
+def _num_heads(model) -> int:
+    return model.config.get_text_config().num_attention_heads
+
+
+def search_model(model, input_ids: torch.Tensor, *, layers: Sequence[int], candidates: Sequence, budget: int,
+                 settings: ScoreSettings, slack: float = 1.5, progress: bool = True) -> list[HeadResult]:
+    """Score ``candidates`` on every query head of ``layers`` and choose the best of each (``HeadResult.best``).
+
+    ``model``: a transformers causal LM loaded with ``attn_implementation="sdpa"``; ``input_ids``: ``[N]`` int64,
+    the calibration prompt; ``budget``: keys per row the candidates were sized for.
+    """
+    from tqdm.auto import tqdm
+
+    bar = tqdm(total=len(layers) * _num_heads(model), desc="heads searched", disable=not progress)
+    results: list[HeadResult] = []
+
+    def on_head(res: HeadResult) -> None:
+        res.best = choose(res.recall, res.keys, budget, slack)
+        bar.update(1)
+        bar.set_postfix(layer=res.layer, recall=f"{res.recall[res.best]:.3f}")
+
+    capture_qk(model, input_ids, layers,
+               lambda qk: results.extend(score_layer(qk, lambda _l, _h: candidates, settings, on_head)))
+    bar.close()
+    return results
+
+
+def config_recall(model, input_ids: torch.Tensor, config: MInferenceConfig, *, layers: Sequence[int],
+                  settings: ScoreSettings, progress: bool = True) -> list[HeadResult]:
+    """Recall of ``config``'s own spec on every query head of ``layers`` (one candidate per head)."""
+    from tqdm.auto import tqdm
+
+    bar = tqdm(total=len(layers) * _num_heads(model), desc="heads scored", disable=not progress)
+    results: list[HeadResult] = []
+    capture_qk(model, input_ids, layers,
+               lambda qk: results.extend(score_layer(qk, lambda l, h: [config.head_spec(l, h)], settings,
+                                                     lambda _r: bar.update(1))))
+    bar.close()
+    return results
+
+
+def to_config(results: Sequence[HeadResult], *, num_layers: int, num_heads: int, **globals_) -> MInferenceConfig:
+    """The config listing each searched head's chosen spec; every other head (sliding-window layers) dense.
+
+    ``globals_``: further ``MInferenceConfig`` fields (e.g. ``min_context``, ``last_q``).
+    """
+    heads: dict[int, dict[int, object]] = {}
+    for r in results:
+        heads.setdefault(r.layer, {})[r.head] = r.specs[r.best]
+    return MInferenceConfig(num_layers=num_layers, num_heads=num_heads, default=DenseSpec(), heads=heads, **globals_)
+
+
+def layer_summary(results: Sequence[HeadResult]) -> dict[int, float]:
+    """Mean recall of the chosen candidates per layer."""
+    per: dict[int, list[float]] = {}
+    for r in results:
+        per.setdefault(r.layer, []).append(r.recall[r.best])
+    return {layer: sum(v) / len(v) for layer, v in sorted(per.items())}

@@ -1,0 +1,230 @@
+"""Offline search: streamed recall vs the full matrix, known-best patterns on synthetic heads, candidates, CLI."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+
+from sgl_minference.config import AShapeSpec, BlockSparseSpec, DenseSpec, MInferenceConfig, VerticalSlashSpec
+from sgl_minference.search import candidates as cand
+from sgl_minference.search.capture import LayerQK, full_attention_layers
+from sgl_minference.search.recall import Selection, head_recall, lastq_indices, realise
+from sgl_minference.search.searcher import ScoreSettings, score_layer
+
+B = 64
+
+
+def reference_mask(sel: Selection, n: int) -> torch.Tensor:
+    """``[n, n]`` kept keys straight from the definitions, one query block and one index at a time."""
+    m = torch.zeros(n, n, dtype=torch.bool)
+    for qb in range(-(-n // B)):
+        r0, rows = qb * B, slice(qb * B, min(qb * B + B, n))
+        if sel.dense:
+            m[rows, :] = True
+        for c in sel.columns.tolist():
+            m[rows, c] = True
+        for o in sel.offsets.tolist():
+            m[rows, max(r0 - o, 0): max(r0 - o + B, 0)] = True
+        if sel.blocks is not None:
+            for kb in range(sel.blocks.shape[1]):
+                if sel.blocks[qb, kb]:
+                    m[rows, kb * B: kb * B + B] = True
+    return m & torch.ones(n, n, dtype=torch.bool).tril()
+
+
+def full_matrix_recall(q, k, sels, sm_scale, skip):
+    n = q.shape[0]
+    s = (q.double() @ k.double().T) * sm_scale
+    p = torch.softmax(s.masked_fill(~torch.ones(n, n, dtype=torch.bool).tril(), float("-inf")), dim=-1)
+    rec = [float((p * reference_mask(sel, n))[skip:].sum() / (n - skip)) for sel in sels]
+    keys = [float(reference_mask(sel, n)[skip:].sum(dtype=torch.float64) / (n - skip)) for sel in sels]
+    return rec, keys
+
+
+@pytest.mark.parametrize("n,row_block,skip", [(300, 37, 0), (300, 1000, 50), (515, 128, 200)])
+def test_streamed_recall_equals_full_matrix(n, row_block, skip):
+    gen = torch.Generator().manual_seed(n)
+    q, k = torch.randn(n, 16, generator=gen) * 1.5, torch.randn(n, 16, generator=gen)
+    specs = [DenseSpec(), AShapeSpec(sink=8, local=40), VerticalSlashSpec(vertical=40, slash=12),
+             VerticalSlashSpec(vertical=5, slash=40), BlockSparseSpec(topk=2)]
+    sels = [realise(s, q, k, sm_scale=0.25, forced_sink=3, forced_local=10) for s in specs]
+    rec, keys = head_recall(q, k, sels, sm_scale=0.25, row_block=row_block, skip_rows=skip)
+    ref_rec, ref_keys = full_matrix_recall(q, k, sels, 0.25, skip)
+    assert rec.tolist() == pytest.approx(ref_rec, abs=1e-5)
+    assert keys.tolist() == pytest.approx(ref_keys, abs=1e-9)
+    assert rec[0] == pytest.approx(1.0, abs=1e-6)
+    assert all(0.0 < r < 1.0 for r in rec[1:].tolist())
+    assert all(0.0 < c < keys[0] for c in keys[1:].tolist())
+
+
+def test_lastq_indices_match_definition():
+    n, d = 200, 8
+    gen = torch.Generator().manual_seed(1)
+    q, k = torch.randn(n, d, generator=gen), torch.randn(n, d, generator=gen)
+    cols, offs = lastq_indices(q, k, sm_scale=0.5, vertical=20, slash=25, last_q=16, forced_sink=4, forced_local=6)
+    p = torch.zeros(16, n)
+    for r, i in enumerate(range(n - 16, n)):
+        p[r, : i + 1] = torch.softmax((q[i] @ k[: i + 1].T) * 0.5, dim=-1)
+    col = p.sum(0)
+    diag = torch.zeros(n)
+    for r, i in enumerate(range(n - 16, n)):
+        for j in range(i + 1):
+            diag[i - j] += p[r, j]
+    col[:4], diag[:6] = math.inf, math.inf
+    assert cols.tolist() == sorted(col.topk(20).indices.tolist())
+    assert offs.tolist() == sorted(diag.topk(25).indices.tolist(), reverse=True)
+    assert set(range(4)) <= set(cols.tolist()) and set(range(6)) <= set(offs.tolist())
+
+
+def _score(q, k, budget, skip):
+    qk = LayerQK(layer=0, q=q[None], k=k[None], sm_scale=1.0, softcap=None)
+    specs = cand.candidate_space(budget)
+    res = score_layer(qk, lambda _l, _h: specs, ScoreSettings(row_block=256, skip_rows=skip))[0]
+    res.best = cand.choose(res.recall, res.keys, budget)
+    return res.specs[res.best], res
+
+
+def test_local_band_head_picks_local_pattern():
+    n, width = 2048, 80.0  # Gaussian attention of std ~width tokens around the diagonal
+    theta = math.pi / n
+    beta = 1.0 / (theta * width) ** 2
+    pos = torch.arange(n, dtype=torch.float64)
+    q = torch.stack([torch.cos(theta * pos), torch.sin(theta * pos)], -1) * beta
+    k = torch.stack([torch.cos(theta * pos), torch.sin(theta * pos)], -1)
+    best, res = _score(q.float(), k.float(), 512, 256)
+    assert isinstance(best, AShapeSpec) or (isinstance(best, VerticalSlashSpec) and best.slash > best.vertical)
+    assert res.recall[res.best] > 0.99
+    vertical_heavy = max((s for s in res.specs if isinstance(s, VerticalSlashSpec)), key=lambda s: s.vertical)
+    assert res.recall[res.specs.index(vertical_heavy)] < 0.97
+
+
+def test_column_head_picks_vertical_heavy():
+    n, d = 1024, 32
+    gen = torch.Generator().manual_seed(2)
+    hot = torch.randperm(n - 64, generator=gen)[:120] + 32  # 120 key columns, none among the forced first 30
+    k = torch.randn(n, d, generator=gen) * 0.1
+    k[hot, 0] = 1.0
+    q = torch.zeros(n, d)
+    q[:, 0] = 12.0
+    best, res = _score(q, k, 512, 256)
+    assert isinstance(best, VerticalSlashSpec) and best.vertical >= 150, best
+    assert res.recall[res.best] > 0.95
+    a_shape = next(i for i, s in enumerate(res.specs) if isinstance(s, AShapeSpec))
+    assert res.recall[a_shape] < 0.8
+
+
+def test_block_clustered_head_picks_block_sparse():
+    n, d = 1024, 64
+    nb = n // B
+    gen = torch.Generator().manual_seed(3)
+    centres = torch.linalg.qr(torch.randn(d, d, generator=gen))[0][:nb]  # orthonormal, one per key block
+    k = centres.repeat_interleave(B, dim=0) + 0.05 * torch.randn(n, d, generator=gen)
+    target = [0] + [int(torch.randint(0, max(qb - 8, 1), (1,), generator=gen)) for qb in range(1, nb)]
+    q = 12.0 * centres[target].repeat_interleave(B, dim=0)
+    best, res = _score(q, k, 512, 256)
+    assert isinstance(best, BlockSparseSpec), (best, res.recall)
+    assert res.recall[res.best] > 0.9
+
+
+def test_candidate_space_costs():
+    for budget in (512, 1638, 6553):
+        specs = cand.candidate_space(budget)
+        kinds = {type(s) for s in specs}
+        assert kinds == {AShapeSpec, VerticalSlashSpec, BlockSparseSpec}
+        assert sum(isinstance(s, VerticalSlashSpec) for s in specs) >= 3
+        for s in specs:
+            assert abs(cand.nominal_cost(s) - budget) <= max(0.15 * budget, 100), (s, budget)
+            if isinstance(s, VerticalSlashSpec):
+                assert s.vertical >= 30 and s.slash >= 100
+    with pytest.raises(ValueError, match="budget"):
+        cand.candidate_space(300)
+    assert cand.budget_for(32767, 0.1) == 1638
+    assert cand.nominal_cost(DenseSpec()) == -1
+
+
+def test_choose_respects_slack():
+    assert cand.choose([0.9, 0.99, 0.95], [100, 400, 120], budget=100, slack=1.5) == 2
+    assert cand.choose([0.9, 0.95], [100, 100], budget=100) == 1
+    assert cand.choose([0.9, 0.9], [110, 100], budget=100) == 1  # tie: fewer keys
+    assert cand.choose([0.9995, 1.0, 0.99], [100, 120, 90], budget=100) == 0  # within tol of the best: cheapest
+    assert cand.choose([0.9, 0.99], [300, 200], budget=100) == 1  # none within: the cheapest
+
+
+def test_full_attention_layers():
+    from transformers import Gemma3TextConfig, LlamaConfig
+
+    g = Gemma3TextConfig(num_hidden_layers=7, sliding_window_pattern=3)
+    assert full_attention_layers(g) == [i for i, t in enumerate(g.layer_types) if t == "full_attention"]
+    assert 0 < len(full_attention_layers(g)) < 7
+    assert full_attention_layers(LlamaConfig(num_hidden_layers=3)) == [0, 1, 2]
+
+
+def _byte_tokenizer(path):
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    alphabet = pre_tokenizers.ByteLevel.alphabet()
+    vocab = {"<bos>": 0, "<eos>": 1, **{ch: i + 2 for i, ch in enumerate(sorted(alphabet))}}
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    from tokenizers.processors import TemplateProcessing
+
+    tok.post_processor = TemplateProcessing(single="<bos> $A", special_tokens=[("<bos>", 0)])
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<bos>", eos_token="<eos>")
+    fast.save_pretrained(path)
+    return len(vocab)
+
+
+@pytest.fixture(scope="module")
+def tiny_gemma(tmp_path_factory):
+    """A random 3-layer Gemma-3 (sliding, sliding, full) with a byte tokenizer, saved as a model folder."""
+    from transformers import Gemma3ForCausalLM, Gemma3TextConfig
+
+    path = tmp_path_factory.mktemp("tiny_gemma")
+    vocab = _byte_tokenizer(path)
+    cfg = Gemma3TextConfig(vocab_size=vocab, hidden_size=64, intermediate_size=128, num_hidden_layers=3,
+                           num_attention_heads=4, num_key_value_heads=2, head_dim=32, sliding_window=128,
+                           layer_types=["sliding_attention", "sliding_attention", "full_attention"],
+                           max_position_embeddings=2048, query_pre_attn_scalar=32)
+    torch.manual_seed(0)
+    Gemma3ForCausalLM(cfg).save_pretrained(path)
+    return path
+
+
+def test_search_cli_end_to_end(tiny_gemma, tmp_path):
+    from sgl_minference.search.__main__ import main
+
+    out = tmp_path / "cfg.json"
+    report = main([str(tiny_gemma), "--output", str(out), "--length", "2048", "--budget", "512",
+                   "--row-block", "512", "--device", "cpu", "--dtype", "float32", "--no-progress"])
+    cfg = MInferenceConfig.load(out)
+    assert json.loads(out.read_text())["format"] == "sgl-minference/v1"
+    assert (cfg.num_layers, cfg.num_heads) == (3, 4)
+    assert sorted(cfg.heads) == [2] and sorted(cfg.heads[2]) == [0, 1, 2, 3]
+    assert cfg.head_spec(0, 0) == DenseSpec()  # sliding-window layers stay dense
+    assert report["layers"] == [2] and len(report["heads"]) == 4
+    for head in report["heads"]:
+        assert len(head["candidates"]) == len(cand.candidate_space(512))
+        assert all(0.0 <= c["recall"] <= 1.0 + 1e-6 for c in head["candidates"])
+    assert json.loads(out.with_suffix(".report.json").read_text())["budget"] == 512
+
+
+def test_config_recall_dense_is_lossless(tiny_gemma):
+    from transformers import AutoModelForCausalLM
+
+    from sgl_minference.search.searcher import config_recall
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_gemma, dtype=torch.float32, attn_implementation="sdpa")
+    ids = torch.randint(2, 200, (300,), generator=torch.Generator().manual_seed(0))
+    dense = MInferenceConfig(default=DenseSpec())
+    res = config_recall(model, ids, dense, layers=[1, 2], settings=ScoreSettings(row_block=128), progress=False)
+    assert [(r.layer, r.head) for r in res] == [(l, h) for l in (1, 2) for h in range(4)]
+    assert all(r.recall[0] == pytest.approx(1.0, abs=1e-5) for r in res)
+    assert all(r.keys[0] == pytest.approx(301 / 2) for r in res)
+    sparse = MInferenceConfig(default=AShapeSpec(sink=4, local=16))
+    res = config_recall(model, ids, sparse, layers=[2], settings=ScoreSettings(row_block=128), progress=False)
+    assert all(r.recall[0] < 1.0 for r in res)
