@@ -456,3 +456,75 @@ def test_e2e_worker_records(tmp_path, monkeypatch, crash_at):
                        ("single", 8000, "skipped"), ("mixed", 2000, "skipped")]
     assert len(set(FakeEngine.prompts)) == len(FakeEngine.prompts)  # no two prompts share a prefix
     assert all(0 < t < 1000 for p in FakeEngine.prompts for t in p)
+
+
+def test_e2e_parent_merges_and_resumes(tmp_path, monkeypatch):
+    model_dir = tmp_path / "tiny-model"
+    model_dir.mkdir()
+    (model_dir / "config.json").write_text(json.dumps({"vocab_size": 1000}))
+    calls = []
+
+    def fake_run_worker(spec, timeout_s, log_path):
+        calls.append((spec.backend, [s["input_lens"] for s in spec.scenarios]))
+        assert 0 < timeout_s <= 100 and spec.model == "tiny-model"
+        first = spec.scenarios[0]  # report only the first case, then "die"
+        line = {"model": spec.model, "backend": spec.backend, "scenario": first["name"],
+                "input_lens": first["input_lens"], "status": "ok", "ttft_ms": 5.0, "ttft_ms_all": [5.0]}
+        Path(spec.records_path).write_text(json.dumps(line) + "\n")
+        return "error", "engine subprocess exited with code 1"
+
+    monkeypatch.setattr(e2e_ttft, "run_worker", fake_run_worker)
+    out = tmp_path / "e2e.json"
+    argv = ["--model", str(model_dir), "--backends", "fa3,minference", "--lengths", "1K,2K", "--scenarios", "single",
+            "--budget-s", "100", "--out", str(out)]
+    e2e_ttft.main(argv)
+    results = common.load_results(out, "e2e")
+    got = sorted((r.backend, r.input_lens[0], r.status) for r in common.latest_records(results))
+    assert got == [("fa3", 1024, "ok"), ("fa3", 2048, "error"), ("minference", 1024, "ok"),
+                   ("minference", 2048, "error")]
+    assert results["runs"][0]["settings"]["backends"] == ["fa3", "minference"]
+    calls.clear()
+    e2e_ttft.main(argv + ["--resume"])  # only the failed cases are retried, in a second run
+    assert calls == [("fa3", [[2048]]), ("minference", [[2048]])]
+    results = common.load_results(out, "e2e")
+    assert len(results["runs"]) == 2
+    assert {(r.backend, r.input_lens[0]): r.run for r in common.latest_records(results)} == {
+        ("fa3", 1024): 0, ("fa3", 2048): 1, ("minference", 1024): 0, ("minference", 2048): 1}
+
+
+def test_kernel_bench_main_records_and_resumes(tmp_path, monkeypatch):
+    """The command's loop at a tiny shape: unavailable libraries become skipped records, --resume retries
+    only what did not succeed (on CPU through the Triton interpreter)."""
+    make = kernel_bench.make_inputs
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+
+    def small_inputs(**kwargs):
+        inp = make(**{**kwargs, "device": device})
+        inp.q, inp.k, inp.v = (t.half() for t in (inp.q, inp.k, inp.v))
+        inp.kv = kernel_bench.KVSource.packed(inp.k, inp.v, [inp.seq_k])
+        return inp
+
+    real_libs, _ = kernel_bench.load_libraries()
+    monkeypatch.setattr(kernel_bench, "load_libraries",
+                        lambda: ({k: real_libs[k] for k in ("ours", "sdpa")}, {"fa3": "no GPU"}))
+    monkeypatch.setattr(kernel_bench, "make_inputs", small_inputs)
+    if device == "cpu":
+        monkeypatch.setattr(kernel_bench, "measure", cpu_measure)
+        monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # past the command's CUDA check
+    monkeypatch.setattr(common, "environment", lambda: {"command": "test", "date": "today", "device": "cpu",
+                                                        "versions": {}})
+    out = tmp_path / "kernel.json"
+    argv = ["--lengths", "256", "--head-dims", "64", "--chunk", "128", "--num-q-heads", "4", "--num-kv-heads", "2",
+            "--cases", "ours_vs,fa3,ours_ashape", "--vertical", "40", "--slash", "100", "--sink", "16", "--local",
+            "64", "--out", str(out)]
+    kernel_bench.main(argv)
+    results = common.load_results(out, "kernel")
+    got = [(r["method"], r["pattern"], r["seq_q"], r["seq_k"], r["status"]) for r in results["records"]]
+    assert got == [("fa3", "dense", 256, 256, "skipped"), ("ours", "vertical_slash", 256, 256, "ok"),
+                   ("ours", "a_shape", 256, 256, "ok"), ("fa3", "dense", 128, 256, "skipped"),
+                   ("ours", "vertical_slash", 128, 256, "ok"), ("ours", "a_shape", 128, 256, "ok")]
+    assert results["runs"][0]["unavailable"] == {"fa3": "no GPU"}
+    assert results["runs"][0]["settings"]["budgets"]["block_topk"] == round(140 / 64)
+    kernel_bench.main(argv + ["--resume"])
+    results = common.load_results(out, "kernel")
+    assert [r["method"] for r in results["records"][6:]] == ["fa3", "fa3"]  # only the skipped cases again
