@@ -9,11 +9,9 @@ from pathlib import Path
 import pytest
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # `benchmarks` is run from the repository root
-
-from benchmarks import common, e2e_ttft, kernel_bench, plot, report  # noqa: E402
-from benchmarks.common import E2ERecord, KernelRecord  # noqa: E402
-from sgl_minference.layout import BLOCK, BatchGeometry, SparseLayout  # noqa: E402
+from benchmarks import common, e2e_ttft, kernel_bench, plot, report
+from benchmarks.common import E2ERecord, KernelRecord
+from sgl_minference.layout import BLOCK, BatchGeometry, SparseLayout
 
 
 def random_layout(geom: BatchGeometry, heads: int, seed: int) -> SparseLayout:
