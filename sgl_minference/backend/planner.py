@@ -1,0 +1,170 @@
+"""What the ``minference`` backend decides outside the layer loop: head groups per layer, the sparse plan per batch.
+
+* At startup, :func:`layer_heads` groups one layer's (tensor-parallel-local) query heads by pattern type into
+  :class:`~sgl_minference.patterns.HeadSet` s, budgets already on the device.
+* Once per extend batch, :func:`plan_batch` reads the host lengths SGLang keeps (no device sync) and decides
+  whether the batch runs sparse at all. A request is *sparse* when its context reaches ``min_context`` and its
+  chunk has at least ``min_chunk`` new tokens. If no request is sparse the dense backend runs the whole batch;
+  otherwise the sparse kernel runs every request of the batch, and the requests that are not sparse get exact
+  dense layouts (:func:`~sgl_minference.patterns.build_dense`), so their output equals dense attention.
+* Per layer, :func:`layer_layout` is builder launches plus the head/request merges, nothing else.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from ..config import MInferenceConfig
+from ..layout import BLOCK, BatchGeometry, KVSource, SparseLayout, check, check_tensor
+from ..patterns import HeadSet, build_a_shape, build_block_sparse, build_dense, build_vertical_slash, concat_heads
+
+# Budget fields of each pattern type, in the names HeadSet and the builders use.
+BUDGETS = {"dense": (), "a_shape": ("sink", "local"), "vertical_slash": ("vertical", "slash"), "block_sparse": ("topk",)}
+
+
+@dataclass(kw_only=True)
+class HeadGroup:
+    """The query heads of one layer that share a pattern type."""
+
+    kind: str  # a key of BUDGETS
+    heads: HeadSet  # local query heads (indices into q's head dimension) with their budgets
+
+
+@dataclass(kw_only=True)
+class LayerHeads:
+    """One layer's query heads on this rank, grouped by pattern type (built once at startup)."""
+
+    layer_id: int
+    num_q_heads: int  # query heads on this rank (SGLang's ``layer.tp_q_head_num``)
+    groups: list[HeadGroup]  # together they cover local heads 0 .. num_q_heads-1 exactly once
+    all_heads: HeadSet  # every local head, no budgets: dense layouts for the batch's non-sparse requests
+
+    @property
+    def all_dense(self) -> bool:
+        """Every head is ``dense``: the layer never needs the sparse kernel."""
+        return all(g.kind == "dense" for g in self.groups)
+
+
+def layer_heads(config: MInferenceConfig, *, layer_id: int, head_start: int, num_q_heads: int, num_kv_heads: int,
+                device) -> LayerHeads:
+    """Group query heads ``head_start .. head_start + num_q_heads - 1`` (global numbers) of ``layer_id``.
+
+    ``head_start`` is ``attn_tp_rank * num_q_heads`` under tensor parallelism; the groups hold local indices.
+    """
+    specs = config.layer_specs(layer_id, head_start, num_q_heads)
+    members: dict[str, list[int]] = {}
+    for local, spec in enumerate(specs):
+        members.setdefault(spec.type, []).append(local)
+    shape = dict(num_q_heads=num_q_heads, num_kv_heads=num_kv_heads, device=device)
+    groups = []
+    for kind, heads in members.items():
+        budgets = {name: [getattr(specs[h], name) for h in heads] for name in BUDGETS[kind]}
+        groups.append(HeadGroup(kind=kind, heads=HeadSet.build(heads, **shape, **budgets)))
+    return LayerHeads(layer_id=layer_id, num_q_heads=num_q_heads, groups=groups,
+                      all_heads=HeadSet.build(list(range(num_q_heads)), **shape))
+
+
+@dataclass(kw_only=True)
+class SparsePlan:
+    """Per-batch metadata of a batch that runs through the sparse kernel, shared by every layer."""
+
+    geom: BatchGeometry  # all B requests of the batch
+    req_to_token: torch.Tensor  # [pool_size, max_context] int32: SGLang's token slots per request
+    req_pool_indices: torch.Tensor  # [B] int64/int32: each request's row of req_to_token
+    sparse_requests: list[bool]  # B host flags: the request passed both gates (others run dense layouts)
+    dense_geom: BatchGeometry | None  # geometry of the non-sparse requests alone; None when all are sparse
+    dense_blocks: torch.Tensor | None  # [NQB_dense] int64: their query blocks' indices among geom's blocks
+
+    def kv_source(self, k_buffer: torch.Tensor, v_buffer: torch.Tensor) -> KVSource:
+        """The paged KV source of one layer: ``k_buffer``/``v_buffer`` are the pool's ``[slots, Hk, D]``."""
+        return KVSource(k=k_buffer, v=v_buffer, req_to_token=self.req_to_token,
+                        req_pool_indices=self.req_pool_indices)
+
+
+def sparse_requests(config: MInferenceConfig, seq_lens_q: list[int], seq_lens_k: list[int]) -> list[bool]:
+    """Which requests pass the gates: context ``>= min_context`` and chunk ``>= min_chunk`` new tokens."""
+    return [sk >= config.min_context and sq >= config.min_chunk for sq, sk in zip(seq_lens_q, seq_lens_k)]
+
+
+def plan_batch(config: MInferenceConfig, *, seq_lens_q: list[int], seq_lens_k: list[int], req_to_token: torch.Tensor,
+               req_pool_indices: torch.Tensor) -> SparsePlan | None:
+    """The sparse plan of an extend batch, or None when no request is sparse (the dense backend runs it).
+
+    ``seq_lens_q``: B chunk lengths (SGLang's ``extend_seq_lens_cpu``); ``seq_lens_k``: B context lengths
+    (``seq_lens_cpu``, prefix + chunk); host lists, so planning never waits for the device.
+    ``req_to_token``: ``[pool_size, max_context]`` int32; ``req_pool_indices``: ``[B]`` on the same device.
+    """
+    check(len(seq_lens_q) == len(seq_lens_k), "seq_lens_q", f"{len(seq_lens_q)} chunks for {len(seq_lens_k)} contexts")
+    check_tensor(req_to_token, "req_to_token", ndim=2, dtypes=(torch.int32, torch.int64))
+    check_tensor(req_pool_indices, "req_pool_indices", ndim=1, dtypes=(torch.int32, torch.int64))
+    check(req_pool_indices.shape[0] == len(seq_lens_q), "req_pool_indices",
+          f"{req_pool_indices.shape[0]} entries for {len(seq_lens_q)} requests")
+    flags = sparse_requests(config, seq_lens_q, seq_lens_k)
+    if not any(flags):
+        return None
+    device = req_to_token.device
+    geom = BatchGeometry.build(seq_lens_q, seq_lens_k, device)
+    dense = [r for r, sparse in enumerate(flags) if not sparse]
+    dense_geom = dense_blocks = None
+    if dense:
+        dense_geom = BatchGeometry.build([seq_lens_q[r] for r in dense], [seq_lens_k[r] for r in dense], device)
+        first_block = [0]
+        for sq in seq_lens_q:
+            first_block.append(first_block[-1] + -(-sq // BLOCK))
+        blocks = [b for r in dense for b in range(first_block[r], first_block[r + 1])]
+        dense_blocks = torch.tensor(blocks, dtype=torch.int64, device=device)
+    return SparsePlan(geom=geom, req_to_token=req_to_token, req_pool_indices=req_pool_indices, sparse_requests=flags,
+                      dense_geom=dense_geom, dense_blocks=dense_blocks)
+
+
+def _pad_last(t: torch.Tensor, size: int) -> torch.Tensor:
+    return t if t.shape[-1] == size else F.pad(t, (0, size - t.shape[-1]))
+
+
+def overlay_query_blocks(base: SparseLayout, rows: torch.Tensor, part: SparseLayout) -> SparseLayout:
+    """``base`` with query blocks ``rows`` replaced by ``part`` (``part``'s block ``i`` goes to ``rows[i]``).
+
+    ``rows``: ``[NQB_part]`` int64 on the layouts' device. Range/column capacities are padded to the larger;
+    padded slots lie beyond the counts, where the kernels never read.
+    """
+    maxb = max(base.block_start.shape[2], part.block_start.shape[2])
+    maxc = max(base.col_index.shape[2], part.col_index.shape[2])
+
+    def merged(name: str, cap: int | None) -> torch.Tensor:
+        a, b = getattr(base, name), getattr(part, name)
+        if cap is not None:
+            a, b = _pad_last(a, cap), _pad_last(b, cap)
+        return a.index_copy(0, rows, b)
+
+    return SparseLayout(block_start=merged("block_start", maxb), block_end=merged("block_end", maxb),
+                        block_count=merged("block_count", None), full_count=merged("full_count", None),
+                        col_index=merged("col_index", maxc), col_count=merged("col_count", None))
+
+
+def _group_layout(group: HeadGroup, q: torch.Tensor, kv: KVSource, geom: BatchGeometry, config: MInferenceConfig,
+                  sm_scale: float) -> SparseLayout:
+    if group.kind == "vertical_slash":
+        return build_vertical_slash(q, kv, geom, group.heads, sm_scale=sm_scale, last_q=config.last_q,
+                                    forced_sink=config.forced_sink, forced_local=config.forced_local)
+    if group.kind == "block_sparse":
+        return build_block_sparse(q, kv, geom, group.heads)
+    if group.kind == "a_shape":
+        return build_a_shape(geom, group.heads)
+    return build_dense(geom, group.heads)
+
+
+def layer_layout(q: torch.Tensor, kv: KVSource, plan: SparsePlan, heads: LayerHeads, config: MInferenceConfig, *,
+                 sm_scale: float) -> SparseLayout:
+    """The layout of one layer over all of ``q``'s heads and all requests of the plan.
+
+    q: ``[T, Hq, D]`` fp16/bf16 chunk queries of the batch (RoPE applied); kv: the layer's paged KV source, the
+    chunk's keys already written. Returns a layout ``[NQB, Hq, ...]`` for ``plan.geom``.
+    """
+    parts = [_group_layout(g, q, kv, plan.geom, config, sm_scale) for g in heads.groups]
+    layout = concat_heads(parts, [g.heads.heads for g in heads.groups], heads.num_q_heads)
+    if plan.dense_geom is not None:
+        layout = overlay_query_blocks(layout, plan.dense_blocks, build_dense(plan.dense_geom, heads.all_heads))
+    return layout

@@ -1,0 +1,92 @@
+"""SGLang plugin: registers the ``minference`` attention backend (entry point group ``sglang.srt.plugins``).
+
+SGLang calls :func:`register` in every process it starts (launcher, schedulers, workers). It adds
+``minference`` to the ``--attention-backend`` choices, registers the backend factory, and hooks
+``ServerArgs.__post_init__`` so that, with ``minference`` selected, the prefill CUDA graph is off unless the
+user chose a prefill graph backend (``--cuda-graph-backend-prefill``): captured prefill graphs replay with the
+batch shapes of their capture, while the sparse path plans every extend batch anew. Decode CUDA graphs stay.
+
+Configuration: ``--json-model-override-args '{"minference": {...}}'`` (lands on the model's ``hf_config``)
+or ``$SGL_MINFERENCE_CONFIG``; see :mod:`sgl_minference.config`. A bad config stops startup with a
+:class:`~sgl_minference.config.ConfigError` naming the problem.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+
+logger = logging.getLogger(__name__)
+
+BACKEND_NAME = "minference"
+KV_CACHE_DTYPES = ("auto", "bf16", "bfloat16", "fp16", "float16")  # the sparse kernel reads fp16/bf16 caches
+
+_hook_registered = False
+
+
+def register() -> None:
+    """Zero-argument plugin entry point; safe to call more than once in a process."""
+    global _hook_registered
+    from sglang.srt.layers.attention.attention_registry import register_attention_backend
+    from sglang.srt.plugins.hook_registry import HookRegistry, HookType
+    from sglang.srt.server_args import ATTENTION_BACKEND_CHOICES, add_attention_backend_choices
+
+    if BACKEND_NAME not in ATTENTION_BACKEND_CHOICES:
+        add_attention_backend_choices([BACKEND_NAME])
+    register_attention_backend(BACKEND_NAME)(create_backend)
+    if not _hook_registered:
+        HookRegistry.register("sglang.srt.server_args.ServerArgs.__post_init__", prefill_graph_off, HookType.BEFORE)
+        _hook_registered = True
+
+
+def prefill_graph_off(server_args, *args, **kwargs) -> None:
+    """Before ``ServerArgs.__post_init__``: no prefill CUDA graph for ``minference`` unless one was asked for."""
+    if BACKEND_NAME not in (server_args.attention_backend, server_args.prefill_attention_backend):
+        return None
+    if server_args.cuda_graph_backend_prefill is None and not server_args.disable_prefill_cuda_graph:
+        logger.info("minference: prefill CUDA graph disabled (--cuda-graph-backend-prefill disabled)")
+        server_args.cuda_graph_backend_prefill = "disabled"
+    return None
+
+
+def unsupported_setup(runner) -> str | None:
+    """Why this server setup cannot run the sparse path (None: it can). Checked once, at startup."""
+    sa = runner.server_args
+    if runner.use_mla_backend:
+        return "MLA attention models are not supported (the sparse kernel reads per-head K and V)"
+    if sa.kv_cache_dtype not in KV_CACHE_DTYPES:
+        return f"--kv-cache-dtype {sa.kv_cache_dtype} is not supported: use one of {', '.join(KV_CACHE_DTYPES)}"
+    if getattr(sa, "attn_cp_size", 1) > 1 or getattr(sa, "dcp_size", 1) > 1:
+        return "context parallel attention (--attn-cp-size / --dcp-size > 1) is not supported"
+    return None
+
+
+def create_backend(runner):
+    """Factory SGLang calls with its ModelRunner: the composed backend (the dense one alone for draft models)."""
+    from sglang.srt.layers.attention.attention_registry import ATTENTION_BACKENDS
+    from sglang.srt.runtime_context import get_parallel
+
+    from .backend.attn_backend import MInferenceAttnBackend, build_layer_heads
+    from .config import resolve
+
+    model_config = runner.model_config
+    config = resolve(model_config.hf_config, runner.server_args.model_path, os.environ)
+    if runner.is_draft_worker:
+        # Speculative draft models only run short extends and decode: nothing to make sparse.
+        return ATTENTION_BACKENDS[config.dense_backend](runner)
+    problem = unsupported_setup(runner)
+    if problem is not None:
+        raise ValueError(f"--attention-backend {BACKEND_NAME}: {problem}")
+    config.validate_for_model(model_config.num_hidden_layers, model_config.num_attention_heads)
+    dense = ATTENTION_BACKENDS[config.dense_backend](runner)
+    parallel = get_parallel()
+    tp_size = parallel.attn_tp_size
+    req_to_token = runner.req_to_token_pool.req_to_token
+    layers = build_layer_heads(config, num_layers=model_config.num_hidden_layers,
+                               num_q_heads=model_config.num_attention_heads // tp_size,
+                               num_kv_heads=model_config.get_num_kv_heads(tp_size),
+                               attn_tp_rank=parallel.attn_tp_rank, device=req_to_token.device)
+    logger.info("minference: sparse prefill from %s (min_context %d, min_chunk %d), dense backend %s",
+                config.source, config.min_context, config.min_chunk, config.dense_backend)
+    return MInferenceAttnBackend(dense=dense, config=config, layers=layers, token_to_kv_pool=runner.token_to_kv_pool,
+                                 req_to_token=req_to_token)
