@@ -19,12 +19,9 @@ from pathlib import Path
 
 import pytest
 
-# The benchmarks folder is not an installed package; import it from the repository root.
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from benchmarks.multiturn import checks, gpu_memory, prompts, reliability, run, server, sessions, workload  # noqa: E402
-from benchmarks.multiturn.client import SGLangClient  # noqa: E402
-from benchmarks.multiturn.tokenization import HFTokenizer  # noqa: E402
+from benchmarks.multiturn import checks, gpu_memory, prompts, reliability, run, server, sessions, workload
+from benchmarks.multiturn.client import SGLangClient
+from benchmarks.multiturn.tokenization import HFTokenizer
 
 # ----------------------------------------------------------------------------------------------------------
 # Fakes
@@ -76,7 +73,7 @@ class FakeSGLang:
     """
 
     def __init__(self, respond, *, context_len: int = 1 << 20, prefill_s_per_token: float = 0.0,
-                 incremental: bool = False) -> None:
+                 incremental: bool = False, port: int = 0) -> None:
         self.respond, self.context_len = respond, context_len
         self.prefill_s_per_token, self.incremental = prefill_s_per_token, incremental
         self.cache: list[list[int]] = []
@@ -146,6 +143,7 @@ class FakeSGLang:
                     self.send_response(200)
                     self.send_header("Content-Type", "text/event-stream")
                     self.send_header("Transfer-Encoding", "chunked")
+                    self.send_header("Connection", "close")
                     self.end_headers()
                     self._chunk(b"data: " + json.dumps({"error": {"message": msg, "code": 400}}).encode() + b"\n\n")
                     self._chunk(b"data: [DONE]\n\n")
@@ -167,6 +165,7 @@ class FakeSGLang:
                 self.send_response(200)
                 self.send_header("Content-Type", "text/event-stream")
                 self.send_header("Transfer-Encoding", "chunked")
+                self.send_header("Connection", "close")
                 self.end_headers()
                 time.sleep(fake.prefill_s_per_token * (len(ids) - cached))
                 for i in range(1, len(out) + 1):
@@ -182,7 +181,7 @@ class FakeSGLang:
                 self._chunk(b"data: [DONE]\n\n")
                 self._chunk(b"")
 
-        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.httpd = ThreadingHTTPServer(("127.0.0.1", port), Handler)
         self.httpd.daemon_threads = True
         self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}"
         self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
@@ -629,12 +628,12 @@ def test_error_line_skips_the_echoed_command():
 
 @dataclasses.dataclass(kw_only=True)
 class ScriptSpec(server.ServerSpec):
-    """Runs ``script`` (with the port as argument) instead of ``python -m sglang.launch_server``."""
+    """Runs ``script PORT OVERRIDES_JSON MODEL_PATH`` instead of ``python -m sglang.launch_server``."""
 
     script: str = ""
 
     def command(self, port):
-        return [sys.executable, self.script, str(port)]
+        return [sys.executable, self.script, str(port), json.dumps(self.model_overrides), self.model_path]
 
 
 def _script(tmp_path, body: str) -> str:
@@ -647,8 +646,9 @@ def test_launched_server_waits_for_health_and_always_stops(tmp_path):
     script = _script(tmp_path, """\
         import subprocess, sys, time
         from http.server import BaseHTTPRequestHandler, HTTPServer
-        # a child in the same process group, as SGLang's scheduler
-        child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)"])
+        # a child in the same process group, as SGLang's scheduler, deaf to SIGTERM
+        child = subprocess.Popen([sys.executable, "-c", "import signal, time; "
+                                  "signal.signal(signal.SIGTERM, signal.SIG_IGN); time.sleep(600)"])
         print("child", child.pid, flush=True)
         time.sleep(0.5)  # startup
         class H(BaseHTTPRequestHandler):
@@ -669,6 +669,7 @@ def test_launched_server_waits_for_health_and_always_stops(tmp_path):
             raise RuntimeError("inside")
     assert proc.poll() is not None
     child = int(re.search(r"child (\d+)", log.read_text()).group(1))
+    assert not server._group_running(proc.pid)
     assert not Path(f"/proc/{child}").exists() or "zombie" in Path(f"/proc/{child}/status").read_text().lower()
 
 
@@ -714,3 +715,122 @@ def test_server_command_and_shared_options(tmp_path):
     assert env_spec.environment()[server.CONFIG_ENV_VAR] == str(cfg.resolve())
     port = server.free_port()
     assert 0 < port < 65536
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Reliability subcommands end to end, with stand-ins for the server
+# ----------------------------------------------------------------------------------------------------------
+
+TESTS_DIR = Path(__file__).resolve().parent
+
+SERVE_SCRIPT = f"""\
+import json, os, sys
+sys.path[:0] = [{str(TESTS_DIR.parent)!r}, {str(TESTS_DIR)!r}]
+from test_multiturn import FakeSGLang, token_respond
+port, model = int(sys.argv[1]), sys.argv[3]
+context_len = json.load(open(model + "/config.json"))["max_position_embeddings"]
+rate = float(os.environ["FAKE_PREFILL_S_PER_TOKEN"])
+FakeSGLang(token_respond, context_len=context_len, prefill_s_per_token=rate, port=port).httpd.serve_forever()
+"""
+
+# What the minference backend does at startup with its config; serves /health_generate when it is usable.
+CONFIG_SCRIPT = f"""\
+import json, sys
+sys.path[:0] = [{str(TESTS_DIR.parent)!r}]
+from http.server import BaseHTTPRequestHandler, HTTPServer
+from sgl_minference.config import ConfigError, resolve
+port, overrides, model = int(sys.argv[1]), json.loads(sys.argv[2]), sys.argv[3]
+cfg = json.load(open(model + "/config.json"))
+try:
+    resolve({{**cfg, **overrides}}, model).validate_for_model(cfg["num_hidden_layers"], cfg["num_attention_heads"])
+except ConfigError as e:
+    print(f"sgl_minference.config.ConfigError: {{e}}", flush=True)
+    sys.exit(1)
+class H(BaseHTTPRequestHandler):
+    def do_GET(self):
+        self.send_response(200)
+        self.send_header("Content-Length", "0")
+        self.end_headers()
+HTTPServer(("127.0.0.1", port), H).serve_forever()
+"""
+
+
+@pytest.fixture
+def tiny_model(tmp_path):
+    model = tmp_path / "model"
+    model.mkdir()
+    (model / "config.json").write_text(json.dumps({"num_hidden_layers": 4, "num_attention_heads": 8,
+                                                   "vocab_size": 32000, "max_position_embeddings": 8192}))
+    return model
+
+
+def _stand_in(monkeypatch, tmp_path, body: str) -> None:
+    script = tmp_path / "stand_in.py"
+    script.write_text(body)
+    real = server.spec_from_args
+
+    def spec(args, backend, **kw):
+        base = real(args, backend, **kw)
+        return ScriptSpec(**{f.name: getattr(base, f.name) for f in dataclasses.fields(base)}, script=str(script))
+
+    monkeypatch.setattr(reliability, "spec_from_args", spec)
+
+
+def _statuses(out: Path) -> dict[str, str]:
+    data = json.loads(out.read_text())
+    assert {"device", "date", "command", "checks"} <= set(data)
+    return {c["name"]: c["status"] for c in data["checks"]}
+
+
+def test_reliability_load_end_to_end(monkeypatch, tmp_path, tiny_model):
+    _stand_in(monkeypatch, tmp_path, SERVE_SCRIPT)
+    monkeypatch.setenv("FAKE_PREFILL_S_PER_TOKEN", "2e-5")
+    readings = iter(["900\n", "900\n"] + ["1000\n", "1100\n"] * 10_000)
+    monkeypatch.setattr(reliability, "MemoryPoller",
+                        lambda **kw: gpu_memory.MemoryPoller(**kw, read=lambda: next(readings)))
+    out = tmp_path / "load.json"
+    rc = reliability.main(["load", "--model", str(tiny_model), "--out", str(out), "--long-tokens", "3000",
+                           "--short-tokens", "64", "--max-requests", "24", "--duration-s", "20",
+                           "--memory-interval-s", "0.02", "--log-dir", str(tmp_path / "logs"), "--startup-timeout-s", "60"])
+    assert rc == 0
+    assert _statuses(out) == {"load-crash": "PASS", "load-cross-request": "PASS", "load-memory": "PASS"}
+    data = json.loads(out.read_text())
+    assert data["load"]["requests"] == 24 and len(data["attributions"]) == 24
+    assert data["memory"]["peak_mib"] == 1100 and data["memory"]["idle_mib"][:2] == [900, 900]
+    other = tmp_path / "dense.json"
+    other.write_text(json.dumps({"memory": {"peak_mib": 1000}}))
+    cmp_out = tmp_path / "cmp.json"
+    assert reliability.main(["compare", "--sparse", str(out), "--dense", str(other), "--memory-slack-mib", "64",
+                             "--out", str(cmp_out)]) == 1
+    assert _statuses(cmp_out) == {"memory-vs-dense": "FAIL"}
+    assert reliability.main(["compare", "--sparse", str(out), "--dense", str(other), "--out", str(cmp_out)]) == 0
+
+
+def test_reliability_serving_end_to_end(monkeypatch, tmp_path, tiny_model):
+    _stand_in(monkeypatch, tmp_path, SERVE_SCRIPT)
+    monkeypatch.setenv("FAKE_PREFILL_S_PER_TOKEN", "2e-4")  # an 8K prompt prefills for 1.6 s
+    out = tmp_path / "serving.json"
+    rc = reliability.main(["serving", "--model", str(tiny_model), "--out", str(out), "--short-tokens", "64",
+                           "--disconnect-after-s", "0.3", "--log-dir", str(tmp_path / "logs"),
+                           "--startup-timeout-s", "60"])
+    assert rc == 0
+    assert _statuses(out) == {"serving-overlong": "PASS", "serving-disconnect-0.3s": "PASS", "serving-crash": "PASS"}
+    overlong = next(c for c in json.loads(out.read_text())["checks"] if c["name"] == "serving-overlong")
+    assert overlong["http_status"] == 400 and overlong["prompt_tokens"] > 8192
+
+
+def test_reliability_faults_end_to_end(monkeypatch, tmp_path, tiny_model):
+    _stand_in(monkeypatch, tmp_path, CONFIG_SCRIPT)
+    out = tmp_path / "faults.json"
+    args = ["faults", "--model", str(tiny_model), "--out", str(out), "--log-dir", str(tmp_path / "logs"),
+            "--startup-timeout-s", "30"]
+    assert reliability.main(args) == 0
+    assert _statuses(out) == {f"fault-{n}": "PASS" for n in ("malformed", "shape", "pattern", "budget")}
+    faults = json.loads(out.read_text())["faults"]
+    assert all(f["exit_code"] == 1 and "ConfigError" in f["message"] for f in faults)
+    assert reliability.main(args + ["--config-via", "env", "--faults", "pattern"]) == 0
+    # A backend that ignores its config starts fine: the check must fail.
+    lenient = CONFIG_SCRIPT.replace("resolve({**cfg, **overrides}, model).validate_for_model(", "print(")
+    _stand_in(monkeypatch, tmp_path, lenient)
+    assert reliability.main(args + ["--faults", "budget"]) == 1
+    assert "started and served" in json.loads(out.read_text())["checks"][0]["message"]

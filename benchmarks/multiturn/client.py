@@ -129,22 +129,19 @@ class SGLangClient:
     @staticmethod
     def payload(
         input_ids: list[int], *, max_new_tokens: int, stop: list[str] | None = None, ignore_eos: bool = False,
-        stream: bool = True, rid: str | None = None,
+        stream: bool = True,
     ) -> dict:
         """The ``/generate`` body of a greedy request."""
         sampling = {"temperature": 0.0, "max_new_tokens": max_new_tokens, "ignore_eos": ignore_eos}
         if stop:
             sampling["stop"] = list(stop)
-        body = {"input_ids": list(input_ids), "sampling_params": sampling, "stream": stream}
-        if rid is not None:
-            body["rid"] = rid
-        return body
+        return {"input_ids": list(input_ids), "sampling_params": sampling, "stream": stream}
 
     def generate(self, input_ids: list[int], *, max_new_tokens: int, stop: list[str] | None = None,
-                 ignore_eos: bool = False, stream: bool = True, rid: str | None = None) -> Reply:
+                 ignore_eos: bool = False, stream: bool = True) -> Reply:
         """One greedy ``/generate`` call; never raises for server or transport errors (see ``Reply.error``)."""
         body = json.dumps(self.payload(input_ids, max_new_tokens=max_new_tokens, stop=stop, ignore_eos=ignore_eos,
-                                       stream=stream, rid=rid)).encode()
+                                       stream=stream)).encode()
         conn = self._connect()
         t0 = time.perf_counter()
         try:
@@ -177,6 +174,7 @@ class SGLangClient:
                 continue
             data = line[len(b"data:"):].strip()
             if data == b"[DONE]":
+                resp.read()  # the end of the chunked body: the connection then closes cleanly
                 break
             chunk = json.loads(data)
             if reply.ttft_s is None:

@@ -117,9 +117,19 @@ def _log_path(args, what: str) -> Path:
     return Path(args.log_dir) / f"reliability_{what}_{args.backend}_{time.strftime('%Y%m%d_%H%M%S')}.log"
 
 
-def _tracebacks(path: Path) -> int:
+def _log_size(path: Path) -> int:
     try:
-        return Path(path).read_text(errors="replace").count("Traceback (most recent call last)")
+        return Path(path).stat().st_size
+    except OSError:
+        return 0
+
+
+def _tracebacks(path: Path, since: int) -> int:
+    """Python tracebacks the server logged after byte ``since`` of its log (startup noise excluded)."""
+    try:
+        with open(path, "rb") as f:
+            f.seek(since)
+            return f.read().decode(errors="replace").count("Traceback (most recent call last)")
     except OSError:
         return 0
 
@@ -176,6 +186,7 @@ def cmd_load(args, checks: Checks, out: dict) -> None:
                 return
             references = {n: r.output_ids for n, r in refs.items()}
             _flush(client)
+            log_start = _log_size(log)
             with MemoryPoller(gpu=args.gpu, interval_s=args.memory_interval_s) as mem:
                 time.sleep(2 * args.memory_interval_s)  # idle samples before the load starts
                 idle = mem.values()
@@ -184,7 +195,7 @@ def cmd_load(args, checks: Checks, out: dict) -> None:
                                 duration_s=args.duration_s, max_new_tokens=args.max_new_tokens, seed=args.seed)
                 elapsed = time.monotonic() - t0
             alive, healthy = srv.alive(), client.healthy()
-            tb = _tracebacks(log)
+            tb = _tracebacks(log, log_start)
     except ServerStartError as e:
         _server_failed(checks, "load", e)
         return
@@ -229,6 +240,7 @@ def cmd_serving(args, checks: Checks, out: dict) -> None:
         with launched_server(spec_from_args(args, args.backend), log_path=log,
                              startup_timeout_s=args.startup_timeout_s) as srv:
             out["server"] = {"command": srv.command, "startup_s": srv.startup_s, "log": str(log)}
+            log_start = _log_size(log)
             client = srv.client(timeout_s=args.request_timeout_s)
             info = client.server_info()
             max_input = int(info["max_req_input_len"])
@@ -268,7 +280,7 @@ def cmd_serving(args, checks: Checks, out: dict) -> None:
                            f"{'before its first token (mid-prefill)' if mid else 'after its first token arrived'}; "
                            f"afterwards {why}", **gone)
             alive = srv.alive()
-            tb = _tracebacks(log)
+            tb = _tracebacks(log, log_start)
     except ServerStartError as e:
         _server_failed(checks, "serving", e)
         return
@@ -303,7 +315,7 @@ def config_faults(num_layers: int, num_heads: int) -> list[ConfigFault]:
 
     good = table(num_layers, num_heads)
     return [
-        ConfigFault(name="malformed", content=good[: len(good) // 2] + ",,", expect=r"json|parse|decode|expecting"),
+        ConfigFault(name="malformed", content=good[: len(good) // 2] + ",,", expect=r"not json|jsondecode|expecting|parse|decode"),
         ConfigFault(name="shape", content=table(num_layers + 2, num_heads * 2), expect=r"layer|head"),
         ConfigFault(name="pattern", content=table(num_layers, num_heads, {(0, 0): ["diagonal_magic", 100, 100, 0.9]}),
                     expect=r"diagonal_magic"),

@@ -24,16 +24,20 @@ import dataclasses
 import json
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 from benchmarks.common import parse_lengths
 from benchmarks.multiturn.client import SGLangClient
-from benchmarks.multiturn.prompts import FORMATS, make_format
+from benchmarks.multiturn.prompts import FORMATS, PromptFormat, make_format
 from benchmarks.multiturn.results import envelope, write_json
-from benchmarks.multiturn.server import ServerStartError, add_server_arguments, launched_server, model_config, spec_from_args
-from benchmarks.multiturn.sessions import MODES, Expectations, compare, expectation_lines, run_multiturn, run_session, summarize
+from benchmarks.multiturn.server import (ServerStartError, add_server_arguments, launched_server, model_config,
+                                         spec_from_args)
+from benchmarks.multiturn.sessions import (MODES, Expectations, TurnRecord, compare, expectation_lines, run_multiturn,
+                                           run_session, summarize)
 from benchmarks.multiturn.tokenization import HFTokenizer
-from benchmarks.multiturn.workload import QUERIES_PER_CONTEXT, TASKS, make_contexts
+from benchmarks.multiturn.workload import QUERIES_PER_CONTEXT, TASKS, SharedContext, make_contexts
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -93,6 +97,38 @@ def _records_of(results: dict) -> list[dict]:
     return [rec for run in results["runs"] for rec in run["records"]]
 
 
+@dataclass(kw_only=True)
+class Plan:
+    """What every backend is asked, identically."""
+
+    fmt: PromptFormat
+    contexts: dict[int, list[SharedContext]]  # length -> measured contexts, then one warm-up context
+    modes: list[str]
+    turns: int
+    max_new_tokens: int
+    concurrency: int
+    warmup: bool
+    deadline: float  # time.monotonic() after which no session starts
+
+
+def run_backend(client: SGLangClient, backend: str, plan: Plan, on_session: Callable[[list[TurnRecord]], None]) -> bool:
+    """Every session of ``plan`` on one server, ``on_session`` after each; False when the deadline cut it short."""
+    for length, ctxs in plan.contexts.items():
+        *measured, warm = ctxs
+        if plan.warmup:
+            # Compiles kernels for this length and both paths (a long prefill, then a short extend on a prefix).
+            run_multiturn(client, plan.fmt, warm, backend=backend, turns=min(2, plan.turns),
+                          max_new_tokens=plan.max_new_tokens)
+        for mode in plan.modes:
+            for ctx in measured:
+                if time.monotonic() >= plan.deadline:
+                    return False
+                client.flush_cache()
+                on_session(run_session(mode, client, plan.fmt, ctx, backend=backend, turns=plan.turns,
+                                       max_new_tokens=plan.max_new_tokens, concurrency=plan.concurrency))
+    return True
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     exp = Expectations()
@@ -101,7 +137,7 @@ def main(argv: list[str] | None = None) -> int:
         report(records, sparse=args.sparse_label, dense=args.dense_label, exp=exp)
         return 0
 
-    t_end = time.monotonic() + args.duration_s
+    deadline = time.monotonic() + args.duration_s
     task = args.task or ("tokens" if args.dummy else "kv")
     modes = _csv(args.mode, MODES, "--mode")
     backends = [b.strip() for b in args.backends.split(",") if b.strip()]
@@ -111,8 +147,6 @@ def main(argv: list[str] | None = None) -> int:
         raise SystemExit("--task: dummy weights have no tokenizer; use --task tokens")
     if not 1 <= args.turns <= QUERIES_PER_CONTEXT:
         raise SystemExit(f"--turns: must be in [1, {QUERIES_PER_CONTEXT}]")
-    lengths = parse_lengths(args.lengths)
-    max_new = args.max_new_tokens or (16 if task == "tokens" else 48)
 
     tokenizer = vocab = None
     if task == "tokens":
@@ -121,38 +155,50 @@ def main(argv: list[str] | None = None) -> int:
             raise SystemExit("--vocab-size: needed (no config.json with vocab_size in --model)")
     else:
         tokenizer = HFTokenizer.from_pretrained(args.tokenizer or args.model)
-    fmt = make_format(task, args.format, tokenizer)
-
-    # Index `sessions` of each length is the warm-up context: same length, never measured.
     contexts = {}
-    for length in lengths:
+    for length in parse_lengths(args.lengths):
         t0 = time.monotonic()
+        # Index `sessions` of each length is the warm-up context: same length, never measured.
         contexts[length] = make_contexts(task=task, target_tokens=length, count=args.sessions + 1, seed=args.seed,
                                          tokenizer=tokenizer, vocab_size=vocab)
         print(f"generated {args.sessions + 1} {task} contexts of {length} tokens in {time.monotonic() - t0:.1f} s",
               flush=True)
+    plan = Plan(fmt=make_format(task, args.format, tokenizer), contexts=contexts, modes=modes, turns=args.turns,
+                max_new_tokens=args.max_new_tokens or (16 if task == "tokens" else 48),
+                concurrency=args.concurrency, warmup=not args.no_warmup, deadline=deadline)
 
     results = {**envelope("multiturn"), "args": vars(args), "runs": []}
     for backend in backends:
-        if time.monotonic() >= t_end:
+        if time.monotonic() >= deadline:
             print(f"skipping backend {backend}: --duration-s used up", flush=True)
             continue
         run = {"backend": backend, "server": None, "records": [], "truncated": False, "error": None}
         results["runs"].append(run)
+
+        def on_session(recs: list[TurnRecord]) -> None:
+            run["records"] += [dataclasses.asdict(r) for r in recs]
+            for r in recs:
+                ttft = "-" if r.ttft_s is None else f"{r.ttft_s:.3f}"
+                print(f"{backend} {r.mode} {r.context_id} turn {r.turn}: prompt {r.prompt_tokens} cached "
+                      f"{r.cached_tokens} ttft {ttft} s acc {r.accuracy}" + (f" ERROR {r.error}" if r.error else ""),
+                      flush=True)
+            write_json(args.out, results)
+
         try:
             if args.server_url:
                 run["server"] = {"url": args.server_url}
-                _run_backend(SGLangClient(args.server_url, timeout_s=args.request_timeout_s), run, args, backend,
-                             fmt, contexts, modes, max_new, t_end, results)
+                finished = run_backend(SGLangClient(args.server_url, timeout_s=args.request_timeout_s), backend,
+                                       plan, on_session)
             else:
-                spec = spec_from_args(args, backend)
                 log = Path(args.log_dir) / f"multiturn_{backend}_{time.strftime('%Y%m%d_%H%M%S')}.log"
-                timeout = min(args.startup_timeout_s, max(t_end - time.monotonic(), 1.0))
-                with launched_server(spec, log_path=log, startup_timeout_s=timeout) as srv:
+                timeout = min(args.startup_timeout_s, max(deadline - time.monotonic(), 1.0))
+                with launched_server(spec_from_args(args, backend), log_path=log, startup_timeout_s=timeout) as srv:
                     run["server"] = {"command": srv.command, "startup_s": srv.startup_s, "log": str(log)}
                     print(f"{backend}: server up in {srv.startup_s:.0f} s ({log})", flush=True)
-                    _run_backend(srv.client(timeout_s=args.request_timeout_s), run, args, backend, fmt, contexts,
-                                 modes, max_new, t_end, results)
+                    finished = run_backend(srv.client(timeout_s=args.request_timeout_s), backend, plan, on_session)
+            run["truncated"] = not finished
+            if not finished:
+                print(f"{backend}: --duration-s used up, later sessions skipped", flush=True)
         except ServerStartError as e:
             run["error"] = str(e)
             print(f"FAIL {backend}: server did not start\n{e}", flush=True)
@@ -162,30 +208,6 @@ def main(argv: list[str] | None = None) -> int:
     write_json(args.out, results)
     print(f"results: {args.out}")
     return 0 if all(run["error"] is None for run in results["runs"]) else 1
-
-
-def _run_backend(client: SGLangClient, run: dict, args, backend: str, fmt, contexts: dict, modes: list[str],
-                 max_new: int, t_end: float, results: dict) -> None:
-    for length, ctxs in contexts.items():
-        *measured, warm = ctxs
-        if not args.no_warmup:
-            # Compiles kernels for this length and both paths (a long prefill, then a short extend on a prefix).
-            run_multiturn(client, fmt, warm, backend=backend, turns=min(2, args.turns), max_new_tokens=max_new)
-        for mode in modes:
-            for ctx in measured:
-                if time.monotonic() >= t_end:
-                    run["truncated"] = True
-                    print(f"{backend}: --duration-s used up, stopping", flush=True)
-                    return
-                client.flush_cache()
-                recs = run_session(mode, client, fmt, ctx, backend=backend, turns=args.turns,
-                                   max_new_tokens=max_new, concurrency=args.concurrency)
-                run["records"] += [dataclasses.asdict(r) for r in recs]
-                for r in recs:
-                    print(f"{backend} {mode} {ctx.context_id} turn {r.turn}: prompt {r.prompt_tokens} "
-                          f"cached {r.cached_tokens} ttft {r.ttft_s if r.ttft_s is None else round(r.ttft_s, 3)} s "
-                          f"acc {r.accuracy}" + (f" ERROR {r.error}" if r.error else ""), flush=True)
-                write_json(args.out, results)
 
 
 if __name__ == "__main__":

@@ -107,21 +107,36 @@ def log_tail(path: Path, max_lines: int = 60) -> str:
     return "\n".join(lines[-max_lines:])
 
 
+def _group_running(pgid: int) -> bool:
+    """Whether a process of group ``pgid`` still runs (zombies are skipped: they hold no memory)."""
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            text = stat.read_text()
+        except OSError:
+            continue
+        state, _ppid, pgrp = text[text.rindex(")") + 2:].split()[:3]
+        if int(pgrp) == pgid and state not in ("Z", "X"):
+            return True
+    return False
+
+
 def _stop(proc: subprocess.Popen, grace_s: float = 30.0) -> int | None:
-    """Stop the process group led by ``proc`` (the server we started); returns the exit code."""
+    """Stop the process group led by ``proc`` (the server we started) and wait until none of it runs;
+    returns the server's exit code."""
     if proc.poll() is None:
         try:
             os.killpg(proc.pid, signal.SIGTERM)
             proc.wait(timeout=grace_s)
-        except subprocess.TimeoutExpired:
+        except (subprocess.TimeoutExpired, ProcessLookupError):
             pass
+    # Leftover children (a scheduler stuck in CUDA) would keep GPU memory from the next server.
+    deadline = time.monotonic() + grace_s
+    while _group_running(proc.pid) and time.monotonic() < deadline:
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
         except ProcessLookupError:
-            return proc.poll()
-    try:
-        # Leftover children (a scheduler stuck in CUDA) would keep GPU memory from the next server.
-        os.killpg(proc.pid, signal.SIGKILL)
-    except ProcessLookupError:
-        pass
+            break
+        time.sleep(0.1)
     try:
         return proc.wait(timeout=grace_s)
     except subprocess.TimeoutExpired:
