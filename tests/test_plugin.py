@@ -1,0 +1,140 @@
+"""The SGLang plugin on CPU: entry-point registration, ServerArgs with ``--attention-backend minference``, the
+prefill-graph default, the config path through ``--json-model-override-args``, and the backend factory.
+
+Needs ``pip install -e .`` (the entry point) and tests/requirements-sglang-cpu.txt; skips without SGLang.
+"""
+
+import json
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+from sglang_cpu import import_server_args
+
+server_args = import_server_args()
+
+from sglang.srt.configs.model_config import ModelConfig  # noqa: E402
+from sglang.srt.layers.attention import attention_registry  # noqa: E402
+from sglang.srt.plugins import load_plugins  # noqa: E402
+
+from sgl_minference import plugin  # noqa: E402
+from sgl_minference.backend.attn_backend import MInferenceAttnBackend  # noqa: E402
+from sgl_minference.config import ConfigError, VerticalSlashSpec  # noqa: E402
+
+MODEL = str(Path(__file__).parents[1] / "launch" / "models" / "llama3.2-1b")  # 16 layers, 32 q / 8 kv heads
+
+
+@pytest.fixture(scope="module", autouse=True)
+def plugins_loaded():
+    load_plugins()
+
+
+def make_server_args(**kwargs):
+    # device="cuda": ServerArgs asks for an accelerator otherwise; nothing here touches one.
+    return server_args.ServerArgs(model_path=MODEL, load_format="dummy", skip_tokenizer_init=True, device="cuda",
+                                  **kwargs)
+
+
+def test_entry_point_registers_the_backend():
+    assert plugin.BACKEND_NAME in server_args.ATTENTION_BACKEND_CHOICES
+    assert attention_registry.ATTENTION_BACKENDS[plugin.BACKEND_NAME] is plugin.create_backend
+
+
+def test_register_twice_adds_the_choice_once():
+    plugin.register()
+    plugin.register()
+    assert server_args.ATTENTION_BACKEND_CHOICES.count(plugin.BACKEND_NAME) == 1
+
+
+def test_cli_accepts_the_backend():
+    import argparse
+
+    parser = argparse.ArgumentParser()
+    server_args.ServerArgs.add_cli_args(parser)
+    ns = parser.parse_args(["--model-path", MODEL, "--attention-backend", "minference"])
+    assert ns.attention_backend == "minference"
+    with pytest.raises(SystemExit):
+        parser.parse_args(["--model-path", MODEL, "--attention-backend", "no-such-backend"])
+
+
+def test_server_args_turn_the_prefill_graph_off_for_minference_only():
+    sa = make_server_args(attention_backend="minference")
+    assert sa.attention_backend == "minference"
+    assert sa.cuda_graph_config.prefill.backend == "disabled"
+    assert sa.cuda_graph_config.decode.backend == "full"  # decode graphs stay (the dense backend runs them)
+    dense = make_server_args(attention_backend="flashinfer")
+    assert dense.cuda_graph_backend_prefill is None
+    chosen = make_server_args(attention_backend="minference", cuda_graph_backend_prefill="tc_piecewise")
+    assert chosen.cuda_graph_config.prefill.backend == "tc_piecewise"  # an explicit choice is kept
+
+
+def test_config_reaches_hf_config_through_json_model_override_args():
+    override = {"minference": {"min_context": 1, "default": {"type": "vertical_slash", "vertical": 7, "slash": 9}}}
+    sa = make_server_args(attention_backend="minference", json_model_override_args=json.dumps(override))
+    model_config = ModelConfig.from_server_args(sa)
+    from sgl_minference.config import resolve
+
+    cfg = resolve(model_config.hf_config, sa.model_path, {})
+    assert cfg.min_context == 1 and cfg.default == VerticalSlashSpec(vertical=7, slash=9)
+
+
+# ---- the factory SGLang calls with its ModelRunner --------------------------------------------------------------
+
+
+class FakeDense:
+    def __init__(self, runner):
+        self.runner = runner
+
+
+def fake_runner(*, override=None, draft=False, **server_kwargs):
+    sa = make_server_args(attention_backend="minference",
+                          json_model_override_args=json.dumps({"minference": override} if override else {}),
+                          **server_kwargs)
+    return SimpleNamespace(server_args=sa, model_config=ModelConfig.from_server_args(sa), is_draft_worker=draft,
+                           use_mla_backend=False, token_to_kv_pool=object(),
+                           req_to_token_pool=SimpleNamespace(req_to_token=torch.zeros(4, 16, dtype=torch.int32)))
+
+
+@pytest.fixture
+def dense_and_tp(monkeypatch):
+    """FlashInfer needs a GPU: a fake stands in; attention TP rank 1 of 2 (no distributed setup on CPU)."""
+    monkeypatch.setitem(attention_registry.ATTENTION_BACKENDS, "flashinfer", FakeDense)
+    monkeypatch.setattr("sglang.srt.runtime_context.get_parallel",
+                        lambda: SimpleNamespace(attn_tp_rank=1, attn_tp_size=2))
+
+
+def test_factory_composes_the_dense_backend_and_slices_heads(dense_and_tp):
+    override = {"min_context": 4096, "heads": {"3": {"17": {"type": "dense"}}}}
+    runner = fake_runner(override=override)
+    backend = plugin.create_backend(runner)
+    assert isinstance(backend, MInferenceAttnBackend) and isinstance(backend.dense, FakeDense)
+    assert backend.dense.runner is runner and backend.config.min_context == 4096
+    assert sorted(backend.layers) == list(range(16))
+    layer3 = backend.layers[3]
+    assert layer3.num_q_heads == 16  # 32 heads over 2 ranks
+    assert [g.heads.heads for g in layer3.groups if g.kind == "dense"] == [[1]]  # global head 17 on rank 1
+    assert layer3.all_heads.kv_head.tolist() == [h // 4 for h in range(16)]  # 4 KV heads per rank
+    assert backend.layers[0].groups[0].heads.q_head.device == runner.req_to_token_pool.req_to_token.device
+
+
+def test_factory_rejects_a_table_that_does_not_fit_the_model(dense_and_tp):
+    with pytest.raises(ConfigError, match="layer 20"):
+        plugin.create_backend(fake_runner(override={"heads": {"20": {"0": {"type": "dense"}}}}))
+    with pytest.raises(ConfigError, match="last_q"):
+        plugin.create_backend(fake_runner(override={"last_q": 0}))
+
+
+def test_factory_rejects_unsupported_setups(dense_and_tp):
+    runner = fake_runner()
+    runner.use_mla_backend = True
+    with pytest.raises(ValueError, match="MLA"):
+        plugin.create_backend(runner)
+    fp8 = fake_runner()
+    fp8.server_args = SimpleNamespace(**{**vars(fp8.server_args), "kv_cache_dtype": "fp8_e4m3"})
+    with pytest.raises(ValueError, match="kv-cache-dtype fp8_e4m3"):
+        plugin.create_backend(fp8)
+
+
+def test_draft_models_get_the_dense_backend(dense_and_tp):
+    assert isinstance(plugin.create_backend(fake_runner(draft=True)), FakeDense)
