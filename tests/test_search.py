@@ -228,3 +228,41 @@ def test_config_recall_dense_is_lossless(tiny_gemma):
     sparse = MInferenceConfig(default=AShapeSpec(sink=4, local=16))
     res = config_recall(model, ids, sparse, layers=[2], settings=ScoreSettings(row_block=128), progress=False)
     assert all(r.recall[0] < 1.0 for r in res)
+
+
+def test_fit_slash_meets_budget():
+    from sgl_minference.search.recall import Selection, lastq_indices, selection_keys
+
+    n, d = 1024, 16
+    gen = torch.Generator().manual_seed(5)
+    q, k = torch.randn(n, d, generator=gen) * 2.0, torch.randn(n, d, generator=gen)  # diffuse: scattered diagonals
+    nominal = VerticalSlashSpec(vertical=30, slash=385)
+    budget = 300
+    fitted = cand.fit_slash(nominal, q, k, budget, sm_scale=1.0, row_block=256, skip_rows=256)
+    assert 100 <= fitted.slash < nominal.slash and fitted.vertical == 30
+
+    def keys(spec):
+        cols, offs = lastq_indices(q, k, sm_scale=1.0, vertical=spec.vertical, slash=spec.slash)
+        return selection_keys(Selection(n=n, columns=cols, offsets=offs), row_block=256, skip_rows=256)
+
+    assert keys(fitted) <= budget < keys(fitted.model_copy(update={"slash": fitted.slash + 1}))
+    assert keys(nominal) > 2 * budget  # the nominal model assumed contiguous diagonals
+    # a local head's diagonals are contiguous: the fitted count grows up to what the budget allows
+    pos = torch.arange(n, dtype=torch.float64)
+    theta = math.pi / n
+    ql = torch.stack([torch.cos(theta * pos), torch.sin(theta * pos)], -1).float() * 2000.0
+    kl = torch.stack([torch.cos(theta * pos), torch.sin(theta * pos)], -1).float()
+    grown = cand.fit_slash(VerticalSlashSpec(vertical=30, slash=100), ql, kl, budget, sm_scale=1.0,
+                           row_block=256, skip_rows=256)
+    assert grown.slash > 150
+
+
+def test_dense_below_keeps_poor_heads_dense():
+    from sgl_minference.search.searcher import HeadResult, to_config
+
+    specs = [AShapeSpec(sink=64, local=100), VerticalSlashSpec(vertical=30, slash=100)]
+    results = [HeadResult(layer=1, head=0, specs=specs, recall=[0.3, 0.4], keys=[100, 100], best=1),
+               HeadResult(layer=1, head=1, specs=specs, recall=[0.95, 0.9], keys=[100, 100], best=0)]
+    cfg = to_config(results, num_layers=2, num_heads=2, dense_below=0.5, min_context=4096)
+    assert cfg.head_spec(1, 0) == DenseSpec() and cfg.head_spec(1, 1) == specs[0]
+    assert cfg.head_spec(0, 0) == DenseSpec() and cfg.min_context == 4096

@@ -40,6 +40,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="rows left out of the recall average (default min(4096, length // 4))")
     p.add_argument("--slack", type=float, default=1.5,
                    help="a candidate may visit at most slack x budget keys per row to be chosen")
+    p.add_argument("--dense-below", type=float, default=0.0,
+                   help="heads whose best recall is below this stay dense (default 0: every searched head sparse)")
     p.add_argument("--min-context", type=int, default=None, help="the config's min_context (default: its own)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
@@ -87,21 +89,22 @@ def main(argv=None) -> dict:
                            slack=args.slack, progress=not args.no_progress)
     extra = {} if args.min_context is None else {"min_context": args.min_context}
     config = to_config(results, num_layers=text_cfg.num_hidden_layers, num_heads=text_cfg.num_attention_heads,
-                       **extra)
+                       dense_below=args.dense_below, **extra)
     out = Path(args.output)
     out.parent.mkdir(parents=True, exist_ok=True)
     config.save(out)
     report = {
         "model": str(args.model), "length": length, "budget": budget, "density": budget * 2 / (length + 1),
-        "layers": layers, "skip_rows": settings.skip_rows, "row_block": settings.row_block, "slack": args.slack,
+        "layers": layers, "dense_below": args.dense_below, "skip_rows": settings.skip_rows, "row_block": settings.row_block, "slack": args.slack,
         "seconds": round(time.time() - t0, 2), "layer_recall": layer_summary(results),
         "heads": [r.as_dict() for r in results],
     }
     report_path = Path(args.report) if args.report else out.with_suffix(".report.json")
     report_path.write_text(json.dumps(report, indent=1) + "\n")
-    chosen = {}
-    for r in results:
-        chosen[r.specs[r.best].type] = chosen.get(r.specs[r.best].type, 0) + 1
+    chosen: dict[str, int] = {}
+    for per_head in config.heads.values():
+        for spec in per_head.values():
+            chosen[spec.type] = chosen.get(spec.type, 0) + 1
     print(f"wrote {out} ({chosen}) and {report_path}; mean recall per layer "
           + ", ".join(f"{k}: {v:.3f}" for k, v in report["layer_recall"].items()), flush=True)
     return report

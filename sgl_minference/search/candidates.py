@@ -13,6 +13,9 @@ Candidate space for a budget ``B`` keys per row (:func:`candidate_space`), each 
 one A-shape (a 64-key sink, the rest local), vertical-slash with ``VERTICAL_SHARES`` of the budget in columns
 (from slash-heavy to vertical-heavy, like the reference search's 30/800 .. 3500/100 splits), and block-sparse
 with ``B / 64`` blocks. :func:`budget_for` turns a density (share of the causal attention computed) into ``B``.
+Diagonals are the one cost the nominal model cannot know in advance: a scattered diagonal costs up to 64 keys
+per row. So the search fits each vertical-slash candidate to the head (:func:`fit_slash`): its vertical count stays, its
+slash count becomes the largest whose realised keys per row on the calibration prompt stay within the budget.
 The search measures every candidate's *realised* cost too (``head_recall``'s keys per row) and only picks among
 those within ``slack`` times the budget (:func:`choose`), so a pattern whose diagonals scatter cannot win by
 spending more; among candidates of equal recall (within ``tol``) the cheapest wins.
@@ -22,8 +25,11 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+import torch
+
 from ..config import AShapeSpec, BlockSparseSpec, DenseSpec, VerticalSlashSpec
 from ..layout import BLOCK, check
+from .recall import Selection, lastq_scores, selection_keys
 
 VERTICAL_SHARES = (0.03, 0.12, 0.4, 0.95)  # share of the budget spent on key columns, one candidate each
 SINK = BLOCK  # A-shape sink columns: one key tile
@@ -88,3 +94,34 @@ def choose(recall: Sequence[float], keys: Sequence[float], budget: int, slack: f
         return min(range(len(keys)), key=lambda i: keys[i])
     best = max(recall[i] for i in within)
     return min((i for i in within if recall[i] >= best - tol), key=lambda i: (keys[i], -recall[i]))
+
+
+def fit_slash(spec: VerticalSlashSpec, q: torch.Tensor, k: torch.Tensor, budget: int, *, sm_scale: float,
+              last_q: int = 64, forced_sink: int = 30, forced_local: int = 100, softcap: float | None = None,
+              row_block: int = 1024, skip_rows: int = 0) -> VerticalSlashSpec:
+    """``spec`` with the largest slash count (at most ``max(spec.slash, budget)``) whose realised keys per row on
+    this head (rows ``skip_rows..n-1``) are at most ``budget``; never below ``forced_local`` (the diagonals
+    always kept). The count grows past the nominal one when the columns leave budget unused.
+
+    q, k: ``[n, D]`` the head's queries and keys. Bisects over prefixes of the online ranking of diagonals
+    (realised keys grow with the slash count); each step counts kept keys without computing softmax.
+    """
+    n = q.shape[0]
+    col, diag = lastq_scores(q, k, sm_scale=sm_scale, last_q=last_q, forced_sink=forced_sink,
+                             forced_local=forced_local, softcap=softcap)
+    columns = col.topk(min(spec.vertical, n)).indices.sort().values
+    ranked = diag.topk(min(max(spec.slash, budget), n)).indices  # best first: a prefix is the online top-S
+
+    def keys(slash: int) -> float:
+        sel = Selection(n=n, columns=columns, offsets=ranked[:slash])
+        return selection_keys(sel, row_block=row_block, skip_rows=skip_rows)
+
+    lo, hi = min(max(forced_local, 1), ranked.numel()), ranked.numel()
+    if keys(hi) <= budget:
+        return spec.model_copy(update={"slash": hi})
+    if keys(lo) > budget:
+        return spec.model_copy(update={"slash": lo})
+    while hi - lo > 1:  # invariant: keys(lo) <= budget < keys(hi)
+        mid = (lo + hi) // 2
+        lo, hi = (mid, hi) if keys(mid) <= budget else (lo, mid)
+    return spec.model_copy(update={"slash": lo})

@@ -63,18 +63,18 @@ def _scores(q: torch.Tensor, k: torch.Tensor, sm_scale: float, softcap: float | 
     return s if not softcap else softcap * torch.tanh(s / softcap)
 
 
-def lastq_indices(q: torch.Tensor, k: torch.Tensor, *, sm_scale: float, vertical: int, slash: int,
-                  last_q: int = 64, forced_sink: int = 30, forced_local: int = 100,
-                  softcap: float | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Vertical-slash indices of one head as the online method estimates them.
+def lastq_scores(q: torch.Tensor, k: torch.Tensor, *, sm_scale: float, last_q: int = 64, forced_sink: int = 30,
+                 forced_local: int = 100, softcap: float | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Column and diagonal scores of one head as the online vertical-slash estimation computes them.
 
-    The last ``min(last_q, n)`` queries' causal softmax (fp32) is summed per key column and per diagonal; the
-    first ``forced_sink`` columns and the ``forced_local`` nearest diagonals are always taken (inside the budget).
+    The last ``min(last_q, n)`` queries' causal softmax (fp32) summed per key column and per diagonal offset
+    ``i - j``; the first ``forced_sink`` columns and the ``forced_local`` nearest diagonals score ``inf`` (always
+    taken, inside the budget).
 
     Args:
         q, k: ``[n, D]`` one head's queries and keys (after RoPE), any float dtype.
     Returns:
-        ``columns [min(vertical, n)]`` int64 ascending and ``offsets [min(slash, n)]`` int64 descending.
+        ``col [n]`` and ``diag [n]`` float32.
     """
     n = q.shape[0]
     rows = min(last_q, n)
@@ -87,6 +87,19 @@ def lastq_indices(q: torch.Tensor, k: torch.Tensor, *, sm_scale: float, vertical
     diag = torch.zeros(n, dtype=torch.float32, device=q.device).scatter_add_(0, offset.flatten(), p.flatten())
     col[:forced_sink] = float("inf")
     diag[:forced_local] = float("inf")
+    return col, diag
+
+
+def lastq_indices(q: torch.Tensor, k: torch.Tensor, *, sm_scale: float, vertical: int, slash: int,
+                  last_q: int = 64, forced_sink: int = 30, forced_local: int = 100,
+                  softcap: float | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Vertical-slash indices of one head as the online method picks them (top of :func:`lastq_scores`).
+
+    Returns ``columns [min(vertical, n)]`` int64 ascending and ``offsets [min(slash, n)]`` int64 descending.
+    """
+    col, diag = lastq_scores(q, k, sm_scale=sm_scale, last_q=last_q, forced_sink=forced_sink,
+                             forced_local=forced_local, softcap=softcap)
+    n = q.shape[0]
     columns = col.topk(min(vertical, n)).indices.sort().values
     offsets = diag.topk(min(slash, n)).indices.sort(descending=True).values
     return columns, offsets
@@ -175,3 +188,15 @@ def head_recall(q: torch.Tensor, k: torch.Tensor, selections: list[Selection], *
             keys[c] += kept.sum(dtype=torch.float64)
     rows = n - skip_rows
     return recall / rows, keys / rows
+
+
+def selection_keys(sel: Selection, *, row_block: int = 1024, skip_rows: int = 0) -> float:
+    """Mean causal keys ``sel`` keeps per query row over rows ``skip_rows .. n-1`` (no scores needed)."""
+    check(0 <= skip_rows < sel.n, "skip_rows", f"{skip_rows} leaves no row of {sel.n} to count")
+    total = 0
+    for r0 in range(skip_rows, sel.n, row_block):
+        r1 = min(r0 + row_block, sel.n)
+        dev = sel.columns.device
+        causal = torch.arange(r1, device=dev).view(1, -1) <= torch.arange(r0, r1, device=dev).view(-1, 1)
+        total += int((sel.row_mask(r0, r1) & causal).sum())
+    return total / (sel.n - skip_rows)

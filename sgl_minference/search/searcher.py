@@ -13,9 +13,9 @@ from dataclasses import dataclass
 
 import torch
 
-from ..config import DenseSpec, MInferenceConfig
+from ..config import DenseSpec, MInferenceConfig, VerticalSlashSpec
 from ..layout import check
-from .candidates import choose, nominal_cost
+from .candidates import choose, fit_slash, nominal_cost
 from .capture import LayerQK, capture_qk
 from .recall import head_recall, realise
 
@@ -49,9 +49,10 @@ class HeadResult:
 
 
 def score_layer(qk: LayerQK, specs_for: Callable[[int, int], Sequence], settings: ScoreSettings,
-                on_head: Callable[[HeadResult], None] | None = None) -> list[HeadResult]:
+                on_head: Callable[[HeadResult], None] | None = None, fit_budget: int | None = None) -> list[HeadResult]:
     """Score ``specs_for(layer, head)`` on every query head of one captured layer (GQA: head ``h`` reads KV head
-    ``h // (Hq / Hk)``)."""
+    ``h // (Hq / Hk)``). With ``fit_budget``, vertical-slash specs first get their slash count fitted to that
+    many keys per row on the head (:func:`~sgl_minference.search.candidates.fit_slash`)."""
     num_heads, num_kv = qk.q.shape[0], qk.k.shape[0]
     check(num_heads % num_kv == 0, "qk", f"{num_kv} KV heads do not divide {num_heads} query heads")
     group = num_heads // num_kv
@@ -60,9 +61,13 @@ def score_layer(qk: LayerQK, specs_for: Callable[[int, int], Sequence], settings
     out = []
     for h in range(num_heads):
         q, k = qk.q[h], qk.k[h // group]
+        est = dict(sm_scale=qk.sm_scale, last_q=settings.last_q, forced_sink=settings.forced_sink,
+                   forced_local=settings.forced_local, softcap=qk.softcap)
         specs = list(specs_for(qk.layer, h))
-        sels = [realise(s, q, k, sm_scale=qk.sm_scale, last_q=settings.last_q, forced_sink=settings.forced_sink,
-                        forced_local=settings.forced_local, softcap=qk.softcap) for s in specs]
+        if fit_budget is not None:
+            specs = [fit_slash(s, q, k, fit_budget, row_block=settings.row_block, skip_rows=skip, **est)
+                     if isinstance(s, VerticalSlashSpec) else s for s in specs]
+        sels = [realise(s, q, k, **est) for s in specs]
         recall, keys = head_recall(q, k, sels, sm_scale=qk.sm_scale, row_block=settings.row_block, skip_rows=skip,
                                    softcap=qk.softcap)
         res = HeadResult(layer=qk.layer, head=h, specs=specs, recall=recall.tolist(), keys=keys.tolist())
@@ -78,7 +83,8 @@ def _num_heads(model) -> int:
 
 def search_model(model, input_ids: torch.Tensor, *, layers: Sequence[int], candidates: Sequence, budget: int,
                  settings: ScoreSettings, slack: float = 1.5, progress: bool = True) -> list[HeadResult]:
-    """Score ``candidates`` on every query head of ``layers`` and choose the best of each (``HeadResult.best``).
+    """Score ``candidates`` on every query head of ``layers`` and choose the best of each (``HeadResult.best``);
+    vertical-slash candidates are fitted to ``budget`` per head first.
 
     ``model``: a transformers causal LM loaded with ``attn_implementation="sdpa"``; ``input_ids``: ``[N]`` int64,
     the calibration prompt; ``budget``: keys per row the candidates were sized for.
@@ -94,7 +100,7 @@ def search_model(model, input_ids: torch.Tensor, *, layers: Sequence[int], candi
         bar.set_postfix(layer=res.layer, recall=f"{res.recall[res.best]:.3f}")
 
     capture_qk(model, input_ids, layers,
-               lambda qk: results.extend(score_layer(qk, lambda _l, _h: candidates, settings, on_head)))
+               lambda qk: results.extend(score_layer(qk, lambda _l, _h: candidates, settings, on_head, budget)))
     bar.close()
     return results
 
@@ -113,14 +119,16 @@ def config_recall(model, input_ids: torch.Tensor, config: MInferenceConfig, *, l
     return results
 
 
-def to_config(results: Sequence[HeadResult], *, num_layers: int, num_heads: int, **globals_) -> MInferenceConfig:
+def to_config(results: Sequence[HeadResult], *, num_layers: int, num_heads: int, dense_below: float = 0.0,
+              **globals_) -> MInferenceConfig:
     """The config listing each searched head's chosen spec; every other head (sliding-window layers) dense.
 
+    ``dense_below``: a head whose chosen recall is lower stays dense too (no pattern fits it within the budget).
     ``globals_``: further ``MInferenceConfig`` fields (e.g. ``min_context``, ``last_q``).
     """
     heads: dict[int, dict[int, object]] = {}
     for r in results:
-        heads.setdefault(r.layer, {})[r.head] = r.specs[r.best]
+        heads.setdefault(r.layer, {})[r.head] = r.specs[r.best] if r.recall[r.best] >= dense_below else DenseSpec()
     return MInferenceConfig(num_layers=num_layers, num_heads=num_heads, default=DenseSpec(), heads=heads, **globals_)
 
 
