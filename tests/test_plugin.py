@@ -138,3 +138,11 @@ def test_factory_rejects_unsupported_setups(dense_and_tp):
 
 def test_draft_models_get_the_dense_backend(dense_and_tp):
     assert isinstance(plugin.create_backend(fake_runner(draft=True)), FakeDense)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message a machine without a GPU gets")
+def test_ttft_refuses_without_a_gpu(capsys):
+    from sgl_minference import ttft
+
+    assert ttft.main([]) == 2
+    assert "needs a CUDA GPU" in capsys.readouterr().err

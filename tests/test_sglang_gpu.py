@@ -1,0 +1,125 @@
+"""End-to-end through ``sglang.Engine`` on a GPU (dummy weights, token ids in, no tokenizer).
+
+Dummy weights are uniform in +-1e-3, so attention moves the outputs only a little and greedy tokens are
+near-ties: comparing them between backends would test noise. The comparison is therefore self-calibrating:
+per-position prompt log-probabilities (``input_token_logprobs`` over the last positions of each prompt, i.e.
+the model's prediction after each of those tokens) from FlashInfer are compared with (a) ``minference`` under
+a dense-equivalent config (every request sparse, budgets covering the whole context) and (b) ``minference``
+under a deliberately lossy A-shape config. (a) must sit far closer to dense than (b): if the sparse path read
+the wrong keys, skipped the prefix, or lost the chunk's KV, (a) would move as far as (b) does.
+
+Scenarios share one engine per config (``--chunked-prefill-size 4096``): a single request, a ragged batch,
+a chunked 33K prompt, and a radix-cache second turn (``cached_tokens > 0``). Separately, the default sparse
+config runs a 64K prompt on Llama-3-8B shapes. Skips without CUDA, FlashInfer, SGLang or the entry point.
+"""
+
+import importlib.util
+import json
+import random
+from importlib.metadata import entry_points
+from pathlib import Path
+
+import pytest
+import torch
+
+MODELS = Path(__file__).resolve().parents[1] / "launch" / "models"
+SMALL, LLAMA3_8B = MODELS / "llama3.2-1b", MODELS / "llama3-8b"
+VOCAB = 128256
+TAIL = 256  # prompt positions compared per request
+
+pytestmark = [
+    pytest.mark.gpu,
+    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU"),
+    pytest.mark.skipif(importlib.util.find_spec("flashinfer") is None, reason="needs flashinfer"),
+    pytest.mark.skipif(importlib.util.find_spec("sglang") is None, reason="needs sglang"),
+    pytest.mark.skipif(not any(ep.name == "minference" for ep in entry_points(group="sglang.srt.plugins")),
+                       reason="needs the sgl-minference entry point (pip install --no-deps -e .)"),
+]
+
+DENSE_EQUIVALENT = {"min_context": 1, "min_chunk": 1,
+                    "default": {"type": "vertical_slash", "vertical": 65536, "slash": 65536}}
+LOSSY = {"min_context": 1, "min_chunk": 1, "default": {"type": "a_shape", "sink": 64, "local": 128}}
+
+
+def ids(length, seed):
+    rng = random.Random(seed)
+    return [rng.randrange(1000, VOCAB) for _ in range(length)]
+
+
+SINGLE = ids(6000, 1)
+RAGGED = [ids(300, 2), ids(5000, 3), ids(2100, 4)]
+CHUNKED = ids(33000, 5)
+TURN1 = ids(5000, 6)
+TURN2 = TURN1 + ids(200, 7)
+
+
+def tail_logprobs(engine, prompts):
+    """Per prompt: the input log-probabilities of its last TAIL positions, plus meta_info."""
+    single = isinstance(prompts[0], int)
+    batch = [prompts] if single else prompts
+    params = [{"max_new_tokens": 2, "temperature": 0.0} for _ in batch]
+    outs = engine.generate(input_ids=batch, sampling_params=params, return_logprob=True,
+                           logprob_start_len=[len(p) - TAIL for p in batch])
+    return [([lp for lp, *_ in o["meta_info"]["input_token_logprobs"] if lp is not None], o["meta_info"])
+            for o in outs]
+
+
+def run_scenarios(attention_backend, override=None):
+    import sglang
+
+    kwargs = dict(model_path=str(SMALL), load_format="dummy", skip_tokenizer_init=True, context_length=40000,
+                  attention_backend=attention_backend, chunked_prefill_size=4096, mem_fraction_static=0.6)
+    if override is not None:
+        kwargs["json_model_override_args"] = json.dumps({"minference": override})
+    engine = sglang.Engine(**kwargs)
+    try:
+        results = {"single": tail_logprobs(engine, SINGLE), "ragged": tail_logprobs(engine, RAGGED),
+                   "chunked": tail_logprobs(engine, CHUNKED)}
+        tail_logprobs(engine, TURN1)
+        results["radix"] = tail_logprobs(engine, TURN2)
+    finally:
+        engine.shutdown()
+    return results
+
+
+@pytest.fixture(scope="module")
+def runs():
+    return {"dense": run_scenarios("flashinfer"), "equivalent": run_scenarios("minference", DENSE_EQUIVALENT),
+            "lossy": run_scenarios("minference", LOSSY)}
+
+
+def max_gap(a, b):
+    gaps = []
+    for (lp_a, _), (lp_b, _) in zip(a, b):
+        assert len(lp_a) == len(lp_b) >= TAIL - 1
+        gaps.append(max(abs(x - y) for x, y in zip(lp_a, lp_b)))
+    return max(gaps)
+
+
+@pytest.mark.parametrize("scenario", ["single", "ragged", "chunked", "radix"])
+def test_dense_equivalent_config_matches_flashinfer(runs, scenario):
+    equivalent = max_gap(runs["dense"][scenario], runs["equivalent"][scenario])
+    lossy = max_gap(runs["dense"][scenario], runs["lossy"][scenario])
+    assert lossy > 0, "the lossy config changed nothing: the sparse path did not run"
+    assert equivalent < 0.25 * lossy, f"dense-equivalent gap {equivalent:.3g} vs lossy gap {lossy:.3g}"
+
+
+def test_radix_second_turn_reuses_the_cached_prefix(runs):
+    # Input log-probabilities from position len - TAIL on cap the reusable prefix there (SGLang recomputes
+    # the positions it returns log-probabilities for): a short extend against a long cached prefix.
+    for name in ("dense", "equivalent", "lossy"):
+        (_, meta), = runs[name]["radix"]
+        assert meta["cached_tokens"] > len(TURN1) // 2, (name, meta["cached_tokens"])
+
+
+def test_default_sparse_config_at_64k_on_llama3_8b_shapes():
+    import sglang
+
+    engine = sglang.Engine(model_path=str(LLAMA3_8B), load_format="dummy", skip_tokenizer_init=True,
+                           attention_backend="minference", context_length=70000, mem_fraction_static=0.8)
+    try:
+        out = engine.generate(input_ids=ids(65536, 8), sampling_params={"max_new_tokens": 4, "temperature": 0.0})
+    finally:
+        engine.shutdown()
+    assert len(out["output_ids"]) == 4 and all(0 <= t < VOCAB for t in out["output_ids"])
+    assert out["meta_info"]["prompt_tokens"] == 65536
