@@ -516,6 +516,13 @@ def test_multirequest_sessions_share_context(tok):
     assert recs[0].cached_tokens == 0
     assert all(r.cached_tokens >= 1 + ctxs[0].context_tokens for r in recs[1:])
     assert all(len(r["input_ids"]) < 1 + ctxs[0].context_tokens + 40 for r in fake.requests)  # no history
+    client = SGLangClient("http://127.0.0.1:9")  # never reached: arguments are checked first
+    with pytest.raises(ValueError, match="turns"):
+        sessions.run_multiturn(client, fmt, ctxs[0], backend="x", turns=6, max_new_tokens=4)
+    with pytest.raises(ValueError, match="concurrency"):
+        sessions.run_multirequest(client, fmt, ctxs[0], backend="x", turns=5, max_new_tokens=4, concurrency=0)
+    with pytest.raises(ValueError, match="mode"):
+        sessions.run_session("chat", client, fmt, ctxs[0], backend="x", turns=5, max_new_tokens=4)
 
 
 def test_run_cli_token_mode_and_summary(tmp_path):
@@ -555,6 +562,9 @@ def test_load_mix_and_run_load_detects_swapped_answers():
     assert len(mix) == 10 and len({tuple(r.input_ids) for r in mix}) == 10
     assert mix[0].input_ids[:2968] == mix[1].input_ids[:2968] != mix[3].input_ids[:2968]
     assert all(len(r.input_ids) == 3000 for r in mix[:6]) and all(len(r.input_ids) == 64 for r in mix[6:])
+    with pytest.raises(ValueError, match="long_tokens"):
+        reliability.load_mix(vocab_size=32000, long_tokens=32, short_tokens=8, long_contexts=1, variants=1,
+                             shorts=1, seed=0)
     refs = {r.name: token_respond(r.input_ids, 6)[1] for r in mix}
 
     with FakeSGLang(token_respond, prefill_s_per_token=1e-6) as fake:

@@ -12,6 +12,8 @@ import re
 from collections import Counter
 from dataclasses import dataclass
 
+from sgl_minference.layout import check
+
 VERDICTS = ("exact", "drift", "cross", "error")
 
 
@@ -23,8 +25,7 @@ def answer_found(answer: str, text: str) -> bool:
 
 def score_reply(answers: list[str], text: str | None) -> float:
     """Share of ``answers`` found in the reply ``text`` (1.0 = all); 0.0 for a missing reply."""
-    if not answers:
-        raise ValueError("answers: nothing to score against (token-mode queries have no answers)")
+    check(bool(answers), "answers", "nothing to score against (token-mode queries have no answers)")
     if not text:
         return 0.0
     return sum(answer_found(a, text) for a in answers) / len(answers)
@@ -56,8 +57,7 @@ def attribute(request: str, output_ids: list[int] | None, references: dict[str, 
               error: str | None = None) -> Attribution:
     """Classify one response (``output_ids``, or ``error``) of ``request`` against ``references``
     (request name -> output ids of that request sent alone)."""
-    if request not in references:
-        raise ValueError(f"request: {request!r} has no reference output")
+    check(request in references, "request", f"{request!r} has no reference output")
     if error is not None or output_ids is None:
         return Attribution(request=request, verdict="error", agree=0, length=0, error=error or "no output")
     own = references[request]

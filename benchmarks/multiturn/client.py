@@ -20,6 +20,8 @@ import time
 import urllib.parse
 from dataclasses import dataclass, field
 
+from sgl_minference.layout import check
+
 LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1")
 
 
@@ -80,8 +82,8 @@ class SGLangClient:
 
     def __init__(self, base_url: str, *, timeout_s: float = 600.0) -> None:
         parts = urllib.parse.urlsplit(base_url)
-        if parts.scheme != "http" or parts.hostname not in LOOPBACK_HOSTS or parts.port is None:
-            raise ValueError(f"base_url: {base_url!r} is not http://<loopback host>:<port>")
+        check(parts.scheme == "http" and parts.hostname in LOOPBACK_HOSTS and parts.port is not None, "base_url",
+              f"{base_url!r} is not http://<loopback host>:<port>")
         self.base_url = base_url
         self._host, self._port = parts.hostname, parts.port
         self.timeout_s = timeout_s

@@ -15,6 +15,7 @@ from typing import Protocol
 
 from benchmarks.multiturn.tokenization import Tokenizer
 from benchmarks.multiturn.workload import Query, SharedContext
+from sgl_minference.layout import check
 
 FORMATS = ("plain", "chat")
 
@@ -111,8 +112,8 @@ def make_format(task: str, fmt: str, tokenizer: Tokenizer | None) -> PromptForma
 
 def multiturn_prompt(fmt: PromptFormat, ctx: SharedContext, replies: list[tuple[str | None, list[int]]]) -> list[int]:
     """Turn ``len(replies) + 1``'s prompt, given the replies ``(text, output_ids)`` of the earlier turns."""
-    if len(replies) >= len(ctx.queries):
-        raise ValueError(f"replies: {len(replies)} replies leave no query of {len(ctx.queries)} to ask")
+    check(len(replies) < len(ctx.queries), "replies",
+          f"{len(replies)} replies leave no query of {len(ctx.queries)} to ask")
     ids = fmt.first(ctx, ctx.queries[0])
     for (text, out_ids), query in zip(replies, ctx.queries[1:]):
         ids = ids + fmt.follow(text, out_ids, query)

@@ -34,6 +34,7 @@ from benchmarks.multiturn.results import envelope, write_json
 from benchmarks.multiturn.server import (ServerStartError, add_server_arguments, attempt_startup, launched_server,
                                          log_tail, model_config, spec_from_args)
 from benchmarks.multiturn.workload import token_id_range
+from sgl_minference.layout import check
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -75,8 +76,8 @@ def load_mix(*, vocab_size: int, long_tokens: int, short_tokens: int, long_conte
              shorts: int, seed: int, suffix_tokens: int = 32) -> list[LoadRequest]:
     """Seeded requests: ``long_contexts`` long contexts each asked with ``variants`` different suffixes (so
     requests share cached prefixes), plus ``shorts`` unrelated short prompts. Every prompt is distinct."""
-    if long_tokens <= suffix_tokens or short_tokens <= 0:
-        raise ValueError(f"long_tokens: {long_tokens} must exceed the {suffix_tokens}-token suffix")
+    check(long_tokens > suffix_tokens, "long_tokens", f"{long_tokens} must exceed the {suffix_tokens}-token suffix")
+    check(short_tokens > 0, "short_tokens", f"must be positive, got {short_tokens}")
     rng = random.Random(f"sgl-minference-load:{seed}")
     low, high = token_id_range(vocab_size)
     draw = lambda n: [rng.randrange(low, high) for _ in range(n)]  # noqa: E731

@@ -16,6 +16,7 @@ from benchmarks.multiturn.checks import score_reply
 from benchmarks.multiturn.client import Reply, SGLangClient
 from benchmarks.multiturn.prompts import PromptFormat, multiturn_prompt
 from benchmarks.multiturn.workload import Query, SharedContext
+from sgl_minference.layout import check
 
 MODES = ("multiturn", "multirequest")
 
@@ -60,8 +61,7 @@ def _send(client: SGLangClient, fmt: PromptFormat, ids: list[int], max_new_token
 def run_multiturn(client: SGLangClient, fmt: PromptFormat, ctx: SharedContext, *, backend: str, turns: int,
                   max_new_tokens: int) -> list[TurnRecord]:
     """Ask the first ``turns`` queries of ``ctx`` as one conversation; stops at the first failed turn."""
-    if not 1 <= turns <= len(ctx.queries):
-        raise ValueError(f"turns: {turns} not in [1, {len(ctx.queries)}]")
+    check(1 <= turns <= len(ctx.queries), "turns", f"{turns} not in [1, {len(ctx.queries)}]")
     records, replies = [], []
     for k in range(turns):
         ids = multiturn_prompt(fmt, ctx, replies)
@@ -77,10 +77,8 @@ def run_multiturn(client: SGLangClient, fmt: PromptFormat, ctx: SharedContext, *
 def run_multirequest(client: SGLangClient, fmt: PromptFormat, ctx: SharedContext, *, backend: str, turns: int,
                      max_new_tokens: int, concurrency: int = 1) -> list[TurnRecord]:
     """Ask the first ``turns`` queries of ``ctx`` as separate requests sharing the context."""
-    if not 1 <= turns <= len(ctx.queries):
-        raise ValueError(f"turns: {turns} not in [1, {len(ctx.queries)}]")
-    if concurrency < 1:
-        raise ValueError(f"concurrency: must be >= 1, got {concurrency}")
+    check(1 <= turns <= len(ctx.queries), "turns", f"{turns} not in [1, {len(ctx.queries)}]")
+    check(concurrency >= 1, "concurrency", f"must be >= 1, got {concurrency}")
     prompts = [fmt.first(ctx, q) for q in ctx.queries[:turns]]
 
     def one(k: int) -> TurnRecord:

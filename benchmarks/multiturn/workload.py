@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 from benchmarks.multiturn.tokenization import Tokenizer
+from sgl_minference.layout import check
 
 QUERIES_PER_CONTEXT = 5
 TEXT_TASKS = ("kv", "passkey", "vt")
@@ -53,11 +54,6 @@ class SharedContext:
     @property
     def context_tokens(self) -> int:
         return len(self.context_ids)
-
-
-def _check(cond: bool, name: str, msg: str) -> None:
-    if not cond:
-        raise ValueError(f"{name}: {msg}")
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -271,7 +267,7 @@ def fit_units(render: Callable[[int], str], count: Callable[[str], int], target:
     interpolation and bisection: a handful of full tokenizations even at a million tokens.
     """
     c_lo = count(render(start))
-    _check(c_lo <= target, "target_tokens", f"{target} is below the task's smallest context ({c_lo} tokens)")
+    check(c_lo <= target, "target_tokens", f"{target} is below the task's smallest context ({c_lo} tokens)")
     lo, hi, c_hi = start, None, None
     probe = start + 1
     while hi is None:
@@ -313,8 +309,8 @@ def _rng(seed: int, task: str, target: int, index: int) -> random.Random:
 def text_context(*, task: str, target_tokens: int, tokenizer: Tokenizer, seed: int, index: int = 0) -> SharedContext:
     """One text-task context of at most ``target_tokens`` tokens (short of it by less than one filler unit:
     a word for ``passkey``/``vt``, a key-value pair for ``kv``)."""
-    _check(task in _TASK_CLASSES, "task", f"{task!r} is not one of {TEXT_TASKS}")
-    _check(target_tokens > 0, "target_tokens", f"must be positive, got {target_tokens}")
+    check(task in _TASK_CLASSES, "task", f"{task!r} is not one of {TEXT_TASKS}")
+    check(target_tokens > 0, "target_tokens", f"must be positive, got {target_tokens}")
     spec = _TASK_CLASSES[task](_rng(seed, task, target_tokens, index))
     n = fit_units(spec.render, lambda text: len(tokenizer.encode(text)), target_tokens, start=spec.min_units())
     text = spec.render(n)
@@ -331,7 +327,7 @@ def text_context(*, task: str, target_tokens: int, tokenizer: Tokenizer, seed: i
 def token_id_range(vocab_size: int) -> tuple[int, int]:
     """Ids ``[low, high)`` random prompts draw from: clear of the low ids and of the special tokens that
     vocabularies keep at the top (Llama 3: the last 256 of 128256; Qwen2.5: the last 293 of 151936)."""
-    _check(vocab_size >= 1024, "vocab_size", f"expected a real vocabulary size, got {vocab_size}")
+    check(vocab_size >= 1024, "vocab_size", f"expected a real vocabulary size, got {vocab_size}")
     return 100, vocab_size - vocab_size // 64
 
 
@@ -339,8 +335,8 @@ def token_context(
     *, target_tokens: int, vocab_size: int, seed: int, index: int = 0, question_tokens: int = 32
 ) -> SharedContext:
     """One token-mode context of exactly ``target_tokens`` random ids, with random-id questions."""
-    _check(target_tokens > 0, "target_tokens", f"must be positive, got {target_tokens}")
-    _check(question_tokens > 0, "question_tokens", f"must be positive, got {question_tokens}")
+    check(target_tokens > 0, "target_tokens", f"must be positive, got {target_tokens}")
+    check(question_tokens > 0, "question_tokens", f"must be positive, got {question_tokens}")
     rng = _rng(seed, "tokens", target_tokens, index)
     low, high = token_id_range(vocab_size)
     draw = lambda n: [rng.randrange(low, high) for _ in range(n)]  # noqa: E731
@@ -363,12 +359,12 @@ def make_contexts(
     vocab_size: int | None = None,
 ) -> list[SharedContext]:
     """``count`` independent contexts of one task and length (index 0 .. count-1 of the seed)."""
-    _check(task in TASKS, "task", f"{task!r} is not one of {TASKS}")
-    _check(count > 0, "count", f"must be positive, got {count}")
+    check(task in TASKS, "task", f"{task!r} is not one of {TASKS}")
+    check(count > 0, "count", f"must be positive, got {count}")
     if task == "tokens":
-        _check(vocab_size is not None, "vocab_size", "token mode needs the model's vocabulary size")
+        check(vocab_size is not None, "vocab_size", "token mode needs the model's vocabulary size")
         return [token_context(target_tokens=target_tokens, vocab_size=vocab_size, seed=seed, index=i) for i in range(count)]
-    _check(tokenizer is not None, "tokenizer", f"task {task!r} needs a tokenizer to measure lengths")
+    check(tokenizer is not None, "tokenizer", f"task {task!r} needs a tokenizer to measure lengths")
     return [
         text_context(task=task, target_tokens=target_tokens, tokenizer=tokenizer, seed=seed, index=i)
         for i in range(count)
