@@ -115,6 +115,8 @@ def run_backend(client: SGLangClient, backend: str, plan: Plan, on_session: Call
     """Every session of ``plan`` on one server, ``on_session`` after each; False when the deadline cut it short."""
     for length, ctxs in plan.contexts.items():
         *measured, warm = ctxs
+        if time.monotonic() >= plan.deadline:
+            return False
         if plan.warmup:
             # Compiles kernels for this length and both paths (a long prefill, then a short extend on a prefix).
             run_multiturn(client, plan.fmt, warm, backend=backend, turns=min(2, plan.turns),
