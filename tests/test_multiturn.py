@@ -310,8 +310,11 @@ def test_fit_units_and_argument_errors(tok):
 
 
 def _tiny_hf_tokenizer():
-    from tokenizers import Tokenizer, models, pre_tokenizers, processors
-    from transformers import PreTrainedTokenizerFast
+    tokenizers = pytest.importorskip("tokenizers")
+    transformers = pytest.importorskip("transformers")
+    Tokenizer, models, pre_tokenizers, processors = (tokenizers.Tokenizer, tokenizers.models,
+                                                      tokenizers.pre_tokenizers, tokenizers.processors)
+    PreTrainedTokenizerFast = transformers.PreTrainedTokenizerFast
 
     specials = ["<unk>", "<s>", "</s>", "<|user|>", "<|assistant|>", "<|end|>"]
     vocab = {s: i for i, s in enumerate(specials)}
