@@ -82,11 +82,11 @@ def create_backend(runner):
     parallel = get_parallel()
     tp_size = parallel.attn_tp_size
     req_to_token = runner.req_to_token_pool.req_to_token
-    layers = build_layer_heads(config, num_layers=model_config.num_hidden_layers,
-                               num_q_heads=model_config.num_attention_heads // tp_size,
-                               num_kv_heads=model_config.get_num_kv_heads(tp_size),
-                               attn_tp_rank=parallel.attn_tp_rank, device=req_to_token.device)
+    layers, all_heads = build_layer_heads(config, num_layers=model_config.num_hidden_layers,
+                                          num_q_heads=model_config.num_attention_heads // tp_size,
+                                          num_kv_heads=model_config.get_num_kv_heads(tp_size),
+                                          attn_tp_rank=parallel.attn_tp_rank, device=req_to_token.device)
     logger.info("minference: sparse prefill from %s (min_context %d, min_chunk %d), dense backend %s",
                 config.source, config.min_context, config.min_chunk, config.dense_backend)
-    return MInferenceAttnBackend(dense=dense, config=config, layers=layers, token_to_kv_pool=runner.token_to_kv_pool,
-                                 req_to_token=req_to_token)
+    return MInferenceAttnBackend(dense=dense, config=config, layers=layers, all_heads=all_heads,
+                                 token_to_kv_pool=runner.token_to_kv_pool, req_to_token=req_to_token)

@@ -26,6 +26,14 @@ def config(**fields):
     return MInferenceConfig.model_validate({"min_context": 200, "min_chunk": 16, **fields})
 
 
+ALL_HEADS = HeadSet.build(list(range(HQ)), num_q_heads=HQ, num_kv_heads=HK, device=DEVICE)
+
+
+def plan(cfg, seq_q, seq_k, r2t, idx):
+    return plan_batch(cfg, seq_lens_q=seq_q, seq_lens_k=seq_k, req_to_token=r2t, req_pool_indices=idx,
+                      all_heads=ALL_HEADS)
+
+
 def pool_tables(num_requests, max_context=512):
     req_to_token = torch.zeros(num_requests + 2, max_context, dtype=torch.int32, device=DEVICE)
     return req_to_token, torch.arange(num_requests, dtype=torch.int64, device=DEVICE) + 1
@@ -37,39 +45,40 @@ def pool_tables(num_requests, max_context=512):
 def test_no_plan_when_every_request_is_below_the_gates():
     r2t, idx = pool_tables(3)
     # short context; long context but a 10-token chunk (< min_chunk); exactly at neither threshold
-    assert plan_batch(config(), seq_lens_q=[100, 10, 15], seq_lens_k=[150, 400, 199], req_to_token=r2t,
-                      req_pool_indices=idx) is None
+    assert plan(config(), [100, 10, 15], [150, 400, 199], r2t, idx) is None
 
 
 def test_ragged_batch_with_prefixes_plans_every_request():
     r2t, idx = pool_tables(3)
     seq_q, seq_k = [70, 200, 16], [270, 200, 300]
-    plan = plan_batch(config(), seq_lens_q=seq_q, seq_lens_k=seq_k, req_to_token=r2t, req_pool_indices=idx)
-    assert plan.sparse_requests == [True, True, True]
-    assert plan.dense_geom is None and plan.dense_blocks is None
+    p = plan(config(), seq_q, seq_k, r2t, idx)
+    assert p.sparse_requests == [True, True, True]
+    assert p.dense_layout is None and p.dense_blocks is None
     expected = make_geometry(seq_q, [200, 0, 284])
     for name in ("cu_seqlens_q", "seq_lens_k", "prefix_lens", "qb_request", "qb_row"):
-        assert torch.equal(getattr(plan.geom, name), getattr(expected, name)), name
-    assert plan.geom.seq_lens_q_cpu == seq_q and plan.geom.seq_lens_k_cpu == seq_k
-    assert plan.req_to_token is r2t and plan.req_pool_indices is idx
+        assert torch.equal(getattr(p.geom, name), getattr(expected, name)), name
+    assert p.geom.seq_lens_q_cpu == seq_q and p.geom.seq_lens_k_cpu == seq_k
+    assert p.req_to_token is r2t and p.req_pool_indices is idx
 
 
 def test_mixed_batch_routes_short_requests_to_dense_layouts():
     r2t, idx = pool_tables(4)
     # long; short context; short extend (8 new tokens) against a long prefix; long
     seq_q, seq_k = [130, 70, 8, 64], [330, 70, 1000, 64 + 300]
-    plan = plan_batch(config(), seq_lens_q=seq_q, seq_lens_k=seq_k, req_to_token=r2t, req_pool_indices=idx)
-    assert plan.sparse_requests == [True, False, False, True]
-    assert plan.dense_geom.seq_lens_q_cpu == [70, 8] and plan.dense_geom.seq_lens_k_cpu == [70, 1000]
+    p = plan(config(), seq_q, seq_k, r2t, idx)
+    assert p.sparse_requests == [True, False, False, True]
     # query blocks: request 0 -> 0..2, request 1 -> 3..4, request 2 -> 5, request 3 -> 6
-    assert plan.dense_blocks.tolist() == [3, 4, 5]
-    assert plan.geom.num_query_blocks == 7
+    assert p.dense_blocks.tolist() == [3, 4, 5]
+    assert p.geom.num_query_blocks == 7
+    sub = make_geometry([70, 8], [0, 992])  # the short requests alone: every causal key
+    dense = build_dense(sub, ALL_HEADS)
+    for got, want in zip(p.dense_layout.to_dense(sub), dense.to_dense(sub)):
+        assert torch.equal(got, want) and bool(want[:, :, -1].any())
 
 
 def test_thresholds_are_inclusive():
     r2t, idx = pool_tables(1)
-    plan = plan_batch(config(), seq_lens_q=[16], seq_lens_k=[200], req_to_token=r2t, req_pool_indices=idx)
-    assert plan.sparse_requests == [True]
+    assert plan(config(), [16], [200], r2t, idx).sparse_requests == [True]
 
 
 def test_layer_heads_group_by_pattern_with_budgets():
@@ -83,7 +92,7 @@ def test_layer_heads_group_by_pattern_with_budgets():
     assert groups["vertical_slash"].heads == [1] and groups["vertical_slash"].budgets["slash"].tolist() == [20]
     assert groups["block_sparse"].budgets["topk"].tolist() == [3]
     assert groups["block_sparse"].kv_head.tolist() == [1]  # GQA: query head 3 of 4 reads KV head 1 of 2
-    assert lh.all_heads.heads == [0, 1, 2, 3] and not lh.all_dense
+    assert not lh.all_dense
     assert layer_heads(cfg, layer_id=0, head_start=0, num_q_heads=HQ, num_kv_heads=HK, device=DEVICE).groups[0].kind \
         == "vertical_slash"
 
@@ -97,8 +106,10 @@ def test_all_dense_layer_is_marked():
 def test_tensor_parallel_ranks_slice_global_heads():
     # 8 global query heads over 2 attention-TP ranks: rank 1 holds global heads 4..7 as local 0..3
     cfg = config(num_layers=2, num_heads=8, heads={"1": {"5": {"type": "dense"}, "2": {"type": "dense"}}})
-    rank0 = build_layer_heads(cfg, num_layers=2, num_q_heads=4, num_kv_heads=1, attn_tp_rank=0, device=DEVICE)
-    rank1 = build_layer_heads(cfg, num_layers=2, num_q_heads=4, num_kv_heads=1, attn_tp_rank=1, device=DEVICE)
+    rank0, _ = build_layer_heads(cfg, num_layers=2, num_q_heads=4, num_kv_heads=1, attn_tp_rank=0, device=DEVICE)
+    rank1, heads1 = build_layer_heads(cfg, num_layers=2, num_q_heads=4, num_kv_heads=1, attn_tp_rank=1,
+                                      device=DEVICE)
+    assert heads1.heads == [0, 1, 2, 3] and heads1.kv_head.tolist() == [0, 0, 0, 0]
     dense0 = [g.heads.heads for g in rank0[1].groups if g.kind == "dense"]
     dense1 = [g.heads.heads for g in rank1[1].groups if g.kind == "dense"]
     assert dense0 == [[2]] and dense1 == [[1]]
@@ -190,10 +201,10 @@ def fake_batch(seq_q, prefix, *, mode=Mode.EXTEND, seed=0):
 
 
 def make_backend(cfg, pool, req_to_token, num_layers=2):
-    layers = build_layer_heads(cfg, num_layers=num_layers, num_q_heads=HQ, num_kv_heads=HK, attn_tp_rank=0,
-                               device=DEVICE)
-    return MInferenceAttnBackend(dense=FakeDense(), config=cfg, layers=layers, token_to_kv_pool=pool,
-                                 req_to_token=req_to_token)
+    layers, all_heads = build_layer_heads(cfg, num_layers=num_layers, num_q_heads=HQ, num_kv_heads=HK,
+                                          attn_tp_rank=0, device=DEVICE)
+    return MInferenceAttnBackend(dense=FakeDense(), config=cfg, layers=layers, all_heads=all_heads,
+                                 token_to_kv_pool=pool, req_to_token=req_to_token)
 
 
 # Every pattern type with budgets covering the whole context: exact dense attention.

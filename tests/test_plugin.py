@@ -114,7 +114,7 @@ def test_factory_composes_the_dense_backend_and_slices_heads(dense_and_tp):
     layer3 = backend.layers[3]
     assert layer3.num_q_heads == 16  # 32 heads over 2 ranks
     assert [g.heads.heads for g in layer3.groups if g.kind == "dense"] == [[1]]  # global head 17 on rank 1
-    assert layer3.all_heads.kv_head.tolist() == [h // 4 for h in range(16)]  # 4 KV heads per rank
+    assert backend.all_heads.kv_head.tolist() == [h // 4 for h in range(16)]  # 4 KV heads per rank
     assert backend.layers[0].groups[0].heads.q_head.device == runner.req_to_token_pool.req_to_token.device
 
 

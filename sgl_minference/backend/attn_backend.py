@@ -20,6 +20,7 @@ import torch
 
 from ..config import MInferenceConfig
 from ..kernels import sparse_attention
+from ..patterns import HeadSet
 from .planner import LayerHeads, SparsePlan, layer_heads, layer_layout, plan_batch
 
 logger = logging.getLogger(__name__)
@@ -37,19 +38,21 @@ class MInferenceAttnBackend:
         dense: the dense backend (an SGLang ``AttentionBackend``) built for the same runner.
         config: the resolved, model-validated sparse config.
         layers: per layer id, the layer's head groups on this rank (:func:`layer_heads`).
+        all_heads: every query head on this rank (dense layouts of a sparse batch's short requests).
         token_to_kv_pool: SGLang's KV pool (``set_kv_buffer`` / ``get_kv_buffer``, page size 1 addressing).
         req_to_token: ``[pool_size, max_context]`` int32, SGLang's ``req_to_token_pool.req_to_token``.
     """
 
     # Attributes that live on this object; every other attribute read or write goes to the dense backend.
-    _OWN = frozenset({"dense", "config", "layers", "token_to_kv_pool", "req_to_token", "_plan", "_plan_batch",
-                      "_logged"})
+    _OWN = frozenset({"dense", "config", "layers", "all_heads", "token_to_kv_pool", "req_to_token", "_plan",
+                      "_plan_batch", "_logged"})
 
-    def __init__(self, *, dense, config: MInferenceConfig, layers: dict[int, LayerHeads], token_to_kv_pool,
-                 req_to_token: torch.Tensor):
+    def __init__(self, *, dense, config: MInferenceConfig, layers: dict[int, LayerHeads], all_heads: HeadSet,
+                 token_to_kv_pool, req_to_token: torch.Tensor):
         self.dense = dense
         self.config = config
         self.layers = layers
+        self.all_heads = all_heads
         self.token_to_kv_pool = token_to_kv_pool
         self.req_to_token = req_to_token
         self._plan: SparsePlan | None = None
@@ -83,6 +86,7 @@ class MInferenceAttnBackend:
             seq_lens_k=forward_batch.seq_lens_cpu.tolist(),  # a host tensor: no device sync
             req_to_token=self.req_to_token,
             req_pool_indices=forward_batch.req_pool_indices,
+            all_heads=self.all_heads,
         )
         if self._plan is not None:
             self._plan_batch = forward_batch
@@ -154,8 +158,12 @@ class MInferenceAttnBackend:
 
 
 def build_layer_heads(config: MInferenceConfig, *, num_layers: int, num_q_heads: int, num_kv_heads: int,
-                      attn_tp_rank: int, device) -> dict[int, LayerHeads]:
-    """Head groups of every layer for one attention-TP rank (``num_q_heads``/``num_kv_heads`` per rank)."""
-    return {layer: layer_heads(config, layer_id=layer, head_start=attn_tp_rank * num_q_heads,
-                               num_q_heads=num_q_heads, num_kv_heads=num_kv_heads, device=device)
-            for layer in range(num_layers)}
+                      attn_tp_rank: int, device) -> tuple[dict[int, LayerHeads], HeadSet]:
+    """Head groups of every layer for one attention-TP rank (``num_q_heads``/``num_kv_heads`` per rank), and
+    the HeadSet of all that rank's query heads."""
+    layers = {layer: layer_heads(config, layer_id=layer, head_start=attn_tp_rank * num_q_heads,
+                                 num_q_heads=num_q_heads, num_kv_heads=num_kv_heads, device=device)
+              for layer in range(num_layers)}
+    all_heads = HeadSet.build(list(range(num_q_heads)), num_q_heads=num_q_heads, num_kv_heads=num_kv_heads,
+                              device=device)
+    return layers, all_heads

@@ -40,7 +40,6 @@ class LayerHeads:
     layer_id: int
     num_q_heads: int  # query heads on this rank (SGLang's ``layer.tp_q_head_num``)
     groups: list[HeadGroup]  # together they cover local heads 0 .. num_q_heads-1 exactly once
-    all_heads: HeadSet  # every local head, no budgets: dense layouts for the batch's non-sparse requests
 
     @property
     def all_dense(self) -> bool:
@@ -63,8 +62,7 @@ def layer_heads(config: MInferenceConfig, *, layer_id: int, head_start: int, num
     for kind, heads in members.items():
         budgets = {name: [getattr(specs[h], name) for h in heads] for name in BUDGETS[kind]}
         groups.append(HeadGroup(kind=kind, heads=HeadSet.build(heads, **shape, **budgets)))
-    return LayerHeads(layer_id=layer_id, num_q_heads=num_q_heads, groups=groups,
-                      all_heads=HeadSet.build(list(range(num_q_heads)), **shape))
+    return LayerHeads(layer_id=layer_id, num_q_heads=num_q_heads, groups=groups)
 
 
 @dataclass(kw_only=True)
@@ -75,8 +73,8 @@ class SparsePlan:
     req_to_token: torch.Tensor  # [pool_size, max_context] int32: SGLang's token slots per request
     req_pool_indices: torch.Tensor  # [B] int64/int32: each request's row of req_to_token
     sparse_requests: list[bool]  # B host flags: the request passed both gates (others run dense layouts)
-    dense_geom: BatchGeometry | None  # geometry of the non-sparse requests alone; None when all are sparse
-    dense_blocks: torch.Tensor | None  # [NQB_dense] int64: their query blocks' indices among geom's blocks
+    dense_blocks: torch.Tensor | None  # [NQB_dense] int64: the non-sparse requests' query blocks in geom
+    dense_layout: SparseLayout | None  # [NQB_dense, Hq, ...]: their exact dense layout, the same in every layer
 
     def kv_source(self, k_buffer: torch.Tensor, v_buffer: torch.Tensor) -> KVSource:
         """The paged KV source of one layer: ``k_buffer``/``v_buffer`` are the pool's ``[slots, Hk, D]``."""
@@ -90,12 +88,13 @@ def sparse_requests(config: MInferenceConfig, seq_lens_q: list[int], seq_lens_k:
 
 
 def plan_batch(config: MInferenceConfig, *, seq_lens_q: list[int], seq_lens_k: list[int], req_to_token: torch.Tensor,
-               req_pool_indices: torch.Tensor) -> SparsePlan | None:
+               req_pool_indices: torch.Tensor, all_heads: HeadSet) -> SparsePlan | None:
     """The sparse plan of an extend batch, or None when no request is sparse (the dense backend runs it).
 
     ``seq_lens_q``: B chunk lengths (SGLang's ``extend_seq_lens_cpu``); ``seq_lens_k``: B context lengths
     (``seq_lens_cpu``, prefix + chunk); host lists, so planning never waits for the device.
-    ``req_to_token``: ``[pool_size, max_context]`` int32; ``req_pool_indices``: ``[B]`` on the same device.
+    ``req_to_token``: ``[pool_size, max_context]`` int32; ``req_pool_indices``: ``[B]`` on the same device;
+    ``all_heads``: every query head on this rank (the dense layout of the non-sparse requests covers them all).
     """
     check(len(seq_lens_q) == len(seq_lens_k), "seq_lens_q", f"{len(seq_lens_q)} chunks for {len(seq_lens_k)} contexts")
     check_tensor(req_to_token, "req_to_token", ndim=2, dtypes=(torch.int32, torch.int64))
@@ -108,16 +107,17 @@ def plan_batch(config: MInferenceConfig, *, seq_lens_q: list[int], seq_lens_k: l
     device = req_to_token.device
     geom = BatchGeometry.build(seq_lens_q, seq_lens_k, device)
     dense = [r for r, sparse in enumerate(flags) if not sparse]
-    dense_geom = dense_blocks = None
+    dense_blocks = dense_layout = None
     if dense:
         dense_geom = BatchGeometry.build([seq_lens_q[r] for r in dense], [seq_lens_k[r] for r in dense], device)
+        dense_layout = build_dense(dense_geom, all_heads)
         first_block = [0]
         for sq in seq_lens_q:
             first_block.append(first_block[-1] + -(-sq // BLOCK))
         blocks = [b for r in dense for b in range(first_block[r], first_block[r + 1])]
         dense_blocks = torch.tensor(blocks, dtype=torch.int64, device=device)
     return SparsePlan(geom=geom, req_to_token=req_to_token, req_pool_indices=req_pool_indices, sparse_requests=flags,
-                      dense_geom=dense_geom, dense_blocks=dense_blocks)
+                      dense_blocks=dense_blocks, dense_layout=dense_layout)
 
 
 def _pad_last(t: torch.Tensor, size: int) -> torch.Tensor:
@@ -165,6 +165,6 @@ def layer_layout(q: torch.Tensor, kv: KVSource, plan: SparsePlan, heads: LayerHe
     """
     parts = [_group_layout(g, q, kv, plan.geom, config, sm_scale) for g in heads.groups]
     layout = concat_heads(parts, [g.heads.heads for g in heads.groups], heads.num_q_heads)
-    if plan.dense_geom is not None:
-        layout = overlay_query_blocks(layout, plan.dense_blocks, build_dense(plan.dense_geom, heads.all_heads))
+    if plan.dense_layout is not None:
+        layout = overlay_query_blocks(layout, plan.dense_blocks, plan.dense_layout)
     return layout
