@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 import re
 from collections import Counter
@@ -9,6 +10,7 @@ from collections import Counter
 import pytest
 
 from sgl_minference.eval import scoring, tasks
+from test_search import tiny_gemma  # noqa: F401  (fixture: a random 3-layer Gemma-3 model folder)
 
 BOS = 1
 
@@ -164,3 +166,126 @@ def test_first_token_top():
     assert scoring.first_token_top(meta) == [(-0.1, 42), (-2.5, 7)]
     with pytest.raises(ValueError, match="meta_info"):
         scoring.first_token_top({"output_top_logprobs": []})
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The dense-vs-sparse harness, with a stand-in for sglang.Engine
+# ----------------------------------------------------------------------------------------------------------
+
+
+class EchoEngine:
+    """Stands in for ``sglang.Engine``: dense echoes the prompt (so every answer is found), sparse says nothing.
+
+    First-token top log-probabilities differ between the modes, so the KL is positive.
+    """
+
+    instances: list = []
+
+    def __init__(self, *, model_path, attention_backend, **kwargs):
+        from transformers import AutoTokenizer
+
+        self.tok = AutoTokenizer.from_pretrained(model_path)
+        self.dense = attention_backend == "flashinfer"
+        self.kwargs = {"attention_backend": attention_backend, **kwargs}
+        EchoEngine.instances.append(self)
+
+    def generate(self, *, input_ids, sampling_params, return_logprob, top_logprobs_num):
+        assert return_logprob and top_logprobs_num > 0 and len(input_ids) == len(sampling_params)
+        top = [(math.log(0.6), 5, "a"), (math.log(0.3), 6, "b")] if self.dense else [(math.log(0.5), 6, "b"),
+                                                                                    (math.log(0.4), 5, "a")]
+        return [{"text": self.tok.decode(ids) if self.dense else "", "output_ids": [5],
+                 "meta_info": {"output_top_logprobs": [top]}} for ids in input_ids]
+
+    def shutdown(self):
+        pass
+
+
+def test_engine_kwargs():
+    from sgl_minference.eval.runner import EngineSettings, engine_kwargs
+
+    settings = EngineSettings(model_path="/m", sparse_overrides={"config_path": "/c.json"}, context_length=4096,
+                              extra={"mem_fraction_static": 0.5})
+    dense, sparse = engine_kwargs("dense", settings), engine_kwargs("sparse", settings)
+    assert dense["attention_backend"] == "flashinfer" and "json_model_override_args" not in dense
+    assert sparse["attention_backend"] == "minference" and dense["disable_radix_cache"]
+    assert json.loads(sparse["json_model_override_args"]) == {"minference": {"config_path": "/c.json"}}
+    assert sparse["mem_fraction_static"] == 0.5 and sparse["context_length"] == 4096
+    with pytest.raises(ValueError, match="mode"):
+        engine_kwargs("fast", settings)
+
+
+def test_scale_config_and_density():
+    from sgl_minference.config import AShapeSpec, BlockSparseSpec, DenseSpec, MInferenceConfig, VerticalSlashSpec
+    from sgl_minference.eval.runner import nominal_density, scale_config
+
+    cfg = MInferenceConfig(default=DenseSpec(), heads={1: {0: VerticalSlashSpec(vertical=1000, slash=2000),
+                                                           1: AShapeSpec(sink=64, local=3),
+                                                           2: BlockSparseSpec(topk=10)}})
+    half = scale_config(cfg, 0.25)
+    assert half.head_spec(1, 0) == VerticalSlashSpec(vertical=250, slash=500)
+    assert half.head_spec(1, 1) == AShapeSpec(sink=16, local=1) and half.head_spec(1, 2) == BlockSparseSpec(topk=2)
+    assert half.head_spec(0, 0) == DenseSpec() and half.min_context == cfg.min_context
+    # layer 1 at 8191 tokens (4096 keys per average row): (1024+2063)/4096, (64+66)/4096, 640/4096, dense 1
+    expected = ((1024 + 2063) / 4096 + (64 + 66) / 4096 + 640 / 4096 + 1.0) / 4
+    assert nominal_density(cfg, 8191, [1], 4) == pytest.approx(expected)
+
+
+def test_evaluate_tables(tok):
+    from sgl_minference.eval.runner import evaluate, run_mode
+
+    suite = tasks.make_suite(tok, tasks=["passkey", "common_words"], lengths=[600, 900], depths=[0.0, 1.0], seed=1)
+    dense, sparse = EchoEngine.__new__(EchoEngine), EchoEngine.__new__(EchoEngine)
+    dense.tok, dense.dense, sparse.tok, sparse.dense = tok, True, tok, False
+    calls = []
+    outs = {"dense": run_mode(dense, suite, batch=4, progress=calls.append), "sparse": run_mode(sparse, suite)}
+    assert calls == [4, 2] and outs["dense"][0]["top"] == [(math.log(0.6), 5), (math.log(0.3), 6)]
+    res = evaluate(suite, outs, min_context=800)
+    assert res["accuracy"]["dense"] == {"common_words": {600: 1.0, 900: 1.0}, "passkey": {600: 1.0, 900: 1.0}}
+    assert res["accuracy"]["sparse"]["passkey"] == {600: 0.0, 900: 0.0}
+    assert res["niah"]["dense"] == {600: {0.0: 1.0, 1.0: 1.0}, 900: {0.0: 1.0, 1.0: 1.0}}  # needle tasks only
+    assert res["first_token_agree"] == 0.0 and res["output_agree"] == 0.0
+    assert all(r["kl"] > 0 for r in res["records"])
+    assert [r["sparse_active"] for r in res["records"]] == [s.length >= 800 for s in suite]
+    with pytest.raises(ValueError, match="outputs"):
+        evaluate(suite, {"dense": outs["dense"][:2]}, min_context=800)
+
+
+def test_niah_heatmap(tmp_path):
+    pytest.importorskip("matplotlib")
+    from sgl_minference.eval.plots import niah_heatmap
+
+    niah = {"dense": {4096: {0.0: 1.0, 0.5: 1.0}, 8192: {0.0: 1.0, 0.5: 0.5}},
+            "sparse": {4096: {0.0: 1.0, 0.5: 0.0}, 8192: {0.0: 0.5}}}
+    path = tmp_path / "niah.png"
+    niah_heatmap(niah, path, title="t")
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_eval_cli_with_stand_in_engine(tiny_gemma, tmp_path, monkeypatch):
+    pytest.importorskip("matplotlib")
+    import sys
+    import types
+
+    from sgl_minference.config import MInferenceConfig, VerticalSlashSpec
+    from sgl_minference.eval.__main__ import main
+
+    monkeypatch.setitem(sys.modules, "sglang", types.SimpleNamespace(Engine=EchoEngine))
+    EchoEngine.instances.clear()
+    cfg_path = tmp_path / "searched.json"
+    MInferenceConfig(heads={2: {h: VerticalSlashSpec(vertical=100, slash=200) for h in range(4)}}).save(cfg_path)
+    out = tmp_path / "res.json"
+    res = main([str(tiny_gemma), "--config", str(cfg_path), "--quick", "--lengths", "600", "1000",
+                "--min-context", "1000", "--budget-scale", "0.5", "--out", str(out), "--recall-length", "512"])
+    saved = json.loads(out.read_text())
+    assert saved["schema"] == "sgl-minference-eval/1" and saved["lengths"] == [600, 1000]
+    assert saved["config"]["min_context"] == 1000 and saved["config"]["heads"]["2"]["0"]["vertical"] == 50
+    assert saved["accuracy"]["dense"]["passkey"] == {"600": 1.0, "1000": 1.0}
+    assert len(saved["records"]) == 3 * 2 * 3
+    assert set(saved["attention_recall"]["per_layer"]) == {"2"}  # only the full-attention layer
+    assert 0.0 < saved["attention_recall"]["per_layer"]["2"] <= 1.0 + 1e-6
+    assert out.with_suffix(".png").is_file() and out.with_suffix(".sparse_config.json").is_file()
+    sparse_engine = EchoEngine.instances[1]
+    override = json.loads(sparse_engine.kwargs["json_model_override_args"])["minference"]
+    assert MInferenceConfig.load(override["config_path"]).min_context == 1000
+    # (64 + 100 + 63) keys of the (n + 1) / 2 an average row has, on the one full-attention layer
+    assert res["nominal_density"] == {600: pytest.approx(227 / 300.5), 1000: pytest.approx(227 / 500.5)}
