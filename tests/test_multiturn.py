@@ -493,7 +493,7 @@ def test_client_errors_and_disconnects():
 def test_multiturn_session_hits_cache_and_scores(task, tok):
     ctxs = workload.make_contexts(task=task, target_tokens=3000, count=1, seed=2, tokenizer=tok)
     fmt = prompts.make_format(task, "plain", tok)
-    with FakeSGLang(oracle(tok, ctxs), prefill_s_per_token=5e-5) as fake:
+    with FakeSGLang(oracle(tok, ctxs), prefill_s_per_token=2e-4) as fake:
         client = SGLangClient(fake.url)
         recs = sessions.run_session("multiturn", client, fmt, ctxs[0], backend="fake", turns=5, max_new_tokens=48)
     assert [r.turn for r in recs] == [1, 2, 3, 4, 5] and all(r.error is None for r in recs)
@@ -530,7 +530,7 @@ def test_multirequest_sessions_share_context(tok):
 
 def test_run_cli_token_mode_and_summary(tmp_path):
     outs = {}
-    for label, per_token in (("minference", 2e-5), ("flashinfer", 8e-5)):
+    for label, per_token in (("minference", 1e-5), ("flashinfer", 1e-4)):
         with FakeSGLang(token_respond, prefill_s_per_token=per_token) as fake:
             out = tmp_path / f"{label}.json"
             rc = run.main(["--server-url", fake.url, "--backends", label, "--task", "tokens", "--vocab-size", "32000",
@@ -804,7 +804,7 @@ def test_reliability_load_end_to_end(monkeypatch, tmp_path, tiny_model):
     out = tmp_path / "load.json"
     rc = reliability.main(["load", "--model", str(tiny_model), "--out", str(out), "--long-tokens", "3000",
                            "--short-tokens", "64", "--max-requests", "24", "--duration-s", "20",
-                           "--memory-interval-s", "0.02", "--log-dir", str(tmp_path / "logs"), "--startup-timeout-s", "60"])
+                           "--memory-interval-s", "0.005", "--log-dir", str(tmp_path / "logs"), "--startup-timeout-s", "60"])
     assert rc == 0
     assert _statuses(out) == {"load-crash": "PASS", "load-cross-request": "PASS", "load-memory": "PASS"}
     data = json.loads(out.read_text())
