@@ -90,7 +90,7 @@ def draw(panels: dict[str, dict[str, list[tuple[int, float]]]], path: Path, *, y
         ax.set_title(name)
         ax.grid(True, which="both", alpha=0.3)
         ax.legend(fontsize=8)
-    fig.suptitle(title)
+    fig.suptitle(title, wrap=True, fontsize=10)  # long titles wrap instead of running off a one-panel figure
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=120)
