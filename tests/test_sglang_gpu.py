@@ -7,9 +7,10 @@ uniform in +-1e-3: attention then moves the log-probabilities by nothing measura
 vacuously. The comparison is self-calibrating:
 per-position prompt log-probabilities (``input_token_logprobs`` over the last positions of each prompt, i.e.
 the model's prediction after each of those tokens) from FlashInfer are compared with (a) ``minference`` under
-a dense-equivalent config (every request sparse, budgets covering the whole context) and (b) ``minference``
-under a deliberately lossy A-shape config. (a) must sit far closer to dense than (b): if the sparse path read
-the wrong keys, skipped the prefix, or lost the chunk's KV, (a) would move as far as (b) does.
+a dense-equivalent config (every request sparse, budgets covering the whole context), (b) SGLang's own
+``triton`` dense backend (the yardstick: how far two correct dense kernels drift apart in bf16) and (c)
+``minference`` under a deliberately lossy A-shape config. (a) must stay within the yardstick and far from (c):
+if the sparse path read the wrong keys, skipped the prefix, or lost the chunk's KV, (a) would move like (c).
 
 Scenarios share one engine per config (``--chunked-prefill-size 4096``): a single request, a ragged batch,
 a chunked 33K prompt, and a radix-cache second turn (``cached_tokens > 0``). Separately, the default sparse
