@@ -34,8 +34,12 @@ def _lastq_tile_scores(q, pos, row_ok, K, KvStart, ReqToToken, PoolIdx, r, kvh, 
 
 
 @triton.jit
-def _lastq_setup(Q, CuQ, SeqK, QHead, KvHead, r, h, stride_qt, stride_qh, n_last,
+def _lastq_setup(Q, CuQ, SeqK, QHead, KvHead, stride_qt, stride_qh, n_last,
                  BLOCK_M: tl.constexpr, HEAD_DIM: tl.constexpr):
+    """Program (request r, head h, split s): the request's estimation rows (positions ``pos``) and their q tile."""
+    r = tl.program_id(0)
+    h = tl.program_id(1)
+    s = tl.program_id(2)
     sk = tl.load(SeqK + r)
     q_end = tl.load(CuQ + r + 1)
     n = tl.minimum(n_last, q_end - tl.load(CuQ + r))
@@ -47,7 +51,7 @@ def _lastq_setup(Q, CuQ, SeqK, QHead, KvHead, r, h, stride_qt, stride_qh, n_last
     offs_d = tl.arange(0, HEAD_DIM)
     tok = (q_end - n + rows).to(tl.int64)
     q = tl.load(Q + tok[:, None] * stride_qt + qh * stride_qh + offs_d[None, :], mask=row_ok[:, None], other=0.0)
-    return sk, p0, rows, row_ok, kvh, q
+    return r, h, s, sk, p0, p0 + rows, rows, row_ok, kvh, q
 
 
 @triton.jit
@@ -56,12 +60,8 @@ def _lastq_lse_kernel(Q, K, KvStart, ReqToToken, PoolIdx, CuQ, SeqK, QHead, KvHe
                       PAGED: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr):
     """Pass 1: partial (row max, row sum) in the exp2 domain over this program's share of key tiles."""
     tl.static_assert(BLOCK_M == 64)
-    r = tl.program_id(0)
-    h = tl.program_id(1)
-    s = tl.program_id(2)
-    sk, p0, rows, row_ok, kvh, q = _lastq_setup(Q, CuQ, SeqK, QHead, KvHead, r, h, stride_qt, stride_qh, n_last,
-                                                BLOCK_M, HEAD_DIM)
-    pos = p0 + rows
+    r, h, s, sk, p0, pos, rows, row_ok, kvh, q = _lastq_setup(Q, CuQ, SeqK, QHead, KvHead, stride_qt, stride_qh,
+                                                              n_last, BLOCK_M, HEAD_DIM)
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     t_end = tl.minimum((s + 1) * tiles_per_split, tl.cdiv(sk, BLOCK_N))
@@ -92,12 +92,8 @@ def _lastq_scores_kernel(Q, K, KvStart, ReqToToken, PoolIdx, CuQ, SeqK, QHead, K
     """
     tl.static_assert(BLOCK_M == 64)
     tl.static_assert(BLOCK_N == 64)
-    r = tl.program_id(0)
-    h = tl.program_id(1)
-    s = tl.program_id(2)
-    sk, p0, rows, row_ok, kvh, q = _lastq_setup(Q, CuQ, SeqK, QHead, KvHead, r, h, stride_qt, stride_qh, n_last,
-                                                BLOCK_M, HEAD_DIM)
-    pos = p0 + rows
+    r, h, s, sk, p0, pos, rows, row_ok, kvh, q = _lastq_setup(Q, CuQ, SeqK, QHead, KvHead, stride_qt, stride_qh,
+                                                              n_last, BLOCK_M, HEAD_DIM)
     lse2 = tl.load(Lse2 + (r * tl.num_programs(1) + h).to(tl.int64) * BLOCK_M + rows)
     lse2 = tl.where(row_ok, lse2, 0.0)
     out_base = r.to(tl.int64) * stride_out_b + h.to(tl.int64) * stride_out_h
