@@ -115,18 +115,25 @@ class SGLangClient:
             raise RuntimeError(f"/server_info answered {status}: {_error_text(body)}")
         return json.loads(body)
 
-    def flush_cache(self) -> bool:
-        """``POST /flush_cache``: empties the radix cache; refused (False) while requests are running."""
-        conn = self._connect(60)
-        try:
-            conn.request("POST", "/flush_cache")
-            resp = conn.getresponse()
-            resp.read()
-            return resp.status == 200
-        except (OSError, http.client.HTTPException):
-            return False
-        finally:
-            conn.close()
+    def flush_cache(self, timeout_s: float = 60.0) -> bool:
+        """``POST /flush_cache``: empties the radix cache. SGLang refuses while requests still run (one that just
+        answered may not have left the scheduler yet), so a refusal is retried every 0.5 s up to ``timeout_s``."""
+        deadline = time.monotonic() + timeout_s
+        while True:
+            conn = self._connect(60)
+            try:
+                conn.request("POST", "/flush_cache")
+                resp = conn.getresponse()
+                resp.read()
+                if resp.status == 200:
+                    return True
+            except (OSError, http.client.HTTPException):
+                pass
+            finally:
+                conn.close()
+            if time.monotonic() >= deadline:
+                return False
+            time.sleep(0.5)
 
     @staticmethod
     def payload(

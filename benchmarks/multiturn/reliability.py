@@ -89,20 +89,10 @@ def load_mix(*, vocab_size: int, long_tokens: int, short_tokens: int, long_conte
     return mix
 
 
-def _flush(client: SGLangClient, timeout_s: float = 60.0) -> bool:
-    """Empty the radix cache, retrying while requests (an aborted one, say) still run."""
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if client.flush_cache():
-            return True
-        time.sleep(0.5)
-    return False
-
-
 def _alone(client: SGLangClient, ids: list[int], max_new_tokens: int) -> Reply:
     """The request alone on an empty cache: its reference output (an error if the cache cannot be emptied,
     which means some request never finished)."""
-    if not _flush(client):
+    if not client.flush_cache():
         return Reply(status=0, error="could not flush the radix cache: requests still running after 60 s")
     return client.generate(ids, max_new_tokens=max_new_tokens, ignore_eos=True)
 
@@ -186,7 +176,7 @@ def cmd_load(args, checks: Checks, out: dict) -> None:
                 checks.add("load-references", "FAIL", f"{len(bad)} of {len(mix)} requests failed alone: {bad}")
                 return
             references = {n: r.output_ids for n, r in refs.items()}
-            _flush(client)
+            client.flush_cache()
             log_start = _log_size(log)
             with MemoryPoller(gpu=args.gpu, interval_s=args.memory_interval_s) as mem:
                 time.sleep(2 * args.memory_interval_s)  # idle samples before the load starts
