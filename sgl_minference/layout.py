@@ -44,6 +44,22 @@ def check_tensor(t, name: str, *, ndim: int | None = None, dtypes=None, device=N
         check(t.device.type == torch.device(device).type, name, f"on {t.device}, expected {device}")
 
 
+HEAD_DIMS = (64, 128, 256)  # head sizes the kernels are built for
+DTYPES = (torch.float16, torch.bfloat16, torch.float32)  # fp32 for interpreter tests only
+
+
+def check_queries_and_kv(q: torch.Tensor, kv: "KVSource", geom: "BatchGeometry") -> None:
+    """The checks every kernel wrapper shares: ``q [T, Hq, D]`` against the geometry and the KV source."""
+    check_tensor(q, "q", ndim=3, dtypes=DTYPES)
+    tokens, num_heads, head_dim = q.shape
+    check(head_dim in HEAD_DIMS, "head_dim", f"{head_dim} not supported, expected one of {HEAD_DIMS}")
+    check(tokens == geom.num_tokens, "q", f"{tokens} tokens but geom packs {geom.num_tokens} chunk tokens")
+    kv.validate(geom.num_requests)
+    check(kv.k.dtype == q.dtype, "k", f"dtype {kv.k.dtype} != q dtype {q.dtype}")
+    check(kv.k.shape[2] == head_dim, "k", f"head_dim {kv.k.shape[2]} != q head_dim {head_dim}")
+    check(num_heads % kv.k.shape[1] == 0, "k", f"{kv.k.shape[1]} KV heads do not divide {num_heads} query heads")
+
+
 @dataclass(kw_only=True)
 class BatchGeometry:
     """Per-batch shape metadata, built once per forward batch (plan), shared by every layer.

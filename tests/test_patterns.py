@@ -244,6 +244,10 @@ def test_concat_heads_puts_groups_back():
     assert torch.equal(m[[1, 3]], d) and torch.equal(m[[2, 0]], a)
     with pytest.raises(ValueError, match="heads"):
         concat_heads([dense, ashape], [[1, 3], [2, 2]], 4)
+    single = build_a_shape(geom, HeadSet.build([1, 0], num_q_heads=2, num_kv_heads=1, device=DEV,
+                                               sink=[4, 64], local=[64, 128]))
+    swapped = concat_heads([single], [[1, 0]], 2).to_dense(geom)[0]  # one group, heads out of order
+    assert torch.equal(swapped[[1, 0]], single.to_dense(geom)[0])
 
 
 def test_head_set_validates_budgets():

@@ -14,10 +14,9 @@ import torch
 import triton
 import triton.language as tl
 
-from ..layout import BLOCK, BatchGeometry, KVSource, check, check_tensor
+from ..layout import BLOCK, BatchGeometry, KVSource, check, check_queries_and_kv, check_tensor
 from .kv_access import kv_args, kv_rows
-
-LOG2E = 1.4426950408889634
+from .sparse_attention import LOG2E
 
 
 @triton.jit
@@ -116,11 +115,7 @@ def _lastq_scores_kernel(Q, K, KvStart, ReqToToken, PoolIdx, CuQ, SeqK, QHead, K
 
 
 def _validate(q: torch.Tensor, kv: KVSource, geom: BatchGeometry, q_head: torch.Tensor, kv_head: torch.Tensor):
-    check_tensor(q, "q", ndim=3, dtypes=(torch.float16, torch.bfloat16, torch.float32))
-    kv.validate(geom.num_requests)
-    check(q.shape[2] in (64, 128, 256), "head_dim", f"{q.shape[2]} not supported (64, 128 or 256)")
-    check(kv.k.shape[2] == q.shape[2], "k", f"head_dim {kv.k.shape[2]} != q head_dim {q.shape[2]}")
-    check(q.shape[0] == geom.num_tokens, "q", f"{q.shape[0]} tokens, geometry has {geom.num_tokens}")
+    check_queries_and_kv(q, kv, geom)
     check_tensor(q_head, "q_head", ndim=1, dtypes=(torch.int32,))
     check(kv_head.shape == q_head.shape, "kv_head", "one KV head per query head needed")
 
@@ -208,4 +203,4 @@ def pool_keys(kv: KVSource, geom: BatchGeometry) -> torch.Tensor:
     return out
 
 
-__all__ = ["lastq_scores", "pool_keys", "LOG2E"]
+__all__ = ["lastq_scores", "pool_keys"]

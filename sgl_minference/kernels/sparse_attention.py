@@ -14,10 +14,8 @@ import triton
 import triton.language as tl
 
 from sgl_minference.kernels.kv_access import kv_args, kv_rows
-from sgl_minference.layout import BLOCK, BatchGeometry, KVSource, SparseLayout, check, check_tensor
+from sgl_minference.layout import BLOCK, BatchGeometry, KVSource, SparseLayout, check, check_queries_and_kv, check_tensor
 
-HEAD_DIMS = (64, 128, 256)
-DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 LOG2E = 1.4426950408889634  # scores are kept in base 2 so the softmax can use exp2
 LN2: tl.constexpr = tl.constexpr(0.6931471805599453)  # converts the base-2 lse back to the natural log
 
@@ -172,16 +170,9 @@ def _launch_config(head_dim: int, dtype: torch.dtype) -> tuple[int, int]:
 
 def _check_inputs(q, kv: KVSource, layout: SparseLayout, geom: BatchGeometry, out) -> None:
     """Validate every argument of :func:`sparse_attention` up front (host metadata only, no device sync)."""
-    check_tensor(q, "q", ndim=3, dtypes=DTYPES)
-    tokens, num_heads, head_dim = q.shape
-    check(head_dim in HEAD_DIMS, "head_dim", f"{head_dim} not supported, expected one of {HEAD_DIMS}")
-    check(tokens == sum(geom.seq_lens_q_cpu), "q",
-          f"{tokens} tokens but geom packs {sum(geom.seq_lens_q_cpu)} chunk tokens")
+    check_queries_and_kv(q, kv, geom)
+    num_heads = q.shape[1]
     check(q.stride(-1) == 1, "q", "head_dim must be the contiguous dimension")
-    kv.validate(geom.num_requests)
-    check(kv.k.dtype == q.dtype, "k", f"dtype {kv.k.dtype} != q dtype {q.dtype}")
-    check(kv.k.shape[2] == head_dim, "k", f"head_dim {kv.k.shape[2]} != q head_dim {head_dim}")
-    check(num_heads % kv.k.shape[1] == 0, "k", f"{kv.k.shape[1]} KV heads do not divide {num_heads} query heads")
     check(kv.k.stride(-1) == 1 and kv.v.stride(-1) == 1, "k", "head_dim must be the contiguous dimension of k and v")
     if kv.paged:
         check(kv.req_to_token.stride(1) == 1, "req_to_token", "rows must be contiguous")

@@ -50,7 +50,7 @@ def concat_heads(parts: list[SparseLayout], heads: list[list[int]], num_heads: i
     check(len(parts) == len(heads) and parts, "parts", "one head list per layout needed")
     check(sorted(h for hs in heads for h in hs) == list(range(num_heads)), "heads",
           f"must cover each of the {num_heads} heads exactly once")
-    if len(parts) == 1:
+    if len(parts) == 1 and heads[0] == list(range(num_heads)):
         return parts[0]
     nqb = parts[0].block_count.shape[0]
     maxb = max(p.block_start.shape[2] for p in parts)
