@@ -51,11 +51,10 @@ CASES = [
     ("sparse_attention", "_sparse_attention_fwd", dict(BLOCK_M=64, BLOCK_N=64, BLOCK_D=d, PAGED=paged), w, st)
     for d, w, st in ((64, 4, 3), (128, 4, 3), (256, 8, 2)) for paged in (False, True)
 ] + [
-    ("estimate", "_lastq_lse_kernel", dict(PAGED=paged, BLOCK_M=64, BLOCK_N=64, HEAD_DIM=d), 4 if d <= 128 else 8, 3)
-    for d in (64, 128, 256) for paged in (False, True)
-] + [
-    ("estimate", "_lastq_scores_kernel", dict(PAGED=paged, BLOCK_M=64, BLOCK_N=64, HEAD_DIM=d), 4 if d <= 128 else 8,
-     3) for d in (64, 128, 256) for paged in (False, True)
+    ("estimate", name, dict(PAGED=paged, HEADS=heads, BLOCK_M=64, BLOCK_N=64, HEAD_DIM=d),
+     4 if heads == 1 and d <= 128 else 8, 3)
+    for name in ("_lastq_lse_kernel", "_lastq_scores_kernel")
+    for d, heads in ((64, 1), (64, 4), (128, 1), (128, 2), (128, 4), (256, 1), (256, 2)) for paged in (False, True)
 ] + [
     ("estimate", "_pool_keys_kernel", dict(PAGED=True, BLOCK_N=64, HEAD_DIM=128), 4, 3),
     ("materialise", "_materialise_kernel", dict(BLOCK=64, CHUNK=64), 4, 3),

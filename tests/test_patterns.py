@@ -9,7 +9,7 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
-from sgl_minference.kernels.estimate import lastq_scores, pool_keys  # noqa: E402
+from sgl_minference.kernels.estimate import _head_slots, lastq_scores, pool_keys  # noqa: E402
 from sgl_minference.layout import BLOCK, BatchGeometry, KVSource  # noqa: E402
 from sgl_minference.patterns import (HeadSet, build_a_shape, build_block_sparse, build_dense,  # noqa: E402
                                      build_vertical_slash, concat_heads, estimate_vertical_slash)
@@ -42,8 +42,10 @@ def make_batch(seq_q, seq_k, hq, hk, d, *, paged=False, seed=0):
                              req_pool_indices=pool_idx.to(DEV, torch.int64))
 
 
-def heads_of(hq, hk, **budgets):
-    return HeadSet.build(list(range(hq)), num_q_heads=hq, num_kv_heads=hk, device=DEV, **budgets)
+def heads_of(hq, hk, heads=None, **budgets):
+    """All ``hq`` heads in order, or the listed subset ``heads`` (any order)."""
+    heads = list(range(hq)) if heads is None else heads
+    return HeadSet.build(heads, num_q_heads=hq, num_kv_heads=hk, device=DEV, **budgets)
 
 
 def request_qk(q, kv, geom, r):
@@ -102,18 +104,46 @@ CASES = [  # (seq_q, seq_k, hq, hk, d, paged)
 ]
 
 
-@pytest.mark.parametrize("seq_q,seq_k,hq,hk,d,paged", CASES)
-def test_lastq_scores_match_torch(seq_q, seq_k, hq, hk, d, paged):
+LASTQ_CASES = [(*case, None) for case in CASES] + [  # (..., scored heads: None = all, in order)
+    ([20, 70], [150, 70], 8, 2, 128, True, [5, 0, 6, 3]),  # subset out of KV order, 2 per KV head
+    ([33, 7], [97, 260], 8, 1, 256, False, None),  # GQA 8 at D=256: pairs of heads per program
+    ([3], [200], 4, 1, 256, True, [3, 1, 2]),  # odd count: one pair and one padded slot
+    ([10, 64], [300, 64], 32, 4, 64, False, [31, 2, 9, 8, 10, 0, 1, 3, 4, 5]),  # GQA 8, 6/3/0/1 heads per KV head
+    ([50], [120], 4, 4, 128, False, [2, 0]),  # MHA subset
+]
+
+
+@pytest.mark.parametrize("seq_q,seq_k,hq,hk,d,paged,heads", LASTQ_CASES)
+def test_lastq_scores_match_torch(seq_q, seq_k, hq, hk, d, paged, heads):
     geom, q, kv = make_batch(seq_q, seq_k, hq, hk, d, paged=paged)
-    hs = heads_of(hq, hk)
+    hs = heads_of(hq, hk, heads)
     col, diag = lastq_scores(q, kv, geom, hs.q_head, hs.kv_head, sm_scale=1 / math.sqrt(d), last_q=64)
+    assert col.shape == diag.shape == (len(seq_k), len(hs.heads), max(seq_k))
     for r, sk in enumerate(seq_k):
         qr, kr = request_qk(q, kv, geom, r)
         ref_col, ref_diag = reference_scores(qr, kr, 64, hq // hk)
-        torch.testing.assert_close(col[r, :, :sk].cpu(), ref_col, atol=3e-3, rtol=1e-3)
-        torch.testing.assert_close(diag[r, :, :sk].cpu(), ref_diag, atol=3e-3, rtol=1e-3)
+        torch.testing.assert_close(col[r, :, :sk].cpu(), ref_col[hs.heads], atol=3e-3, rtol=1e-3)
+        torch.testing.assert_close(diag[r, :, :sk].cpu(), ref_diag[hs.heads], atol=3e-3, rtol=1e-3)
         assert (col[r, :, sk:] == -1).all() and (diag[r, :, sk:] == -1).all()
 
+
+
+@pytest.mark.parametrize("heads,hq,hk,per_slot", [([31, 2, 9, 8, 10, 0, 1, 3, 4, 5], 32, 4, 4),
+                                                  ([5, 0, 6, 3], 8, 2, 4), ([3, 1, 2], 4, 1, 2), ([2, 0], 4, 4, 1)])
+def test_head_slots_share_one_kv_head(heads, hq, hk, per_slot):
+    """Each slot holds heads of one KV head (lanes filled first), every scored head once, no more slots than
+    the KV heads' counts need (the rest all padding)."""
+    kv_head = [h // (hq // hk) for h in heads]
+    slots = _head_slots(torch.tensor(kv_head, dtype=torch.int32, device=DEV), hk, hq // hk, per_slot).cpu()
+    assert slots.shape[1] == per_slot
+    assert sorted(i for i in slots.flatten().tolist() if i >= 0) == list(range(len(heads)))
+    used = [row for row in slots.tolist() if row[0] >= 0]
+    assert all(row[0] < 0 for row in slots.tolist()[len(used):])
+    counts = [kv_head.count(k) for k in range(hk)]
+    assert len(used) == sum(-(-c // per_slot) for c in counts)
+    for row in used:
+        lanes = [i for i in row if i >= 0]
+        assert row[:len(lanes)] == lanes and len({kv_head[i] for i in lanes}) == 1
 
 def test_pool_keys_excludes_padding():
     geom, q, kv = make_batch([10, 3], [130, 64], 2, 2, 64, paged=True)
