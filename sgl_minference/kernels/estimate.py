@@ -168,6 +168,12 @@ def _head_slots(kv_head: torch.Tensor, num_kv_heads: int, group: int, heads: int
     return table.scatter_(0, slot * heads + lane, order.to(torch.int32)).view(slots, heads)
 
 
+def _heads_per_program(group: int, num_scored: int, head_dim: int) -> int:
+    """Scored heads stacked per program: the GQA group (a power of two), with the tile kept <= 256 x 128 or
+    128 x 256 rows x head_dim so it stays in registers."""
+    return min(triton.next_power_of_2(min(group, num_scored)), 4 if head_dim <= 128 else 2)
+
+
 def lastq_scores(q: torch.Tensor, kv: KVSource, geom: BatchGeometry, q_head: torch.Tensor, kv_head: torch.Tensor,
                  *, sm_scale: float, last_q: int = 64) -> tuple[torch.Tensor, torch.Tensor]:
     """Column and diagonal softmax sums of the last ``min(last_q, Sq_r)`` queries of every request.
@@ -190,7 +196,7 @@ def lastq_scores(q: torch.Tensor, kv: KVSource, geom: BatchGeometry, q_head: tor
     B, Hs, D = geom.num_requests, q_head.shape[0], q.shape[2]
     Hk = kv.k.shape[1]
     group = q.shape[1] // Hk
-    heads = min(triton.next_power_of_2(min(group, Hs)), 4 if D <= 128 else 2)  # tile <= 256 x 128 or 128 x 256
+    heads = _heads_per_program(group, Hs, D)
     slots = _head_slots(kv_head, Hk, group, heads)
     max_sk = geom.max_seqlen_k
     qk_scale = sm_scale * LOG2E
