@@ -10,7 +10,7 @@ Own format ``sgl-minference/v1`` (a JSON object; every key but ``format`` is opt
       "forced_sink": 30,         # key columns vertical-slash always keeps (the first tokens)
       "forced_local": 100,       # diagonals vertical-slash always keeps (the local band)
       "block_size": 64,          # query rows / keys per block; only 64
-      "dense_backend": "flashinfer",                                     # or "fa3", "triton"
+      "dense_backend": "auto",   # fa3 on Hopper when FA3 is installed, else flashinfer; or "flashinfer", "fa3", "triton"
       "num_layers": 32, "num_heads": 32,   # the model shape the table was made for (optional)
       "default": {"type": "vertical_slash", "vertical": 1000, "slash": 6096},   # every head not listed
       "heads": {"0": {"5": {"type": "a_shape", "sink": 128, "local": 4096}}}    # layer -> query head -> spec
@@ -137,7 +137,10 @@ class MInferenceConfig(BaseModel):
     min_chunk: Annotated[int, Field(strict=True, ge=1)] = 64
     forced_sink: Count = 30  # vertical-slash always keeps key columns 0 .. forced_sink-1
     forced_local: Count = 100  # ... and diagonals 0 .. forced_local-1 (offsets p - j)
-    dense_backend: Literal["flashinfer", "fa3", "triton"] = "flashinfer"
+    # "auto" follows SGLang's own default for dense MHA: fa3 on Hopper (when FA3 is installed), else flashinfer.
+    # Measured on the H100 (2026-11-24, Llama-3-8B dummy, TTFT): flashinfer dense is 0.89-0.95x of fa3 at
+    # 8K-32K, so with it the length gate could not make short prompts free (BENCHMARKS.md).
+    dense_backend: Literal["auto", "flashinfer", "fa3", "triton"] = "auto"
     default: HeadSpec = VerticalSlashSpec(vertical=1000, slash=6096)
     num_layers: Budget | None = None
     num_heads: Budget | None = None

@@ -61,6 +61,23 @@ def unsupported_setup(runner) -> str | None:
     return None
 
 
+def resolve_dense_backend(name: str) -> str:
+    """The SGLang backend ``dense_backend`` names; ``auto`` is fa3 on Hopper when FA3 is installed, else flashinfer."""
+    if name != "auto":
+        return name
+    from sglang.srt.utils.common import is_hopper_with_cuda_12_3
+
+    return "fa3" if is_hopper_with_cuda_12_3() and _fa3_installed() else "flashinfer"
+
+
+def _fa3_installed() -> bool:
+    try:
+        from sgl_kernel.flash_attn import is_fa3_supported
+    except ImportError:  # sgl_kernel wheels without the FA3 extension
+        return False
+    return bool(is_fa3_supported())
+
+
 def create_backend(runner):
     """Factory SGLang calls with its ModelRunner: the composed backend (the dense one alone for draft models)."""
     from sglang.srt.layers.attention.attention_registry import ATTENTION_BACKENDS
@@ -71,14 +88,15 @@ def create_backend(runner):
 
     model_config = runner.model_config
     config = resolve(model_config.hf_config, runner.server_args.model_path, os.environ)
+    dense_name = resolve_dense_backend(config.dense_backend)
     if runner.is_draft_worker:
         # Speculative draft models only run short extends and decode: nothing to make sparse.
-        return ATTENTION_BACKENDS[config.dense_backend](runner)
+        return ATTENTION_BACKENDS[dense_name](runner)
     problem = unsupported_setup(runner)
     if problem is not None:
         raise ValueError(f"--attention-backend {BACKEND_NAME}: {problem}")
     config.validate_for_model(model_config.num_hidden_layers, model_config.num_attention_heads)
-    dense = ATTENTION_BACKENDS[config.dense_backend](runner)
+    dense = ATTENTION_BACKENDS[dense_name](runner)
     parallel = get_parallel()
     tp_size = parallel.attn_tp_size
     req_to_token = runner.req_to_token_pool.req_to_token
@@ -87,6 +105,6 @@ def create_backend(runner):
                                           num_kv_heads=model_config.get_num_kv_heads(tp_size),
                                           attn_tp_rank=parallel.attn_tp_rank, device=req_to_token.device)
     logger.info("minference: sparse prefill from %s (min_context %d, min_chunk %d), dense backend %s",
-                config.source, config.min_context, config.min_chunk, config.dense_backend)
+                config.source, config.min_context, config.min_chunk, dense_name)
     return MInferenceAttnBackend(dense=dense, config=config, layers=layers, all_heads=all_heads,
                                  token_to_kv_pool=runner.token_to_kv_pool, req_to_token=req_to_token)

@@ -20,6 +20,7 @@ from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 
 HOPPER = GPUTarget("cuda", 90, 32)
+H100_SHARED_BYTES = 232448  # per-block shared memory limit Triton checks at launch on an H100
 FLOAT_POINTERS = {"Lse", "MaxOut", "SumOut", "Lse2", "ColOut", "DiagOut", "Out"}
 
 
@@ -47,15 +48,30 @@ def kernel(module: str, name: str):
     return getattr(importlib.import_module(f"sgl_minference.kernels.{module}"), name)
 
 
-CASES = [
-    ("sparse_attention", "_sparse_attention_fwd", dict(BLOCK_M=64, BLOCK_N=64, BLOCK_D=d, PAGED=paged), w, st)
-    for d, w, st in ((64, 4, 3), (128, 4, 3), (256, 8, 2)) for paged in (False, True)
+def _attention_case(d: int, paged: bool):
+    import torch
+
+    from sgl_minference.kernels.sparse_attention import _launch_config
+
+    return ("sparse_attention", "_sparse_attention_fwd", dict(BLOCK_M=64, BLOCK_N=64, BLOCK_D=d, PAGED=paged),
+            *_launch_config(d, torch.bfloat16))
+
+
+def _estimate_case(name: str, d: int, paged: bool):
+    from sgl_minference.kernels.estimate import _heads_per_program
+
+    heads = _heads_per_program(8, 32, d)  # Llama-3 GQA: the largest stack the product launches at this head_dim
+    return ("estimate", name, dict(PAGED=paged, HEADS=heads, BLOCK_M=64, BLOCK_N=64, HEAD_DIM=d),
+            4 if heads == 1 and d <= 128 else 8, 3)
+
+
+# The launch configurations the product uses (num_warps / num_stages / heads come from the product's own choices).
+CASES = [_attention_case(d, paged) for d in (64, 128, 256) for paged in (False, True)] + [
+    _estimate_case(name, d, paged)
+    for name in ("_lastq_lse_kernel", "_lastq_scores_kernel") for d in (64, 128, 256) for paged in (False, True)
 ] + [
-    ("estimate", name, dict(PAGED=paged, HEADS=heads, BLOCK_M=64, BLOCK_N=64, HEAD_DIM=d),
-     4 if heads == 1 and d <= 128 else 8, 3)
-    for name in ("_lastq_lse_kernel", "_lastq_scores_kernel")
-    for d, heads in ((64, 1), (64, 4), (128, 1), (128, 2), (128, 4), (256, 1), (256, 2)) for paged in (False, True)
-] + [
+    ("estimate", "_lastq_scores_kernel", dict(PAGED=False, HEADS=1, BLOCK_M=64, BLOCK_N=64, HEAD_DIM=128), 4, 3),
+
     ("estimate", "_pool_keys_kernel", dict(PAGED=True, BLOCK_N=64, HEAD_DIM=128), 4, 3),
     ("materialise", "_materialise_kernel", dict(BLOCK=64, CHUNK=64), 4, 3),
 ]
@@ -65,9 +81,17 @@ def compile_case(index: int) -> None:
     """Child process: compile ``CASES[index]`` for Hopper (raises on a compile error)."""
     module, name, constexprs, num_warps, num_stages = CASES[index]
     fn = kernel(module, name)
-    src = ASTSource(fn=fn, signature=signature(fn, constexprs, "bf16"), constexprs=constexprs)
+    sig = signature(fn, constexprs, "bf16")
+    # At launch Triton specialises 16-byte-aligned pointers and integers divisible by 16 (strides in practice);
+    # the same hints here give the same software pipelining, hence the same shared-memory size (checked below).
+    aligned = {(i,): [["tt.divisibility", 16]] for i, arg in enumerate(fn.arg_names)
+               if sig[arg].startswith("*") or (sig[arg] == "i32" and arg.startswith("stride"))}
+    src = ASTSource(fn=fn, signature=sig, constexprs=constexprs, attrs=aligned)
     compiled = triton.compile(src, target=HOPPER, options={"num_warps": num_warps, "num_stages": num_stages})
     assert compiled.asm["cubin"], "no machine code produced"
+    # Shared memory is only checked at launch: catch a configuration an H100 would refuse (OutOfResources).
+    assert compiled.metadata.shared <= H100_SHARED_BYTES, \
+        f"needs {compiled.metadata.shared} bytes of shared memory, the H100 has {H100_SHARED_BYTES}"
 
 
 @pytest.fixture(scope="module")

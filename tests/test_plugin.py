@@ -146,3 +146,19 @@ def test_ttft_refuses_without_a_gpu(capsys):
 
     assert ttft.main([]) == 2
     assert "needs a CUDA GPU" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("hopper, fa3, expected", [(True, True, "fa3"), (True, False, "flashinfer"),
+                                                    (False, True, "flashinfer"), (False, False, "flashinfer")])
+def test_auto_dense_backend_follows_sglang_hopper_default(monkeypatch, hopper, fa3, expected):
+    monkeypatch.setattr("sglang.srt.utils.common.is_hopper_with_cuda_12_3", lambda: hopper)
+    monkeypatch.setattr(plugin, "_fa3_installed", lambda: fa3)
+    assert plugin.resolve_dense_backend("auto") == expected
+    assert plugin.resolve_dense_backend("triton") == "triton"  # an explicit choice is kept as it is
+
+
+def test_factory_builds_the_resolved_dense_backend(dense_and_tp, monkeypatch):
+    monkeypatch.setattr(plugin, "resolve_dense_backend", lambda name: "fake-dense")
+    monkeypatch.setitem(attention_registry.ATTENTION_BACKENDS, "fake-dense", FakeDense)
+    backend = plugin.create_backend(fake_runner())
+    assert isinstance(backend.dense, FakeDense) and backend.config.dense_backend == "auto"

@@ -1,8 +1,8 @@
 """The ``minference`` attention backend: SGLang's own dense backend, plus a sparse path for long prefills.
 
-Composition, not inheritance: the dense backend named by ``config.dense_backend`` (``flashinfer`` by default,
-``fa3`` on Hopper, ``triton``) is built through SGLang's registry with the same ModelRunner and does
-everything that stays dense, untouched: decode and its CUDA graphs, target-verify, draft extends, batches
+Composition, not inheritance: the dense backend named by ``config.dense_backend`` (``auto``: ``fa3`` on Hopper
+when FA3 is installed, else ``flashinfer``; or ``flashinfer``, ``fa3``, ``triton`` explicitly) is built through
+SGLang's registry with the same ModelRunner and does everything that stays dense, untouched: decode and its CUDA graphs, target-verify, draft extends, batches
 without a long request, and the layers the sparse kernel cannot serve. Every attribute this class does not
 define is read from, and written to, the dense backend, so SGLang sees one backend.
 
