@@ -634,6 +634,17 @@ def test_error_line_skips_the_echoed_command():
     assert reliability.error_line(log, r"diagonal_magic") is None
 
 
+def test_error_line_prefers_the_exception_over_the_raise_statement():
+    # As SGLang logs a scheduler's traceback (H100 run, 2026-11-24): the quoted source line comes first.
+    log = textwrap.dedent("""\
+          File "/site/sgl_minference/config.py", line 316, in load
+            raise ConfigError(f"{source}: not JSON ({e.msg} at line {e.lineno}, column {e.colno})") from None
+        sgl_minference.config.ConfigError: /x/bad_config_0.json: not JSON (Expecting value at line 1, column 11969)
+        """)
+    line = reliability.error_line(log, r"not json|expecting")
+    assert line.startswith("sgl_minference.config.ConfigError: /x/bad_config_0.json: not JSON")
+
+
 # ----------------------------------------------------------------------------------------------------------
 # Server launching (with a stand-in for sglang.launch_server)
 # ----------------------------------------------------------------------------------------------------------

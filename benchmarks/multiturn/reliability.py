@@ -317,13 +317,16 @@ def config_faults(num_layers: int, num_heads: int) -> list[ConfigFault]:
 
 def error_line(log_text: str, expect: str) -> str | None:
     """The server-output line that explains a failed start: the first line matching ``expect`` that is not
-    the echoed command or SGLang's dump of its own arguments (both contain the config path)."""
+    the echoed command or SGLang's dump of its own arguments (both contain the config path), preferring an
+    exception's own ``Name: message`` line."""
     rx = re.compile(expect, re.IGNORECASE)
     candidates = [line.strip() for line in log_text.splitlines()
                   if rx.search(line) and not line.startswith("$ ") and "server_args=" not in line
                   and "ServerArgs(" not in line and "json_model_override_args" not in line]
+    # A traceback's final "pkg.SomeError: message" line, before its source lines (which quote the raise).
+    raised = [line for line in candidates if re.match(r"[\w.]*(Error|Exception)\b: ", line)]
     errors = [line for line in candidates if re.search(r"error|exception|invalid", line, re.IGNORECASE)]
-    return (errors or candidates or [None])[0]
+    return (raised or errors or candidates or [None])[0]
 
 
 def cmd_faults(args, checks: Checks, out: dict) -> None:

@@ -175,7 +175,11 @@ def launched_server(spec: ServerSpec, *, log_path: Path, startup_timeout_s: floa
     try:
         if not _wait_healthy(proc, url, t0 + startup_timeout_s):
             code = proc.poll()
-            why = f"exited with code {code}" if code is not None else f"not healthy after {startup_timeout_s:.0f} s"
+            # On a fresh machine FlashInfer compiles its kernels on first use, inside SGLang's own warm-up request
+            # (measured on an H100, 2026-11-24: no answer after 90 s); /health_generate says 503 until it is done.
+            why = (f"exited with code {code}" if code is not None else
+                   f"not healthy after {startup_timeout_s:.0f} s (a first start on a fresh machine may still be "
+                   f"compiling FlashInfer kernels in its warm-up request: allow several minutes)")
             raise ServerStartError(f"server {why}: {' '.join(cmd)}", exit_code=code, log_tail=log_tail(log_path))
         yield RunningServer(base_url=url, command=cmd, log_path=log_path, startup_s=time.monotonic() - t0, process=proc)
     finally:
