@@ -88,10 +88,13 @@ class FakeDense:
 
 
 def fake_runner(*, override=None, draft=False, **server_kwargs):
-    sa = make_server_args(attention_backend="minference",
-                          json_model_override_args=json.dumps({"minference": override} if override else {}),
-                          **server_kwargs)
-    return SimpleNamespace(server_args=sa, model_config=ModelConfig.from_server_args(sa), is_draft_worker=draft,
+    sa = make_server_args(attention_backend="minference", **server_kwargs)
+    model_config = ModelConfig.from_server_args(sa)
+    if override:
+        # Where --json-model-override-args puts it; set after ServerArgs is built, so that the launch-time check
+        # (tested above) does not pre-empt the factory's own.
+        model_config.hf_config.minference = override
+    return SimpleNamespace(server_args=sa, model_config=model_config, is_draft_worker=draft,
                            use_mla_backend=False, token_to_kv_pool=object(),
                            req_to_token_pool=SimpleNamespace(req_to_token=torch.zeros(4, 16, dtype=torch.int32)))
 
@@ -102,6 +105,25 @@ def dense_and_tp(monkeypatch):
     monkeypatch.setitem(attention_registry.ATTENTION_BACKENDS, "flashinfer", FakeDense)
     monkeypatch.setattr("sglang.srt.runtime_context.get_parallel",
                         lambda: SimpleNamespace(attn_tp_rank=1, attn_tp_size=2))
+
+
+@pytest.mark.parametrize("override, match", [({"heads": {"20": {"0": {"type": "dense"}}}}, "layer 20"),
+                                             ({"default": {"type": "vertical_slash", "vertical": 0, "slash": 8}},
+                                              "vertical"),
+                                             ({"config_path": "/no/such/minference.json"}, "minference.json")])
+def test_a_bad_config_stops_server_args_in_the_launching_process(override, match):
+    with pytest.raises(ConfigError, match=match):
+        make_server_args(attention_backend="minference", json_model_override_args=json.dumps({"minference": override}))
+    # Another backend never reads it.
+    make_server_args(attention_backend="flashinfer", json_model_override_args=json.dumps({"minference": override}))
+
+
+def test_a_bad_config_file_from_the_environment_stops_server_args(monkeypatch, tmp_path):
+    bad = tmp_path / "bad.json"
+    bad.write_text('{"format": "sgl-minference/v1", "default": {"type": "diagonal_magic"}}')
+    monkeypatch.setenv("SGL_MINFERENCE_CONFIG", str(bad))
+    with pytest.raises(ConfigError, match="bad.json"):
+        make_server_args(attention_backend="minference")
 
 
 def test_factory_composes_the_dense_backend_and_slices_heads(dense_and_tp):
