@@ -23,7 +23,9 @@ Methods (each is skipped, with the reason stored in the run's ``unavailable``, w
 * ours: vertical-slash, block-sparse and A-shape; index building and attention timed separately;
 * SGLang's MInference kernel (``sgl_kernel.sparse_flash_attn.sparse_attn_func`` after
   ``convert_vertical_slash_indexes``) on the very vertical/slash indices our estimate produced
-  (head_dim 128 only); index time = our estimate + the conversion;
+  (head_dim 128 only); index time = our estimate + the conversion; and our kernel on that converter's output
+  (``ours_sgl_layout``, checked against ``sgl_vs``): the converter rounds merged slash ranges to whole 64-key
+  blocks, so the same indices give it a larger key set than our layout (BENCHMARKS.md);
 * FlashInfer ``VariableBlockSparseAttentionWrapper``: it takes one block mask per KV head, so the
   block-sparse selections of the 4 query heads of a group are united (pattern ``block_sparse_kv_union``,
   which computes more than per-query-head block-sparse); our kernel runs the same united layout for an
@@ -59,16 +61,18 @@ CASES = {
     "ours_dense": ("ours", "dense"),
     "ours_vs": ("ours", "vertical_slash"),
     "sgl_vs": ("sgl_kernel", "vertical_slash"),
+    "ours_sgl_layout": ("ours", "vertical_slash_sgl_layout"),
     "ours_bs": ("ours", "block_sparse"),
     "ours_bs_union": ("ours", "block_sparse_kv_union"),
     "flashinfer_bs": ("flashinfer_vbsr", "block_sparse_kv_union"),
     "ours_ashape": ("ours", "a_shape"),
 }
 CHECK_AGAINST = {"sdpa_cudnn": "fa3", "sdpa_flash": "fa3", "flashinfer": "fa3", "ours_dense": "fa3",
-                 "sgl_vs": "ours_vs", "flashinfer_bs": "ours_bs_union"}
+                 "sgl_vs": "ours_vs", "ours_sgl_layout": "sgl_vs", "flashinfer_bs": "ours_bs_union"}
 LIBRARIES = {  # case -> implementations it needs (names used by load_libraries)
     "fa3": ("fa3",), "sdpa_cudnn": ("sdpa",), "sdpa_flash": ("sdpa",), "flashinfer": ("flashinfer",),
-    "ours_dense": ("ours",), "ours_vs": ("ours",), "sgl_vs": ("sgl_sparse", "ours"), "ours_bs": ("ours",),
+    "ours_dense": ("ours",), "ours_vs": ("ours",), "sgl_vs": ("sgl_sparse", "ours"),
+    "ours_sgl_layout": ("sgl_sparse", "ours"), "ours_bs": ("ours",),
     "ours_bs_union": ("ours",), "flashinfer_bs": ("flashinfer", "ours"), "ours_ashape": ("ours",),
 }
 HEAVY_COLUMNS = 32  # planted vertical lines per KV head (column 0 included)
@@ -222,6 +226,19 @@ def layout_from_block_mask(mask: torch.Tensor, geom: BatchGeometry, *, chunk_blo
                         full_count=full.sum(-1, dtype=torch.int32),
                         col_index=torch.zeros(nqb, h, 1, dtype=torch.int32, device=mask.device),
                         col_count=zeros)
+
+
+def layout_from_sgl(converted, seq_k: int) -> SparseLayout:
+    """``convert_vertical_slash_indexes``'s output as our layout: the same key set, for our kernel.
+
+    ``converted`` = (block_count ``[1, H, NQB]``, block_offset ``[1, H, NQB, NNZ_S]``, column_count ``[1, H, NQB]``,
+    column_index ``[1, H, NQB, NNZ_V]``), int32; a block at offset ``o`` is keys ``[o, o + 64)``. Every range goes
+    to the masked path (``full_count`` 0), so the kernel applies the causal cut to all of them.
+    """
+    block_count, block_offset, column_count, column_index = (t[0].transpose(0, 1).contiguous() for t in converted)
+    return SparseLayout(block_start=block_offset, block_end=(block_offset + BLOCK).clamp(max=seq_k),
+                        block_count=block_count, full_count=torch.zeros_like(block_count),
+                        col_index=column_index, col_count=column_count)
 
 
 def sgl_layout_pairs(converted, inp: Inputs) -> PairCount:
@@ -392,13 +409,16 @@ def sparse_method(case: str, inp: Inputs, libs, b: Budgets) -> SparseMethod:
         return ours_method(inp, libs, build_union, {"topk": b.block_topk})
     if case == "sgl_vs":
         return sgl_vertical_slash(inp, libs, b)
+    if case == "ours_sgl_layout":
+        return sgl_vertical_slash(inp, libs, b, ours_kernel=True)
     if case == "flashinfer_bs":
         return flashinfer_block_sparse(inp, libs, b)
     raise ValueError(f"case: unknown sparse case {case!r}")
 
 
-def sgl_vertical_slash(inp: Inputs, libs, b: Budgets) -> SparseMethod:
-    """SGLang's MInference kernel on our estimate's vertical/slash indices (index time = estimate + conversion)."""
+def sgl_vertical_slash(inp: Inputs, libs, b: Budgets, *, ours_kernel: bool = False) -> SparseMethod:
+    """SGLang's MInference kernel on our estimate's vertical/slash indices (index time = estimate + conversion);
+    with ``ours_kernel``, our kernel on the same converted indices."""
     if inp.q.shape[-1] != 128:
         raise NotImplementedError("sgl_kernel sparse_attn_func supports head_dim 128 only")
     sk, patterns = libs["sgl_sparse"], libs["ours"]["patterns"]
@@ -425,6 +445,10 @@ def sgl_vertical_slash(inp: Inputs, libs, b: Budgets) -> SparseMethod:
         return sk.convert_vertical_slash_indexes_mergehead(q_lens, k_lens, v, s, v_count, s_count, inp.seq_q,
                                                            BLOCK, BLOCK, True)
 
+    if ours_kernel:
+        # Our kernel over the converter's key set: tells a kernel difference from a key-set difference.
+        return ours_method(inp, libs, lambda: layout_from_sgl(convert(estimate()), inp.seq_k),
+                           {"vertical": b.vertical, "slash": b.slash, "layout": "convert_vertical_slash_indexes"})
     q, k, v = inp.q[None], inp.k[None], inp.v[None]
     return SparseMethod(
         build=lambda: convert(estimate()),

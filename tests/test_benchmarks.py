@@ -154,6 +154,30 @@ def test_sgl_layout_pairs_counts_64_wide_blocks():
     assert counted.visited == 64 * (64 + 64 + 1) + 64 * 64
 
 
+def test_our_kernel_on_the_sgl_converter_layout_attends_its_key_set():
+    """layout_from_sgl: our kernel over sgl_kernel's block offsets and columns = attention over exactly those keys."""
+    from sgl_minference.kernels import sparse_attention
+    from sgl_minference.layout import KVSource
+    from sgl_minference.reference import masked_attention
+
+    seq_q, seq_k, d = 128, 320, 64
+    geom = BatchGeometry.build([seq_q], [seq_k], "cpu")
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(n, 1, d, generator=g).half() for n in (seq_q, seq_k, seq_k))
+    # Row block 0 (positions 192..255): blocks at 0 and 192 and column 100; row block 1 (256..319): block at 256.
+    converted = (torch.tensor([[[2, 1]]], dtype=torch.int32),
+                 torch.tensor([[[[0, 192], [256, 0]]]], dtype=torch.int32),
+                 torch.tensor([[[1, 0]]], dtype=torch.int32), torch.tensor([[[[100], [0]]]], dtype=torch.int32))
+    keys = torch.zeros(seq_q, seq_k, dtype=torch.bool)
+    keys[:64, 0:64] = keys[:64, 192:256] = keys[:64, 100] = True
+    keys[64:, 256:320] = True
+    keys &= torch.arange(seq_k)[None, :] <= (192 + torch.arange(seq_q))[:, None]  # causal, bottom-right
+    kv = KVSource.packed(k, v, [seq_k])
+    got, _ = sparse_attention(q, kv, kernel_bench.layout_from_sgl(converted, seq_k), geom, sm_scale=0.125)
+    want, _ = masked_attention(q, kv, geom, [keys[None]], sm_scale=0.125)
+    assert (got.float() - want.float()).abs().max() < 2e-3
+
+
 def test_make_inputs_plants_heavy_columns_and_local_band():
     inp = kernel_bench.make_inputs(seq_q=512, seq_k=1024, num_q_heads=4, num_kv_heads=2, head_dim=64, seed=0,
                                    device="cpu")
