@@ -48,7 +48,7 @@ from typing import Callable
 import torch
 
 from benchmarks.common import (KernelRecord, PairCount, TimingPlan, add_record, add_run,
-                               attention_tflops, causal_pairs, count_pairs, done_keys, layout_pairs,
+                               attention_tflops, causal_pairs, done_keys, layout_pairs,
                                load_results, measure, median, parse_lengths, save_results)
 from sgl_minference.layout import BLOCK, BatchGeometry, KVSource, SparseLayout
 
@@ -243,11 +243,7 @@ def layout_from_sgl(converted, seq_k: int) -> SparseLayout:
 
 def sgl_layout_pairs(converted, inp: Inputs) -> PairCount:
     """Work of ``convert_vertical_slash_indexes``'s output (64-wide blocks at ``block_offset`` plus columns)."""
-    block_count, block_offset, column_count, column_index = (t[0].transpose(0, 1) for t in converted)
-    row = inp.geom.qb_row.long()
-    return count_pairs(starts=block_offset, ends=block_offset.long() + BLOCK, counts=block_count,
-                       cols=column_index, col_counts=column_count, row_pos=row + (inp.seq_k - inp.seq_q),
-                       rows=(inp.seq_q - row).clamp(max=BLOCK), seq_k=inp.seq_k)
+    return layout_pairs(layout_from_sgl(converted, inp.seq_k), inp.geom)
 
 
 # ----------------------------------------------------------------------------------------------------------

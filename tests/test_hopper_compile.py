@@ -58,11 +58,11 @@ def _attention_case(d: int, paged: bool):
 
 
 def _estimate_case(name: str, d: int, paged: bool):
-    from sgl_minference.kernels.estimate import _heads_per_program
+    from sgl_minference.kernels.estimate import _heads_per_program, _num_warps
 
     heads = _heads_per_program(8, 32, d)  # Llama-3 GQA: the largest stack the product launches at this head_dim
     return ("estimate", name, dict(PAGED=paged, HEADS=heads, BLOCK_M=64, BLOCK_N=64, HEAD_DIM=d),
-            4 if heads == 1 and d <= 128 else 8, 3)
+            _num_warps(heads, d), 3)
 
 
 # The launch configurations the product uses (num_warps / num_stages / heads come from the product's own choices).
@@ -71,7 +71,6 @@ CASES = [_attention_case(d, paged) for d in (64, 128, 256) for paged in (False, 
     for name in ("_lastq_lse_kernel", "_lastq_scores_kernel") for d in (64, 128, 256) for paged in (False, True)
 ] + [
     ("estimate", "_lastq_scores_kernel", dict(PAGED=False, HEADS=1, BLOCK_M=64, BLOCK_N=64, HEAD_DIM=128), 4, 3),
-
     ("estimate", "_pool_keys_kernel", dict(PAGED=True, BLOCK_N=64, HEAD_DIM=128), 4, 3),
     ("materialise", "_materialise_kernel", dict(BLOCK=64, CHUNK=64), 4, 3),
 ]

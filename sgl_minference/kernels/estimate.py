@@ -178,6 +178,11 @@ def _heads_per_program(group: int, num_scored: int, head_dim: int) -> int:
     return min(triton.next_power_of_2(min(group, num_scored)), 2 if head_dim <= 128 else 1)
 
 
+def _num_warps(heads: int, head_dim: int) -> int:
+    """Warps of both last-q passes: one warpgroup for a single 64-row tile up to head_dim 128, else two."""
+    return 4 if heads == 1 and head_dim <= 128 else 8
+
+
 def lastq_scores(q: torch.Tensor, kv: KVSource, geom: BatchGeometry, q_head: torch.Tensor, kv_head: torch.Tensor,
                  *, sm_scale: float, last_q: int = 64) -> tuple[torch.Tensor, torch.Tensor]:
     """Column and diagonal softmax sums of the last ``min(last_q, Sq_r)`` queries of every request.
@@ -206,7 +211,7 @@ def lastq_scores(q: torch.Tensor, kv: KVSource, geom: BatchGeometry, q_head: tor
     qk_scale = sm_scale * LOG2E
     kv_ptrs = kv_args(kv)
     common = dict(PAGED=kv_ptrs[4], HEADS=heads, BLOCK_M=BLOCK, BLOCK_N=BLOCK, HEAD_DIM=D,
-                  num_warps=4 if heads == 1 and D <= 128 else 8)
+                  num_warps=_num_warps(heads, D))
 
     splits, per = _splits(triton.cdiv(max_sk, BLOCK), B * slots.shape[0])
     maxes = torch.empty(B, Hs, splits, BLOCK, device=q.device, dtype=torch.float32)
