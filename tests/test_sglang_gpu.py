@@ -17,58 +17,27 @@ a chunked 33K prompt, and a radix-cache second turn (``cached_tokens > 0``). Sep
 config runs a 64K prompt on Llama-3-8B shapes. Skips without CUDA, FlashInfer, SGLang or the entry point.
 """
 
-import importlib.util
 import json
 import os
-import random
-from importlib.metadata import entry_points
 from pathlib import Path
 
 import pytest
-import torch
+
+from tests.sglang_gpu_common import DENSE_EQUIVALENT, LOSSY, SGLANG_GPU_SKIPS, ids, mean_gap, tail_logprobs
 
 MODELS = Path(__file__).resolve().parents[1] / "launch" / "models"
 LLAMA3_8B = MODELS / "llama3-8b"
 REAL = os.environ.get("SGL_MINFERENCE_TEST_MODEL")
 SMALL = Path(REAL) if REAL else MODELS / "llama3.2-1b"
 VOCAB = json.loads((SMALL / "config.json").read_text())["vocab_size"] if SMALL.is_dir() else 128256
-TAIL = 256  # prompt positions compared per request
 
-pytestmark = [
-    pytest.mark.gpu,
-    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU"),
-    pytest.mark.skipif(importlib.util.find_spec("flashinfer") is None, reason="needs flashinfer"),
-    pytest.mark.skipif(importlib.util.find_spec("sglang") is None, reason="needs sglang"),
-    pytest.mark.skipif(not any(ep.name == "minference" for ep in entry_points(group="sglang.srt.plugins")),
-                       reason="needs the sgl-minference entry point (pip install --no-deps -e .)"),
-]
+pytestmark = SGLANG_GPU_SKIPS
 
-DENSE_EQUIVALENT = {"min_context": 1, "min_chunk": 1,
-                    "default": {"type": "vertical_slash", "vertical": 65536, "slash": 65536}}
-LOSSY = {"min_context": 1, "min_chunk": 1, "default": {"type": "a_shape", "sink": 64, "local": 128}}
-
-
-def ids(length, seed):
-    rng = random.Random(seed)
-    return [rng.randrange(1000, min(VOCAB, 128256)) for _ in range(length)]
-
-
-SINGLE = ids(6000, 1)
-RAGGED = [ids(300, 2), ids(5000, 3), ids(2100, 4)]
-CHUNKED = ids(33000, 5)
-TURN1 = ids(5000, 6)
-TURN2 = TURN1 + ids(200, 7)
-
-
-def tail_logprobs(engine, prompts):
-    """Per prompt: the input log-probabilities of its last TAIL positions, plus meta_info."""
-    single = isinstance(prompts[0], int)
-    batch = [prompts] if single else prompts
-    params = [{"max_new_tokens": 2, "temperature": 0.0} for _ in batch]
-    outs = engine.generate(input_ids=batch, sampling_params=params, return_logprob=True,
-                           logprob_start_len=[len(p) - TAIL for p in batch])
-    return [([lp for lp, *_ in o["meta_info"]["input_token_logprobs"] if lp is not None], o["meta_info"])
-            for o in outs]
+SINGLE = ids(6000, 1, VOCAB)
+RAGGED = [ids(300, 2, VOCAB), ids(5000, 3, VOCAB), ids(2100, 4, VOCAB)]
+CHUNKED = ids(33000, 5, VOCAB)
+TURN1 = ids(5000, 6, VOCAB)
+TURN2 = TURN1 + ids(200, 7, VOCAB)
 
 
 def run_scenarios(attention_backend, override=None):
@@ -98,15 +67,6 @@ def runs():
     return {"dense": run_scenarios("flashinfer"), "dense_triton": run_scenarios("triton"),
             "equivalent": run_scenarios("minference", DENSE_EQUIVALENT),
             "lossy": run_scenarios("minference", LOSSY)}
-
-
-def mean_gap(a, b):
-    """Mean |difference| of the compared prompt log-probabilities, over all requests of a scenario."""
-    gaps = []
-    for (lp_a, _), (lp_b, _) in zip(a, b):
-        assert len(lp_a) == len(lp_b) >= TAIL - 1
-        gaps += [abs(x - y) for x, y in zip(lp_a, lp_b)]
-    return sum(gaps) / len(gaps)
 
 
 @pytest.mark.parametrize("scenario", ["single", "ragged", "chunked", "radix"])
@@ -140,7 +100,7 @@ def test_default_sparse_config_at_64k_on_llama3_8b_shapes():
     engine = sglang.Engine(model_path=str(LLAMA3_8B), load_format="dummy", skip_tokenizer_init=True,
                            attention_backend="minference", context_length=70000, mem_fraction_static=0.8)
     try:
-        out = engine.generate(input_ids=ids(65536, 8), sampling_params={"max_new_tokens": 4, "temperature": 0.0})
+        out = engine.generate(input_ids=ids(65536, 8, VOCAB), sampling_params={"max_new_tokens": 4, "temperature": 0.0})
     finally:
         engine.shutdown()
     assert len(out["output_ids"]) == 4 and all(0 <= t < VOCAB for t in out["output_ids"])

@@ -1,0 +1,49 @@
+"""What the Engine-level GPU tests share: skip marks, prompts as token ids, prompt log-probabilities, configs."""
+
+import importlib.util
+import random
+from importlib.metadata import entry_points
+
+import pytest
+import torch
+
+TAIL = 256  # prompt positions compared per request
+
+SGLANG_GPU_SKIPS = [
+    pytest.mark.gpu,
+    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU"),
+    pytest.mark.skipif(importlib.util.find_spec("flashinfer") is None, reason="needs flashinfer"),
+    pytest.mark.skipif(importlib.util.find_spec("sglang") is None, reason="needs sglang"),
+    pytest.mark.skipif(not any(ep.name == "minference" for ep in entry_points(group="sglang.srt.plugins")),
+                       reason="needs the sgl-minference entry point (pip install --no-deps -e .)"),
+]
+
+DENSE_EQUIVALENT = {"min_context": 1, "min_chunk": 1,
+                    "default": {"type": "vertical_slash", "vertical": 65536, "slash": 65536}}
+LOSSY = {"min_context": 1, "min_chunk": 1, "default": {"type": "a_shape", "sink": 64, "local": 128}}
+
+
+def ids(length: int, seed: int, vocab: int = 128256) -> list[int]:
+    """``length`` seeded token ids in ``[1000, min(vocab, 128256))`` (clear of special tokens)."""
+    rng = random.Random(seed)
+    return [rng.randrange(1000, min(vocab, 128256)) for _ in range(length)]
+
+
+def tail_logprobs(engine, prompts):
+    """Per prompt: the input log-probabilities of its last TAIL positions, plus meta_info."""
+    single = isinstance(prompts[0], int)
+    batch = [prompts] if single else prompts
+    params = [{"max_new_tokens": 2, "temperature": 0.0} for _ in batch]
+    outs = engine.generate(input_ids=batch, sampling_params=params, return_logprob=True,
+                           logprob_start_len=[len(p) - TAIL for p in batch])
+    return [([lp for lp, *_ in o["meta_info"]["input_token_logprobs"] if lp is not None], o["meta_info"])
+            for o in outs]
+
+
+def mean_gap(a, b):
+    """Mean |difference| of the compared prompt log-probabilities, over all requests of a scenario."""
+    gaps = []
+    for (lp_a, _), (lp_b, _) in zip(a, b):
+        assert len(lp_a) == len(lp_b) >= TAIL - 1
+        gaps += [abs(x - y) for x, y in zip(lp_a, lp_b)]
+    return sum(gaps) / len(gaps)
