@@ -494,7 +494,7 @@ def resolve(hf_config: Any, model_path: str | None, env: Mapping[str, str] = os.
 def _lower_precedence(hf_config: Any, model_path: str | None, env: Mapping[str, str]) -> MInferenceConfig:
     if env.get(ENV_VAR):
         path = env[ENV_VAR]
-        if not os.path.isfile(path):
+        if not os.path.exists(path):
             raise ConfigError(f"{path}: no such file (named by ${ENV_VAR})")
         return MInferenceConfig.load(path)
     dca = _get(hf_config, "dual_chunk_attention_config") or {}
