@@ -201,9 +201,10 @@ class KVSource:
         check_tensor(self.k, "k", ndim=3, dtypes=DTYPES)
         check_tensor(self.v, "v", ndim=3, dtypes=(self.k.dtype,))
         check(self.v.shape == self.k.shape, "v", f"shape {tuple(self.v.shape)} != k {tuple(self.k.shape)}")
-        device, B, rows, max_sk = self.k.device, geom.num_requests, self.k.shape[0], geom.max_seqlen_k
+        device = self.k.device
         check(self.v.device == device, "v", f"on {self.v.device}, k on {device}")
         geom.validate(device)
+        B, rows, max_sk = geom.num_requests, self.k.shape[0], geom.max_seqlen_k
         if self.paged:
             check_tensor(self.req_to_token, "req_to_token", ndim=2, dtypes=(torch.int32, torch.int64))
             check_tensor(self.req_pool_indices, "req_pool_indices", ndim=1, dtypes=(torch.int32, torch.int64))
@@ -339,6 +340,21 @@ class SparseLayout:
         _require(cols_used[..., 1:] & (ci[..., 1:] <= ci[..., :-1]), "col_index",
                  lambda qb, h, i: f"{at(qb, h)}: columns {i} and {i + 1} (keys {int(ci[qb, h, i])}, "
                                   f"{int(ci[qb, h, i + 1])}) not strictly ascending")
+
+    def same_as(self, other: "SparseLayout") -> bool:
+        """Equal counts and equal entries below them (slots past the counts are never read and may hold anything);
+        syncs, for tests and checks."""
+        if not all(torch.equal(getattr(self, n), getattr(other, n)) for n in ("block_count", "full_count",
+                                                                               "col_count")):
+            return False
+        for names, count in ((("block_start", "block_end"), self.block_count), (("col_index",), self.col_count)):
+            for name in names:
+                a, b = getattr(self, name), getattr(other, name)
+                width = min(a.shape[2], b.shape[2])
+                used = torch.arange(width, device=a.device) < count.unsqueeze(-1)
+                if int(count.max()) > width or not torch.equal(a[..., :width][used], b[..., :width][used]):
+                    return False
+        return True
 
     def to_dense(self, geom: BatchGeometry) -> list[torch.Tensor]:
         """Exact attended-key mask per request: a list of ``[Hq, Sq_r, Sk_r]`` bool tensors (tests/debugging).

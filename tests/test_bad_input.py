@@ -295,18 +295,6 @@ def test_checked_mode_is_read_from_the_environment_once():
 # ---- budgets beyond the context cost what the context costs ------------------------------------------------------
 
 
-def _same_layout(a: SparseLayout, b: SparseLayout) -> None:
-    """Equal counts and equal entries below them (slots past the counts are never read and may hold anything)."""
-    for name in ("block_count", "full_count", "col_count"):
-        assert torch.equal(getattr(a, name), getattr(b, name)), name
-    for names, count in ((("block_start", "block_end"), a.block_count), (("col_index",), a.col_count)):
-        for name in names:
-            x, y = getattr(a, name), getattr(b, name)
-            width = min(x.shape[2], y.shape[2])
-            used = torch.arange(width, device=x.device) < count.unsqueeze(-1)
-            assert int(count.max()) <= width and torch.equal(x[..., :width][used], y[..., :width][used]), name
-
-
 def test_a_shape_budgets_are_clamped_to_the_context():
     geom = make_geometry([128, 40], [0, 0])  # contexts of 128 and 40 keys
     shape = dict(num_q_heads=2, num_kv_heads=1, device=DEVICE)
@@ -317,7 +305,7 @@ def test_a_shape_budgets_are_clamped_to_the_context():
     # Unclamped, sink=1e5 built a [.., 100000] column table: 55 s; clamped it took 0.2 s here (interpreter, CPU).
     assert elapsed < 2.0, f"{elapsed:.1f} s"
     assert layout.col_index.shape[2] <= 128
-    _same_layout(layout, build_a_shape(geom, HeadSet.build([0, 1], **shape, sink=[128, 4], local=[128, 16])))
+    assert layout.same_as(build_a_shape(geom, HeadSet.build([0, 1], **shape, sink=[128, 4], local=[128, 16])))
     assert torch.equal(layout.to_dense(geom)[0][0], torch.ones(128, 128).tril().bool())  # head 0: every causal key
 
 
@@ -335,5 +323,17 @@ def test_dynamic_budgets_at_the_cap_equal_budgets_at_the_context(kind):
         return build_vertical_slash(q, kv, geom, heads, sm_scale=D ** -0.5, forced_sink=2, forced_local=2)
 
     capped, context = build(MAX_BUDGET), build(128)
-    _same_layout(capped, context)
+    assert capped.same_as(context)
     assert capped.block_start.shape[2] <= 128 and capped.col_index.shape[2] <= 128
+
+
+def test_the_gpu_check_script_on_cpu(tmp_path):
+    """``benchmarks.bad_input_check`` (the GPU run's command) at interpreter shapes: every case passes."""
+    from benchmarks import bad_input_check
+
+    records = bad_input_check.run(128, 64, torch.device(DEVICE), hq=4, hk=2, d=64)
+    assert [r["case"] for r in records] == ["checked_rejects_pool_index", "checked_rejects_slot",
+                                            "checked_rejects_layout_column", "checked_output", "checked_cost",
+                                            "a_shape_huge_budgets"]
+    assert all(r["status"] == "ok" for r in records), records
+    assert layout_mod.CHECKED is False
