@@ -16,7 +16,8 @@ Own format ``sgl-minference/v1`` (a JSON object; every key but ``format`` is opt
       "heads": {"0": {"5": {"type": "a_shape", "sink": 128, "local": 4096}}}    # layer -> query head -> spec
     }
 
-Head specs (budgets are strict positive integers; a budget larger than the context is clamped at run time):
+Head specs (budgets are strict positive integers up to ``MAX_BUDGET`` = 2**29; a budget larger than the context
+is clamped to the context at run time):
 ``{"type": "dense"}``; ``{"type": "a_shape", "sink": S, "local": L}`` (the first S keys plus the last L
 keys before each query); ``{"type": "vertical_slash", "vertical": V, "slash": D}`` (top-V key columns plus
 top-D diagonals, estimated per input); ``{"type": "block_sparse", "topk": K}`` (top-K 64x64 key blocks per
@@ -40,25 +41,67 @@ At startup the backend calls :func:`resolve`; highest precedence first: the ``mi
 any format plus inline global fields), the file named by ``$SGL_MINFERENCE_CONFIG``,
 ``sparse_attention_config.json`` in the model directory, ``dual_chunk_attention_config`` in the model's
 config, the defaults (the model config's ``sparse_attention_threshold`` / ``_last_q`` apply to the last three).
-Every bad input raises :class:`ConfigError` naming the file, layer, head and field.
+Every bad input raises :class:`ConfigError` naming the file, layer, head and field; the input values it repeats
+are cut to ``ECHO_LIMIT`` characters, and at most ``MAX_ERROR_LINES`` problems are listed.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import reprlib
+import stat
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Annotated, Any, Literal, Union
 
-from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator, model_validator
+from pydantic import (AfterValidator, BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator,
+                      model_validator)
 
 FORMAT = "sgl-minference/v1"
 ENV_VAR = "SGL_MINFERENCE_CONFIG"
 QWEN_TABLE_FILE = "sparse_attention_config.json"
 MINFERENCE_BLOCK_SPARSE_TOPK = 100  # the block count MInference's block_sparse kernel is always called with
 
-Budget = Annotated[int, Field(strict=True, gt=0)]
+# Key positions, budgets and the kernels' position arithmetic are int32, with SENTINEL = 2**29
+# (kernels/materialise.py) as the "no entry" mark right of every position and r0 + SENTINEL within int32. So no
+# context reaches 2**29 keys, a larger budget could never be used, and a budget up to 2**29 leaves int32 headroom
+# for position + budget sums. Checked when the config is read: a larger value would overflow the int32 budget
+# tensors built at start-up, after the weights load.
+MAX_BUDGET = 1 << 29
+ECHO_LIMIT = 80  # characters of an input value an error message repeats (a bad file may hold a 50 MB string)
+MAX_ERROR_LINES = 20  # problems listed in one ConfigError; the rest are counted
+
+_REPR = reprlib.Repr()  # bounded repr of nested input (cuts long lists, dicts and strings inside them)
+_REPR.maxlevel, _REPR.maxlist, _REPR.maxdict, _REPR.maxtuple, _REPR.maxstring = 3, 4, 4, 4, ECHO_LIMIT // 2
+_REPR.maxlong = _REPR.maxother = ECHO_LIMIT
+
+
+def _cut(text: str) -> str:
+    """``text`` itself if short, else its first ``ECHO_LIMIT`` characters, an ellipsis and its length."""
+    return text if len(text) <= ECHO_LIMIT else f"{text[:ECHO_LIMIT]}... ({len(text)} characters)"
+
+
+def _show(value: Any) -> str:
+    """``repr(value)`` for an error message, at most about ``ECHO_LIMIT`` characters."""
+    if isinstance(value, str):
+        return repr(value) if len(value) <= ECHO_LIMIT else f"{value[:ECHO_LIMIT]!r}... ({len(value)} characters)"
+    try:
+        return _cut(_REPR.repr(value))
+    except ValueError:  # an int with more digits than Python converts to text
+        return f"<an integer of {value.bit_length()} bits>"
+
+
+def _within_max_budget(value: int) -> int:
+    if value > MAX_BUDGET:
+        raise ValueError(
+            f"{_show(value)} is above the largest budget {MAX_BUDGET} (2**29: key positions are int32 with 2**29 "
+            "marking unused entries, so no context is longer; a budget above the context is clamped to it at run time)"
+        )
+    return value
+
+
+Budget = Annotated[int, Field(strict=True, gt=0), AfterValidator(_within_max_budget)]
 Count = Annotated[int, Field(strict=True, ge=0)]
 
 
@@ -104,9 +147,10 @@ _SPEC_TYPES = ("dense", "a_shape", "vertical_slash", "block_sparse")
 
 
 def _loc(layer=None, head=None, field: str | None = None) -> str:
-    """``layer L, head H, field 'F'``, leaving out the parts that are None."""
-    parts = [f"layer {layer}" if layer is not None else "", f"head {head}" if head is not None else ""]
-    parts.append(f"field '{field}'" if field else "")
+    """``layer L, head H, field 'F'``, leaving out the parts that are None (each part cut to ``ECHO_LIMIT``)."""
+    parts = [f"layer {_cut(str(layer))}" if layer is not None else "",
+             f"head {_cut(str(head))}" if head is not None else ""]
+    parts.append(f"field '{_cut(field)}'" if field else "")
     return ", ".join(p for p in parts if p)
 
 
@@ -152,7 +196,7 @@ class MInferenceConfig(BaseModel):
     def _block_size_is_int(cls, value: Any) -> Any:
         # Literal alone would accept 64.0.
         if type(value) is not int:
-            raise ValueError(f"expected the integer 64, got {value!r}")
+            raise ValueError(f"expected the integer 64, got {_show(value)}")
         return value
 
     @field_validator("heads", mode="before")
@@ -165,11 +209,11 @@ class MInferenceConfig(BaseModel):
         for layer_key, per_head in heads.items():
             layer = _index(layer_key)
             if layer is None:
-                raise ValueError(f"layer {layer_key!r}: not a non-negative integer index")
+                raise ValueError(f"layer {_show(layer_key)}: not a non-negative integer index")
             if isinstance(per_head, Mapping):
                 bad = [k for k in per_head if _index(k) is None]
                 if bad:
-                    raise ValueError(f"layer {layer}, head {bad[0]!r}: not a non-negative integer index")
+                    raise ValueError(f"layer {layer}, head {_show(bad[0])}: not a non-negative integer index")
                 per_head = {_index(k): spec for k, spec in per_head.items()}
             out[layer] = per_head
         return out
@@ -243,22 +287,33 @@ class MInferenceConfig(BaseModel):
         """Read any supported format (own, MInference list, Qwen ``config.json`` / ``sparse_attention_config.json``)."""
         source = str(path)
         try:
-            text = Path(path).read_text()
+            mode = os.stat(path).st_mode
+            if not stat.S_ISREG(mode):  # a FIFO or device would block the read, a directory cannot be parsed
+                raise ConfigError(f"{source}: not a regular file")
+            raw = Path(path).read_bytes()
         except OSError as e:
             raise ConfigError(f"{source}: cannot read ({e.strerror or e})") from None
+        try:
+            text = raw.decode("utf-8-sig")  # a leading byte-order mark, as some editors write, is allowed
+        except UnicodeDecodeError as e:
+            raise ConfigError(
+                f"{source}: not UTF-8 text (byte 0x{raw[e.start]:02x} at offset {e.start}); config files are UTF-8 JSON"
+            ) from None
         try:
             data = json.loads(text)
         except json.JSONDecodeError as e:
             raise ConfigError(f"{source}: not JSON ({e.msg} at line {e.lineno}, column {e.colno})") from None
+        except ValueError as e:  # e.g. an integer literal longer than Python's int conversion limit
+            raise ConfigError(f"{source}: not usable JSON ({_cut(str(e))})") from None
         if isinstance(data, list):
             return _from_table(data, source)
         if isinstance(data, dict) and "format" in data:
             if data["format"] != FORMAT:
-                raise ConfigError(f"{_where(source, field='format')}: {data['format']!r} is not {FORMAT!r}")
+                raise ConfigError(f"{_where(source, field='format')}: {_show(data['format'])} is not {FORMAT!r}")
             return _build({k: v for k, v in data.items() if k != "format"}, source)
         if isinstance(data, dict) and "dual_chunk_attention_config" in data:
             return _from_dca(data["dual_chunk_attention_config"], f"{source}:dual_chunk_attention_config")
-        found = f"keys {sorted(data)[:8]}" if isinstance(data, dict) else type(data).__name__
+        found = f"keys {_show(sorted(data)[:8])}" if isinstance(data, dict) else type(data).__name__
         raise ConfigError(
             f"{source}: unknown format ({found}): expected an object with \"format\": \"{FORMAT}\", a MInference "
             "list of layers, or a model config.json with dual_chunk_attention_config"
@@ -279,7 +334,7 @@ class MInferenceConfig(BaseModel):
         path = inline.pop("config_path", None)
         if path is not None:
             if not isinstance(path, str):
-                raise ConfigError(f"{_where(source, field='config_path')}: expected a path string, got {path!r}")
+                raise ConfigError(f"{_where(source, field='config_path')}: expected a path string, got {_show(path)}")
             base = cls.load(path)
         if base is None:
             return _build(inline, source)
@@ -287,7 +342,7 @@ class MInferenceConfig(BaseModel):
 
 
 def _error_line(err: Mapping, source: str) -> str:
-    """One pydantic error as ``source: layer L, head H, field 'F': message``."""
+    """One pydantic error as ``source: layer L, head H, field 'F': message`` (echoed input cut by ``_show``)."""
     loc, layer, head, prefix = list(err["loc"]), None, None, []
     if loc[:1] == ["heads"] and len(loc) > 1:
         layer, head, loc = loc[1], (loc[2] if len(loc) > 2 else None), loc[3:]
@@ -301,18 +356,28 @@ def _error_line(err: Mapping, source: str) -> str:
     field = ".".join(str(p) for p in prefix + loc) or ("heads" if layer is not None else None)
     if err["type"] == "value_error":
         msg = str(err["ctx"]["error"])
+    elif err["type"] == "union_tag_invalid":  # pydantic's message repeats the tag in full
+        msg = f"unknown pattern type {_show(err['ctx']['tag'])} (expected {err['ctx']['expected_tags']})"
     else:
         msg = err["msg"]
         if isinstance(err.get("input"), (int, float, str, type(None))):
-            msg += f" (got {err['input']!r})"
+            msg += f" (got {_show(err['input'])})"
     return f"{_where(source, layer, head, field)}: {msg}"
+
+
+def _error_text(errors: list, source: str) -> str:
+    """The first ``MAX_ERROR_LINES`` pydantic errors, one line each, and how many more there were."""
+    lines = [_error_line(err, source) for err in errors[:MAX_ERROR_LINES]]
+    if len(errors) > MAX_ERROR_LINES:
+        lines.append(f"{source}: ... and {len(errors) - MAX_ERROR_LINES} more problems")
+    return "\n".join(lines)
 
 
 def _build(data: Mapping, source: str) -> MInferenceConfig:
     try:
         cfg = MInferenceConfig.model_validate(data)
     except ValidationError as e:
-        raise ConfigError("\n".join(_error_line(err, source) for err in e.errors())) from None
+        raise ConfigError(_error_text(e.errors(), source)) from None
     cfg._source = source
     return cfg
 
@@ -320,7 +385,7 @@ def _build(data: Mapping, source: str) -> MInferenceConfig:
 def _minference_spec(entry: Any, where: str) -> dict:
     """One MInference/Qwen ``[type, vertical, slash, score]`` entry as a spec dict (validated later)."""
     if not isinstance(entry, (list, tuple)) or len(entry) != 4:
-        raise ConfigError(f"{where}: expected [type, vertical, slash, score], got {entry!r}")
+        raise ConfigError(f"{where}: expected [type, vertical, slash, score], got {_show(entry)}")
     kind, vertical, slash, _score = entry
     if kind == "vertical_and_slash":
         return {"type": "vertical_slash", "vertical": vertical, "slash": slash}
@@ -329,7 +394,8 @@ def _minference_spec(entry: Any, where: str) -> dict:
     if kind == "block_sparse":
         return {"type": "block_sparse", "topk": MINFERENCE_BLOCK_SPARSE_TOPK}
     raise ConfigError(
-        f"{where}, field 'type': unknown pattern type {kind!r} (expected vertical_and_slash, stream_llm, block_sparse)"
+        f"{where}, field 'type': unknown pattern type {_show(kind)} "
+        "(expected vertical_and_slash, stream_llm, block_sparse)"
     )
 
 
@@ -339,14 +405,14 @@ def _from_table(table: Any, source: str) -> MInferenceConfig:
         by_index = {_index(k): v for k, v in table.items()}
         if None in by_index:
             bad = next(k for k in table if _index(k) is None)
-            raise ConfigError(f"{_where(source, layer=repr(bad))}: not a non-negative integer layer index")
+            raise ConfigError(f"{_where(source, layer=_show(bad))}: not a non-negative integer layer index")
         missing = [i for i in range(len(by_index)) if i not in by_index]
         if missing:
             have = sorted(by_index)
             raise ConfigError(f"{_where(source, layer=missing[0])}: missing (table has layers {have}; list 0..N-1)")
         table = [by_index[i] for i in range(len(by_index))]
     if not isinstance(table, list) or not table:
-        raise ConfigError(f"{source}: expected a non-empty list of layers, got {table!r:.80}")
+        raise ConfigError(f"{source}: expected a non-empty list of layers, got {_show(table)}")
     heads: dict[int, dict[int, dict]] = {}
     for layer, per_head in enumerate(table):
         if not isinstance(per_head, Mapping):
@@ -355,7 +421,7 @@ def _from_table(table: Any, source: str) -> MInferenceConfig:
         for key, entry in per_head.items():
             head = _index(key)
             if head is None:
-                raise ConfigError(f"{_where(source, layer, repr(key))}: not a non-negative integer head index")
+                raise ConfigError(f"{_where(source, layer, _show(key))}: not a non-negative integer head index")
             specs[head] = _minference_spec(entry, _where(source, layer, head))
         expected = len(heads[0]) if heads else len(specs)
         for head in range(max(expected, len(specs))):
@@ -373,10 +439,24 @@ def _from_table(table: Any, source: str) -> MInferenceConfig:
     return _build({"num_layers": len(table), "num_heads": len(heads[0]), "heads": heads}, source)
 
 
-def _qwen_globals(dca: Mapping) -> dict:
-    """Global settings a Qwen ``dual_chunk_attention_config`` supplies, as fields of MInferenceConfig."""
-    names = {"sparse_attention_threshold": "min_context", "sparse_attention_last_q": "last_q"}
-    return {ours: dca[theirs] for theirs, ours in names.items() if theirs in dca}
+# Qwen's dual_chunk_attention_config fields -> ours.
+_QWEN_GLOBALS = {"sparse_attention_threshold": "min_context", "sparse_attention_last_q": "last_q"}
+
+
+def _qwen_globals(dca: Mapping, source: str) -> dict:
+    """Global settings a Qwen ``dual_chunk_attention_config`` supplies, as fields of MInferenceConfig.
+
+    Checked here, so that an error names the Qwen field and ``source`` (where ``dca`` came from), not ours and
+    the file the table came from.
+    """
+    values = {ours: dca[theirs] for theirs, ours in _QWEN_GLOBALS.items() if theirs in dca}
+    try:
+        MInferenceConfig.model_validate(values)
+    except ValidationError as e:
+        theirs = {ours: name for name, ours in _QWEN_GLOBALS.items()}
+        errors = [{**err, "loc": (theirs[err["loc"][0]], *err["loc"][1:])} for err in e.errors()]
+        raise ConfigError(_error_text(errors, source)) from None
+    return values
 
 
 def _from_dca(dca: Any, source: str) -> MInferenceConfig:
@@ -385,8 +465,9 @@ def _from_dca(dca: Any, source: str) -> MInferenceConfig:
     table = dca.get("sparse_attention_config")
     if not table:
         raise ConfigError(f"{_where(source, field='sparse_attention_config')}: missing or empty")
+    qwen = _qwen_globals(dca, source)
     cfg = _from_table(table, f"{source}.sparse_attention_config")
-    return _build({**cfg.model_dump(), **_qwen_globals(dca)}, cfg.source)
+    return _build({**cfg.model_dump(), **qwen}, cfg.source)
 
 
 def _get(obj: Any, name: str) -> Any:
@@ -413,20 +494,20 @@ def resolve(hf_config: Any, model_path: str | None, env: Mapping[str, str] = os.
 def _lower_precedence(hf_config: Any, model_path: str | None, env: Mapping[str, str]) -> MInferenceConfig:
     if env.get(ENV_VAR):
         path = env[ENV_VAR]
-        if not os.path.isfile(path):
+        if not os.path.exists(path):
             raise ConfigError(f"{path}: no such file (named by ${ENV_VAR})")
         return MInferenceConfig.load(path)
     dca = _get(hf_config, "dual_chunk_attention_config") or {}
     if not isinstance(dca, Mapping):
         raise ConfigError(f"hf_config.dual_chunk_attention_config: expected an object, got {type(dca).__name__}")
     model_dir = model_path if model_path and os.path.isdir(model_path) else None
+    dca_source = f"{os.path.join(model_dir, 'config.json') if model_dir else 'hf_config'}:dual_chunk_attention_config"
+    qwen = _qwen_globals(dca, dca_source)
     table_file = os.path.join(model_dir, QWEN_TABLE_FILE) if model_dir else None
     if table_file and os.path.isfile(table_file):
         cfg = MInferenceConfig.load(table_file)
     elif dca.get("sparse_attention_config"):
-        config_json = os.path.join(model_dir, "config.json") if model_dir else "hf_config"
-        cfg = _from_table(dca["sparse_attention_config"], f"{config_json}:dual_chunk_attention_config")
+        cfg = _from_table(dca["sparse_attention_config"], dca_source)
     else:
         cfg = MInferenceConfig()
-    qwen = _qwen_globals(dca)
     return _build({**cfg.model_dump(), **qwen}, cfg.source) if qwen else cfg

@@ -16,15 +16,32 @@ Invariants kept by every builder: ranges are disjoint and non-empty with ``end -
 are unique, ascending, ``< Sk_r`` and lie in no range; entries ``[0, full_count)`` are full ranges
 (``end - start == 64``, ``start >= 0`` and ``end - 1 <=`` the position of the block's first row), the rest
 are partial; each group is ascending.
+
+Validation: every kernel wrapper checks its arguments up front with host metadata only (shapes, dtypes,
+devices, and the row bounds the host lengths imply), so a bad call raises a ``ValueError`` naming the tensor
+and nothing syncs. What only the device knows (pool indices, slot table entries, layout entries) is checked
+too in *checked mode*: set ``SGL_MINFERENCE_CHECKED=1`` (read once, at import) to validate every index before
+every launch, with device syncs; an out-of-range index then raises instead of reading out of bounds.
 """
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 
 import torch
 
 BLOCK = 64  # rows per query block and keys per range; the kernels' BLOCK_M / BLOCK_N
+CHECKED_ENV = "SGL_MINFERENCE_CHECKED"
+
+
+def env_flag(value: str | None) -> bool:
+    """An environment switch: ``1``, ``true``, ``yes`` or ``on`` (any case) turn it on."""
+    return (value or "").strip().lower() in ("1", "true", "yes", "on")
+
+
+# Checked mode (see the module docstring): a debugging aid, each check costs a device sync per kernel call.
+CHECKED = env_flag(os.environ.get(CHECKED_ENV))
 
 
 def check(cond: bool, name: str, msg: str) -> None:
@@ -44,6 +61,14 @@ def check_tensor(t, name: str, *, ndim: int | None = None, dtypes=None, device=N
         check(t.device.type == torch.device(device).type, name, f"on {t.device}, expected {device}")
 
 
+def _require(bad: torch.Tensor, name: str, describe) -> None:
+    """Checked mode: raise a ``ValueError`` naming ``name`` at the first true entry of the bool tensor ``bad``
+    (``describe(*index)`` says what is wrong there). One device sync."""
+    hit = bad.nonzero()
+    if hit.shape[0]:
+        raise ValueError(f"{name}: {describe(*hit[0].tolist())}")
+
+
 HEAD_DIMS = (64, 128, 256)  # head sizes the kernels are built for
 DTYPES = (torch.float16, torch.bfloat16, torch.float32)  # fp32 for interpreter tests only
 
@@ -54,7 +79,8 @@ def check_queries_and_kv(q: torch.Tensor, kv: "KVSource", geom: "BatchGeometry")
     tokens, num_heads, head_dim = q.shape
     check(head_dim in HEAD_DIMS, "head_dim", f"{head_dim} not supported, expected one of {HEAD_DIMS}")
     check(tokens == geom.num_tokens, "q", f"{tokens} tokens but geom packs {geom.num_tokens} chunk tokens")
-    kv.validate(geom.num_requests)
+    kv.validate(geom)
+    check(kv.k.device == q.device, "k", f"on {kv.k.device}, q on {q.device}")
     check(kv.k.dtype == q.dtype, "k", f"dtype {kv.k.dtype} != q dtype {q.dtype}")
     check(kv.k.shape[2] == head_dim, "k", f"head_dim {kv.k.shape[2]} != q head_dim {head_dim}")
     check(num_heads % kv.k.shape[1] == 0, "k", f"{kv.k.shape[1]} KV heads do not divide {num_heads} query heads")
@@ -95,6 +121,25 @@ class BatchGeometry:
     @property
     def max_seqlen_q(self) -> int:
         return max(self.seq_lens_q_cpu)
+
+    def validate(self, device: torch.device) -> None:
+        """Host checks (no sync): each tensor int32, 1-D, on ``device`` and sized by the host lists; in checked mode
+        also that the tensors hold the numbers the host lists give (one sync)."""
+        B = self.num_requests
+        check(B > 0 and len(self.seq_lens_k_cpu) == B, "seq_lens_k_cpu",
+              f"{len(self.seq_lens_k_cpu)} context lengths for {B} chunk lengths")
+        nqb = sum(-(-sq // BLOCK) for sq in self.seq_lens_q_cpu)
+        sizes = {"cu_seqlens_q": B + 1, "seq_lens_k": B, "prefix_lens": B, "qb_request": nqb, "qb_row": nqb}
+        for name, size in sizes.items():
+            t = getattr(self, name)
+            check_tensor(t, name, ndim=1, dtypes=(torch.int32,))
+            check(t.device == device, name, f"on {t.device}, the keys on {device}")
+            check(t.shape[0] == size, name, f"{t.shape[0]} entries, the host lengths give {size}")
+        if CHECKED:
+            host = BatchGeometry.build(self.seq_lens_q_cpu, self.seq_lens_k_cpu, "cpu")
+            for name in sizes:
+                check(torch.equal(getattr(self, name).cpu(), getattr(host, name)), name,
+                      "disagrees with the host lengths seq_lens_q_cpu / seq_lens_k_cpu")
 
     @classmethod
     def build(cls, seq_lens_q: list[int], seq_lens_k: list[int], device) -> "BatchGeometry":
@@ -137,6 +182,7 @@ class KVSource:
     k: torch.Tensor  # [rows, Hk, D] fp16/bf16 (a packed tensor, or SGLang's k_buffer)
     v: torch.Tensor  # [rows, Hk, D] same dtype and shape as k
     kv_start: torch.Tensor | None = None  # [B] int32: first row of each request (contiguous mode)
+    kv_start_cpu: list[int] | None = None  # the same starts on the host, where known: row bounds checked, no sync
     req_to_token: torch.Tensor | None = None  # [pool_size, max_context] int32 (paged mode)
     req_pool_indices: torch.Tensor | None = None  # [B] int32/int64 (paged mode)
 
@@ -144,19 +190,64 @@ class KVSource:
     def paged(self) -> bool:
         return self.req_to_token is not None
 
-    def validate(self, num_requests: int) -> None:
-        check_tensor(self.k, "k", ndim=3, dtypes=(torch.float16, torch.bfloat16, torch.float32))
+    def validate(self, geom: BatchGeometry) -> None:
+        """Check this source before a kernel reads it for ``geom``'s requests; ``ValueError`` names the tensor.
+
+        Always, from host metadata (no sync): ranks, dtypes, devices (everything on ``k``'s), one entry per
+        request, and the bounds the host lengths imply: paged, ``req_to_token`` holds ``max Sk`` slots per row;
+        contiguous, request ``r``'s rows ``[kv_start_cpu[r], kv_start_cpu[r] + Sk_r)`` lie in ``k`` (without
+        host starts: ``max Sk <= rows``). In checked mode also the index contents (:meth:`check_contents`).
+        """
+        check_tensor(self.k, "k", ndim=3, dtypes=DTYPES)
         check_tensor(self.v, "v", ndim=3, dtypes=(self.k.dtype,))
         check(self.v.shape == self.k.shape, "v", f"shape {tuple(self.v.shape)} != k {tuple(self.k.shape)}")
+        device = self.k.device
+        check(self.v.device == device, "v", f"on {self.v.device}, k on {device}")
+        geom.validate(device)
+        B, rows, max_sk = geom.num_requests, self.k.shape[0], geom.max_seqlen_k
         if self.paged:
             check_tensor(self.req_to_token, "req_to_token", ndim=2, dtypes=(torch.int32, torch.int64))
             check_tensor(self.req_pool_indices, "req_pool_indices", ndim=1, dtypes=(torch.int32, torch.int64))
-            check(self.req_pool_indices.shape[0] == num_requests, "req_pool_indices",
-                  f"{self.req_pool_indices.shape[0]} entries for {num_requests} requests")
+            for name in ("req_to_token", "req_pool_indices"):
+                t = getattr(self, name)
+                check(t.device == device, name, f"on {t.device}, k on {device}")
+            check(self.req_pool_indices.shape[0] == B, "req_pool_indices",
+                  f"{self.req_pool_indices.shape[0]} entries for {B} requests")
+            check(self.req_to_token.shape[1] >= max_sk, "req_to_token",
+                  f"{self.req_to_token.shape[1]} slots per request, but a request has {max_sk} keys")
         else:
             check_tensor(self.kv_start, "kv_start", ndim=1, dtypes=(torch.int32, torch.int64))
-            check(self.kv_start.shape[0] == num_requests, "kv_start",
-                  f"{self.kv_start.shape[0]} entries for {num_requests} requests")
+            check(self.kv_start.device == device, "kv_start", f"on {self.kv_start.device}, k on {device}")
+            check(self.kv_start.shape[0] == B, "kv_start", f"{self.kv_start.shape[0]} entries for {B} requests")
+            if self.kv_start_cpu is None:
+                check(max_sk <= rows, "k", f"{rows} rows, but a request has {max_sk} keys")
+            else:
+                check(len(self.kv_start_cpu) == B, "kv_start_cpu", f"{len(self.kv_start_cpu)} entries for {B} requests")
+                for r, (start, sk) in enumerate(zip(self.kv_start_cpu, geom.seq_lens_k_cpu)):
+                    check(0 <= start and start + sk <= rows, "k",
+                          f"{rows} rows, but request {r} reads rows [{start}, {start + sk})")
+        if CHECKED:
+            self.check_contents(geom)
+
+    def check_contents(self, geom: BatchGeometry) -> None:
+        """Checked mode: every key position ``j < Sk_r`` of every request maps to a row of ``k``/``v``, through
+        in-range pool indices and slots (paged) or starts (contiguous). Syncs with the device."""
+        rows, sk = self.k.shape[0], geom.seq_lens_k.long()
+        if self.paged:
+            pool, idx = self.req_to_token.shape[0], self.req_pool_indices.long()
+            _require((idx < 0) | (idx >= pool), "req_pool_indices",
+                     lambda r: f"request {r}: pool row {int(idx[r])} outside the {pool} rows of req_to_token")
+            slots = self.req_to_token[idx, :geom.max_seqlen_k]
+            used = torch.arange(slots.shape[1], device=slots.device) < sk.view(-1, 1)
+            _require(used & ((slots < 0) | (slots >= rows)), "req_to_token",
+                     lambda r, j: f"request {r} (pool row {int(idx[r])}), key {j}: slot {int(slots[r, j])} outside "
+                                  f"the {rows} rows of k")
+        else:
+            start = self.kv_start.long()
+            _require((start < 0) | (start + sk > rows), "kv_start",
+                     lambda r: f"request {r} reads rows [{int(start[r])}, {int(start[r] + sk[r])}), k has {rows}")
+            if self.kv_start_cpu is not None:
+                check(self.kv_start.tolist() == list(self.kv_start_cpu), "kv_start", "disagrees with kv_start_cpu")
 
     @classmethod
     def packed(cls, k: torch.Tensor, v: torch.Tensor, seq_lens_k: list[int]) -> "KVSource":
@@ -164,7 +255,7 @@ class KVSource:
         starts = [0]
         for sk in seq_lens_k[:-1]:
             starts.append(starts[-1] + sk)
-        return cls(k=k, v=v, kv_start=torch.tensor(starts, dtype=torch.int32, device=k.device))
+        return cls(k=k, v=v, kv_start=torch.tensor(starts, dtype=torch.int32, device=k.device), kv_start_cpu=starts)
 
     def gather(self, r: int, seq_len_k: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Request ``r``'s full K and V, ``[Sk, Hk, D]`` each (a copy: for references and tests only)."""
@@ -190,6 +281,80 @@ class SparseLayout:
     @property
     def num_heads(self) -> int:
         return int(self.block_count.shape[1])
+
+    def validate(self, geom: BatchGeometry, num_heads: int, device: torch.device) -> None:
+        """Host checks (no sync): int32 tensors on ``device`` shaped ``[NQB, num_heads, ...]`` for ``geom``; in
+        checked mode also the invariants of the module docstring that keep the kernels' reads in bounds."""
+        nqb = geom.num_query_blocks
+        for name in ("block_start", "block_end", "block_count", "full_count", "col_index", "col_count"):
+            t = getattr(self, name)
+            check_tensor(t, name, ndim=2 if name.endswith("count") else 3, dtypes=(torch.int32,))
+            check(tuple(t.shape[:2]) == (nqb, num_heads), name,
+                  f"shape {tuple(t.shape)} does not start with (query blocks {nqb}, Hq {num_heads})")
+            check(t.device == device, name, f"on {t.device}, q on {device}")
+        check(self.block_end.shape == self.block_start.shape, "block_end",
+              f"shape {tuple(self.block_end.shape)} != block_start {tuple(self.block_start.shape)}")
+        if CHECKED:
+            self.check_contents(geom)
+
+    def check_contents(self, geom: BatchGeometry) -> None:
+        """Checked mode: counts within capacities; each range 1..64 keys overlapping its request's context (full
+        ranges: 64 keys in ``[0, first row's position]``); each group ascending and disjoint; columns strictly
+        ascending and inside the context. Syncs with the device."""
+        bs, be, bc, fc, ci, cc = (self.block_start, self.block_end, self.block_count, self.full_count,
+                                  self.col_index, self.col_count)
+        maxb, maxc = bs.shape[2], ci.shape[2]
+        req = geom.qb_request.long()
+        sk = geom.seq_lens_k[req].view(-1, 1, 1)  # keys of each query block's request
+        r0 = (geom.prefix_lens[req] + geom.qb_row).view(-1, 1, 1)  # position of each block's first row
+
+        def at(qb, h):
+            return f"query block {qb}, head {h}"
+
+        def rng(qb, h, i):
+            return f"range {i} [{int(bs[qb, h, i])}, {int(be[qb, h, i])})"
+
+        _require((bc < 0) | (bc > maxb), "block_count",
+                 lambda qb, h: f"{at(qb, h)}: {int(bc[qb, h])} ranges, capacity {maxb}")
+        _require((fc < 0) | (fc > bc), "full_count",
+                 lambda qb, h: f"{at(qb, h)}: {int(fc[qb, h])} full of {int(bc[qb, h])} ranges")
+        _require((cc < 0) | (cc > maxc), "col_count",
+                 lambda qb, h: f"{at(qb, h)}: {int(cc[qb, h])} columns, capacity {maxc}")
+        b = torch.arange(maxb, device=bs.device)
+        used, full = b < bc.unsqueeze(-1), b < fc.unsqueeze(-1)
+        # Partial ranges may start left of key 0 (the kernel clips them); full ones are read without any mask.
+        _require(used & ((be <= bs) | (be > bs + BLOCK) | (be <= 0) | (bs >= sk)), "block_start",
+                 lambda qb, h, i: f"{at(qb, h)}: {rng(qb, h, i)} is not 1..{BLOCK} keys overlapping the "
+                                  f"{int(sk[qb])} keys of its request")
+        _require(full & ((bs < 0) | (be - bs != BLOCK) | (be - 1 > r0)), "full_count",
+                 lambda qb, h, i: f"{at(qb, h)}: {rng(qb, h, i)} counted full, but not {BLOCK} keys left of the "
+                                  f"block's first row (position {int(r0[qb])})")
+        same_group = used[..., 1:] & (full[..., 1:] == full[..., :-1])
+        _require(same_group & (bs[..., 1:] < be[..., :-1]), "block_start",
+                 lambda qb, h, i: f"{at(qb, h)}: {rng(qb, h, i)} and {rng(qb, h, i + 1)} overlap or are out of order")
+        c = torch.arange(maxc, device=ci.device)
+        cols_used = c < cc.unsqueeze(-1)
+        _require(cols_used & ((ci < 0) | (ci >= sk)), "col_index",
+                 lambda qb, h, i: f"{at(qb, h)}: column {i} is key {int(ci[qb, h, i])}, outside the {int(sk[qb])} "
+                                  "keys of its request")
+        _require(cols_used[..., 1:] & (ci[..., 1:] <= ci[..., :-1]), "col_index",
+                 lambda qb, h, i: f"{at(qb, h)}: columns {i} and {i + 1} (keys {int(ci[qb, h, i])}, "
+                                  f"{int(ci[qb, h, i + 1])}) not strictly ascending")
+
+    def same_as(self, other: "SparseLayout") -> bool:
+        """Equal counts and equal entries below them (slots past the counts are never read and may hold anything);
+        syncs, for tests and checks."""
+        if not all(torch.equal(getattr(self, n), getattr(other, n)) for n in ("block_count", "full_count",
+                                                                               "col_count")):
+            return False
+        for names, count in ((("block_start", "block_end"), self.block_count), (("col_index",), self.col_count)):
+            for name in names:
+                a, b = getattr(self, name), getattr(other, name)
+                width = min(a.shape[2], b.shape[2])
+                used = torch.arange(width, device=a.device) < count.unsqueeze(-1)
+                if int(count.max()) > width or not torch.equal(a[..., :width][used], b[..., :width][used]):
+                    return False
+        return True
 
     def to_dense(self, geom: BatchGeometry) -> list[torch.Tensor]:
         """Exact attended-key mask per request: a list of ``[Hq, Sq_r, Sk_r]`` bool tensors (tests/debugging).

@@ -78,6 +78,23 @@ def unsupported_setup(runner) -> str | None:
     return None
 
 
+def dense_only_reason(model_config) -> str | None:
+    """Why no layer of this model can run the sparse kernel (None: some can), from SGLang's ModelConfig.
+
+    Decided once at start-up, so that such a model serves on the dense backend instead of failing mid-request,
+    once a prompt first passes ``min_context``.
+    """
+    from .layout import HEAD_DIMS
+
+    head_dim = model_config.head_dim
+    if head_dim not in HEAD_DIMS:
+        return f"head_dim {head_dim} is not supported by the sparse kernel (supported: {HEAD_DIMS})"
+    v_head_dim = getattr(model_config, "v_head_dim", head_dim)
+    if v_head_dim != head_dim:
+        return f"the value head size {v_head_dim} differs from head_dim {head_dim}"
+    return None
+
+
 def resolve_dense_backend(name: str) -> str:
     """The SGLang backend ``dense_backend`` names; ``auto`` is fa3 on Hopper when FA3 is installed, else flashinfer."""
     if name != "auto":
@@ -96,7 +113,8 @@ def _fa3_installed() -> bool:
 
 
 def create_backend(runner):
-    """Factory SGLang calls with its ModelRunner: the composed backend (the dense one alone for draft models)."""
+    """Factory SGLang calls with its ModelRunner: the composed backend; the dense one alone for draft models and
+    for models the sparse kernel cannot serve at all (:func:`dense_only_reason`, logged once)."""
     from sglang.srt.layers.attention.attention_registry import ATTENTION_BACKENDS
     from sglang.srt.runtime_context import get_parallel
 
@@ -114,6 +132,10 @@ def create_backend(runner):
         raise ValueError(f"--attention-backend {BACKEND_NAME}: {problem}")
     config.validate_for_model(model_config.num_hidden_layers, model_config.num_attention_heads)
     dense = ATTENTION_BACKENDS[dense_name](runner)
+    dense_only = dense_only_reason(model_config)
+    if dense_only is not None:
+        logger.warning("minference: %s; every layer runs on the dense backend %s", dense_only, dense_name)
+        return dense
     parallel = get_parallel()
     tp_size = parallel.attn_tp_size
     req_to_token = runner.req_to_token_pool.req_to_token

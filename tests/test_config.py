@@ -9,7 +9,10 @@ import pytest
 from pydantic import ValidationError
 
 from sgl_minference.config import (
+    ECHO_LIMIT,
     ENV_VAR,
+    MAX_BUDGET,
+    MAX_ERROR_LINES,
     AShapeSpec,
     BlockSparseSpec,
     ConfigError,
@@ -18,6 +21,7 @@ from sgl_minference.config import (
     VerticalSlashSpec,
     resolve,
 )
+from sgl_minference.config import QWEN_TABLE_FILE
 
 FIXTURES = Path(__file__).parent / "fixtures" / "config"
 MINFERENCE = FIXTURES / "minference_2x4.json"
@@ -138,6 +142,14 @@ ERROR_CASES = {
     "own string global": (_own_with(min_context="65536"), ["'min_context'", "'65536'"]),
     "own last_q too large": (_own_with(last_q=128), ["'last_q'", "64"]),
     "own wrong version": (_own_with(format="sgl-minference/v9"), ["'format'", "v9"]),
+    # int32 overflow at start-up, after the weights load, unless refused here
+    "mi vertical over int32": (_minference_with(0, 1, VAS, 2**31, 800, 0.5),
+                               ["layer 0", "head 1", "'vertical'", "2147483648", "largest budget 536870912"]),
+    "mi local over the cap": (_minference_with(1, 2, "stream_llm", 64, MAX_BUDGET + 1, 0.5),
+                              ["layer 1", "head 2", "'local'", "largest budget"]),
+    "own topk over the cap": (_own_head(1, 1, type="block_sparse", topk=2**40), ["layer 1", "head 1", "'topk'"]),
+    "own default over the cap": (_own_with(default={"type": "vertical_slash", "vertical": 8, "slash": 2**31}),
+                                 ["'default.slash'", "largest budget"]),
 }
 
 
@@ -186,6 +198,77 @@ def test_unreadable_files(tmp_path, text, needle):
     with pytest.raises(ConfigError) as info:
         MInferenceConfig.load(path)
     assert str(path) in str(info.value) and needle in str(info.value)
+
+
+def test_budgets_up_to_the_cap_are_accepted(tmp_path):
+    from sgl_minference.kernels.materialise import SENTINEL
+
+    assert MAX_BUDGET == SENTINEL  # the cap is the kernels' "no entry" mark: no position reaches it
+    data = _minference_with(0, 1, VAS, MAX_BUDGET, MAX_BUDGET, 0.5)
+    assert MInferenceConfig.load(_write(tmp_path, "cap.json", data)).head_spec(0, 1) == VS(vertical=MAX_BUDGET,
+                                                                                           slash=MAX_BUDGET)
+
+
+def test_non_utf8_file_names_the_file(tmp_path):
+    path = tmp_path / "latin1.json"
+    path.write_bytes('{"format": "sgl-minference/v1", "min_context": 1}  // caf\xe9'.encode("latin-1"))
+    with pytest.raises(ConfigError, match=r"latin1\.json: not UTF-8 text \(byte 0xe9 at offset 57\)"):
+        MInferenceConfig.load(path)
+    bom = tmp_path / "bom.json"  # a byte-order mark, as some editors write, is fine
+    bom.write_bytes(b"\xef\xbb\xbf" + json.dumps({"format": "sgl-minference/v1", "min_context": 7}).encode())
+    assert MInferenceConfig.load(bom).min_context == 7
+
+
+def test_special_files_are_refused_without_reading(tmp_path):
+    import os
+
+    fifo = tmp_path / "config.fifo"
+    os.mkfifo(fifo)  # reading it would block start-up until something writes to it
+    with pytest.raises(ConfigError, match=r"config\.fifo: not a regular file"):
+        MInferenceConfig.load(fifo)
+    with pytest.raises(ConfigError, match="not a regular file"):
+        MInferenceConfig.load(tmp_path)
+
+
+def test_integer_beyond_pythons_conversion_limit(tmp_path):
+    path = _write(tmp_path, "digits.json", '{"format": "sgl-minference/v1", "min_context": ' + "9" * 5000 + "}")
+    with pytest.raises(ConfigError) as info:
+        MInferenceConfig.load(path)
+    assert str(info.value).startswith(f"{path}: not usable JSON") and len(str(info.value)) < 400
+
+
+HUGE = "x" * 50_000_000  # a 50 MB string where a short value belongs
+
+
+@pytest.mark.parametrize("data, needles", [
+    (_own_head(0, 1, type=HUGE), ["layer 0", "head 1", "'type'", "unknown pattern type"]),
+    (_minference_with(1, 0, HUGE, 1, 2, 0.5), ["layer 1", "head 0", "'type'"]),
+    (_minference_with(1, 0, VAS, HUGE, 2, 0.5), ["layer 1", "head 0", "'vertical'"]),
+    (_own_with(min_context=HUGE), ["'min_context'"]),
+    (_own_with(**{HUGE: 1}), ["not permitted"]),
+    (_own_with(format=HUGE), ["'format'"]),
+    (_own_with(heads={HUGE: {}}), ["'heads'"]),
+    ({HUGE: 1}, ["unknown format"]),
+], ids=["own type", "mi type", "mi budget", "global", "extra key", "format", "layer key", "unknown format"])
+def test_error_messages_cut_huge_values(tmp_path, data, needles):
+    path = _write(tmp_path, "huge.json", data)
+    with pytest.raises(ConfigError) as info:
+        MInferenceConfig.load(path)
+    msg = str(info.value)
+    assert str(path) in msg and len(msg) < len(str(path)) + 500, msg[:1000]
+    assert "x" * (ECHO_LIMIT // 5) in msg  # the value is still recognisable
+    for needle in needles:
+        assert needle in msg, f"{needle!r} not in {msg!r}"
+
+
+def test_error_messages_list_the_first_problems_and_count_the_rest(tmp_path):
+    bad = {str(h): {"type": "a_shape", "sink": 0, "local": 1} for h in range(MAX_ERROR_LINES + 15)}
+    path = _write(tmp_path, "many.json", {"format": "sgl-minference/v1", "heads": {"0": bad}})
+    with pytest.raises(ConfigError) as info:
+        MInferenceConfig.load(path)
+    lines = str(info.value).splitlines()
+    assert len(lines) == MAX_ERROR_LINES + 1 and lines[0].startswith(f"{path}: layer 0, head 0, field 'sink'")
+    assert lines[-1] == f"{path}: ... and 15 more problems"
 
 
 def test_missing_file():
@@ -322,6 +405,28 @@ def test_resolve_model_dir_table_beats_dca_and_takes_threshold(model_dir):
     assert cfg.layer_specs(1, 0, 4) == file_cfg.layer_specs(1, 0, 4)
     assert cfg.min_context == 16384  # the model config's sparse_attention_threshold
     assert cfg.source == str(model_dir / "sparse_attention_config.json")
+
+
+@pytest.mark.parametrize("field, value, problem", [
+    ("sparse_attention_threshold", "8k", "Input should be a valid integer (got '8k')"),
+    ("sparse_attention_last_q", 0, "Input should be greater than or equal to 1 (got 0)")])
+def test_bad_qwen_globals_name_the_qwen_field_and_its_file(tmp_path, model_dir, field, value, problem):
+    data = _json(QWEN_CONFIG)
+    data["dual_chunk_attention_config"][field] = value
+    path = _write(tmp_path, "config.json", data)
+    with pytest.raises(ConfigError) as info:
+        MInferenceConfig.load(path)
+    assert str(info.value) == f"{path}:dual_chunk_attention_config: field '{field}': {problem}"
+    # The table from sparse_attention_config.json next to the model, the bad value from the model's config.json.
+    hf = _hf_config(model_dir)
+    hf["dual_chunk_attention_config"][field] = value
+    with pytest.raises(ConfigError) as info:
+        resolve(hf, str(model_dir), env={})
+    msg = str(info.value)
+    assert msg.startswith(f"{model_dir / 'config.json'}:dual_chunk_attention_config: field '{field}'"), msg
+    assert QWEN_TABLE_FILE not in msg and "min_context" not in msg and "'last_q'" not in msg
+    with pytest.raises(ConfigError, match=rf"^hf_config:dual_chunk_attention_config: field '{field}'"):
+        resolve(hf, None, env={})
 
 
 def test_resolve_threshold_applies_to_defaults_when_no_table(tmp_path):

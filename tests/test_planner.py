@@ -248,6 +248,7 @@ def test_no_save_kv_cache_leaves_the_pool_alone():
     (dict(is_cross_attention=True), {}),
     (dict(attn_type=SimpleNamespace(value="encoder_only")), {}),
     (dict(v_head_dim=32), {}),
+    (dict(head_dim=96, qk_head_dim=96, v_head_dim=96), {}),  # the kernels have no 96: never reach them
     ({}, {"sinks": torch.zeros(HQ)}),
 ])
 def test_unsupported_layers_run_dense(layer_over, kwargs):

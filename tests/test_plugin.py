@@ -158,6 +158,32 @@ def test_factory_rejects_unsupported_setups(dense_and_tp):
         plugin.create_backend(fp8)
 
 
+@pytest.mark.parametrize("field, value, needle", [("head_dim", 96, "head_dim 96 is not supported"),
+                                                   ("v_head_dim", 128, "value head size 128")])
+def test_models_the_kernel_cannot_serve_get_the_dense_backend_at_startup(dense_and_tp, caplog, field, value, needle):
+    runner = fake_runner()
+    setattr(runner.model_config, field, value)  # llama3.2-1b has head_dim 64
+    with caplog.at_level("WARNING", logger=plugin.__name__):
+        backend = plugin.create_backend(runner)
+    assert isinstance(backend, FakeDense) and backend.runner is runner  # no sparse path to fail mid-request
+    lines = [r.getMessage() for r in caplog.records if r.name == plugin.__name__]
+    assert len(lines) == 1 and needle in lines[0] and "dense backend flashinfer" in lines[0], lines
+    bad = fake_runner(override={"heads": {"20": {"0": {"type": "dense"}}}})
+    bad.model_config.head_dim = 96
+    with pytest.raises(ConfigError, match="layer 20"):  # a bad config still stops start-up
+        plugin.create_backend(bad)
+
+
+def test_supported_head_dims_keep_the_sparse_path(dense_and_tp):
+    from sgl_minference.layout import HEAD_DIMS
+
+    for head_dim in HEAD_DIMS:
+        runner = fake_runner()
+        runner.model_config.head_dim = runner.model_config.v_head_dim = head_dim
+        assert plugin.dense_only_reason(runner.model_config) is None
+        assert isinstance(plugin.create_backend(runner), MInferenceAttnBackend)
+
+
 def test_draft_models_get_the_dense_backend(dense_and_tp):
     assert isinstance(plugin.create_backend(fake_runner(draft=True)), FakeDense)
 

@@ -8,8 +8,9 @@ define is read from, and written to, the dense backend, so SGLang sees one backe
 
 A layer runs sparse only when the batch has a plan (see :mod:`.planner`) and the layer has a non-dense head;
 otherwise, or for a layer with a logit cap, a sliding window, cross/encoder attention, a separate value head
-size or extra attention inputs (e.g. attention sinks), the dense backend runs the layer (each such reason is
-logged once).
+size, a head_dim the kernels lack or extra attention inputs (e.g. attention sinks), the dense backend runs the
+layer (each such reason is logged once). A model none of whose layers qualifies gets the dense backend alone
+at start-up (``plugin.dense_only_reason``).
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ import torch
 
 from ..config import MInferenceConfig
 from ..kernels import sparse_attention
+from ..layout import HEAD_DIMS
 from ..patterns import HeadSet
 from .planner import LayerHeads, SparsePlan, layer_heads, layer_layout, plan_batch
 
@@ -110,6 +112,8 @@ class MInferenceAttnBackend:
             return f"layer {layer.layer_id} is cross or encoder attention"
         if layer.qk_head_dim != layer.v_head_dim:
             return f"layer {layer.layer_id} has different query/key and value head sizes"
+        if layer.head_dim not in HEAD_DIMS:
+            return f"layer {layer.layer_id} has head_dim {layer.head_dim}, the sparse kernel supports {HEAD_DIMS}"
         if kwargs:
             return f"layer {layer.layer_id} passes extra attention inputs {sorted(kwargs)}"
         if layer.tp_q_head_num != heads.num_q_heads:

@@ -258,7 +258,7 @@ def pool_keys(kv: KVSource, geom: BatchGeometry) -> torch.Tensor:
 
     Blocks past a request's end are 0; the last partial block averages only its valid keys (padding excluded).
     """
-    kv.validate(geom.num_requests)
+    kv.validate(geom)
     B, Hk, D = geom.num_requests, kv.k.shape[1], kv.k.shape[2]
     nkb = triton.cdiv(geom.max_seqlen_k, BLOCK)
     out = torch.zeros(B, Hk, nkb, D, device=kv.k.device, dtype=torch.float32)

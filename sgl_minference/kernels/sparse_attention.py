@@ -172,31 +172,15 @@ def _launch_config(head_dim: int, dtype: torch.dtype) -> tuple[int, int]:
 
 
 def _check_inputs(q, kv: KVSource, layout: SparseLayout, geom: BatchGeometry, out) -> None:
-    """Validate every argument of :func:`sparse_attention` up front (host metadata only, no device sync)."""
+    """Validate every argument of :func:`sparse_attention` up front: host metadata only, no device sync, except in
+    checked mode (``SGL_MINFERENCE_CHECKED=1``, see ``sgl_minference.layout``), which also checks the index contents
+    of ``kv``, ``geom`` and ``layout`` before the launch."""
     check_queries_and_kv(q, kv, geom)
-    num_heads = q.shape[1]
     check(q.stride(-1) == 1, "q", "head_dim must be the contiguous dimension")
     check(kv.k.stride(-1) == 1 and kv.v.stride(-1) == 1, "k", "head_dim must be the contiguous dimension of k and v")
     if kv.paged:
         check(kv.req_to_token.stride(1) == 1, "req_to_token", "rows must be contiguous")
-    for name in ("k", "v", "kv_start", "req_to_token", "req_pool_indices"):
-        t = getattr(kv, name)
-        if t is not None:
-            check(t.device == q.device, name, f"on {t.device}, q on {q.device}")
-    for name in ("cu_seqlens_q", "seq_lens_k", "prefix_lens", "qb_request", "qb_row"):
-        t = getattr(geom, name)
-        check_tensor(t, name, ndim=1, dtypes=(torch.int32,))
-        check(t.device == q.device, name, f"on {t.device}, q on {q.device}")
-    nqb = geom.num_query_blocks
-    for name in ("block_start", "block_end", "block_count", "full_count", "col_index", "col_count"):
-        t = getattr(layout, name)
-        ndim = 2 if name.endswith("count") else 3
-        check_tensor(t, name, ndim=ndim, dtypes=(torch.int32,))
-        check(tuple(t.shape[:2]) == (nqb, num_heads), name,
-              f"shape {tuple(t.shape)} does not start with (query blocks {nqb}, Hq {num_heads})")
-        check(t.device == q.device, name, f"on {t.device}, q on {q.device}")
-    check(layout.block_end.shape == layout.block_start.shape, "block_end",
-          f"shape {tuple(layout.block_end.shape)} != block_start {tuple(layout.block_start.shape)}")
+    layout.validate(geom, q.shape[1], q.device)
     if out is not None:
         check_tensor(out, "out", ndim=3, dtypes=(q.dtype,))
         check(out.shape == q.shape, "out", f"shape {tuple(out.shape)} != q {tuple(q.shape)}")

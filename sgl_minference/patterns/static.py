@@ -27,13 +27,19 @@ def _band_offsets(widths: torch.Tensor, max_width: int) -> torch.Tensor:
 
 
 def build_a_shape(geom: BatchGeometry, heads: HeadSet) -> SparseLayout:
-    """A-shape layout: budgets ``sink`` (first key columns) and ``local`` (nearest diagonals) per head."""
+    """A-shape layout: budgets ``sink`` (first key columns) and ``local`` (nearest diagonals) per head.
+
+    Both are clamped to the batch's longest context (a host int): ``max Sk`` sink columns or local diagonals
+    already cover every causal key, so the work is bounded by the context, not by the budget (unclamped, a
+    ``sink`` of 1e5 on a 128-key context built a ``[B, H, 100000]`` column table and took 55 s).
+    """
     check("sink" in heads.budgets and "local" in heads.budgets, "heads", "needs budgets sink and local")
-    dev, B = heads.q_head.device, geom.num_requests
+    dev, B, max_sk = heads.q_head.device, geom.num_requests, geom.max_seqlen_k
     sink = heads.budgets["sink"]
-    cols = torch.arange(heads.budget_max["sink"], device=dev, dtype=torch.int32).expand(len(heads.heads), -1)
+    cols = torch.arange(min(heads.budget_max["sink"], max_sk), device=dev, dtype=torch.int32)
     cols = torch.where(cols < sink.view(-1, 1), cols, SENTINEL)
-    offsets = _band_offsets(heads.budgets["local"], heads.budget_max["local"])
+    local_max = min(heads.budget_max["local"], max_sk)
+    offsets = _band_offsets(heads.budgets["local"].clamp(max=local_max), local_max)
     return indices_to_layout(cols.expand(B, -1, -1), offsets.expand(B, -1, -1), geom)
 
 
