@@ -94,9 +94,13 @@ class E2ERecord:
     gpu_used_base_mib: float | None = None  # device memory in use with the engine idle (static pools)
     gpu_used_peak_mib: float | None = None  # highest device memory in use seen while this case ran
     params: dict = field(default_factory=dict)  # engine settings as resolved by SGLang, startup time, ...
+    structure: str = ""  # minference only: "dummy" (the estimator sees dummy weights) or "synthetic"
+    chunked_prefill_size: int | None = None  # as requested (None: the default; the resolved one is in params)
+    sparse_stats: dict = field(default_factory=dict)  # minference: what the sparse path did (e2e_ttft.summarize_stats)
 
     def key(self) -> tuple:
-        return (self.model, self.backend, self.scenario, tuple(self.input_lens))
+        return (self.model, self.backend, self.scenario, tuple(self.input_lens), self.structure,
+                self.chunked_prefill_size)
 
 
 RECORD_TYPES = {"kernel": KernelRecord, "e2e": E2ERecord}

@@ -10,10 +10,11 @@ in, top-k. Budgets are the default config's taken as the same share of the conte
 131072 keys), so an 8K prompt keeps the share of columns and diagonals that a 128K prompt does.
 
 Per head it measures what decides the sparse kernel's cost: the contiguous local band of diagonals (its share
-of the non-forced slash budget), the mean length of the other runs of consecutive diagonals and the power-law
-exponent of where they lie (maximum likelihood over offsets), and the same for columns (the share on the keys
-next to the chunk's end, run length, power law of the distance from the last key). The fit is the median over
-heads. Validation: the attended share of causal pairs of one chunk (the last ``--chunk`` queries), for the
+of the non-forced slash budget); the other diagonals grouped into clusters the way the layout conversion merges
+them (neighbours at most 64 apart end up in one key range), with the mean diagonals per cluster, the mean step
+inside a cluster, and the power-law exponent of where clusters start (maximum likelihood); for columns, the
+share within the diagonal band's reach of the chunk's end, the mean run of consecutive columns, and the power
+law of the other runs' distance from the last key. The fit is the median over heads. Validation: the attended share of causal pairs of one chunk (the last ``--chunk`` queries), for the
 real picks, for picks drawn from the fit, and for uniformly random picks (what near-uniform dummy-weight
 attention gives), per head.
 """
@@ -69,6 +70,13 @@ def runs(sorted_pos: np.ndarray) -> list[tuple[int, int]]:
     return [(int(r[0]), int(r.size)) for r in np.split(sorted_pos, breaks)]
 
 
+def clusters(sorted_pos: np.ndarray, reach: int = 64) -> list[np.ndarray]:
+    """Positions split where neighbours are more than ``reach`` apart (the conversion's merge rule for diagonals)."""
+    if sorted_pos.size == 0:
+        return []
+    return np.split(sorted_pos, np.flatnonzero(np.diff(sorted_pos) > reach) + 1)
+
+
 def power_law_fit(x: np.ndarray, lo: int, hi: int) -> float:
     """Maximum-likelihood exponent of density ``∝ (x + 1)^-alpha`` on ``[lo, hi)`` (grid over ``ALPHAS``)."""
     if x.size < 2 or hi <= lo + 1:
@@ -94,11 +102,12 @@ def head_structure(col_picks: np.ndarray, diag_picks: np.ndarray, n: int, *, for
     v, s = col_picks.size, diag_picks.size
     d_runs = runs(diag_picks)
     band = d_runs[0][1] if d_runs and d_runs[0][0] == 0 else 0
-    far = [r for r in d_runs if r[0] >= band]
-    far_pos = np.array([r[0] for r in far], dtype=np.float64)
+    far = clusters(diag_picks[diag_picks >= band])
+    steps = [float(np.diff(c).mean()) for c in far if c.size > 1]
     out = {"slash_local": (band - forced_local) / max(s - forced_local, 1),
-           "slash_run": float(np.mean([r[1] for r in far])) if far else float("nan"),
-           "slash_alpha": power_law_fit(far_pos, band, n)}
+           "slash_cluster": float(np.mean([c.size for c in far])) if far else float("nan"),
+           "slash_gap": float(np.mean(steps)) if steps else float("nan"),
+           "slash_alpha": power_law_fit(np.array([c[0] for c in far], dtype=np.float64), band, n)}
     dist = np.sort(n - 1 - col_picks[col_picks >= forced_sink])  # distance from the last key
     recent = int((dist < band).sum())  # columns the local band covers (the conversion drops them)
     rest = np.sort(n - 1 - dist[dist >= band])
@@ -153,6 +162,7 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--forced-sink", type=int, default=30)
     ap.add_argument("--forced-local", type=int, default=100)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--keep-picks", action="store_true", help="also write every head's picks (large)")
     ap.add_argument("--out", required=True)
     args = ap.parse_args(argv)
 
@@ -188,7 +198,7 @@ def main(argv: list[str] | None = None) -> dict:
         return float(statistics.median(h[name] for h in heads_out if not math.isnan(h[name])))
 
     fields = {name: median(name) for name in ("slash_local", "slash_alpha", "vertical_recent", "vertical_alpha")}
-    fields |= {name: max(1, round(median(name))) for name in ("slash_run", "vertical_run")}
+    fields |= {name: max(1, round(median(name))) for name in ("slash_cluster", "slash_gap", "vertical_run")}
     structure = Structure(**fields, source=f"{Path(args.out).name}: {folder.name}, {n} tokens, {args.tasks}")
 
     # Validation: one chunk's attended share under real, fitted-synthetic and uniformly random picks.
@@ -201,7 +211,11 @@ def main(argv: list[str] | None = None) -> dict:
         syn_c, syn_o = cols[0, 0].numpy(), offs[0, 0].numpy()
         uniform_c = picks(rng.random(n), vertical, args.forced_sink)
         uniform_o = picks(rng.random(n), slash, args.forced_local)
-        h["share_real"] = chunk_share(h.pop("columns"), h.pop("offsets"), n, args.chunk)
+        h["share_real"] = chunk_share(h["columns"], h["offsets"], n, args.chunk)
+        if args.keep_picks:
+            h["columns"], h["offsets"] = h["columns"].tolist(), h["offsets"].tolist()
+        else:
+            del h["columns"], h["offsets"]
         h["share_synthetic"] = chunk_share(syn_c[syn_c < n], syn_o[syn_o >= 0], n, args.chunk)
         h["share_uniform"] = chunk_share(uniform_c, uniform_o, n, args.chunk)
 

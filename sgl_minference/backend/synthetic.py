@@ -13,8 +13,10 @@ and then its output indices are replaced, before conversion into the layout, by 
 drawn from :class:`Structure`:
 
 * diagonals: the forced local band (``forced_local`` nearest offsets), then one contiguous band holding a share
-  ``slash_local`` of the remaining budget, then runs of ``slash_run`` consecutive offsets whose starts are drawn
-  from a power law (density ``∝ offset^-slash_alpha``) between the band's end and the context length;
+  ``slash_local`` of the remaining budget, then clusters of ``slash_cluster`` offsets ``slash_gap`` apart (gaps of
+  at most 64 merge a cluster into one key range per query block, as a real cluster's neighbouring diagonals do)
+  whose first offsets are drawn from a power law (density ``∝ offset^-slash_alpha``) between the band's end and
+  the context length;
 * columns: the forced sinks (first ``forced_sink`` keys), a share ``vertical_recent`` of the rest at the keys
   just before the chunk's end (real column scores favour them; the local band covers them, so the conversion
   drops them, as it drops such real picks), and runs of ``vertical_run`` consecutive keys placed by a power
@@ -22,8 +24,9 @@ drawn from :class:`Structure`:
 
 Draws vary per layer, head, request and chunk (seeded by ``seed``, the layer and the batch's context lengths),
 so a prefill sees different far clusters per head and chunk, deterministically. Generation is ``O(budget)``
-per head (a handful of small kernels, no pass over the context). Duplicated draws are dropped, so a head may
-use slightly less than its budget. Only vertical-slash heads change; other patterns are built as usual.
+per head (a handful of small kernels, no pass over the context). Overlapping clusters repeat offsets; repeats
+are replaced by further draws (twice the budget is drawn), so a head uses its whole budget unless its context
+is too crowded for that. Only vertical-slash heads change; other patterns are built as usual.
 
 Value of the variable: ``default`` (or ``1``) for :data:`DEFAULT`, a JSON object overriding some of its fields,
 or the path of a JSON file holding such an object under ``"structure"`` (what
@@ -54,6 +57,7 @@ logger = logging.getLogger(__name__)
 
 ENV_VAR = "SGL_MINFERENCE_SYNTHETIC"
 _GENERATORS: dict[torch.device, torch.Generator] = {}  # one per device, reseeded per draw (a host-side op)
+CANDIDATES = 2  # candidates drawn per budget slot, so that repeats (overlapping clusters) can be replaced
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -61,7 +65,8 @@ class Structure:
     """The distribution synthetic vertical-slash indices are drawn from (see the module docstring)."""
 
     slash_local: float  # share of the non-forced slash budget in one band right after the forced local band
-    slash_run: int  # consecutive diagonals per far cluster
+    slash_cluster: int  # diagonals per far cluster
+    slash_gap: int  # offset step inside a cluster (1: consecutive diagonals), at most 64
     slash_alpha: float  # far cluster starts: density ∝ offset^-alpha between the band's end and the context
     vertical_recent: float  # share of the non-forced column budget on the keys just before the chunk's end
     vertical_run: int  # consecutive keys per column cluster
@@ -72,8 +77,9 @@ class Structure:
     def __post_init__(self):
         for name in ("slash_local", "vertical_recent"):
             check(0.0 <= getattr(self, name) <= 1.0, name, f"{getattr(self, name)} is not a share in [0, 1]")
-        for name in ("slash_run", "vertical_run"):
+        for name in ("slash_cluster", "slash_gap", "vertical_run"):
             check(isinstance(getattr(self, name), int) and getattr(self, name) >= 1, name, "must be an int >= 1")
+        check(self.slash_gap <= 64, "slash_gap", f"{self.slash_gap} > 64 would split a cluster's key range")
         for name in ("slash_alpha", "vertical_alpha"):
             check(getattr(self, name) >= 0.0, name, "must be >= 0")
 
@@ -113,31 +119,32 @@ class Structure:
 
     def _offsets(self, shape, s, sk, band, gen) -> torch.Tensor:
         b, h, k = shape
-        t = torch.arange(k, device=sk.device).view(1, 1, k)
-        run = self.slash_run
-        starts = _power_law(gen, (b, h, k // run + 1), band, (sk - run + 1).maximum(band + 1), self.slash_alpha)
+        t = torch.arange(CANDIDATES * k, device=sk.device).view(1, 1, -1)
+        size, gap = self.slash_cluster, self.slash_gap
+        width = (size - 1) * gap + 1
+        starts = _power_law(gen, (b, h, t.shape[-1] // size + 1), band, (sk - width + 1).maximum(band + 1),
+                            self.slash_alpha)
         rank = (t - band).clamp(min=0)
-        far = starts.gather(-1, rank // run) + rank % run
+        far = starts.gather(-1, rank // size) + gap * (rank % size)
         out = torch.where(t < band, t, far)
-        out = torch.where((t < s) & (out < sk), out, -1)
-        return _unique_sorted(out, descending=True, unused=-1)
+        return _first_unique(torch.where(out < sk, out, -1), s, k, descending=True, unused=-1)
 
     def _columns(self, shape, budget, sk, forced, band, gen) -> torch.Tensor:
         b, h, k = shape
-        t = torch.arange(k, device=sk.device).view(1, 1, k)
+        t = torch.arange(CANDIDATES * k, device=sk.device).view(1, 1, -1)
         s = budget.long().view(1, h, 1).minimum(sk)
         f = s.clamp(max=forced)
         recent_end = f + torch.round(self.vertical_recent * (s - f)).long()
         recent = sk - 1 - (t - f)  # the keys just before the chunk's end, latest first
         # Far clusters: the distance of a cluster's last key from the last key is >= the local band's reach.
         run = self.vertical_run
-        d_last = _power_law(gen, (b, h, k // run + 1), band, (sk - f - run + 1).maximum(band + 1),
+        d_last = _power_law(gen, (b, h, t.shape[-1] // run + 1), band, (sk - f - run + 1).maximum(band + 1),
                             self.vertical_alpha)
         rank = (t - recent_end).clamp(min=0)
         far = (sk - d_last - run).gather(-1, rank // run) + rank % run
         out = torch.where(t < f, t, torch.where(t < recent_end, recent, far))
-        out = torch.where((t < s) & (out >= 0) & (out < sk), out, SENTINEL)
-        return _unique_sorted(out, descending=False, unused=SENTINEL)
+        out = torch.where((out >= 0) & (out < sk), out, SENTINEL)
+        return _first_unique(out, s, k, descending=False, unused=SENTINEL)
 
 
 def _power_law(gen: torch.Generator, shape: tuple[int, ...], lo: torch.Tensor, hi: torch.Tensor,
@@ -153,12 +160,18 @@ def _power_law(gen: torch.Generator, shape: tuple[int, ...], lo: torch.Tensor, h
     return (x.floor().long() - 1).clamp(min=lo, max=hi - 1)
 
 
-def _unique_sorted(x: torch.Tensor, *, descending: bool, unused: int) -> torch.Tensor:
-    """Sort the last dim, turn repeats into ``unused`` and sort again (``unused`` sorts to the end), int32."""
-    x = x.sort(dim=-1, descending=descending).values
-    repeat = torch.zeros_like(x, dtype=torch.bool)
-    repeat[..., 1:] = x[..., 1:] == x[..., :-1]
-    return torch.where(repeat, unused, x).sort(dim=-1, descending=descending).values.to(torch.int32)
+def _first_unique(x: torch.Tensor, limit: torch.Tensor, capacity: int, *, descending: bool,
+                  unused: int) -> torch.Tensor:
+    """The first ``limit`` distinct values of each row of candidates ``x`` [B, H, M] (in candidate order, ``unused``
+    entries skipped), sorted, padded with ``unused`` to ``capacity``: int32 [B, H, capacity]."""
+    order = x.argsort(dim=-1, stable=True)  # equal values keep candidate order: the first one is kept
+    ordered = x.gather(-1, order)
+    first = torch.ones_like(ordered, dtype=torch.bool)
+    first[..., 1:] = ordered[..., 1:] != ordered[..., :-1]
+    keep = torch.zeros_like(first).scatter(-1, order, first) & (x != unused)
+    keep &= keep.cumsum(-1) <= limit
+    out = torch.where(keep, x, unused).sort(dim=-1, descending=descending).values
+    return out[..., :capacity].to(torch.int32)
 
 
 def layer_layout(q: torch.Tensor, kv: KVSource, plan: SparsePlan, heads: LayerHeads, config: MInferenceConfig, *,
@@ -187,5 +200,5 @@ def layer_layout(q: torch.Tensor, kv: KVSource, plan: SparsePlan, heads: LayerHe
 
 
 # Placeholder until benchmarks/structure_capture.py has measured a real model (see BENCHMARKS.md).
-DEFAULT = Structure(slash_local=0.5, slash_run=16, slash_alpha=1.0, vertical_recent=0.3, vertical_run=4,
+DEFAULT = Structure(slash_local=0.5, slash_cluster=16, slash_gap=1, slash_alpha=1.0, vertical_recent=0.3, vertical_run=4,
                     vertical_alpha=0.0, source="placeholder")
