@@ -271,3 +271,12 @@ def test_backend_in_synthetic_mode_attends_the_synthetic_layout(tmp_path):
 
 def backend_structure(env):
     return synthetic.Structure.from_env(env)
+
+
+def test_default_structure_is_the_committed_fit():
+    from pathlib import Path
+
+    fit = json.loads((Path(__file__).parents[1] / synthetic.DEFAULT.source).read_text())["structure"]
+    for name, value in fit.items():
+        if name != "source":
+            assert getattr(synthetic.DEFAULT, name) == pytest.approx(value, abs=1e-3), name

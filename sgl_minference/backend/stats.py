@@ -100,7 +100,7 @@ def layout_pairs(layout: SparseLayout, geom: BatchGeometry) -> tuple[torch.Tenso
     """:func:`range_column_pairs` of a layout over ``geom``: ``(attended, visited)``, ``[NQB, Hq]`` int64."""
     req = geom.qb_request.long()
     row = geom.qb_row.long()
-    seq_q = torch.tensor(geom.seq_lens_q_cpu, device=row.device)[req]
+    seq_q = (geom.cu_seqlens_q[1:] - geom.cu_seqlens_q[:-1]).long()[req]  # device-side: no host copy per layer
     return range_column_pairs(starts=layout.block_start, ends=layout.block_end, counts=layout.block_count,
                               cols=layout.col_index, col_counts=layout.col_count,
                               row_pos=row + geom.prefix_lens.long()[req], rows=(seq_q - row).clamp(max=BLOCK),

@@ -199,6 +199,9 @@ def layer_layout(q: torch.Tensor, kv: KVSource, plan: SparsePlan, heads: LayerHe
     return layout
 
 
-# Placeholder until benchmarks/structure_capture.py has measured a real model (see BENCHMARKS.md).
-DEFAULT = Structure(slash_local=0.5, slash_cluster=16, slash_gap=1, slash_alpha=1.0, vertical_recent=0.3, vertical_run=4,
-                    vertical_alpha=0.0, source="placeholder")
+# Fitted from real attention: medians over the 540 heads (30 layers x 9 heads x 2 prompts) of SmolLM2-135M at 8K
+# tokens, budgets scaled to the default's share of a 128K context (benchmarks/structure_capture.py, CPU,
+# 2026-12-01). On that capture one 1024-query chunk attends a mean 0.225 of its causal pairs with these draws,
+# 0.214 with the model's own picks and 0.899 with uniformly random picks (what dummy weights give).
+DEFAULT = Structure(slash_local=0.0107, slash_cluster=30, slash_gap=5, slash_alpha=0.85, vertical_recent=0.969,
+                    vertical_run=1, vertical_alpha=1.2, source="benchmarks/results/structure_smollm2_8k_cpu.json")
