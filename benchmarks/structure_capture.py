@@ -17,6 +17,10 @@ share within the diagonal band's reach of the chunk's end, the mean run of conse
 law of the other runs' distance from the last key. The fit is the median over heads. Validation: the attended share of causal pairs of one chunk (the last ``--chunk`` queries), for the
 real picks, for picks drawn from the fit, and for uniformly random picks (what near-uniform dummy-weight
 attention gives), per head.
+
+``--implied FIT --lengths 32K,128K`` skips the model and prints what a fit implies at the default budgets: the
+attended share of a 1024-query chunk at the end of each context, drawn as the backend draws it (and for
+uniformly random picks up to 256K).
 """
 
 from __future__ import annotations
@@ -140,6 +144,33 @@ def chunk_share(col_picks: np.ndarray, diag_picks: np.ndarray, n: int, chunk: in
     return kept / total
 
 
+def implied_shares(fit_path: str, lengths: list[int], *, draws: int = 8, chunk: int = 1024, seed: int = 0) -> dict:
+    """Mean attended share of the last ``chunk`` queries at each length under the fit in ``fit_path`` (default
+    budgets 1000 / 6096, forced 30 / 100), and under uniformly random picks (lengths up to 256K)."""
+    from sgl_minference.backend.synthetic import Structure
+    from sgl_minference.layout import BatchGeometry
+    from sgl_minference.patterns import HeadSet
+
+    structure = Structure(**json.loads(Path(fit_path).read_text())["structure"])
+    heads = HeadSet.build([0], num_q_heads=1, num_kv_heads=1, device="cpu", vertical=[REF_VERTICAL],
+                          slash=[REF_SLASH])
+    rng = np.random.default_rng(seed)
+    out = {}
+    for n in lengths:
+        geom = BatchGeometry.build([chunk], [n], "cpu")
+        syn, uni = [], []
+        for i in range(draws):
+            cols, offs = structure.draw((1, 1, REF_VERTICAL), (1, 1, REF_SLASH), geom, heads, layer_id=i,
+                                        forced_sink=30, forced_local=100)
+            c, o = cols[0, 0].numpy(), offs[0, 0].numpy()
+            syn.append(chunk_share(c[c < n], o[o >= 0], n, chunk))
+            if n <= 262144:
+                uni.append(chunk_share(picks(rng.random(n), REF_VERTICAL, 30), picks(rng.random(n), REF_SLASH, 100),
+                                       n, chunk))
+        out[n] = {"synthetic": float(np.mean(syn)), "uniform": float(np.mean(uni)) if uni else None}
+    return out
+
+
 def load_model(source: str):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -155,7 +186,9 @@ def load_model(source: str):
 
 def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("model", help="model folder, or a .gguf file / pip package shipping one")
+    ap.add_argument("model", nargs="?", help="model folder, or a .gguf file / pip package shipping one")
+    ap.add_argument("--implied", metavar="FIT", help="print what a fit file implies at --lengths, then stop")
+    ap.add_argument("--lengths", default="32K,128K,256K,1M", help="contexts for --implied")
     ap.add_argument("--length", type=int, default=8192)
     ap.add_argument("--tasks", default="kv_retrieval,niah_multikey", help="sgl_minference.eval.tasks names")
     ap.add_argument("--chunk", type=int, default=1024, help="query rows of the validation chunk")
@@ -163,8 +196,16 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--forced-local", type=int, default=100)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--keep-picks", action="store_true", help="also write every head's picks (large)")
-    ap.add_argument("--out", required=True)
+    ap.add_argument("--out")
     args = ap.parse_args(argv)
+    if args.implied:
+        from benchmarks.common import parse_lengths
+
+        got = implied_shares(args.implied, parse_lengths(args.lengths))
+        print(json.dumps(got, indent=1))
+        return got
+    if not args.model or not args.out:
+        ap.error("a model and --out are needed (or --implied FIT)")
 
     from sgl_minference.backend.synthetic import Structure
     from sgl_minference.eval.tasks import make_sample
