@@ -280,3 +280,13 @@ def test_default_structure_is_the_committed_fit():
     for name, value in fit.items():
         if name != "source":
             assert getattr(synthetic.DEFAULT, name) == pytest.approx(value, abs=1e-3), name
+
+
+def test_a_batch_is_written_after_its_last_layer_that_can_run_sparse(tmp_path):
+    path = tmp_path / "stats.jsonl"
+    batch, _, q, k, v, pool, full = fake_batch([70], [200])
+    cfg = config(heads={"1": {str(h): {"type": "dense"} for h in range(HQ)}})  # layer 1 (the last) is dense
+    backend = backend_for(cfg, pool, full.req_to_token, environ={stats.ENV_VAR: str(path)})
+    backend.init_forward_metadata(batch)
+    backend.forward_extend(q.reshape(q.shape[0], -1), k, v, fake_layer(0), batch)
+    assert [e["layer"] for e in json.loads(path.read_text())["layers"]] == [0]

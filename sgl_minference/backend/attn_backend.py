@@ -21,6 +21,7 @@ from __future__ import annotations
 import logging
 import os
 from collections.abc import Mapping
+from functools import partial
 
 import torch
 
@@ -69,8 +70,11 @@ class MInferenceAttnBackend:
         self._logged: set[str] = set()
         environ = os.environ if environ is None else environ
         structure = synthetic.Structure.from_env(environ)
-        self._layer_layout = layer_layout if structure is None else _with_structure(structure)
-        self._stats = SparseStats.from_env(environ, last_layer=max(layers, default=-1),
+        self._layer_layout = layer_layout if structure is None else partial(synthetic.layer_layout,
+                                                                            structure=structure)
+        # A batch's line is written after its last layer that can run sparse.
+        last = max((i for i, heads in layers.items() if not heads.all_dense), default=-1)
+        self._stats = SparseStats.from_env(environ, last_layer=last,
                                            structure="dummy" if structure is None else "synthetic")
 
     def __getattr__(self, name):
@@ -180,15 +184,6 @@ class MInferenceAttnBackend:
 
     def forward_decode(self, q, k, v, layer, forward_batch, save_kv_cache: bool = True, **kwargs):
         return self.dense.forward_decode(q, k, v, layer, forward_batch, save_kv_cache, **kwargs)
-
-
-def _with_structure(structure: synthetic.Structure):
-    """``layer_layout`` with vertical-slash indices drawn from ``structure`` (benchmark mode)."""
-
-    def build(q, kv, plan, heads, config, *, sm_scale):
-        return synthetic.layer_layout(q, kv, plan, heads, config, sm_scale=sm_scale, structure=structure)
-
-    return build
 
 
 def build_layer_heads(config: MInferenceConfig, *, num_layers: int, num_q_heads: int, num_kv_heads: int,

@@ -109,7 +109,9 @@ class Structure:
         """Columns ``[B, Hs, KC]`` (ascending, unused ``SENTINEL``) and offsets ``[B, Hs, KS]`` (descending, unused
         ``-1``), int32, the estimator's output contract and shapes, within each head's budgets and context."""
         sk = geom.seq_lens_k.long().view(-1, 1, 1)
-        gen = _GENERATORS.setdefault(sk.device, torch.Generator(device=sk.device))
+        gen = _GENERATORS.get(sk.device)
+        if gen is None:
+            gen = _GENERATORS[sk.device] = torch.Generator(device=sk.device)
         gen.manual_seed(hash((self.seed, layer_id, tuple(geom.seq_lens_k_cpu))) & ((1 << 62) - 1))
         s = heads.budgets["slash"].long().view(1, -1, 1).minimum(sk)  # budgets clamp to the context, as the
         f = s.clamp(max=forced_local)  # estimator's do; the forced band is inside the budget
