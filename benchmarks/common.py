@@ -27,7 +27,7 @@ from typing import Callable
 import torch
 
 from sgl_minference.backend import stats
-from sgl_minference.backend.stats import causal_pairs, range_column_pairs
+from sgl_minference.backend.stats import causal_pairs, range_column_pairs  # noqa: F401 (causal_pairs re-exported)
 
 SCHEMA = "sgl-minference-bench/1"
 STATUSES = ("ok", "skipped", "error", "oom", "timeout")

@@ -14,9 +14,9 @@ of the non-forced slash budget); the other diagonals grouped into clusters the w
 them (neighbours at most 64 apart end up in one key range), with the mean diagonals per cluster, the mean step
 inside a cluster, and the power-law exponent of where clusters start (maximum likelihood); for columns, the
 share within the diagonal band's reach of the chunk's end, the mean run of consecutive columns, and the power
-law of the other runs' distance from the last key. The fit is the median over heads. Validation: the attended share of causal pairs of one chunk (the last ``--chunk`` queries), for the
-real picks, for picks drawn from the fit, and for uniformly random picks (what near-uniform dummy-weight
-attention gives), per head.
+law of the other runs' distance from the last key. The fit is the median over heads. Validation: the attended
+share of causal pairs of one chunk (the last ``--chunk`` queries), per head, for the real picks, for picks
+drawn from the fit, and for uniformly random picks (what near-uniform dummy-weight attention gives).
 
 ``--implied FIT --lengths 32K,128K`` skips the model and prints what a fit implies at the default budgets: the
 attended share of a 1024-query chunk at the end of each context, drawn as the backend draws it (and for
