@@ -15,7 +15,8 @@ Method:
 * Every engine setting is SGLang's default except: CUDA graphs off for all backends (prefill graphs must be
   off for ``minference``; TTFT with one new token runs no decode step anyway), the context length raised
   to fit the longest prompt (``SGLANG_ALLOW_OVERWRITE_LONGER_CONTEXT_LEN=1``), and whatever
-  ``--engine-args`` adds. ``minference`` runs its default config with SGLang's default chunked prefill.
+  ``--engine-args`` adds. ``minference`` runs its default config and default chunked prefill (SGLang's per-GPU
+  choice unless ``sgl_minference.plugin.CHUNKED_PREFILL_SIZE`` is set).
 * One engine at a time, each in its own subprocess (killed as a process group when the budget runs out),
   so every backend starts on a clean GPU. Warm-up requests (``--warmup-lens``) run before timing.
   Repetitions per case: up to ``--reps``, fewer when the first one is long (``--rep-budget-s``).
