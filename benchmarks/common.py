@@ -26,6 +26,9 @@ from typing import Callable
 
 import torch
 
+from sgl_minference.backend import stats
+from sgl_minference.backend.stats import causal_pairs, range_column_pairs  # noqa: F401 (causal_pairs re-exported)
+
 SCHEMA = "sgl-minference-bench/1"
 STATUSES = ("ok", "skipped", "error", "oom", "timeout")
 DISTRIBUTIONS = {  # reported name -> distribution names to try, first found wins
@@ -91,9 +94,13 @@ class E2ERecord:
     gpu_used_base_mib: float | None = None  # device memory in use with the engine idle (static pools)
     gpu_used_peak_mib: float | None = None  # highest device memory in use seen while this case ran
     params: dict = field(default_factory=dict)  # engine settings as resolved by SGLang, startup time, ...
+    structure: str = ""  # minference only: "dummy" (the estimator sees dummy weights) or "synthetic"
+    chunked_prefill_size: int | None = None  # as requested (None: the default; the resolved one is in params)
+    sparse_stats: dict = field(default_factory=dict)  # minference: what the sparse path did (e2e_ttft.summarize_stats)
 
     def key(self) -> tuple:
-        return (self.model, self.backend, self.scenario, tuple(self.input_lens))
+        return (self.model, self.backend, self.scenario, tuple(self.input_lens), self.structure,
+                self.chunked_prefill_size)
 
 
 RECORD_TYPES = {"kernel": KernelRecord, "e2e": E2ERecord}
@@ -311,59 +318,20 @@ class PairCount:
     visited: int  # rows x (range lengths + columns): what the kernel loads, causal cut not applied
 
 
-def causal_pairs(seq_q: int, seq_k: int, heads: int) -> int:
-    """(query, key, head) triples of bottom-right causal attention: chunk rows at the last ``seq_q`` positions."""
-    prefix = seq_k - seq_q
-    return heads * (seq_q * prefix + seq_q * (seq_q + 1) // 2)
-
-
-def _clamped_ramp_sum(m: torch.Tensor, length: torch.Tensor) -> torch.Tensor:
-    """``sum_{t=0}^{m-1} clamp(t, 0, length)`` for ``m >= 0`` (elementwise, int64)."""
-    inside = m * (m - 1) // 2
-    beyond = length * (length + 1) // 2 + (m - length - 1) * length
-    return torch.where(m <= length + 1, inside, beyond)
-
-
 def count_pairs(*, starts: torch.Tensor, ends: torch.Tensor, counts: torch.Tensor, cols: torch.Tensor,
                 col_counts: torch.Tensor, row_pos: torch.Tensor, rows: torch.Tensor, seq_k: int) -> PairCount:
-    """Attention work of key ranges plus gathered columns per (query block, head), one request.
-
-    starts, ends: [NQB, H, MAXB] int   key range [start, end) of each entry (ends clamped to ``seq_k``)
-    counts:       [NQB, H] int         valid ranges
-    cols:         [NQB, H, MAXC] int   gathered key columns
-    col_counts:   [NQB, H] int         valid columns
-    row_pos:      [NQB] int            absolute position of each block's first query row
-    rows:         [NQB] int            valid query rows of each block (64, less in the last)
-
-    A row at position ``p`` attends range key ``j`` when ``j <= p``: summed in closed form per range,
-    so 256K-token layouts are counted without expanding them.
-    """
-    starts, ends, cols = starts.long(), ends.long(), cols.long()
-    p0 = row_pos.long().view(-1, 1, 1)
-    n = rows.long().view(-1, 1, 1)
-    valid_b = torch.arange(starts.shape[-1], device=starts.device) < counts.long().unsqueeze(-1)
-    s = starts.clamp(0, seq_k)
-    length = ends.clamp(max=seq_k).maximum(s) - s
-    length = torch.where(valid_b, length, torch.zeros_like(length))
-    # Row p sees clamp(p + 1 - s, 0, length) keys of the range; rows p0 .. p0+n-1 give a clamped ramp.
-    a = p0 + 1 - s
-    ramp = _clamped_ramp_sum((a + n).clamp(min=0), length) - _clamped_ramp_sum(a.clamp(min=0), length)
-    valid_c = torch.arange(cols.shape[-1], device=cols.device) < col_counts.long().unsqueeze(-1)
-    col_rows = (p0 + n - cols).clamp(0).minimum(n)  # rows at or after the column's position
-    attended = int(ramp.sum()) + int(torch.where(valid_c, col_rows, 0).sum())
-    visited = int((length * n).sum()) + int((valid_c.long() * n).sum())
-    return PairCount(attended=attended, visited=visited)
+    """Totals of :func:`sgl_minference.backend.stats.range_column_pairs` (same arguments), one request."""
+    attended, visited = range_column_pairs(starts=starts, ends=ends, counts=counts, cols=cols,
+                                           col_counts=col_counts, row_pos=row_pos, rows=rows, seq_k=seq_k)
+    return PairCount(attended=int(attended.sum()), visited=int(visited.sum()))
 
 
 def layout_pairs(layout, geom) -> PairCount:
-    """:func:`count_pairs` of an ``sgl_minference.layout.SparseLayout`` on a one-request ``BatchGeometry``."""
+    """Totals of :func:`sgl_minference.backend.stats.layout_pairs` for a one-request ``BatchGeometry``."""
     if geom.num_requests != 1:
         raise ValueError(f"geom: layout_pairs counts one request, got {geom.num_requests}")
-    seq_q, seq_k = geom.seq_lens_q_cpu[0], geom.seq_lens_k_cpu[0]
-    row = geom.qb_row.long()
-    return count_pairs(starts=layout.block_start, ends=layout.block_end, counts=layout.block_count,
-                       cols=layout.col_index, col_counts=layout.col_count, row_pos=row + (seq_k - seq_q),
-                       rows=(seq_q - row).clamp(max=64), seq_k=seq_k)
+    attended, visited = stats.layout_pairs(layout, geom)
+    return PairCount(attended=int(attended.sum()), visited=int(visited.sum()))
 
 
 def attention_tflops(pairs: int, head_dim: int, ms: float) -> float:

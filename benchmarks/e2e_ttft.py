@@ -15,7 +15,8 @@ Method:
 * Every engine setting is SGLang's default except: CUDA graphs off for all backends (prefill graphs must be
   off for ``minference``; TTFT with one new token runs no decode step anyway), the context length raised
   to fit the longest prompt (``SGLANG_ALLOW_OVERWRITE_LONGER_CONTEXT_LEN=1``), and whatever
-  ``--engine-args`` adds. ``minference`` runs its default config with SGLang's default chunked prefill.
+  ``--engine-args`` adds. ``minference`` runs its default config and default chunked prefill (SGLang's per-GPU
+  choice unless ``sgl_minference.plugin.CHUNKED_PREFILL_SIZE`` is set).
 * One engine at a time, each in its own subprocess (killed as a process group when the budget runs out),
   so every backend starts on a clean GPU. Warm-up requests (``--warmup-lens``) run before timing.
   Repetitions per case: up to ``--reps``, fewer when the first one is long (``--rep-budget-s``).
@@ -26,6 +27,15 @@ Method:
   grows monotonically along a backend's sequence of cases.
 * A length that fails (context or KV-pool limit, out of memory, engine crash) is recorded with the
   reason and ends that backend's single-request sweep.
+* What the sparse path did (``minference`` rows, on unless ``--stats off``): the engine runs with
+  ``$SGL_MINFERENCE_STATS`` (``sgl_minference.backend.stats``) and each record's ``sparse_stats`` summarises
+  the lines of its median repetition (:func:`summarize_stats`): attended share of causal pairs per layer (mean,
+  min, max; chunks the dense side ran count as fully attended), index-building and sparse-attention ms summed
+  over chunks and layers, and their sum as a share of the TTFT.
+* Index structure (``--structure``): ``dummy`` lets the estimator pick from the dummy weights' near-uniform
+  attention; ``synthetic`` replaces its picks with the clustered distribution of
+  ``sgl_minference.backend.synthetic`` (``$SGL_MINFERENCE_SYNTHETIC``, value ``--synthetic``). Chunk sizes
+  (``--chunk-sizes``) run each backend once per ``chunked_prefill_size``; both are part of a case's key.
 """
 
 from __future__ import annotations
@@ -42,8 +52,8 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from benchmarks.common import (E2ERecord, add_record, add_run, done_keys, load_results, median, parse_lengths,
-                               save_results)
+from benchmarks.common import (E2ERecord, add_record, add_run, causal_pairs, done_keys, load_results, median,
+                               parse_lengths, save_results)
 
 REPO = Path(__file__).resolve().parents[1]
 MODELS_DIR = REPO / "launch" / "models"
@@ -72,6 +82,9 @@ class WorkerSpec:
     seed: int
     engine_args: dict = field(default_factory=dict)
     records_path: str  # JSON lines, one per finished case
+    structure: str = ""  # minference: "dummy" or "synthetic" ("" for dense backends)
+    synthetic: str = "default"  # the value of $SGL_MINFERENCE_SYNTHETIC for structure "synthetic"
+    stats_path: str = ""  # $SGL_MINFERENCE_STATS for the engine ("" = no statistics)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -122,6 +135,57 @@ class GpuMemoryMonitor:
 
 
 # ----------------------------------------------------------------------------------------------------------
+# Sparse-path statistics
+# ----------------------------------------------------------------------------------------------------------
+
+
+def read_new_lines(path: str, offset: int) -> tuple[list[dict], int]:
+    """JSON lines appended to ``path`` since byte ``offset``, and the new offset (no file yet: none)."""
+    if not path or not os.path.exists(path):
+        return [], offset
+    with open(path, "rb") as f:
+        f.seek(offset)
+        data = f.read()
+    end = data.rfind(b"\n") + 1  # a line still being written stays for the next read
+    return [json.loads(x) for x in data[:end].splitlines() if x.strip()], offset + end
+
+
+def summarize_stats(lines: list[dict], input_lens: list[int], ttft_ms: float | None) -> dict:
+    """What the sparse path did over one repetition of a case, from its ``SGL_MINFERENCE_STATS`` lines.
+
+    Per layer, the attended share of the causal (query, key, head) triples of the whole prompt(s): pairs the
+    sparse layouts kept, plus every pair of the chunks the dense backend ran (no line: below the length
+    gates); also the share over the sparse-run chunks alone. Times are sums over chunks and layers.
+    """
+    if not lines:
+        return {"batches": 0}
+    heads = lines[0]["num_q_heads"]
+    whole = sum(causal_pairs(n, n, heads) for n in input_lens)  # one layer, every request
+    attended: dict[int, int] = {}
+    covered: dict[int, int] = {}  # causal pairs of the chunks that ran sparse, per layer
+    visited: dict[int, int] = {}
+    index_ms = attn_ms = 0.0
+    for line in lines:
+        for layer in line["layers"]:
+            lid = layer["layer"]
+            attended[lid] = attended.get(lid, 0) + sum(layer["attended"])
+            visited[lid] = visited.get(lid, 0) + sum(layer["visited"])
+            covered[lid] = covered.get(lid, 0) + sum(line["causal_pairs"])
+            index_ms += layer["index_ms"]
+            attn_ms += layer["attn_ms"]
+    share = {lid: (attended[lid] + whole - covered[lid]) / whole for lid in sorted(attended)}
+    sparse_share = [attended[lid] / covered[lid] for lid in sorted(attended)]
+    shares = list(share.values())
+    return {"batches": len(lines), "structure": lines[0]["structure"], "layers": len(share),
+            "share_mean": sum(shares) / len(shares), "share_min": min(shares), "share_max": max(shares),
+            "share_per_layer": [round(x, 5) for x in shares],
+            "sparse_chunk_share_mean": sum(sparse_share) / len(sparse_share),
+            "visited_share_mean": sum(visited[lid] / covered[lid] for lid in visited) / len(visited),
+            "index_ms": index_ms, "attn_ms": attn_ms, "sparse_ms": index_ms + attn_ms,
+            "sparse_share_of_ttft": (index_ms + attn_ms) / ttft_ms if ttft_ms else None}
+
+
+# ----------------------------------------------------------------------------------------------------------
 # Worker: one engine, one backend
 # ----------------------------------------------------------------------------------------------------------
 
@@ -148,6 +212,9 @@ def worker(spec: WorkerSpec) -> None:
     import numpy as np
 
     os.environ.setdefault("SGLANG_ALLOW_OVERWRITE_LONGER_CONTEXT_LEN", "1")
+    # Read by the backend when the scheduler subprocess builds it (inherited environment).
+    os.environ["SGL_MINFERENCE_STATS"] = spec.stats_path
+    os.environ["SGL_MINFERENCE_SYNTHETIC"] = spec.synthetic if spec.structure == "synthetic" else ""
     import sglang
 
     scenarios = [Scenario(**s) for s in spec.scenarios]
@@ -173,17 +240,18 @@ def worker(spec: WorkerSpec) -> None:
         with open(spec.records_path, "a") as f:
             f.write(json.dumps(rec) + "\n")
 
-    single_failed = False
+    single_failed, stats_offset = False, 0
     for sc in scenarios:
         if sc.name == "single" and single_failed:
             continue  # the parent records it as not run
         rec = {"model": spec.model, "backend": spec.backend, "scenario": sc.name, "input_lens": sc.input_lens,
                "status": "ok", "params": params, "gpu_used_base_mib": base}
         monitor.reset_peak()
-        walls, per_request, engine_alive = [], [], True
+        walls, per_request, per_rep_stats, engine_alive = [], [], [], True
         try:
             while len(walls) < spec.reps and (not walls or sum(walls) + walls[-1] <= spec.rep_budget_s):
                 batch = prompts(sc.input_lens)
+                _, stats_offset = read_new_lines(spec.stats_path, stats_offset)  # skip warm-up / earlier lines
                 t = time.perf_counter()
                 try:
                     outs = engine.generate(input_ids=batch, sampling_params=[{"max_new_tokens": 1}] * len(batch))
@@ -195,6 +263,7 @@ def worker(spec: WorkerSpec) -> None:
                     raise RequestRejected(f"request aborted: {reasons[0]}")
                 per_request.append([1e3 * o["meta_info"]["e2e_latency"] if "e2e_latency" in o["meta_info"]
                                     else None for o in outs])
+                per_rep_stats.append(read_new_lines(spec.stats_path, stats_offset)[0])
         except Exception as e:  # record where and why the sweep stops
             rec["status"] = "oom" if "out of memory" in str(e).lower() else "error"
             rec["reason"] = f"{type(e).__name__}: {e}"[:1000]
@@ -204,6 +273,8 @@ def worker(spec: WorkerSpec) -> None:
             middle = sorted(range(len(walls)), key=walls.__getitem__)[len(walls) // 2]
             rec |= {"ttft_ms": median(walls) * 1e3, "ttft_ms_all": [w * 1e3 for w in walls],
                     "request_ms": per_request[middle]}
+            if spec.stats_path:
+                rec["sparse_stats"] = summarize_stats(per_rep_stats[middle], sc.input_lens, 1e3 * walls[middle])
         rec["gpu_used_peak_mib"] = monitor.peak
         emit(rec)
         print(f"[{spec.backend}] {sc.name} {sc.input_lens}: {rec['status']} "
@@ -239,18 +310,26 @@ def plan_scenarios(lengths: list[int], scenario_names: list[str], mixed: list[in
     return out
 
 
-def pending(scenarios: list[Scenario], done: set, model: str, backend: str) -> list[Scenario]:
-    return [s for s in scenarios if (model, backend, s.name, tuple(s.input_lens)) not in done]
+def pending(scenarios: list[Scenario], done: set, model: str, backend: str, structure: str = "",
+            chunk: int | None = None) -> list[Scenario]:
+    return [s for s in scenarios if (model, backend, s.name, tuple(s.input_lens), structure, chunk) not in done]
+
+
+def variants(backends: list[str], structures: list[str], chunks: list[int | None]) -> list[tuple[str, str, int | None]]:
+    """(backend, structure, chunk size) per engine to start: dense backends once per chunk size, ``minference``
+    once per chunk size and structure."""
+    return [(b, st, c) for b in backends for c in chunks for st in (structures if b == "minference" else [""])]
 
 
 def records_for_backend(lines: list[dict], todo: list[Scenario], run: int, *, model: str, backend: str,
-                        exit_status: str, exit_note: str) -> list[E2ERecord]:
+                        exit_status: str, exit_note: str, structure: str = "",
+                        chunk: int | None = None) -> list[E2ERecord]:
     """Worker lines as records, plus one for each scenario it never reported, saying why.
 
     ``exit_status``/``exit_note``: how the subprocess ended (``run_worker``'s status and reason);
     the first unreported scenario of a subprocess that did not end cleanly is the one it died on.
     """
-    recs = [E2ERecord(run=run, **line) for line in lines]
+    recs = [E2ERecord(run=run, **line, structure=structure, chunked_prefill_size=chunk) for line in lines]
     reported = {(r.scenario, tuple(r.input_lens)) for r in recs}
     single_failed = any(r.status != "ok" and r.scenario == "single" for r in recs)
     blamed = False
@@ -264,7 +343,7 @@ def records_for_backend(lines: list[dict], todo: list[Scenario], run: int, *, mo
         else:
             status, reason = "skipped", f"not run: {exit_note or 'the engine subprocess ended early'}"
         recs.append(E2ERecord(run=run, model=model, backend=backend, scenario=s.name, input_lens=s.input_lens,
-                              status=status, reason=reason))
+                              status=status, reason=reason, structure=structure, chunked_prefill_size=chunk))
     return recs
 
 
@@ -332,6 +411,14 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--engine-args", default="{}", help="JSON of extra sglang.Engine arguments (all backends)")
     ap.add_argument("--minference-args", default="",
                     help='JSON for the minference backend, passed as json_model_override_args {"minference": ...}')
+    ap.add_argument("--structure", default="dummy",
+                    help="minference index structure(s), comma-separated: dummy and/or synthetic")
+    ap.add_argument("--synthetic", default="default",
+                    help="$SGL_MINFERENCE_SYNTHETIC for --structure synthetic: default, a JSON object, a JSON file")
+    ap.add_argument("--chunk-sizes", default="",
+                    help="chunked_prefill_size values to run each backend with, e.g. 8192,32768 (default: SGLang's)")
+    ap.add_argument("--stats", choices=("on", "off"), default="on",
+                    help="record what the sparse path did in minference rows ($SGL_MINFERENCE_STATS)")
     ap.add_argument("--budget-s", type=float, default=520.0, help="wall-clock budget of this whole command")
     ap.add_argument("--resume", action="store_true", help="skip cases the results file already has as ok")
     ap.add_argument("--seed", type=int, default=0)
@@ -346,31 +433,39 @@ def main(argv: list[str] | None = None) -> None:
     backends = [b.strip() for b in args.backends.split(",") if b.strip()]
     scenarios = plan_scenarios(parse_lengths(args.lengths), args.scenarios.split(","), parse_mixed(args.mixed))
     engine_args = json.loads(args.engine_args)
+    structures = [x.strip() for x in args.structure.split(",") if x.strip()]
+    if not structures or set(structures) - {"dummy", "synthetic"}:
+        raise SystemExit(f"--structure: {args.structure!r}, expected dummy and/or synthetic")
+    chunks = [int(x) for x in args.chunk_sizes.split(",") if x.strip()] or [engine_args.get("chunked_prefill_size")]
     results = load_results(args.out, "e2e")
     done = done_keys(results) if args.resume else set()
     run = add_run(results, settings={
         "model": model, "backends": backends, "scenarios": [vars(s) for s in scenarios],
         "warmup_lens": parse_lengths(args.warmup_lens), "reps": args.reps, "rep_budget_s": args.rep_budget_s,
-        "engine_args": engine_args, "minference_args": args.minference_args, "seed": args.seed})
+        "engine_args": engine_args, "minference_args": args.minference_args, "seed": args.seed,
+        "structures": structures, "synthetic": args.synthetic, "chunk_sizes": chunks, "stats": args.stats})
     save_results(args.out, results)
 
-    for backend in backends:
-        todo = pending(scenarios, done, model, backend)
+    for backend, structure, chunk in variants(backends, structures, chunks):
+        todo = pending(scenarios, done, model, backend, structure, chunk)
         if not todo:
             continue
-        extra = dict(engine_args)
+        extra = dict(engine_args) | ({} if chunk is None else {"chunked_prefill_size": chunk})
         if backend == "minference" and args.minference_args:
             extra["json_model_override_args"] = json.dumps({"minference": json.loads(args.minference_args)})
         with tempfile.TemporaryDirectory() as tmp:
             spec = WorkerSpec(model_dir=str(model_dir), model=model, backend=backend,
                               scenarios=[vars(s) for s in todo], warmup_lens=parse_lengths(args.warmup_lens),
                               reps=args.reps, rep_budget_s=args.rep_budget_s, seed=args.seed, engine_args=extra,
-                              records_path=str(Path(tmp) / "records.jsonl"))
+                              records_path=str(Path(tmp) / "records.jsonl"), structure=structure,
+                              synthetic=args.synthetic,
+                              stats_path=str(Path(tmp) / "stats.jsonl")
+                              if backend == "minference" and args.stats == "on" else "")
             exit_status, exit_note = run_worker(spec, deadline - time.monotonic(), Path(tmp) / "engine.log")
             path = Path(spec.records_path)
             lines = [json.loads(x) for x in path.read_text().splitlines()] if path.exists() else []
         for rec in records_for_backend(lines, todo, run, model=model, backend=backend, exit_status=exit_status,
-                                       exit_note=exit_note):
+                                       exit_note=exit_note, structure=structure, chunk=chunk):
             add_record(results, rec)
         save_results(args.out, results)
 

@@ -5,8 +5,9 @@
 
 Kernel: for each head_dim and geometry (full prefill, or a chunk against a prefix), the speedup of each
 sparse method over FlashAttention-3 on the same input: solid = index building + attention, dashed =
-attention alone. End to end: TTFT speedup of each non-dense backend over the faster dense backend at
-each length (single-request scenario), one panel per model.
+attention alone. End to end: TTFT speedup of each non-dense variant (backend, index structure, chunk size)
+over the faster dense backend run with the same chunk size, at each length (single-request scenario), one
+panel per model.
 """
 
 from __future__ import annotations
@@ -43,21 +44,34 @@ def kernel_speedups(results: dict, baseline: str = "fa3") -> dict[str, dict[str,
     return panels
 
 
+def variant(rec, chunk: bool = True) -> str:
+    """A record's engine variant for labels: the backend, its index structure (minference), the chunk size."""
+    name = f"{rec.backend} {rec.structure}" if rec.structure else rec.backend
+    return name if not chunk or rec.chunked_prefill_size is None else f"{name}, chunk {rec.chunked_prefill_size}"
+
+
+def best_dense(recs: list, dense: tuple[str, ...] = DENSE_BACKENDS) -> dict[tuple, float]:
+    """Fastest successful dense TTFT per (model, scenario, prompt lengths, requested chunk size)."""
+    best: dict[tuple, float] = {}
+    for r in recs:
+        if r.backend in dense and r.status == "ok":
+            k = (r.model, r.scenario, tuple(r.input_lens), r.chunked_prefill_size)
+            best[k] = min(best.get(k, float("inf")), r.ttft_ms)
+    return best
+
+
 def e2e_speedups(results: dict,
                  dense: tuple[str, ...] = DENSE_BACKENDS) -> dict[str, dict[str, list[tuple[int, float]]]]:
-    """{model: {backend: [(length, TTFT of the faster dense backend / TTFT of backend), ...]}}, single requests."""
+    """{model: {variant: [(length, TTFT of the faster dense backend / TTFT of variant), ...]}}, single requests;
+    the dense baseline ran with the same chunk size."""
     recs = [r for r in latest_records(results) if r.status == "ok" and r.scenario == "single"]
-    best_dense: dict[tuple[str, int], float] = {}
-    for r in recs:
-        if r.backend in dense:
-            k = (r.model, r.input_lens[0])
-            best_dense[k] = min(best_dense.get(k, float("inf")), r.ttft_ms)
+    base = best_dense(recs, dense)
     out: dict[str, dict[str, list[tuple[int, float]]]] = {}
     for r in sorted(recs, key=lambda r: r.input_lens[0]):
-        ref = best_dense.get((r.model, r.input_lens[0]))
+        ref = base.get((r.model, r.scenario, tuple(r.input_lens), r.chunked_prefill_size))
         if r.backend in dense or ref is None:
             continue
-        out.setdefault(r.model, {}).setdefault(r.backend, []).append((r.input_lens[0], ref / r.ttft_ms))
+        out.setdefault(r.model, {}).setdefault(variant(r), []).append((r.input_lens[0], ref / r.ttft_ms))
     return out
 
 

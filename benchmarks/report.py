@@ -16,7 +16,7 @@ from collections import defaultdict
 from pathlib import Path
 
 from benchmarks.common import latest_records, load_results
-from benchmarks.plot import DENSE_BACKENDS, geometry_name
+from benchmarks.plot import DENSE_BACKENDS, best_dense, geometry_name, variant
 
 DENSE_COLUMNS = (("fa3", "FA3"), ("sdpa_cudnn", "SDPA cuDNN"), ("sdpa_flash", "SDPA flash"),
                  ("flashinfer", "FlashInfer"), ("ours", "ours (dense layout)"))
@@ -101,44 +101,95 @@ def kernel_section(results: dict) -> str:
     return "\n".join(out)
 
 
+def _prompt(lens: tuple[int, ...]) -> str:
+    return " + ".join(f"{lens.count(n)} x {n}" for n in sorted(set(lens), reverse=True)) if len(lens) > 1 \
+        else str(lens[0])
+
+
+def _chunk_caption(rs: list) -> str:
+    """Which ``chunked_prefill_size`` each backend ran with, as SGLang resolved it."""
+    seen = sorted({(variant(r, chunk=False), r.params.get("chunked_prefill_size")) for r in rs if r.params})
+    return "chunked_prefill_size as resolved: " + ", ".join(f"{v} {c}" for v, c in seen) if seen else ""
+
+
 def e2e_section(results: dict, dense: tuple[str, ...] = DENSE_BACKENDS) -> str:
-    """One table per model: TTFT per backend, speedup over the faster dense backend, memory high-water mark."""
+    """Per model and requested chunk size: TTFT per variant, speedup over the faster dense backend, memory
+    high-water mark; then, per model, what the sparse path did in each row that recorded it."""
     recs = latest_records(results)
     out = ["## End-to-end time to first token", ""]
     for model in sorted({r.model for r in recs}):
-        rs = [r for r in recs if r.model == model]
-        backends = sorted({r.backend for r in rs}, key=lambda b: (b not in dense, b))
-        sparse = [b for b in backends if b not in dense]
-        by = {(r.backend, r.scenario, tuple(r.input_lens)): r for r in rs}
-        cases = sorted({(r.scenario, tuple(r.input_lens)) for r in rs}, key=lambda c: (c[0] != "single", sum(c[1])))
-        out += [f"### {model}", "", provenance(results, rs), "",
-                "TTFT ms (mixed: until the batch's last first token); speedup over the faster dense backend; "
-                "device memory in use at the case's peak minus idle, MiB.", "",
-                "| scenario | prompt tokens | " + " | ".join(f"{b} ms" for b in backends) + " | "
-                + " | ".join(f"{b} speedup" for b in sparse) + " | "
-                + " | ".join(f"{b} mem" for b in backends) + " |",
-                "|---|---:|" + "---:|" * (2 * len(backends) + len(sparse))]
-        for scenario, lens in cases:
-            row = [by.get((b, scenario, lens)) for b in backends]
-            dense_ok = [r.ttft_ms for b, r in zip(backends, row) if b in dense and r is not None and r.status == "ok"]
-            best = min(dense_ok) if dense_ok else None
-            times = ["" if r is None else cell(r, ms(r.ttft_ms)) for r in row]
-            speedups = []
-            for b in sparse:
-                r = by.get((b, scenario, lens))
-                ok = r is not None and r.status == "ok" and best is not None
-                speedups.append(f"{best / r.ttft_ms:.2f}x" if ok else "")
-            mem = ["" if r is None or r.gpu_used_peak_mib is None or r.gpu_used_base_mib is None
-                   else f"{r.gpu_used_peak_mib - r.gpu_used_base_mib:.0f}" for r in row]
-            prompt = " + ".join(f"{lens.count(n)} x {n}" for n in sorted(set(lens), reverse=True)) \
-                if len(lens) > 1 else str(lens[0])
-            out.append(f"| {scenario} | {prompt} | " + " | ".join(times + speedups + mem) + " |")
-        failed = [r for r in rs if r.status != "ok"]
-        if failed:
-            out += ["", "Failures:"] + [f"- {r.backend} {r.scenario} {r.input_lens}: {r.status}: {r.reason}"
-                                        for r in failed]
-        out.append("")
+        for chunk in sorted({r.chunked_prefill_size for r in recs if r.model == model}, key=lambda c: c or 0):
+            rs = [r for r in recs if r.model == model and r.chunked_prefill_size == chunk]
+            out += _ttft_table(results, rs, model, chunk, dense)
+        out += _sparse_table([r for r in recs if r.model == model], dense)
     return "\n".join(out)
+
+
+def _ttft_table(results: dict, rs: list, model: str, chunk: int | None, dense: tuple[str, ...]) -> list[str]:
+    is_dense = {variant(r, chunk=False): r.backend in dense for r in rs}
+    names = sorted(is_dense, key=lambda v: (not is_dense[v], v))
+    sparse = [v for v in names if not is_dense[v]]
+    by = {(variant(r, chunk=False), r.scenario, tuple(r.input_lens)): r for r in rs}
+    base = best_dense(rs, dense)
+    cases = sorted({(r.scenario, tuple(r.input_lens)) for r in rs}, key=lambda c: (c[0] != "single", sum(c[1])))
+    title = f"### {model}" + ("" if chunk is None else f", chunked_prefill_size {chunk}")
+    out = [title, "", provenance(results, rs), "", _chunk_caption(rs), "",
+           "TTFT ms (mixed: until the batch's last first token); speedup over the faster dense backend; "
+           "device memory in use at the case's peak minus idle, MiB.", "",
+           "| scenario | prompt tokens | " + " | ".join(f"{v} ms" for v in names) + " | "
+           + " | ".join(f"{v} speedup" for v in sparse) + " | " + " | ".join(f"{v} mem" for v in names) + " |",
+           "|---|---:|" + "---:|" * (2 * len(names) + len(sparse))]
+    for scenario, lens in cases:
+        row = [by.get((v, scenario, lens)) for v in names]
+        best = base.get((model, scenario, lens, chunk))
+        times = ["" if r is None else cell(r, ms(r.ttft_ms)) for r in row]
+        speedups = []
+        for v in sparse:
+            r = by.get((v, scenario, lens))
+            ok = r is not None and r.status == "ok" and best is not None
+            speedups.append(f"{best / r.ttft_ms:.2f}x" if ok else "")
+        mem = ["" if r is None or r.gpu_used_peak_mib is None or r.gpu_used_base_mib is None
+               else f"{r.gpu_used_peak_mib - r.gpu_used_base_mib:.0f}" for r in row]
+        out.append(f"| {scenario} | {_prompt(lens)} | " + " | ".join(times + speedups + mem) + " |")
+    failed = [r for r in rs if r.status != "ok"]
+    if failed:
+        out += ["", "Failures:"] + [f"- {variant(r, chunk=False)} {r.scenario} {r.input_lens}: {r.status}: {r.reason}"
+                                    for r in failed]
+    out.append("")
+    return out
+
+
+def _sparse_table(rs: list, dense: tuple[str, ...]) -> list[str]:
+    """One row per sparse-backend record with ``sparse_stats``: what the sparse path did, from inside the run."""
+    rows = sorted((r for r in rs if r.status == "ok" and r.sparse_stats.get("batches")),
+                  key=lambda r: (r.scenario != "single", sum(r.input_lens), r.chunked_prefill_size or 0,
+                                 r.structure))
+    if not rows:
+        return []
+    base = best_dense(rs, dense)
+    peak = {(r.scenario, tuple(r.input_lens), r.chunked_prefill_size): r.gpu_used_peak_mib
+            for r in rs if r.backend == "fa3" and r.status == "ok" and r.gpu_used_peak_mib}
+    out = ["Sparse path, recorded inside each run (`SGL_MINFERENCE_STATS`, median repetition): attended share "
+           "of the prompt's causal pairs per layer (mean, min-max over layers; chunks below the length gate count "
+           "as dense), the same over the sparse-run chunks alone, index-building and sparse-attention ms summed "
+           "over chunks and layers, their sum as a share of the TTFT, peak device memory (vs fa3, same chunk).", "",
+           "| scenario | prompt | variant | TTFT ms | speedup | attended share | sparse-chunk share | index ms "
+           "| attention ms | (index + attention) / TTFT | peak MiB |",
+           "|---|---:|---|---:|---:|---|---:|---:|---:|---:|---:|"]
+    for r in rows:
+        st = r.sparse_stats
+        best = base.get((r.model, r.scenario, tuple(r.input_lens), r.chunked_prefill_size))
+        speedup = f"{best / r.ttft_ms:.2f}x" if best else ""
+        fa3 = peak.get((r.scenario, tuple(r.input_lens), r.chunked_prefill_size))
+        mem = "" if r.gpu_used_peak_mib is None else f"{r.gpu_used_peak_mib:,.0f}" + (
+            f" ({100 * (r.gpu_used_peak_mib / fa3 - 1):+.1f}%)" if fa3 else "")
+        ratio = st.get("sparse_share_of_ttft")
+        out.append(f"| {r.scenario} | {_prompt(tuple(r.input_lens))} | {variant(r)} | {ms(r.ttft_ms)} | {speedup} | "
+                   f"{st['share_mean']:.3f} ({st['share_min']:.3f}-{st['share_max']:.3f}) | "
+                   f"{st['sparse_chunk_share_mean']:.3f} | {ms(st['index_ms'])} | {ms(st['attn_ms'])} | "
+                   f"{'' if ratio is None else f'{ratio:.2f}'} | {mem} |")
+    out.append("")
+    return out
 
 
 def main(argv: list[str] | None = None) -> None:

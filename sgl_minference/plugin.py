@@ -5,6 +5,8 @@ SGLang calls :func:`register` in every process it starts (launcher, schedulers, 
 ``ServerArgs.__post_init__`` so that, with ``minference`` selected, the prefill CUDA graph is off unless the
 user chose a prefill graph backend (``--cuda-graph-backend-prefill``): captured prefill graphs replay with the
 batch shapes of their capture, while the sparse path plans every extend batch anew. Decode CUDA graphs stay.
+The same hook gives ``minference`` its own ``--chunked-prefill-size`` default (:data:`CHUNKED_PREFILL_SIZE`)
+when the user gave none.
 
 Configuration: ``--json-model-override-args '{"minference": {...}}'`` (lands on the model's ``hf_config``)
 or ``$SGL_MINFERENCE_CONFIG``; see :mod:`sgl_minference.config`. A bad config stops startup with a
@@ -21,6 +23,13 @@ logger = logging.getLogger(__name__)
 BACKEND_NAME = "minference"
 KV_CACHE_DTYPES = ("auto", "bf16", "bfloat16", "fp16", "float16")  # the sparse kernel reads fp16/bf16 caches
 
+# Default --chunked-prefill-size under minference when the user gives none; None keeps SGLang's per-GPU choice
+# (ServerArgs._handle_gpu_memory_settings: 8192 on H100/H200-class GPUs, 16384 above 160 GB). Every chunk pays
+# the index estimate again in every layer, against the whole prefix so far, so larger chunks pay it fewer times;
+# SGLang also sizes its activation reserve (and so the KV pool, via mem_fraction_static) from this value, about
+# 1.5 MB per chunk token. TO BE SET by the lead from the H200 chunk sweep (BENCHMARKS.md, "Chunk policy").
+CHUNKED_PREFILL_SIZE: int | None = None
+
 _hook_registered = False
 
 
@@ -36,6 +45,8 @@ def register() -> None:
     register_attention_backend(BACKEND_NAME)(create_backend)
     if not _hook_registered:
         HookRegistry.register("sglang.srt.server_args.ServerArgs.__post_init__", prefill_graph_off, HookType.BEFORE)
+        HookRegistry.register("sglang.srt.server_args.ServerArgs.__post_init__", chunk_size_default,
+                              HookType.BEFORE)
         HookRegistry.register("sglang.srt.server_args.ServerArgs.__post_init__", check_config_at_launch,
                               HookType.AFTER)
         _hook_registered = True
@@ -48,6 +59,17 @@ def prefill_graph_off(server_args, *args, **kwargs) -> None:
     if server_args.cuda_graph_backend_prefill is None and not server_args.disable_prefill_cuda_graph:
         logger.info("minference: prefill CUDA graph disabled (--cuda-graph-backend-prefill disabled)")
         server_args.cuda_graph_backend_prefill = "disabled"
+    return None
+
+
+def chunk_size_default(server_args, *args, **kwargs) -> None:
+    """Before ``ServerArgs.__post_init__`` (where SGLang fills in its per-GPU default and sizes memory from it):
+    :data:`CHUNKED_PREFILL_SIZE` for ``minference`` when set and the user gave no ``--chunked-prefill-size``."""
+    if BACKEND_NAME not in (server_args.attention_backend, server_args.prefill_attention_backend):
+        return None
+    if CHUNKED_PREFILL_SIZE is not None and server_args.chunked_prefill_size is None:
+        logger.info("minference: --chunked-prefill-size %d (the minference default)", CHUNKED_PREFILL_SIZE)
+        server_args.chunked_prefill_size = CHUNKED_PREFILL_SIZE
     return None
 
 

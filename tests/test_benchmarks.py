@@ -321,7 +321,7 @@ def test_e2e_bookkeeping():
     scenarios = e2e_ttft.plan_scenarios([32768, 8192], ["single", "mixed"], [65536, 2048])
     assert [(s.name, s.input_lens) for s in scenarios] == [("single", [8192]), ("single", [32768]),
                                                             ("mixed", [65536, 2048])]
-    done = {("m", "fa3", "single", (8192,))}
+    done = {("m", "fa3", "single", (8192,), "", None)}
     todo = e2e_ttft.pending(scenarios, done, "m", "fa3")
     assert [s.input_lens for s in todo] == [[32768], [65536, 2048]]
     # The worker reported 32K as an OOM, then died: the exit is blamed on the next case, mixed.

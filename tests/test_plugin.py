@@ -210,3 +210,15 @@ def test_factory_builds_the_resolved_dense_backend(dense_and_tp, monkeypatch):
     monkeypatch.setitem(attention_registry.ATTENTION_BACKENDS, "fake-dense", FakeDense)
     backend = plugin.create_backend(fake_runner())
     assert isinstance(backend.dense, FakeDense) and backend.config.dense_backend == "auto"
+
+
+def test_chunk_size_default_applies_to_minference_only_and_never_over_the_user(monkeypatch):
+    sglang_default = make_server_args(attention_backend="flashinfer").chunked_prefill_size
+    assert make_server_args(attention_backend="minference").chunked_prefill_size == sglang_default  # unset: SGLang's
+    monkeypatch.setattr(plugin, "CHUNKED_PREFILL_SIZE", 3 * sglang_default)
+    assert make_server_args(attention_backend="minference").chunked_prefill_size == 3 * sglang_default
+    assert make_server_args(prefill_attention_backend="minference", decode_attention_backend="flashinfer"
+                            ).chunked_prefill_size == 3 * sglang_default
+    assert make_server_args(attention_backend="flashinfer").chunked_prefill_size == sglang_default
+    assert make_server_args(attention_backend="minference", chunked_prefill_size=1024).chunked_prefill_size == 1024
+    assert make_server_args(attention_backend="minference", chunked_prefill_size=-1).chunked_prefill_size == -1

@@ -11,11 +11,18 @@ otherwise, or for a layer with a logit cap, a sliding window, cross/encoder atte
 size, a head_dim the kernels lack or extra attention inputs (e.g. attention sinks), the dense backend runs the
 layer (each such reason is logged once). A model none of whose layers qualifies gets the dense backend alone
 at start-up (``plugin.dense_only_reason``).
+
+Two benchmark instruments, both off unless their environment variable is set when the backend is built:
+``$SGL_MINFERENCE_STATS`` records what each sparse layer did (:mod:`.stats`), ``$SGL_MINFERENCE_SYNTHETIC``
+replaces the vertical-slash picks by structured synthetic ones for dummy-weight runs (:mod:`.synthetic`).
 """
 
 from __future__ import annotations
 
 import logging
+import os
+from collections.abc import Mapping
+from functools import partial
 
 import torch
 
@@ -23,7 +30,9 @@ from ..config import MInferenceConfig
 from ..kernels import sparse_attention
 from ..layout import HEAD_DIMS
 from ..patterns import HeadSet
+from . import synthetic
 from .planner import LayerHeads, SparsePlan, layer_heads, layer_layout, plan_batch
+from .stats import SparseStats
 
 logger = logging.getLogger(__name__)
 
@@ -43,14 +52,15 @@ class MInferenceAttnBackend:
         all_heads: every query head on this rank (dense layouts of a sparse batch's short requests).
         token_to_kv_pool: SGLang's KV pool (``set_kv_buffer`` / ``get_kv_buffer``, page size 1 addressing).
         req_to_token: ``[pool_size, max_context]`` int32, SGLang's ``req_to_token_pool.req_to_token``.
+        environ: where ``$SGL_MINFERENCE_STATS`` / ``$SGL_MINFERENCE_SYNTHETIC`` are read (default ``os.environ``).
     """
 
     # Attributes that live on this object; every other attribute read or write goes to the dense backend.
     _OWN = frozenset({"dense", "config", "layers", "all_heads", "token_to_kv_pool", "req_to_token", "_plan",
-                      "_plan_batch", "_logged"})
+                      "_plan_batch", "_logged", "_stats", "_layer_layout"})
 
     def __init__(self, *, dense, config: MInferenceConfig, layers: dict[int, LayerHeads], all_heads: HeadSet,
-                 token_to_kv_pool, req_to_token: torch.Tensor):
+                 token_to_kv_pool, req_to_token: torch.Tensor, environ: Mapping[str, str] | None = None):
         self.dense = dense
         self.config = config
         self.layers = layers
@@ -60,6 +70,14 @@ class MInferenceAttnBackend:
         self._plan: SparsePlan | None = None
         self._plan_batch = None  # the ForwardBatch the plan was made for
         self._logged: set[str] = set()
+        environ = os.environ if environ is None else environ
+        structure = synthetic.Structure.from_env(environ)
+        self._layer_layout = layer_layout if structure is None else partial(synthetic.layer_layout,
+                                                                            structure=structure)
+        # A batch's line is written after its last layer that can run sparse.
+        last = max((i for i, heads in layers.items() if not heads.all_dense), default=-1)
+        self._stats = SparseStats.from_env(environ, last_layer=last,
+                                           structure="dummy" if structure is None else "synthetic")
 
     def __getattr__(self, name):
         # Only called for names not found on this object: the dense backend's state and methods.
@@ -80,6 +98,8 @@ class MInferenceAttnBackend:
         """The dense backend's metadata, then (extend batches only) the sparse plan, built once per batch."""
         self.dense.init_forward_metadata(forward_batch)
         self._plan, self._plan_batch = None, None
+        if self._stats is not None:
+            self._stats.flush()  # a previous batch that never reached the last layer
         if not _is_sparse_mode(forward_batch.forward_mode) or forward_batch.extend_seq_lens_cpu is None:
             return
         self._plan = plan_batch(
@@ -92,6 +112,8 @@ class MInferenceAttnBackend:
         )
         if self._plan is not None:
             self._plan_batch = forward_batch
+            if self._stats is not None:
+                self._stats.start_batch(self._plan.geom, self._plan.sparse_requests)
 
     # ---- per layer -------------------------------------------------------------------------------------------
 
@@ -143,8 +165,15 @@ class MInferenceAttnBackend:
         k_buffer, v_buffer = self.token_to_kv_pool.get_kv_buffer(layer.layer_id)
         kv = plan.kv_source(k_buffer, v_buffer)
         q3 = q.contiguous().view(-1, layer.tp_q_head_num, layer.head_dim)
-        layout = layer_layout(q3, kv, plan, self.layers[layer.layer_id], self.config, sm_scale=layer.scaling)
-        o, _ = sparse_attention(q3, kv, layout, plan.geom, sm_scale=layer.scaling)
+        heads = self.layers[layer.layer_id]
+        if self._stats is None:
+            layout = self._layer_layout(q3, kv, plan, heads, self.config, sm_scale=layer.scaling)
+            o, _ = sparse_attention(q3, kv, layout, plan.geom, sm_scale=layer.scaling)
+        else:
+            o = self._stats.run_layer(
+                layer.layer_id, plan.geom,
+                build=lambda: self._layer_layout(q3, kv, plan, heads, self.config, sm_scale=layer.scaling),
+                attend=lambda layout: sparse_attention(q3, kv, layout, plan.geom, sm_scale=layer.scaling)[0])
         return o.view(-1, layer.tp_q_head_num * layer.head_dim)
 
     def forward(self, q, k, v, layer, forward_batch, save_kv_cache: bool = True, **kwargs):
