@@ -12,7 +12,7 @@ import re
 from collections import Counter
 from dataclasses import dataclass
 
-from sgl_minference.layout import check
+from benchmarks.multiturn.argcheck import check
 
 VERDICTS = ("exact", "drift", "cross", "error")
 

@@ -20,7 +20,7 @@ import time
 import urllib.parse
 from dataclasses import dataclass, field
 
-from sgl_minference.layout import check
+from benchmarks.multiturn.argcheck import check
 
 LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1")
 

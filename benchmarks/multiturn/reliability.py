@@ -27,6 +27,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from benchmarks.multiturn.argcheck import check
 from benchmarks.multiturn.checks import attribute, cross_check
 from benchmarks.multiturn.client import Reply, SGLangClient
 from benchmarks.multiturn.gpu_memory import MemoryPoller, bounded_memory
@@ -34,7 +35,6 @@ from benchmarks.multiturn.results import envelope, write_json
 from benchmarks.multiturn.server import (ServerStartError, add_server_arguments, attempt_startup, launched_server,
                                          log_tail, model_config, spec_from_args)
 from benchmarks.multiturn.workload import token_id_range
-from sgl_minference.layout import check
 
 
 # ----------------------------------------------------------------------------------------------------------
