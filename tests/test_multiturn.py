@@ -10,10 +10,13 @@ from __future__ import annotations
 import dataclasses
 import json
 import re
+import select
+import socket
 import sys
 import textwrap
 import threading
 import time
+import uuid
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
@@ -55,31 +58,79 @@ class WordTokenizer:
         raise ValueError("tokenizer: has no chat template")
 
 
-def token_respond(ids: list[int], n: int) -> tuple[None, list[int]]:
-    """Dummy-weight stand-in: output ids are a deterministic function of the whole prompt."""
+def _prefix_hash(ids: list[int]) -> int:
     h = 0
     for t in ids:
         h = (h * 1000003 + t) % 2**61
+    return h
+
+
+def token_respond(ids: list[int], n: int) -> tuple[None, list[int]]:
+    """Dummy-weight stand-in: output ids are a deterministic function of the whole prompt."""
+    h = _prefix_hash(ids)
     return None, [100 + (h >> (4 * i)) % 4000 for i in range(n)]
 
 
+def context_logprobs(ids: list[int], start: int) -> list[float]:
+    """A real model's input log-probabilities, as far as the checks care: each position's value depends on
+    every token up to it, so another context gives other numbers (in (-10, 0))."""
+    h = _prefix_hash(ids[:start])
+    out = []
+    for t in ids[start:]:
+        out.append(-((h * 2654435761 + t) % 1_000_000) / 100_000 - 1e-3)
+        h = (h * 1000003 + t) % 2**61
+    return out
+
+
+def token_logprobs(ids: list[int], start: int) -> list[float]:
+    """Dummy weights: a position's log-probability depends on its own token alone (attention rounds away)."""
+    return [-11.76 - (t % 97) * 1e-6 for t in ids[start:]]
+
+
+class _Aborted(Exception):
+    """The request was aborted (by /abort_request or after its client hung up)."""
+
+
 class FakeSGLang:
-    """A loopback HTTP server mimicking SGLang's native endpoints used by the client.
+    """A loopback HTTP server mimicking the SGLang 0.5.17 native endpoints the harness uses.
 
     ``respond(input_ids, max_new_tokens) -> (pieces or None, output_ids)``: the generation (``pieces``: text of
     each output token; None imitates --skip-tokenizer-init). ``cached_tokens`` is the longest prefix shared
-    with an earlier prompt+output (at most len - 1, as SGLang); the first chunk waits
-    ``prefill_s_per_token`` per uncached token.
+    with an earlier prompt+output (at most len - 1, and at most ``logprob_start_len`` when log-probabilities are
+    asked for, as SGLang); the first chunk waits ``prefill_s_per_token`` per uncached token, each later one
+    ``decode_s_per_token``.
+
+    As SGLang: request checks (empty ``input_ids``, text without a tokenizer, a negative ``max_new_tokens``,
+    a prompt over the context length) are errors raised in the response generator, so a streamed request gets
+    HTTP 200 with an ``error`` chunk and a plain one 400 ``{"error": {"message"}}``; a body that does not parse
+    or validate gets 400 ``{"object": "error", "message", "type", "param", "code"}``. A request runs under its
+    ``rid`` (``/abort_request`` aborts every rid starting with the given one); a client that hangs up is
+    aborted ``abort_delay_s`` later; ``/flush_cache`` refuses while requests run unless ``?timeout=`` lets it
+    wait; ``/v1/loads`` reports running requests and the KV tokens they hold.
+
+    Faults to inject: ``leak_on_abort`` (an aborted request's KV tokens are never freed), ``ignore_disconnect``
+    (a request whose client left runs to its end), ``swap`` (every request is answered, output ids and
+    log-probabilities, from the prompt of the request started before it). ``memory_file``: where the "GPU
+    memory" the tests read is written, ``1000 + used_tokens // 100`` MiB.
     """
 
     def __init__(self, respond, *, context_len: int = 1 << 20, prefill_s_per_token: float = 0.0,
-                 incremental: bool = False, port: int = 0) -> None:
-        self.respond, self.context_len = respond, context_len
-        self.prefill_s_per_token, self.incremental = prefill_s_per_token, incremental
+                 decode_s_per_token: float = 0.0, incremental: bool = False, port: int = 0, logprobs=context_logprobs,
+                 radix: bool = True, abort_delay_s: float = 0.2, leak_on_abort: bool = False,
+                 ignore_disconnect: bool = False, swap: bool = False, memory_file: str | None = None) -> None:
+        self.respond, self.context_len, self.logprobs = respond, context_len, logprobs
+        self.prefill_s_per_token, self.decode_s_per_token, self.incremental = (prefill_s_per_token, decode_s_per_token,
+                                                                              incremental)
+        self.radix, self.abort_delay_s, self.leak_on_abort = radix, abort_delay_s, leak_on_abort
+        self.ignore_disconnect, self.swap, self.memory_file = ignore_disconnect, swap, memory_file
         self.cache: list[list[int]] = []
         self.requests: list[dict] = []
-        self.running = 0
+        self.live: dict[str, dict] = {}  # rid -> {"tokens": int, "abort": threading.Event}
+        self.leaked = 0
+        self.last_started: list[int] | None = None
         self.lock = threading.Lock()
+        self.idle = threading.Condition(self.lock)
+        self._write_memory()
         fake = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -89,102 +140,254 @@ class FakeSGLang:
                 pass
 
             def _json(self, status, obj):
-                body = json.dumps(obj).encode()
+                self._bytes(status, json.dumps(obj).encode(), "application/json")
+
+            def _bytes(self, status, body, ctype="text/plain; charset=utf-8"):
                 self.send_response(status)
-                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Type", ctype)
                 self.send_header("Content-Length", str(len(body)))
                 self.send_header("Connection", "close")
                 self.end_headers()
                 self.wfile.write(body)
 
+            def _invalid(self, message):  # FastAPI's RequestValidationError, as SGLang's handler reports it
+                self._json(400, {"object": "error", "message": message, "type": "Bad Request", "param": None,
+                                 "code": 400})
+
             def do_GET(self):
-                if self.path in ("/health", "/health_generate"):
+                path, _, query = self.path.partition("?")
+                if path in ("/health", "/health_generate"):
                     self._json(200, {})
-                elif self.path == "/server_info":
+                elif path == "/server_info":
                     self._json(200, {"context_length": None, "max_req_input_len": fake.context_len - 6,
-                                     "max_total_num_tokens": fake.context_len})
+                                     "max_total_num_tokens": fake.context_len, "disable_radix_cache": not fake.radix,
+                                     "load_format": "dummy" if fake.logprobs is token_logprobs else "auto"})
+                elif path == "/v1/loads":
+                    with fake.lock:
+                        load = {"dp_rank": 0, "num_running_reqs": len(fake.live), "num_waiting_reqs": 0,
+                                "num_used_tokens": fake.used_tokens(), "max_total_num_tokens": fake.context_len}
+                    self._json(200, {"timestamp": "", "version": "fake", "loads": [load]})
+                elif path == "/flush_cache":
+                    self._flush(query)
                 else:
                     self._json(404, {"detail": "Not Found"})
 
+            def _flush(self, query):
+                timeout = float(query.partition("timeout=")[2] or 0) if "timeout=" in query else 0.0
+                with fake.idle:
+                    if fake.live and timeout > 0:
+                        fake.idle.wait_for(lambda: not fake.live, timeout=timeout)
+                    busy = bool(fake.live)
+                    if not busy:
+                        fake.cache.clear()
+                if busy:
+                    return self._bytes(400, b"Timed out waiting for idle state." if timeout > 0 else
+                                       b"Flush cache failed.\n")
+                self._bytes(200, b"Cache flushed.\nPlease check backend logs for more details. (When there are "
+                                 b"running or waiting requests, the operation will not be performed.)\n")
+
             def do_POST(self):
                 body = self.rfile.read(int(self.headers.get("Content-Length", 0)))
-                if self.path == "/flush_cache":
-                    with fake.lock:
-                        busy = fake.running > 0
-                        if not busy:
-                            fake.cache.clear()
-                    return self._json(400 if busy else 200, {})
-                if self.path != "/generate" or self.headers.get("Content-Type") != "application/json":
-                    return self._json(400, {"object": "error", "message": "bad request", "code": 400})
-                req = json.loads(body)
+                path, _, query = self.path.partition("?")
+                if path == "/flush_cache":
+                    return self._flush(query)
+                if path not in ("/generate", "/abort_request"):
+                    return self._json(404, {"detail": "Not Found"})
+                ctype = (self.headers.get("Content-Type") or "").split(";")[0].strip().lower()
+                if not body:
+                    return self._invalid("[{'type': 'missing', 'loc': ('body',), 'msg': 'Field required'}]")
+                if ctype != "application/json":  # FastAPI then validates the raw bytes, which are no object
+                    return self._invalid("[{'type': 'dataclass_type', 'loc': ('body',), "
+                                         "'msg': 'Input should be a dictionary'}]")
+                try:
+                    req = json.loads(body)
+                except ValueError as e:
+                    return self._invalid(f"[{{'type': 'json_invalid', 'loc': ('body', {e.pos}), "
+                                         f"'msg': 'JSON decode error', 'ctx': {{'error': {e.msg!r}}}}}]")
+                if not isinstance(req, dict):
+                    return self._invalid("[{'type': 'dataclass_type', 'loc': ('body',), "
+                                         "'msg': 'Input should be a dictionary'}]")
+                if path == "/abort_request":
+                    fake.abort(str(req.get("rid") or ""), bool(req.get("abort_all")))
+                    return self._bytes(200, b"")
+                ids = req.get("input_ids")
+                if ids is not None and not (isinstance(ids, list) and all(isinstance(t, int) for t in ids)):
+                    return self._invalid("[{'type': 'value_error', 'loc': ('body', 'input_ids'), "
+                                         "'msg': 'Value error, must be list or null'}]")
                 with fake.lock:
                     fake.requests.append(req)
-                    fake.running += 1
+                stream = bool(req.get("stream", False))
                 try:
-                    self._generate(req)
-                except (BrokenPipeError, ConnectionResetError):
-                    pass  # the client hung up
-                finally:
-                    with fake.lock:
-                        fake.running -= 1
-
-            def _chunk(self, data: bytes):
-                self.wfile.write(b"%x\r\n%s\r\n" % (len(data), data))
-                self.wfile.flush()
-
-            def _generate(self, req):
-                ids, sp = req["input_ids"], req["sampling_params"]
-                stream = req.get("stream", False)
-                if len(ids) >= fake.context_len:
-                    msg = (f"The input ({len(ids)} tokens) is longer than the model's context length "
-                           f"({fake.context_len} tokens).")
+                    fake.validate(req)
+                except ValueError as e:
                     if not stream:
-                        return self._json(400, {"error": {"message": msg}})
-                    self.send_response(200)
-                    self.send_header("Content-Type", "text/event-stream")
-                    self.send_header("Transfer-Encoding", "chunked")
-                    self.send_header("Connection", "close")
-                    self.end_headers()
-                    self._chunk(b"data: " + json.dumps({"error": {"message": msg, "code": 400}}).encode() + b"\n\n")
+                        return self._json(400, {"error": {"message": str(e)}})
+                    self._start_stream()
+                    err = {"error": {"message": str(e), "type": "invalid_request_error", "code": 400}}
+                    self._chunk(b"data: " + json.dumps(err).encode() + b"\n\n")
                     self._chunk(b"data: [DONE]\n\n")
                     return self._chunk(b"")
-                with fake.lock:
-                    cached = max((_lcp(ids, seq) for seq in fake.cache), default=0)
-                cached = min(cached, len(ids) - 1)
-                pieces, out = fake.respond(ids, sp["max_new_tokens"])
-                with fake.lock:
-                    fake.cache.append(ids + out)
-                meta = lambda i: {"id": req.get("rid", "r"), "prompt_tokens": len(ids), "cached_tokens": cached,  # noqa: E731
-                                  "completion_tokens": i, "reasoning_tokens": 0, "weight_version": "default",
-                                  "finish_reason": {"type": "length", "length": i} if i == len(out) else None}
-                if not stream:
-                    obj = {"output_ids": out, "meta_info": meta(len(out))}
-                    if pieces is not None:
-                        obj["text"] = "".join(pieces)
-                    return self._json(200, obj)
+                try:
+                    self._generate(req, stream)
+                except (BrokenPipeError, ConnectionResetError):
+                    pass  # the client hung up while we wrote
+
+            def _start_stream(self):
                 self.send_response(200)
                 self.send_header("Content-Type", "text/event-stream")
                 self.send_header("Transfer-Encoding", "chunked")
                 self.send_header("Connection", "close")
                 self.end_headers()
-                time.sleep(fake.prefill_s_per_token * (len(ids) - cached))
-                for i in range(1, len(out) + 1):
-                    if fake.incremental:
-                        obj = {"output_ids": out[i - 1:i], "meta_info": meta(i)}
-                        text = None if pieces is None else pieces[i - 1]
-                    else:
-                        obj = {"output_ids": out[:i], "meta_info": meta(i)}
-                        text = None if pieces is None else "".join(pieces[:i])
-                    if text is not None:
-                        obj["text"] = text
-                    self._chunk(b"data: " + json.dumps(obj).encode() + b"\n\n")
-                self._chunk(b"data: [DONE]\n\n")
-                self._chunk(b"")
+
+            def _chunk(self, data: bytes):
+                self.wfile.write(b"%x\r\n%s\r\n" % (len(data), data))
+                self.wfile.flush()
+
+            def _client_gone(self) -> bool:
+                try:
+                    readable, _, _ = select.select([self.connection], [], [], 0)
+                    return bool(readable) and self.connection.recv(1, socket.MSG_PEEK) == b""
+                except OSError:
+                    return True
+
+            def _wait(self, seconds: float, state: dict) -> None:
+                """Sleep ``seconds`` as a running request: aborted by /abort_request, or after a hang-up."""
+                end = time.monotonic() + seconds
+                while True:
+                    if state["abort"].is_set():
+                        raise _Aborted("Abort in waiting queue")
+                    if not fake.ignore_disconnect and self._client_gone():
+                        time.sleep(fake.abort_delay_s)  # SGLang aborts a disconnected request a little later
+                        raise _Aborted("client disconnected")
+                    left = end - time.monotonic()
+                    if left <= 0:
+                        return
+                    time.sleep(min(left, 0.01))
+
+            def _generate(self, req, stream):
+                ids, sp = req["input_ids"], req.get("sampling_params") or {}
+                n = int(sp.get("max_new_tokens", 128))
+                rid = str(req.get("rid") or uuid.uuid4().hex)
+                start = None
+                if req.get("return_logprob"):
+                    start = int(req.get("logprob_start_len", -1))
+                    start = len(ids) if start < 0 else start
+                with fake.lock:
+                    source = fake.last_started if fake.swap and fake.last_started is not None else ids
+                    fake.last_started = list(ids)
+                    cached = max((_lcp(ids, seq) for seq in fake.cache), default=0) if fake.radix else 0
+                    cached = min(cached, len(ids) - 1, start if start is not None else len(ids))
+                    state = {"tokens": len(ids), "abort": threading.Event()}
+                    fake.live[rid] = state
+                    fake._write_memory()
+                pieces, out = fake.respond(source, n)
+                input_lps = None
+                if start is not None:
+                    lps = fake.logprobs(source, start) if len(source) == len(ids) else fake.logprobs(ids, start)
+                    input_lps = [[None if start + i == 0 else lp, ids[start + i], None] for i, lp in enumerate(lps)]
+
+                def meta(i, finish=None):
+                    m = {"id": rid, "prompt_tokens": len(ids), "cached_tokens": cached, "completion_tokens": i,
+                         "reasoning_tokens": 0, "weight_version": "default", "finish_reason": finish}
+                    if input_lps is not None:
+                        m["input_token_logprobs"] = input_lps
+                    return m
+
+                def obj(i, finish=None):
+                    o = {"output_ids": out[i - 1:i] if (stream and fake.incremental) else out[:i],
+                         "meta_info": meta(i, finish)}
+                    if pieces is not None:
+                        o["text"] = pieces[i - 1] if (stream and fake.incremental) else "".join(pieces[:i])
+                    return o
+
+                produced = 0
+                try:
+                    if stream:
+                        self._start_stream()
+                    self._wait(fake.prefill_s_per_token * (len(ids) - cached), state)
+                    if stream and n == 0:
+                        self._chunk(b"data: " + json.dumps(obj(0, {"type": "length", "length": 0})).encode() + b"\n\n")
+                    for i in range(1, n + 1):
+                        if i > 1:
+                            self._wait(fake.decode_s_per_token, state)
+                        produced = i
+                        if stream:
+                            fin = {"type": "length", "length": i} if i == n else None
+                            try:
+                                self._chunk(b"data: " + json.dumps(obj(i, fin)).encode() + b"\n\n")
+                            except OSError:
+                                if not fake.ignore_disconnect:
+                                    raise
+                    fake.finish(rid, ids + out, aborted=False)
+                except _Aborted as e:
+                    fake.finish(rid, None, aborted=True)
+                    abort = {"type": "abort", "message": str(e), "status_code": None, "err_type": None}
+                    o = {"output_ids": out[produced - 1:produced] if produced else [], "meta_info": meta(produced, abort)}
+                    if stream:
+                        self._chunk(b"data: " + json.dumps(o).encode() + b"\n\n")
+                        self._chunk(b"data: [DONE]\n\n")
+                        return self._chunk(b"")
+                    return self._json(200, o)
+                except OSError:
+                    fake.finish(rid, None, aborted=True)
+                    raise
+                if not stream:
+                    return self._json(200, obj(n, {"type": "length", "length": n}))
+                try:
+                    self._chunk(b"data: [DONE]\n\n")
+                    self._chunk(b"")
+                except OSError:
+                    if not fake.ignore_disconnect:
+                        raise
 
         self.httpd = ThreadingHTTPServer(("127.0.0.1", port), Handler)
         self.httpd.daemon_threads = True
         self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}"
         self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
+
+    def validate(self, req: dict) -> None:
+        """SGLang's request checks (``GenerateReqInput`` normalisation, ``SamplingParams.verify``, the
+        tokenizer manager's length checks), as ``ValueError``s with its messages."""
+        ids, text = req.get("input_ids"), req.get("text")
+        if ids is None and text is None:
+            raise ValueError("Either text, input_ids or input_embeds should be provided.")
+        if ids is None:
+            raise ValueError("The engine initialized with skip_tokenizer_init=True cannot accept text prompts. "
+                             "Please provide input_ids or re-initialize the engine with skip_tokenizer_init=False.")
+        if len(ids) == 0:
+            raise ValueError("input_ids cannot be empty.")
+        n = (req.get("sampling_params") or {}).get("max_new_tokens", 128)
+        if n is not None and n < 0:
+            raise ValueError(f"max_new_tokens must be at least 0, got {n}.")
+        if len(ids) >= self.context_len:
+            raise ValueError(f"The input ({len(ids)} tokens) is longer than the model's context length "
+                             f"({self.context_len} tokens).")
+        if n is not None and len(ids) + n > self.context_len:
+            raise ValueError(f"Requested token count exceeds the model's maximum context length of "
+                             f"{self.context_len} tokens.")
+
+    def used_tokens(self) -> int:
+        return sum(s["tokens"] for s in self.live.values()) + self.leaked
+
+    def _write_memory(self) -> None:
+        if self.memory_file:
+            Path(self.memory_file).write_text(f"{1000 + self.used_tokens() // 100}\n")
+
+    def abort(self, rid: str, abort_all: bool) -> None:
+        with self.lock:
+            for r, state in self.live.items():
+                if abort_all or (rid and r.startswith(rid)):
+                    state["abort"].set()
+
+    def finish(self, rid: str, sequence: list[int] | None, *, aborted: bool) -> None:
+        with self.idle:
+            state = self.live.pop(rid, None)
+            if aborted and self.leak_on_abort and state is not None:
+                self.leaked += state["tokens"]
+            if sequence is not None and self.radix:
+                self.cache.append(sequence)
+            self._write_memory()
+            self.idle.notify_all()
 
     def __enter__(self):
         self.thread.start()
@@ -657,7 +860,8 @@ class ScriptSpec(server.ServerSpec):
     script: str = ""
 
     def command(self, port):
-        return [sys.executable, self.script, str(port), json.dumps(self.model_overrides), self.model_path]
+        return ([sys.executable, self.script, str(port), json.dumps(self.model_overrides), self.model_path]
+                + (["--disable-radix-cache"] if self.disable_radix_cache else []))
 
 
 def _script(tmp_path, body: str) -> str:
@@ -750,11 +954,16 @@ TESTS_DIR = Path(__file__).resolve().parent
 SERVE_SCRIPT = f"""\
 import json, os, sys
 sys.path[:0] = [{str(TESTS_DIR.parent)!r}, {str(TESTS_DIR)!r}]
-from test_multiturn import FakeSGLang, token_respond
+from test_multiturn import FakeSGLang, context_logprobs, token_logprobs, token_respond
 port, model = int(sys.argv[1]), sys.argv[3]
 context_len = json.load(open(model + "/config.json"))["max_position_embeddings"]
-rate = float(os.environ["FAKE_PREFILL_S_PER_TOKEN"])
-FakeSGLang(token_respond, context_len=context_len, prefill_s_per_token=rate, port=port).httpd.serve_forever()
+env, faults = os.environ, os.environ.get("FAKE_FAULTS", "").split(",")
+FakeSGLang(token_respond, context_len=context_len, port=port, radix="--disable-radix-cache" not in sys.argv,
+           prefill_s_per_token=float(env["FAKE_PREFILL_S_PER_TOKEN"]),
+           decode_s_per_token=float(env.get("FAKE_DECODE_S_PER_TOKEN", "0")),
+           logprobs=token_logprobs if env.get("FAKE_WEIGHTS") == "dummy" else context_logprobs,
+           leak_on_abort="leak" in faults, ignore_disconnect="ignore_disconnect" in faults, swap="swap" in faults,
+           memory_file=env.get("FAKE_MEMORY_FILE")).httpd.serve_forever()
 """
 
 # What the minference backend does at startup with its config; serves /health_generate when it is usable.
@@ -788,16 +997,20 @@ def tiny_model(tmp_path):
     return model
 
 
+REAL_SPEC_FROM_ARGS = server.spec_from_args
+
+
 def _stand_in(monkeypatch, tmp_path, body: str) -> None:
+    """Every server the reliability commands start runs ``body`` (with the command's options) instead."""
     script = tmp_path / "stand_in.py"
     script.write_text(body)
-    real = server.spec_from_args
 
     def spec(args, backend, **kw):
-        base = real(args, backend, **kw)
+        base = REAL_SPEC_FROM_ARGS(args, backend, **kw)
         return ScriptSpec(**{f.name: getattr(base, f.name) for f in dataclasses.fields(base)}, script=str(script))
 
-    monkeypatch.setattr(reliability, "spec_from_args", spec)
+    monkeypatch.setattr(reliability, "spec_from_args", spec)  # the faults check
+    monkeypatch.setattr(server, "spec_from_args", spec)  # server_for, which every other check uses
 
 
 def _statuses(out: Path) -> dict[str, str]:
@@ -822,7 +1035,7 @@ def test_reliability_load_end_to_end(monkeypatch, tmp_path, tiny_model):
     assert data["load"]["requests"] == 24 and len(data["attributions"]) == 24
     assert data["memory"]["peak_mib"] == 1100 and data["memory"]["idle_mib"][:2] == [900, 900]
     other = tmp_path / "dense.json"
-    other.write_text(json.dumps({"memory": {"peak_mib": 1000}}))
+    other.write_text(json.dumps({"kind": "reliability-load", "memory": {"peak_mib": 1000}}))
     cmp_out = tmp_path / "cmp.json"
     assert reliability.main(["compare", "--sparse", str(out), "--dense", str(other), "--memory-slack-mib", "64",
                              "--out", str(cmp_out)]) == 1
@@ -830,17 +1043,49 @@ def test_reliability_load_end_to_end(monkeypatch, tmp_path, tiny_model):
     assert reliability.main(["compare", "--sparse", str(out), "--dense", str(other), "--out", str(cmp_out)]) == 0
 
 
-def test_reliability_serving_end_to_end(monkeypatch, tmp_path, tiny_model):
+SERVING_CHECKS = ["serving-malformed-json", "serving-empty-prompt", "serving-zero-new-tokens", "serving-overlong",
+                  "serving-flush-during-prefill", "serving-abort-during-prefill", "serving-disconnect-x4",
+                  "serving-crash"]
+
+
+def _serving(monkeypatch, tmp_path, tiny_model, *extra, faults=""):
     _stand_in(monkeypatch, tmp_path, SERVE_SCRIPT)
-    monkeypatch.setenv("FAKE_PREFILL_S_PER_TOKEN", "2e-4")  # an 8K prompt prefills for 1.6 s
+    # A 3000-token prompt prefills for 1.2 s; an abandoned request's 4096 new tokens would take 4 s more.
+    monkeypatch.setenv("FAKE_PREFILL_S_PER_TOKEN", "4e-4")
+    monkeypatch.setenv("FAKE_DECODE_S_PER_TOKEN", "1e-3")
+    monkeypatch.setenv("FAKE_FAULTS", faults)
     out = tmp_path / "serving.json"
     rc = reliability.main(["serving", "--model", str(tiny_model), "--out", str(out), "--short-tokens", "64",
-                           "--disconnect-after-s", "0.3", "--log-dir", str(tmp_path / "logs"),
-                           "--startup-timeout-s", "60"])
-    assert rc == 0
-    assert _statuses(out) == {"serving-overlong": "PASS", "serving-disconnect-0.3s": "PASS", "serving-crash": "PASS"}
-    overlong = next(c for c in json.loads(out.read_text())["checks"] if c["name"] == "serving-overlong")
-    assert overlong["http_status"] == 400 and overlong["prompt_tokens"] > 8192
+                           "--long-tokens", "3000", "--disconnects", "4", "--disconnect-after-s", "0.3",
+                           "--during-prefill-s", "0.3", "--idle-timeout-s", "8", "--log-dir", str(tmp_path / "logs"),
+                           "--startup-timeout-s", "60", *extra])
+    return rc, out, {c["name"]: c for c in json.loads(out.read_text())["checks"]}
+
+
+def test_reliability_serving_end_to_end(monkeypatch, tmp_path, tiny_model):
+    rc, out, got = _serving(monkeypatch, tmp_path, tiny_model)
+    assert [c for c in got] == SERVING_CHECKS and rc == 0, {n: c["message"] for n, c in got.items()}
+    assert all(c["status"] == "PASS" for c in got.values())
+    assert got["serving-overlong"]["http_status"] == 400 and got["serving-overlong"]["prompt_tokens"] > 8192
+    assert all(a["status"] == 400 for a in got["serving-malformed-json"]["answers"])
+    assert got["serving-flush-during-prefill"]["immediate"]["status"] == 400
+    assert got["serving-flush-during-prefill"]["deferred"]["status"] == 200
+    rounds = got["serving-disconnect-x4"]["rounds"]
+    assert len(rounds) == 4 and all(r["aborted"] and r["used_tokens"] == [0] for r in rounds)
+
+
+def test_reliability_serving_catches_leaked_kv_and_unaborted_requests(monkeypatch, tmp_path, tiny_model):
+    # Aborted requests whose KV is never freed: the scheduler never reports zero held slots.
+    rc, _, got = _serving(monkeypatch, tmp_path, tiny_model, "--checks", "abort,disconnect", "--disconnects", "1",
+                          "--idle-timeout-s", "3", faults="leak")
+    assert rc == 1
+    assert got["serving-abort-during-prefill"]["status"] == "FAIL"
+    assert got["serving-disconnect-x1"]["status"] == "FAIL"
+    # Hung-up requests that run to their end: still busy when the (shorter) idle bound runs out.
+    rc, _, got = _serving(monkeypatch, tmp_path, tiny_model, "--checks", "disconnect", "--disconnects", "1",
+                          "--idle-timeout-s", "1.5", faults="ignore_disconnect")
+    assert rc == 1 and got["serving-disconnect-x1"]["status"] == "FAIL"
+    assert got["serving-disconnect-x1"]["rounds"][0]["idle"] is False
 
 
 def test_reliability_faults_end_to_end(monkeypatch, tmp_path, tiny_model):
