@@ -108,7 +108,8 @@ class FakeSGLang:
     aborted ``abort_delay_s`` later; ``/flush_cache`` refuses while requests run unless ``?timeout=`` lets it
     wait; ``/v1/loads`` reports running requests and the KV tokens they hold.
 
-    Faults to inject: ``leak_on_abort`` (an aborted request's KV tokens are never freed), ``ignore_disconnect``
+    Faults to inject: ``leak_on_abort`` / ``leak_on_finish`` (an aborted / finished request's KV tokens are never
+    freed), ``ignore_disconnect``
     (a request whose client left runs to its end), ``swap`` (every request is answered, output ids and
     log-probabilities, from the prompt of the request started before it). ``memory_file``: where the "GPU
     memory" the tests read is written, ``1000 + used_tokens // 100`` MiB.
@@ -117,11 +118,13 @@ class FakeSGLang:
     def __init__(self, respond, *, context_len: int = 1 << 20, prefill_s_per_token: float = 0.0,
                  decode_s_per_token: float = 0.0, incremental: bool = False, port: int = 0, logprobs=context_logprobs,
                  radix: bool = True, abort_delay_s: float = 0.2, leak_on_abort: bool = False,
-                 ignore_disconnect: bool = False, swap: bool = False, memory_file: str | None = None) -> None:
+                 leak_on_finish: bool = False, ignore_disconnect: bool = False, swap: bool = False,
+                 memory_file: str | None = None) -> None:
         self.respond, self.context_len, self.logprobs = respond, context_len, logprobs
         self.prefill_s_per_token, self.decode_s_per_token, self.incremental = (prefill_s_per_token, decode_s_per_token,
                                                                               incremental)
-        self.radix, self.abort_delay_s, self.leak_on_abort = radix, abort_delay_s, leak_on_abort
+        self.radix, self.abort_delay_s = radix, abort_delay_s
+        self.leak_on_abort, self.leak_on_finish = leak_on_abort, leak_on_finish
         self.ignore_disconnect, self.swap, self.memory_file = ignore_disconnect, swap, memory_file
         self.cache: list[list[int]] = []
         self.requests: list[dict] = []
@@ -283,7 +286,10 @@ class FakeSGLang:
                 pieces, out = fake.respond(source, n)
                 input_lps = None
                 if start is not None:
-                    lps = fake.logprobs(source, start) if len(source) == len(ids) else fake.logprobs(ids, start)
+                    # These positions after the context the answer comes from (another request's, with ``swap``).
+                    tail = ids[start:]
+                    context = source[:max(0, len(source) - len(tail))] if source is not ids else ids[:start]
+                    lps = fake.logprobs(context + tail, len(context))
                     input_lps = [[None if start + i == 0 else lp, ids[start + i], None] for i, lp in enumerate(lps)]
 
                 def meta(i, finish=None):
@@ -382,7 +388,7 @@ class FakeSGLang:
     def finish(self, rid: str, sequence: list[int] | None, *, aborted: bool) -> None:
         with self.idle:
             state = self.live.pop(rid, None)
-            if aborted and self.leak_on_abort and state is not None:
+            if state is not None and (self.leak_on_abort if aborted else self.leak_on_finish):
                 self.leaked += state["tokens"]
             if sequence is not None and self.radix:
                 self.cache.append(sequence)
@@ -962,7 +968,7 @@ FakeSGLang(token_respond, context_len=context_len, port=port, radix="--disable-r
            prefill_s_per_token=float(env["FAKE_PREFILL_S_PER_TOKEN"]),
            decode_s_per_token=float(env.get("FAKE_DECODE_S_PER_TOKEN", "0")),
            logprobs=token_logprobs if env.get("FAKE_WEIGHTS") == "dummy" else context_logprobs,
-           leak_on_abort="leak" in faults, ignore_disconnect="ignore_disconnect" in faults, swap="swap" in faults,
+           leak_on_abort="leak" in faults, leak_on_finish="leak_finished" in faults, ignore_disconnect="ignore_disconnect" in faults, swap="swap" in faults,
            memory_file=env.get("FAKE_MEMORY_FILE")).httpd.serve_forever()
 """
 
@@ -1103,3 +1109,304 @@ def test_reliability_faults_end_to_end(monkeypatch, tmp_path, tiny_model):
     _stand_in(monkeypatch, tmp_path, lenient)
     assert reliability.main(args + ["--faults", "budget"]) == 1
     assert "started and served" in json.loads(out.read_text())["checks"][0]["message"]
+
+
+# ----------------------------------------------------------------------------------------------------------
+# cold and soak end to end (stand-in servers; "GPU memory" follows the KV tokens the fake holds)
+# ----------------------------------------------------------------------------------------------------------
+
+
+def _fake_gpu(monkeypatch, tmp_path) -> Path:
+    """nvidia-smi for the stand-in: the memory the fake server writes (1000 MiB + held KV tokens / 100)."""
+    path = tmp_path / "fake_gpu_mib"
+    monkeypatch.setenv("FAKE_MEMORY_FILE", str(path))
+    monkeypatch.setattr(gpu_memory, "read_memory_text", lambda: path.read_text() if path.exists() else "1000\n")
+    return path
+
+
+def _cold(monkeypatch, tmp_path, tiny_model, *extra, weights="real", faults=""):
+    _stand_in(monkeypatch, tmp_path, SERVE_SCRIPT)
+    _fake_gpu(monkeypatch, tmp_path)
+    monkeypatch.setenv("FAKE_PREFILL_S_PER_TOKEN", "1e-4")
+    monkeypatch.setenv("FAKE_WEIGHTS", weights)
+    monkeypatch.setenv("FAKE_FAULTS", faults)
+    out = tmp_path / "cold.json"
+    rc = reliability.main(["cold", "--model", str(tiny_model), "--out", str(out), "--clients", "4",
+                           "--long-prompts", "8", "--long-range", "2000-3000", "--short-prompts", "8",
+                           "--short-range", "64-128", "--continuation-tokens", "8", "--max-new-tokens", "4",
+                           "--memory-interval-s", "0.05", "--idle-timeout-s", "20", "--log-dir",
+                           str(tmp_path / "logs"), "--startup-timeout-s", "60", *extra])
+    data = json.loads(out.read_text())
+    return rc, data, {c["name"]: c for c in data["checks"]}
+
+
+COLD_CHECKS = ["cold-idle", "cold-errors", "cold-prefills", "cold-isolation", "cold-equal-alone", "cold-crash"]
+
+
+def test_reliability_cold_end_to_end(monkeypatch, tmp_path, tiny_model):
+    rc, data, got = _cold(monkeypatch, tmp_path, tiny_model)
+    assert list(got) == COLD_CHECKS and rc == 0, {n: c["message"] for n, c in got.items()}
+    assert all(c["status"] == "PASS" for c in got.values())
+    assert data["compare"]["mode"] == "tokens" and data["radix_cache"] is True  # real weights: output ids decide
+    assert got["cold-prefills"]["peak_long_overlap"] >= 2 and got["cold-prefills"]["max_cached_tokens"] == 0
+    assert len(data["outcomes"]) == 16 and data["schedule"][0][0] == "long00"
+    assert all(2000 <= p["prompt_tokens"] <= 3000 for p in data["probes"] if p["kind"] == "long")
+    perf = data["performance"]
+    assert perf["long_ttft_s"]["n"] == 8 and perf["short_ttft_s"]["n"] == 8 and perf["prefill_tokens_per_s"] > 0
+    idle = got["cold-idle"]
+    assert idle["scheduler_idle"] and idle["flush_status"] == 200 and idle["memory_reached"]
+    assert data["memory"]["peak_mib"] > data["idle_memory"]["mib"] == 1000  # the load held KV, then let it go
+    # Both witnesses agree on a healthy run.
+    assert data["comparison"]["logprobs"]["status"] == "PASS" and data["comparison"]["tokens"]["status"] == "PASS"
+
+
+def test_reliability_cold_dummy_weights_radix_off_is_inconclusive(monkeypatch, tmp_path, tiny_model):
+    rc, data, got = _cold(monkeypatch, tmp_path, tiny_model, "--disable-radix-cache", "--dummy", weights="dummy")
+    assert data["radix_cache"] is False and data["compare"]["mode"] == "logprobs"
+    # A context does not move a dummy model's log-probabilities: equality proves nothing, and says so.
+    assert got["cold-isolation"]["status"] == "INCONCLUSIVE" and got["cold-equal-alone"]["status"] == "INCONCLUSIVE"
+    assert "cannot tell requests apart" in got["cold-isolation"]["message"]
+    assert all(got[n]["status"] == "PASS" for n in ("cold-idle", "cold-errors", "cold-prefills", "cold-crash"))
+    assert rc == 0
+
+
+def test_reliability_cold_catches_crossed_answers_and_leaks(monkeypatch, tmp_path, tiny_model):
+    rc, data, got = _cold(monkeypatch, tmp_path, tiny_model, "--compare", "logprobs", "--idle-timeout-s", "2",
+                          "--memory-slack-mib", "64",
+                          faults="swap,leak_finished")
+    assert rc == 1 and got["cold-isolation"]["status"] == "FAIL" and got["cold-equal-alone"]["status"] == "FAIL"
+    assert got["cold-isolation"]["counts"]["cross"] > 0 and data["comparison"]["tokens"]["status"] == "FAIL"
+    # Finished requests that keep their KV: the scheduler never goes idle and memory never comes back.
+    assert got["cold-idle"]["status"] == "FAIL" and not got["cold-idle"]["scheduler_idle"]
+    assert got["cold-idle"]["memory_reached"] is False
+
+
+def _soak_args(tiny_model, tmp_path, out, *extra):
+    return ["soak", "--model", str(tiny_model), "--out", str(out), "--clients", "4", "--prompts", "8",
+            "--length-range", "500-3000", "--continuation-tokens", "8", "--max-new-tokens", "4",
+            "--duration-s", "4", "--max-requests", "2000", "--segment-s", "2", "--memory-interval-s", "0.05",
+            "--disable-radix-cache",
+            "--idle-timeout-s", "20", "--log-dir", str(tmp_path / "logs"), "--startup-timeout-s", "60", *extra]
+
+
+def _soak_env(monkeypatch, tmp_path):
+    _stand_in(monkeypatch, tmp_path, SERVE_SCRIPT)
+    _fake_gpu(monkeypatch, tmp_path)
+    monkeypatch.setenv("FAKE_PREFILL_S_PER_TOKEN", "5e-5")
+    monkeypatch.setenv("FAKE_WEIGHTS", "real")
+    monkeypatch.setenv("FAKE_FAULTS", "")
+
+
+def test_reliability_soak_runs_in_resumable_segments(monkeypatch, tmp_path, tiny_model):
+    _soak_env(monkeypatch, tmp_path)
+    out = tmp_path / "soak.json"
+    assert reliability.main(_soak_args(tiny_model, tmp_path, out)) == 0
+    first = json.loads(out.read_text())
+    assert _statuses(out)["soak-progress"] == "INCONCLUSIVE"  # 2 of the 4 s: resume to go on
+    assert len(first["segments"]) == 1 and 2.0 <= first["segments"][0]["wall_s"] < 8.0
+    assert reliability.main(_soak_args(tiny_model, tmp_path, out, "--resume")) == 0
+    data = json.loads(out.read_text())
+    got = {c["name"]: c for c in data["checks"]}
+    assert [s["index"] for s in data["segments"]] == [0, 1] and data["references"] == first["references"]
+    assert got["soak-progress"]["status"] == "PASS", got["soak-progress"]["message"]
+    assert all(c["status"] == "PASS" for c in got.values()), {n: c["message"] for n, c in got.items()}
+    assert got["soak-cross-request"]["mismatches"] == 0 and got["soak-errors"]["errors"] == 0
+    total = sum(s["requests"] for s in data["segments"])
+    assert got["soak-progress"]["requests"] == total > 8 and data["performance"]["ttft_s"]["all"]["p99"] > 0
+    # Each launched segment had its own server: one trend per segment.
+    assert [t["series"] for t in got["soak-memory-trend"]["trends"]] == ["segment 0", "segment 1"]
+    # Nothing left to send: the checks are recomputed from the file without a server.
+    assert reliability.main(_soak_args(tiny_model, tmp_path, out, "--resume")) == 0
+    assert len(json.loads(out.read_text())["segments"]) == 2
+    with pytest.raises(SystemExit, match="settings differ"):
+        reliability.main(_soak_args(tiny_model, tmp_path, out, "--resume", "--prompts", "9", "--duration-s", "9"))
+
+
+def test_detached_server_serves_several_commands(monkeypatch, tmp_path, tiny_model):
+    _soak_env(monkeypatch, tmp_path)
+    state = tmp_path / "state" / "srv.json"
+    assert server.main(["start", "--state", str(state), "--backend", "minference", "--model", str(tiny_model),
+                        "--log-dir", str(tmp_path / "logs"), "--startup-timeout-s", "60"]) == 0
+    try:
+        srv = server.AttachedServer.from_state(state)
+        assert srv.alive() and srv.client().healthy() and server.main(["status", "--state", str(state)]) == 0
+        out = tmp_path / "soak.json"
+        for extra in ([], ["--resume"]):
+            assert reliability.main(_soak_args(tiny_model, tmp_path, out, "--attach", str(state), *extra)) == 0
+        data = json.loads(out.read_text())
+        assert all(seg["server"]["attached"] and seg["server"]["pid"] == srv.pid for seg in data["segments"])
+        trends = next(c for c in data["checks"] if c["name"] == "soak-memory-trend")["trends"]
+        assert [t["series"] for t in trends] == [f"pid {srv.pid} at {srv.base_url}"]  # one series over both
+        with pytest.raises(SystemExit, match="backend"):
+            reliability.main(_soak_args(tiny_model, tmp_path, tmp_path / "x.json", "--attach", str(state),
+                                        "--backend", "fa3"))
+    finally:
+        assert server.main(["stop", "--state", str(state), "--copy-log-to", str(tmp_path / "kept")]) == 0
+    assert not srv.alive() and not server._group_running(srv.pid)
+    assert list((tmp_path / "kept").glob("server_minference_*.log"))
+    assert server.main(["status", "--state", str(state)]) == 1
+    with pytest.raises(server.ServerStartError, match="not running"):
+        with server.server_for(reliability.build_parser().parse_args(
+                _soak_args(tiny_model, tmp_path, tmp_path / "y.json", "--attach", str(state))), "minference",
+                log_path=tmp_path / "unused.log"):
+            pass
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Pieces of cold / serving / soak
+# ----------------------------------------------------------------------------------------------------------
+
+
+def test_percentiles_slopes_and_length_ranges():
+    from benchmarks.multiturn import argcheck, stats
+
+    assert stats.percentile([3, 1, 2], 50) == 2 and stats.percentile([], 50) is None
+    assert stats.percentile(list(range(101)), 99) == 99 and stats.percentile([1, 2], 50) == 1.5
+    assert stats.latency_summary([1.0, 3.0])["mean"] == 2.0 and stats.latency_summary([])["p99"] is None
+    assert stats.linear_slope([0, 1, 2], [1, 3, 5]) == 2 and stats.linear_slope([1, 1], [0, 5]) is None
+    with pytest.raises(ValueError, match="q"):
+        stats.percentile([1], 101)
+    assert argcheck.parse_range("64K-128K") == (65536, 131072) and argcheck.parse_range("2K") == (2048, 2048)
+    assert argcheck.parse_lengths("8k,4096") == [8192, 4096]
+    for bad in ("128K-64K", "x-1", ""):
+        with pytest.raises(ValueError):
+            argcheck.parse_range(bad)
+
+
+def test_memory_trend_and_waiting_for_memory():
+    flat = [(t * 2.0, 1000 + (t % 3)) for t in range(40)]
+    leak = [(t * 2.0, 1000 + 10 * t) for t in range(40)]  # 300 MiB/min
+    assert gpu_memory.memory_trend(flat, slack_mib=64).status == "PASS"
+    bad = gpu_memory.memory_trend(leak, slack_mib=64)
+    assert bad.status == "FAIL" and abs(bad.slope_mib_per_min - 300) < 1e-6 and bad.projected_growth_mib > 64
+    # Early growth (pools filling) then flat: only the second half is judged.
+    settle = [(t * 2.0, 1000 + min(t, 10) * 50) for t in range(40)]
+    assert gpu_memory.memory_trend(settle, slack_mib=64).status == "PASS"
+    assert gpu_memory.memory_trend(flat[:3], slack_mib=64).status == "INCONCLUSIVE"
+    readings = iter(["900\n", "700\n", "500\n"])
+    reached, seen, _ = gpu_memory.wait_for_memory(lambda: next(readings), gpu=0, limit_mib=600, timeout_s=30,
+                                                  interval_s=0.01)
+    assert reached and seen == [900, 700, 500]
+    reached, seen, waited = gpu_memory.wait_for_memory(lambda: "900\n", gpu=0, limit_mib=600, timeout_s=0.1,
+                                                       interval_s=0.01)
+    assert not reached and waited >= 0.1
+    assert gpu_memory.wait_for_memory(lambda: "oops", gpu=0, limit_mib=1, timeout_s=5)[0] is False
+
+
+def test_logprob_attribution_and_separation():
+    refs = {"a": [None, -1.0, -2.0], "b": [None, -1.5, -2.5], "c": [None, -3.0, -0.5]}
+    att = lambda name, values, **kw: checks.attribute_logprobs(name, values, refs, tol=1e-3, **kw)  # noqa: E731
+    assert att("a", [None, -1.0, -2.0004]).verdict == "exact"
+    assert att("a", [None, -1.2, -2.0]).verdict == "drift"
+    crossed = att("a", [None, -1.5, -2.5])
+    assert crossed.verdict == "cross" and crossed.other == "b" and crossed.own_distance == pytest.approx(0.5)
+    assert att("a", [None, -1.0]).verdict == "drift"  # another length: infinitely far from everything
+    assert att("a", [None, float("nan"), -2.0]).verdict == "error"
+    assert att("a", [], error=None).verdict == "error" and att("a", None, error="HTTP 500").error == "HTTP 500"
+    assert checks.logprob_distance([None, 1.0], [0.5, 1.0]) == float("inf")
+    assert checks.separations(refs)["a"] == pytest.approx(0.5)
+    good = [att(n, list(v)) for n, v in refs.items()]
+    assert checks.logprob_check(good, refs, tol=1e-3).status == "PASS"
+    assert checks.logprob_check(good + [crossed], refs, tol=1e-3).status == "FAIL"
+    same = {n: [None, -11.76, -11.76] for n in "abc"}  # dummy weights: every context gives the same numbers
+    blind = checks.logprob_check([checks.attribute_logprobs(n, v, same, tol=1e-3) for n, v in same.items()], same,
+                                 tol=1e-3)
+    assert blind.status == "INCONCLUSIVE" and "cannot tell" in blind.message
+    with pytest.raises(ValueError, match="tol"):
+        checks.attribute_logprobs("a", [None], refs, tol=-1)
+
+
+def test_probes_are_seeded_and_share_one_continuation():
+    from benchmarks.multiturn import cold, probes
+
+    specs = [("long00", "long", 300), ("short00", "short", 20)]
+    a = probes.make_probes(specs, vocab_size=32000, seed=3, continuation_tokens=8)
+    b = probes.make_probes(list(reversed(specs)), vocab_size=32000, seed=3, continuation_tokens=8)
+    assert {p.name: p.prompt for p in a} == {p.name: p.prompt for p in b}  # a prompt depends on its own name only
+    assert a[0].continuation == a[1].continuation and len(a[0].continuation) == 8
+    assert len(a[0].input_ids) == 308 and a[0].prompt != probes.make_probes(specs, vocab_size=32000, seed=4,
+                                                                           continuation_tokens=8)[0].prompt
+    with pytest.raises(ValueError, match="distinct"):
+        probes.make_probes(specs + specs, vocab_size=32000, seed=0, continuation_tokens=8)
+    rng = __import__("random").Random(0)
+    lengths = probes.log_uniform_lengths(rng, 2000, 1024, 131072)
+    assert min(lengths) >= 1024 and max(lengths) <= 131072
+    assert 0.3 < sum(n < 11585 for n in lengths) / len(lengths) < 0.7  # half below the geometric middle
+    plan = cold.schedule([f"L{i}" for i in range(16)], [f"S{i}" for i in range(16)], 8)
+    assert plan[0] == ["L0", "S0", "L8", "S8"] and all(names[0].startswith("L") for names in plan)
+    assert sorted(n for names in plan for n in names) == sorted([f"L{i}" for i in range(16)] +
+                                                                 [f"S{i}" for i in range(16)])
+    assert cold.peak_overlap([(0, 2), (1, 3), (2, 4), (5, 6)]) == 2 and cold.peak_overlap([]) == 0
+
+
+def test_client_control_endpoints_and_logprobs():
+    from benchmarks.multiturn import probes
+    from benchmarks.multiturn.client import new_rid
+
+    with FakeSGLang(token_respond, prefill_s_per_token=2e-3) as fake:
+        client = SGLangClient(fake.url, timeout_s=60)
+        p = probes.make_probes([("x", "long", 600)], vocab_size=32000, seed=0, continuation_tokens=6)[0]
+        o = probes.send(client, p, max_new_tokens=3)
+        req = fake.requests[-1]
+        assert req["return_logprob"] is True and req["logprob_start_len"] == 600 and len(req["rid"]) == 32
+        assert o.ok and len(o.logprobs) == 6 and o.logprobs == context_logprobs(p.input_ids, 600)
+        assert o.output_ids == token_respond(p.input_ids, 3)[1] and o.ttft_s > 1.0
+        # /flush_cache refuses while a request runs, waits with ?timeout=, and /v1/loads shows the request.
+        rid = new_rid()
+        t = threading.Thread(target=lambda: client.generate(list(range(100, 1600)), max_new_tokens=2, rid=rid))
+        t.start()
+        deadline = time.monotonic() + 30
+        while not client.loads()[0]["num_running_reqs"] and time.monotonic() < deadline:
+            time.sleep(0.05)
+        load = client.loads()[0]
+        assert load["num_running_reqs"] == 1 and load["num_used_tokens"] == 1500
+        assert client.flush_cache_once()[0] == 400
+        assert client.flush_cache_once(wait_idle_s=60) == (200, client.flush_cache_once()[1])
+        t.join()
+        idle, _, loads = client.wait_idle(timeout_s=10)
+        assert idle and loads[0]["num_used_tokens"] == 0
+        # /abort_request by rid: the streamed request ends with an abort before its first token.
+        box = {}
+        rid = new_rid()
+        t = threading.Thread(target=lambda: box.update(r=client.generate(list(range(100, 2600)), max_new_tokens=2,
+                                                                         rid=rid)))
+        t.start()
+        time.sleep(0.5)
+        assert client.abort_request(rid[:8]) == (200, "")  # SGLang matches rids by prefix
+        t.join()
+        assert "abort" in box["r"].error.lower() and box["r"].completion_tokens == 0
+        assert client.abort_request("")[0] == 200 and client.post("/abort_request", b"{")[0] == 400
+        # Log-probabilities that do not cover this probe's continuation are an error, not a result.
+        fake.logprobs = lambda ids, start: [-1.0, -1.0]
+        q = probes.make_probes([("y", "short", 50)], vocab_size=32000, seed=0, continuation_tokens=4)[0]
+        bad = probes.send(client, q, max_new_tokens=1)
+        assert not bad.ok and "not this request's 4-token continuation" in bad.error
+
+
+def test_checks_are_saved_as_they_are_made(tmp_path):
+    from benchmarks.multiturn.checklist import Checks
+
+    saved = []
+    c = Checks(on_add=lambda: saved.append(len(c.items)))
+    c.add("a", "PASS", "fine")
+    c.add("b", "INCONCLUSIVE", "unsure")
+    assert saved == [1, 2] and not c.failed
+    c.add("c", "FAIL", "broken", detail=1)
+    assert c.failed and c.items[-1]["detail"] == 1
+    with pytest.raises(ValueError, match="status"):
+        c.add("d", "OK", "not a status")
+
+
+def test_http_side_imports_no_torch():
+    # The client and the harness drive servers from a process that must not need (or pay for) torch.
+    modules = ["client", "server", "reliability", "run", "cold", "serving", "soak", "probes", "checks", "harness",
+               "sessions", "prompts", "workload", "results", "gpu_memory", "stats", "argcheck", "checklist",
+               "tokenization"]
+    code = ("import sys\n" + "".join(f"import benchmarks.multiturn.{m}\n" for m in modules) +
+            "heavy = sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'sgl_minference', 'transformers'))\n"
+            "print(heavy)\nsys.exit(1 if heavy else 0)\n")
+    import subprocess
+
+    proc = subprocess.run([sys.executable, "-c", code], cwd=TESTS_DIR.parent, capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
