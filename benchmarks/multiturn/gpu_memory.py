@@ -56,8 +56,12 @@ def device_description() -> list[str]:
 class MemoryPoller:
     """Samples ``memory.used`` of GPU ``gpu`` every ``interval_s`` in a thread, inside a ``with`` block.
 
-    ``samples``: ``(seconds since start, MiB)`` pairs; ``error``: why sampling stopped, if it failed.
+    ``samples``: ``(seconds since start, MiB)`` pairs; ``error``: the last failed reading's reason. A reading
+    that fails is skipped (one nvidia-smi hiccup must not end a 20-minute series); ``max_failures`` in a row
+    end the sampling.
     """
+
+    max_failures = 5
 
     def __init__(self, *, gpu: int = 0, interval_s: float = 0.5, read: Callable[[], str] | None = None) -> None:
         self.gpu, self.interval_s = gpu, interval_s
@@ -71,13 +75,17 @@ class MemoryPoller:
     def _loop(self) -> None:
         t0 = time.monotonic()
         self.started_at = time.time()
+        failures = 0
         while not self._stop.is_set():
             try:
                 used = parse_memory_used(self._read())
                 self.samples.append((time.monotonic() - t0, used[self.gpu]))
+                failures = 0
             except (OSError, subprocess.SubprocessError, ValueError, IndexError) as e:
                 self.error = f"{type(e).__name__}: {e}"
-                return
+                failures += 1
+                if failures >= self.max_failures:
+                    return
             self._stop.wait(self.interval_s)
 
     def __enter__(self) -> MemoryPoller:
