@@ -329,7 +329,8 @@ class FakeSGLang:
                 except _Aborted as e:
                     fake.finish(rid, None, aborted=True)
                     abort = {"type": "abort", "message": str(e), "status_code": None, "err_type": None}
-                    o = {"output_ids": out[produced - 1:produced] if produced else [], "meta_info": meta(produced, abort)}
+                    o = {"output_ids": out[produced - 1:produced] if produced else [],
+                         "meta_info": meta(produced, abort)}
                     if stream:
                         self._chunk(b"data: " + json.dumps(o).encode() + b"\n\n")
                         self._chunk(b"data: [DONE]\n\n")
@@ -977,7 +978,8 @@ FakeSGLang(token_respond, context_len=context_len, port=port, radix="--disable-r
            prefill_s_per_token=float(env["FAKE_PREFILL_S_PER_TOKEN"]),
            decode_s_per_token=float(env.get("FAKE_DECODE_S_PER_TOKEN", "0")),
            logprobs=token_logprobs if env.get("FAKE_WEIGHTS") == "dummy" else context_logprobs,
-           leak_on_abort="leak" in faults, leak_on_finish="leak_finished" in faults, ignore_disconnect="ignore_disconnect" in faults, swap="swap" in faults,
+           leak_on_abort="leak" in faults, leak_on_finish="leak_finished" in faults,
+           ignore_disconnect="ignore_disconnect" in faults, swap="swap" in faults,
            memory_file=env.get("FAKE_MEMORY_FILE")).httpd.serve_forever()
 """
 
@@ -1441,7 +1443,8 @@ def test_compare_puts_cold_results_side_by_side(tmp_path, capsys):
     assert "long_ttft_s p50" in capsys.readouterr().out
     sparse.write_text(json.dumps(result("minference", 70100, 1.5, {"cold-errors": "FAIL", "cold-equal-alone": "FAIL"})))
     assert reliability.main(["compare", "--sparse", str(sparse), "--dense", str(dense), "--out", str(out)]) == 1
-    assert "failing only with the sparse backend: ['cold-errors']" in json.loads(out.read_text())["checks"][1]["message"]
+    message = json.loads(out.read_text())["checks"][1]["message"]
+    assert "failing only with the sparse backend: ['cold-errors']" in message
     load = tmp_path / "load.json"
     load.write_text(json.dumps({"kind": "reliability-load", "memory": {"peak_mib": 1}}))
     with pytest.raises(SystemExit, match="reliability-load"):

@@ -35,6 +35,12 @@ def dummy_weights(args: argparse.Namespace, info: dict) -> bool:
     return bool(args.dummy or info.get("load_format") == "dummy")
 
 
+# The server arguments that shape a run, kept in every results file (the attached server's included).
+SERVER_ARGS_KEPT = ("model_path", "load_format", "attention_backend", "chunked_prefill_size", "max_prefill_tokens",
+                    "max_running_requests", "disable_radix_cache", "mem_fraction_static", "context_length",
+                    "cuda_graph_max_bs", "json_model_override_args")
+
+
 def limits(client: SGLangClient, args: argparse.Namespace) -> dict:
     """The server's context length and the longest ``input_ids`` a request with ``args.max_new_tokens`` new
     tokens may send (SGLang refuses ``input >= context`` and, by default, ``input + max_new_tokens > context``)."""
@@ -44,7 +50,8 @@ def limits(client: SGLangClient, args: argparse.Namespace) -> dict:
                   .get("max_position_embeddings") or max_input + 1)
     longest = min(max_input, context - args.max_new_tokens - 1)
     return {"info": info, "max_req_input_len": max_input, "context_length": context, "longest_input": longest,
-            "max_total_num_tokens": info.get("max_total_num_tokens")}
+            "max_total_num_tokens": info.get("max_total_num_tokens"),
+            "server_args": {k: info.get(k) for k in SERVER_ARGS_KEPT}}
 
 
 def log_path(args: argparse.Namespace, what: str) -> Path:

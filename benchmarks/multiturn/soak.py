@@ -3,7 +3,8 @@
 ``--clients`` threads send random picks of a pool of ``--prompts`` distinct probes (prompt lengths drawn
 log-uniformly from ``--length-range``, each followed by the fixed continuation) until ``--max-requests`` were
 sent or ``--duration-s`` passed, whichever comes first. Every probe of the pool is first sent alone on an empty
-cache for its reference.
+cache for its reference. With the radix cache on, a probe sent again hits the cache for all but its last token;
+start the server with ``--disable-radix-cache`` to make every request a full prefill.
 
 It runs in segments so that it fits commands of bounded length: ``--segment-s`` ends this command's share;
 ``--resume`` continues the results file of the previous segment (same settings: the probes and references are
