@@ -1242,6 +1242,8 @@ def test_detached_server_serves_several_commands(monkeypatch, tmp_path, tiny_mod
     try:
         srv = server.AttachedServer.from_state(state)
         assert srv.alive() and srv.client().healthy() and server.main(["status", "--state", str(state)]) == 0
+        recycled = dataclasses.replace(srv, state={**srv.state, "proc_start_ticks": srv.state["proc_start_ticks"] + 1})
+        assert not recycled.alive()  # another process under the same pid is not ours to use or stop
         out = tmp_path / "soak.json"
         for extra in ([], ["--resume"]):
             assert reliability.main(_soak_args(tiny_model, tmp_path, out, "--attach", str(state), *extra)) == 0
@@ -1449,3 +1451,20 @@ def test_compare_puts_cold_results_side_by_side(tmp_path, capsys):
     load.write_text(json.dumps({"kind": "reliability-load", "memory": {"peak_mib": 1}}))
     with pytest.raises(SystemExit, match="reliability-load"):
         reliability.main(["compare", "--sparse", str(load), "--dense", str(dense), "--out", str(out)])
+
+
+def test_back_to_idle_without_a_gpu_is_inconclusive(monkeypatch):
+    from benchmarks.multiturn import harness
+    from benchmarks.multiturn.checklist import Checks
+
+    def no_gpu():
+        raise FileNotFoundError("nvidia-smi")
+
+    monkeypatch.setattr(gpu_memory, "read_memory_text", no_gpu)
+    mib, readings, error = harness.idle_memory(gpu=0, samples=2, interval_s=0.01)
+    assert mib is None and readings == [] and "nvidia-smi" in error
+    with FakeSGLang(token_respond) as fake:
+        c = Checks()
+        result = harness.back_to_idle(c, "x-idle", SGLangClient(fake.url), gpu=0, idle_mib=None, slack_mib=64,
+                                      timeout_s=10)
+    assert c.items[0]["status"] == "INCONCLUSIVE" and result["scheduler_idle"] and result["flush_status"] == 200

@@ -9,7 +9,7 @@ except processes in a session of their own): its first start pays the FlashInfer
 
 ``python -m benchmarks.multiturn.server start --state S [server options]``: start, wait until healthy, write
 the state file S (URL, pid, command, log) and exit, leaving the server running. ``stop --state S
-[--copy-log-to DIR]``: stop it (only if the pid still runs the recorded command). ``status --state S``.
+[--copy-log-to DIR]``: stop it (only if the pid is still that process). ``status --state S``.
 """
 
 from __future__ import annotations
@@ -146,7 +146,7 @@ class AttachedServer:
         return SGLangClient(self.base_url, timeout_s=timeout_s)
 
     def alive(self) -> bool:
-        return _runs_command(self.pid, self.command)
+        return _is_the_process(self.pid, self.state.get("proc_start_ticks"))
 
     def describe(self) -> dict:
         return {**self.state, "attached": True}
@@ -193,26 +193,22 @@ def log_problems(path: Path, since: int = 0) -> dict[str, int]:
     return {name: len(rx.findall(text)) for name, rx in LOG_PROBLEMS.items()}
 
 
-def _proc_state(pid: int) -> tuple[str, int] | None:
-    """(state letter, process group) of a process, None if it does not exist."""
+def _proc_state(pid: int) -> tuple[str, int, int] | None:
+    """(state letter, process group, start time in clock ticks after boot) of a process; None if it does not
+    exist."""
     try:
         text = Path(f"/proc/{pid}/stat").read_text()
     except OSError:
         return None
-    state, _ppid, pgrp = text[text.rindex(")") + 2:].split()[:3]
-    return state, int(pgrp)
+    fields = text[text.rindex(")") + 2:].split()
+    return fields[0], int(fields[2]), int(fields[19])
 
 
-def _runs_command(pid: int, command: list[str]) -> bool:
-    """Whether ``pid`` is alive (not a zombie) and still runs ``command`` (a recycled pid would not)."""
+def _is_the_process(pid: int, started: int | None) -> bool:
+    """Whether ``pid`` is alive (not a zombie) and is the process that started at ``started`` (a recycled pid
+    starts later). The start time is compared rather than the command line, which SGLang may retitle."""
     st = _proc_state(pid)
-    if st is None or st[0] in ("Z", "X"):
-        return False
-    try:
-        argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")[:-1]
-    except OSError:
-        return False
-    return [a.decode(errors="replace") for a in argv] == list(command)
+    return st is not None and st[0] not in ("Z", "X") and (started is None or st[2] == started)
 
 
 def _group_running(pgid: int) -> bool:
@@ -258,7 +254,7 @@ def _stop(proc: subprocess.Popen, grace_s: float = 30.0) -> int | None:
 
 def _stop_detached(server: AttachedServer, grace_s: float = 30.0) -> bool:
     """Stop a detached server's process group (it leads it: started in a session of its own), after checking
-    that its pid still runs the recorded command. False when it was not running."""
+    that its pid is still the process that was started. False when it was not running."""
     if not server.alive():
         # The leader is gone, but children left in its group (a scheduler stuck in CUDA) would hold GPU memory;
         # Linux never hands out a pid that is still some group's id, so the group can only be the server's.
@@ -447,7 +443,9 @@ def start_detached(spec: ServerSpec, *, backend: str, state_path: Path, log_path
     """Start a server that outlives this process (it already runs in a session of its own), wait until it is
     healthy, and write its state file; raises :class:`ServerStartError` (and stops it) when it does not serve."""
     srv = _started(spec, log_path, startup_timeout_s)
-    state = {"url": srv.base_url, "pid": srv.process.pid, "command": srv.command, "log": str(log_path),
+    st = _proc_state(srv.process.pid)
+    state = {"url": srv.base_url, "pid": srv.process.pid, "proc_start_ticks": st[2] if st else None,
+             "command": srv.command, "log": str(log_path),
              "startup_s": srv.startup_s, "backend": backend, "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
              "disable_radix_cache": spec.disable_radix_cache}
     state_path.parent.mkdir(parents=True, exist_ok=True)
