@@ -9,11 +9,15 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import re
+import select
+import socket
 import sys
 import textwrap
 import threading
 import time
+import uuid
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
@@ -55,31 +59,82 @@ class WordTokenizer:
         raise ValueError("tokenizer: has no chat template")
 
 
-def token_respond(ids: list[int], n: int) -> tuple[None, list[int]]:
-    """Dummy-weight stand-in: output ids are a deterministic function of the whole prompt."""
+def _prefix_hash(ids: list[int]) -> int:
     h = 0
     for t in ids:
         h = (h * 1000003 + t) % 2**61
+    return h
+
+
+def token_respond(ids: list[int], n: int) -> tuple[None, list[int]]:
+    """Dummy-weight stand-in: output ids are a deterministic function of the whole prompt."""
+    h = _prefix_hash(ids)
     return None, [100 + (h >> (4 * i)) % 4000 for i in range(n)]
 
 
+def context_logprobs(ids: list[int], start: int) -> list[float]:
+    """A real model's input log-probabilities, as far as the checks care: each position's value depends on
+    every token up to it, so another context gives other numbers (in (-10, 0))."""
+    h = _prefix_hash(ids[:start])
+    out = []
+    for t in ids[start:]:
+        out.append(-((h * 2654435761 + t) % 1_000_000) / 100_000 - 1e-3)
+        h = (h * 1000003 + t) % 2**61
+    return out
+
+
+def token_logprobs(ids: list[int], start: int) -> list[float]:
+    """Dummy weights: a position's log-probability depends on its own token alone (attention rounds away)."""
+    return [-11.76 - (t % 97) * 1e-6 for t in ids[start:]]
+
+
+class _Aborted(Exception):
+    """The request was aborted (by /abort_request or after its client hung up)."""
+
+
 class FakeSGLang:
-    """A loopback HTTP server mimicking SGLang's native endpoints used by the client.
+    """A loopback HTTP server mimicking the SGLang 0.5.17 native endpoints the harness uses.
 
     ``respond(input_ids, max_new_tokens) -> (pieces or None, output_ids)``: the generation (``pieces``: text of
     each output token; None imitates --skip-tokenizer-init). ``cached_tokens`` is the longest prefix shared
-    with an earlier prompt+output (at most len - 1, as SGLang); the first chunk waits
-    ``prefill_s_per_token`` per uncached token.
+    with an earlier prompt+output (at most len - 1, and at most ``logprob_start_len`` when log-probabilities are
+    asked for, as SGLang); the first chunk waits ``prefill_s_per_token`` per uncached token, each later one
+    ``decode_s_per_token``.
+
+    As SGLang: request checks (empty ``input_ids``, text without a tokenizer, a negative ``max_new_tokens``,
+    a prompt over the context length) are errors raised in the response generator, so a streamed request gets
+    HTTP 200 with an ``error`` chunk and a plain one 400 ``{"error": {"message"}}``; a body that does not parse
+    or validate gets 400 ``{"object": "error", "message", "type", "param", "code"}``. A request runs under its
+    ``rid`` (``/abort_request`` aborts every rid starting with the given one); a client that hangs up is
+    aborted ``abort_delay_s`` later; ``/flush_cache`` refuses while requests run unless ``?timeout=`` lets it
+    wait; ``/v1/loads`` reports running requests and the KV tokens they hold.
+
+    Faults to inject: ``leak_on_abort`` / ``leak_on_finish`` (an aborted / finished request's KV tokens are never
+    freed), ``ignore_disconnect``
+    (a request whose client left runs to its end), ``swap`` (every request is answered, output ids and
+    log-probabilities, from the prompt of the request started before it). ``memory_file``: where the "GPU
+    memory" the tests read is written, ``1000 + used_tokens // 100`` MiB.
     """
 
     def __init__(self, respond, *, context_len: int = 1 << 20, prefill_s_per_token: float = 0.0,
-                 incremental: bool = False, port: int = 0) -> None:
-        self.respond, self.context_len = respond, context_len
-        self.prefill_s_per_token, self.incremental = prefill_s_per_token, incremental
+                 decode_s_per_token: float = 0.0, incremental: bool = False, port: int = 0, logprobs=context_logprobs,
+                 radix: bool = True, abort_delay_s: float = 0.2, leak_on_abort: bool = False,
+                 leak_on_finish: bool = False, ignore_disconnect: bool = False, swap: bool = False,
+                 memory_file: str | None = None) -> None:
+        self.respond, self.context_len, self.logprobs = respond, context_len, logprobs
+        self.prefill_s_per_token, self.decode_s_per_token, self.incremental = (prefill_s_per_token, decode_s_per_token,
+                                                                              incremental)
+        self.radix, self.abort_delay_s = radix, abort_delay_s
+        self.leak_on_abort, self.leak_on_finish = leak_on_abort, leak_on_finish
+        self.ignore_disconnect, self.swap, self.memory_file = ignore_disconnect, swap, memory_file
         self.cache: list[list[int]] = []
         self.requests: list[dict] = []
-        self.running = 0
+        self.live: dict[str, dict] = {}  # rid -> {"tokens": int, "abort": threading.Event}
+        self.leaked = 0
+        self.last_started: list[int] | None = None
         self.lock = threading.Lock()
+        self.idle = threading.Condition(self.lock)
+        self._write_memory()
         fake = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -89,102 +144,260 @@ class FakeSGLang:
                 pass
 
             def _json(self, status, obj):
-                body = json.dumps(obj).encode()
+                self._bytes(status, json.dumps(obj).encode(), "application/json")
+
+            def _bytes(self, status, body, ctype="text/plain; charset=utf-8"):
                 self.send_response(status)
-                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Type", ctype)
                 self.send_header("Content-Length", str(len(body)))
                 self.send_header("Connection", "close")
                 self.end_headers()
                 self.wfile.write(body)
 
+            def _invalid(self, message):  # FastAPI's RequestValidationError, as SGLang's handler reports it
+                self._json(400, {"object": "error", "message": message, "type": "Bad Request", "param": None,
+                                 "code": 400})
+
             def do_GET(self):
-                if self.path in ("/health", "/health_generate"):
+                path, _, query = self.path.partition("?")
+                if path in ("/health", "/health_generate"):
                     self._json(200, {})
-                elif self.path == "/server_info":
+                elif path == "/server_info":
                     self._json(200, {"context_length": None, "max_req_input_len": fake.context_len - 6,
-                                     "max_total_num_tokens": fake.context_len})
+                                     "max_total_num_tokens": fake.context_len, "disable_radix_cache": not fake.radix,
+                                     "load_format": "dummy" if fake.logprobs is token_logprobs else "auto"})
+                elif path == "/v1/loads":
+                    with fake.lock:
+                        load = {"dp_rank": 0, "num_running_reqs": len(fake.live), "num_waiting_reqs": 0,
+                                "num_used_tokens": fake.used_tokens(), "max_total_num_tokens": fake.context_len}
+                    self._json(200, {"timestamp": "", "version": "fake", "loads": [load]})
+                elif path == "/flush_cache":
+                    self._flush(query)
                 else:
                     self._json(404, {"detail": "Not Found"})
 
+            def _flush(self, query):
+                timeout = float(query.partition("timeout=")[2] or 0) if "timeout=" in query else 0.0
+                with fake.idle:
+                    if fake.live and timeout > 0:
+                        fake.idle.wait_for(lambda: not fake.live, timeout=timeout)
+                    busy = bool(fake.live)
+                    if not busy:
+                        fake.cache.clear()
+                if busy:
+                    return self._bytes(400, b"Timed out waiting for idle state." if timeout > 0 else
+                                       b"Flush cache failed.\n")
+                self._bytes(200, b"Cache flushed.\nPlease check backend logs for more details. (When there are "
+                                 b"running or waiting requests, the operation will not be performed.)\n")
+
             def do_POST(self):
                 body = self.rfile.read(int(self.headers.get("Content-Length", 0)))
-                if self.path == "/flush_cache":
-                    with fake.lock:
-                        busy = fake.running > 0
-                        if not busy:
-                            fake.cache.clear()
-                    return self._json(400 if busy else 200, {})
-                if self.path != "/generate" or self.headers.get("Content-Type") != "application/json":
-                    return self._json(400, {"object": "error", "message": "bad request", "code": 400})
-                req = json.loads(body)
+                path, _, query = self.path.partition("?")
+                if path == "/flush_cache":
+                    return self._flush(query)
+                if path not in ("/generate", "/abort_request"):
+                    return self._json(404, {"detail": "Not Found"})
+                ctype = (self.headers.get("Content-Type") or "").split(";")[0].strip().lower()
+                if not body:
+                    return self._invalid("[{'type': 'missing', 'loc': ('body',), 'msg': 'Field required'}]")
+                if ctype != "application/json":  # FastAPI then validates the raw bytes, which are no object
+                    return self._invalid("[{'type': 'dataclass_type', 'loc': ('body',), "
+                                         "'msg': 'Input should be a dictionary'}]")
+                try:
+                    req = json.loads(body)
+                except ValueError as e:
+                    return self._invalid(f"[{{'type': 'json_invalid', 'loc': ('body', {e.pos}), "
+                                         f"'msg': 'JSON decode error', 'ctx': {{'error': {e.msg!r}}}}}]")
+                if not isinstance(req, dict):
+                    return self._invalid("[{'type': 'dataclass_type', 'loc': ('body',), "
+                                         "'msg': 'Input should be a dictionary'}]")
+                if path == "/abort_request":
+                    fake.abort(str(req.get("rid") or ""), bool(req.get("abort_all")))
+                    return self._bytes(200, b"")
+                ids = req.get("input_ids")
+                if ids is not None and not (isinstance(ids, list) and all(isinstance(t, int) for t in ids)):
+                    return self._invalid("[{'type': 'value_error', 'loc': ('body', 'input_ids'), "
+                                         "'msg': 'Value error, must be list or null'}]")
                 with fake.lock:
                     fake.requests.append(req)
-                    fake.running += 1
+                stream = bool(req.get("stream", False))
                 try:
-                    self._generate(req)
-                except (BrokenPipeError, ConnectionResetError):
-                    pass  # the client hung up
-                finally:
-                    with fake.lock:
-                        fake.running -= 1
-
-            def _chunk(self, data: bytes):
-                self.wfile.write(b"%x\r\n%s\r\n" % (len(data), data))
-                self.wfile.flush()
-
-            def _generate(self, req):
-                ids, sp = req["input_ids"], req["sampling_params"]
-                stream = req.get("stream", False)
-                if len(ids) >= fake.context_len:
-                    msg = (f"The input ({len(ids)} tokens) is longer than the model's context length "
-                           f"({fake.context_len} tokens).")
+                    fake.validate(req)
+                except ValueError as e:
                     if not stream:
-                        return self._json(400, {"error": {"message": msg}})
-                    self.send_response(200)
-                    self.send_header("Content-Type", "text/event-stream")
-                    self.send_header("Transfer-Encoding", "chunked")
-                    self.send_header("Connection", "close")
-                    self.end_headers()
-                    self._chunk(b"data: " + json.dumps({"error": {"message": msg, "code": 400}}).encode() + b"\n\n")
+                        return self._json(400, {"error": {"message": str(e)}})
+                    self._start_stream()
+                    err = {"error": {"message": str(e), "type": "invalid_request_error", "code": 400}}
+                    self._chunk(b"data: " + json.dumps(err).encode() + b"\n\n")
                     self._chunk(b"data: [DONE]\n\n")
                     return self._chunk(b"")
-                with fake.lock:
-                    cached = max((_lcp(ids, seq) for seq in fake.cache), default=0)
-                cached = min(cached, len(ids) - 1)
-                pieces, out = fake.respond(ids, sp["max_new_tokens"])
-                with fake.lock:
-                    fake.cache.append(ids + out)
-                meta = lambda i: {"id": req.get("rid", "r"), "prompt_tokens": len(ids), "cached_tokens": cached,  # noqa: E731
-                                  "completion_tokens": i, "reasoning_tokens": 0, "weight_version": "default",
-                                  "finish_reason": {"type": "length", "length": i} if i == len(out) else None}
-                if not stream:
-                    obj = {"output_ids": out, "meta_info": meta(len(out))}
-                    if pieces is not None:
-                        obj["text"] = "".join(pieces)
-                    return self._json(200, obj)
+                try:
+                    self._generate(req, stream)
+                except (BrokenPipeError, ConnectionResetError):
+                    pass  # the client hung up while we wrote
+
+            def _start_stream(self):
                 self.send_response(200)
                 self.send_header("Content-Type", "text/event-stream")
                 self.send_header("Transfer-Encoding", "chunked")
                 self.send_header("Connection", "close")
                 self.end_headers()
-                time.sleep(fake.prefill_s_per_token * (len(ids) - cached))
-                for i in range(1, len(out) + 1):
-                    if fake.incremental:
-                        obj = {"output_ids": out[i - 1:i], "meta_info": meta(i)}
-                        text = None if pieces is None else pieces[i - 1]
-                    else:
-                        obj = {"output_ids": out[:i], "meta_info": meta(i)}
-                        text = None if pieces is None else "".join(pieces[:i])
-                    if text is not None:
-                        obj["text"] = text
-                    self._chunk(b"data: " + json.dumps(obj).encode() + b"\n\n")
-                self._chunk(b"data: [DONE]\n\n")
-                self._chunk(b"")
+
+            def _chunk(self, data: bytes):
+                self.wfile.write(b"%x\r\n%s\r\n" % (len(data), data))
+                self.wfile.flush()
+
+            def _client_gone(self) -> bool:
+                try:
+                    readable, _, _ = select.select([self.connection], [], [], 0)
+                    return bool(readable) and self.connection.recv(1, socket.MSG_PEEK) == b""
+                except OSError:
+                    return True
+
+            def _wait(self, seconds: float, state: dict) -> None:
+                """Sleep ``seconds`` as a running request: aborted by /abort_request, or after a hang-up."""
+                end = time.monotonic() + seconds
+                while True:
+                    if state["abort"].is_set():
+                        raise _Aborted("Abort in waiting queue")
+                    if not fake.ignore_disconnect and self._client_gone():
+                        time.sleep(fake.abort_delay_s)  # SGLang aborts a disconnected request a little later
+                        raise _Aborted("client disconnected")
+                    left = end - time.monotonic()
+                    if left <= 0:
+                        return
+                    time.sleep(min(left, 0.01))
+
+            def _generate(self, req, stream):
+                ids, sp = req["input_ids"], req.get("sampling_params") or {}
+                n = int(sp.get("max_new_tokens", 128))
+                rid = str(req.get("rid") or uuid.uuid4().hex)
+                start = None
+                if req.get("return_logprob"):
+                    start = int(req.get("logprob_start_len", -1))
+                    start = len(ids) if start < 0 else start
+                with fake.lock:
+                    source = fake.last_started if fake.swap and fake.last_started is not None else ids
+                    fake.last_started = list(ids)
+                    cached = max((_lcp(ids, seq) for seq in fake.cache), default=0) if fake.radix else 0
+                    cached = min(cached, len(ids) - 1, start if start is not None else len(ids))
+                    state = {"tokens": len(ids), "abort": threading.Event()}
+                    fake.live[rid] = state
+                    fake._write_memory()
+                pieces, out = fake.respond(source, n)
+                input_lps = None
+                if start is not None:
+                    # These positions after the context the answer comes from (another request's, with ``swap``).
+                    tail = ids[start:]
+                    context = source[:max(0, len(source) - len(tail))] if source is not ids else ids[:start]
+                    lps = fake.logprobs(context + tail, len(context))
+                    input_lps = [[None if start + i == 0 else lp, ids[start + i], None] for i, lp in enumerate(lps)]
+
+                def meta(i, finish=None):
+                    m = {"id": rid, "prompt_tokens": len(ids), "cached_tokens": cached, "completion_tokens": i,
+                         "reasoning_tokens": 0, "weight_version": "default", "finish_reason": finish}
+                    if input_lps is not None:
+                        m["input_token_logprobs"] = input_lps
+                    return m
+
+                def obj(i, finish=None):
+                    o = {"output_ids": out[i - 1:i] if (stream and fake.incremental) else out[:i],
+                         "meta_info": meta(i, finish)}
+                    if pieces is not None:
+                        o["text"] = pieces[i - 1] if (stream and fake.incremental) else "".join(pieces[:i])
+                    return o
+
+                produced = 0
+                try:
+                    if stream:
+                        self._start_stream()
+                    self._wait(fake.prefill_s_per_token * (len(ids) - cached), state)
+                    if stream and n == 0:
+                        self._chunk(b"data: " + json.dumps(obj(0, {"type": "length", "length": 0})).encode() + b"\n\n")
+                    for i in range(1, n + 1):
+                        if i > 1:
+                            self._wait(fake.decode_s_per_token, state)
+                        produced = i
+                        if stream:
+                            fin = {"type": "length", "length": i} if i == n else None
+                            try:
+                                self._chunk(b"data: " + json.dumps(obj(i, fin)).encode() + b"\n\n")
+                            except OSError:
+                                if not fake.ignore_disconnect:
+                                    raise
+                    fake.finish(rid, ids + out, aborted=False)
+                except _Aborted as e:
+                    fake.finish(rid, None, aborted=True)
+                    abort = {"type": "abort", "message": str(e), "status_code": None, "err_type": None}
+                    o = {"output_ids": out[produced - 1:produced] if produced else [],
+                         "meta_info": meta(produced, abort)}
+                    if stream:
+                        self._chunk(b"data: " + json.dumps(o).encode() + b"\n\n")
+                        self._chunk(b"data: [DONE]\n\n")
+                        return self._chunk(b"")
+                    return self._json(200, o)
+                except OSError:
+                    fake.finish(rid, None, aborted=True)
+                    raise
+                if not stream:
+                    return self._json(200, obj(n, {"type": "length", "length": n}))
+                try:
+                    self._chunk(b"data: [DONE]\n\n")
+                    self._chunk(b"")
+                except OSError:
+                    if not fake.ignore_disconnect:
+                        raise
 
         self.httpd = ThreadingHTTPServer(("127.0.0.1", port), Handler)
         self.httpd.daemon_threads = True
         self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}"
         self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
+
+    def validate(self, req: dict) -> None:
+        """SGLang's request checks (``GenerateReqInput`` normalisation, ``SamplingParams.verify``, the
+        tokenizer manager's length checks), as ``ValueError``s with its messages."""
+        ids, text = req.get("input_ids"), req.get("text")
+        if ids is None and text is None:
+            raise ValueError("Either text, input_ids or input_embeds should be provided.")
+        if ids is None:
+            raise ValueError("The engine initialized with skip_tokenizer_init=True cannot accept text prompts. "
+                             "Please provide input_ids or re-initialize the engine with skip_tokenizer_init=False.")
+        if len(ids) == 0:
+            raise ValueError("input_ids cannot be empty.")
+        n = (req.get("sampling_params") or {}).get("max_new_tokens", 128)
+        if n is not None and n < 0:
+            raise ValueError(f"max_new_tokens must be at least 0, got {n}.")
+        if len(ids) >= self.context_len:
+            raise ValueError(f"The input ({len(ids)} tokens) is longer than the model's context length "
+                             f"({self.context_len} tokens).")
+        if n is not None and len(ids) + n > self.context_len:
+            raise ValueError(f"Requested token count exceeds the model's maximum context length of "
+                             f"{self.context_len} tokens.")
+
+    def used_tokens(self) -> int:
+        return sum(s["tokens"] for s in self.live.values()) + self.leaked
+
+    def _write_memory(self) -> None:
+        if self.memory_file:  # replaced whole, as a reader must never see a half-written reading
+            tmp = Path(f"{self.memory_file}.{threading.get_ident()}.tmp")
+            tmp.write_text(f"{1000 + self.used_tokens() // 100}\n")
+            os.replace(tmp, self.memory_file)
+
+    def abort(self, rid: str, abort_all: bool) -> None:
+        with self.lock:
+            for r, state in self.live.items():
+                if abort_all or (rid and r.startswith(rid)):
+                    state["abort"].set()
+
+    def finish(self, rid: str, sequence: list[int] | None, *, aborted: bool) -> None:
+        with self.idle:
+            state = self.live.pop(rid, None)
+            if state is not None and (self.leak_on_abort if aborted else self.leak_on_finish):
+                self.leaked += state["tokens"]
+            if sequence is not None and self.radix:
+                self.cache.append(sequence)
+            self._write_memory()
+            self.idle.notify_all()
 
     def __enter__(self):
         self.thread.start()
@@ -430,8 +643,14 @@ def test_memory_poller_samples_and_reports_errors():
         time.sleep(0.2)
     assert mem.values()[:3] == [100, 300, 200] and mem.error is None
     with gpu_memory.MemoryPoller(gpu=0, interval_s=0.01, read=lambda: "oops\n") as broken:
-        time.sleep(0.05)
-    assert broken.values() == [] and "oops" in broken.error
+        broken._thread.join(timeout=30)  # gives up after max_failures readings in a row
+    assert broken.values() == [] and "oops" in broken.error and not broken._thread.is_alive()
+    flaky = iter(["100\n", "oops\n", "200\n"] + ["300\n"] * 10_000)
+    with gpu_memory.MemoryPoller(gpu=0, interval_s=0.01, read=lambda: next(flaky)) as mem:
+        deadline = time.monotonic() + 30
+        while len(mem.values()) < 3 and time.monotonic() < deadline:
+            time.sleep(0.01)
+    assert mem.values()[:3] == [100, 200, 300] and "oops" in mem.error  # one bad reading is skipped
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -657,7 +876,8 @@ class ScriptSpec(server.ServerSpec):
     script: str = ""
 
     def command(self, port):
-        return [sys.executable, self.script, str(port), json.dumps(self.model_overrides), self.model_path]
+        return ([sys.executable, self.script, str(port), json.dumps(self.model_overrides), self.model_path]
+                + (["--disable-radix-cache"] if self.disable_radix_cache else []))
 
 
 def _script(tmp_path, body: str) -> str:
@@ -750,11 +970,17 @@ TESTS_DIR = Path(__file__).resolve().parent
 SERVE_SCRIPT = f"""\
 import json, os, sys
 sys.path[:0] = [{str(TESTS_DIR.parent)!r}, {str(TESTS_DIR)!r}]
-from test_multiturn import FakeSGLang, token_respond
+from test_multiturn import FakeSGLang, context_logprobs, token_logprobs, token_respond
 port, model = int(sys.argv[1]), sys.argv[3]
 context_len = json.load(open(model + "/config.json"))["max_position_embeddings"]
-rate = float(os.environ["FAKE_PREFILL_S_PER_TOKEN"])
-FakeSGLang(token_respond, context_len=context_len, prefill_s_per_token=rate, port=port).httpd.serve_forever()
+env, faults = os.environ, os.environ.get("FAKE_FAULTS", "").split(",")
+FakeSGLang(token_respond, context_len=context_len, port=port, radix="--disable-radix-cache" not in sys.argv,
+           prefill_s_per_token=float(env["FAKE_PREFILL_S_PER_TOKEN"]),
+           decode_s_per_token=float(env.get("FAKE_DECODE_S_PER_TOKEN", "0")),
+           logprobs=token_logprobs if env.get("FAKE_WEIGHTS") == "dummy" else context_logprobs,
+           leak_on_abort="leak" in faults, leak_on_finish="leak_finished" in faults,
+           ignore_disconnect="ignore_disconnect" in faults, swap="swap" in faults,
+           memory_file=env.get("FAKE_MEMORY_FILE")).httpd.serve_forever()
 """
 
 # What the minference backend does at startup with its config; serves /health_generate when it is usable.
@@ -788,16 +1014,20 @@ def tiny_model(tmp_path):
     return model
 
 
+REAL_SPEC_FROM_ARGS = server.spec_from_args
+
+
 def _stand_in(monkeypatch, tmp_path, body: str) -> None:
+    """Every server the reliability commands start runs ``body`` (with the command's options) instead."""
     script = tmp_path / "stand_in.py"
     script.write_text(body)
-    real = server.spec_from_args
 
     def spec(args, backend, **kw):
-        base = real(args, backend, **kw)
+        base = REAL_SPEC_FROM_ARGS(args, backend, **kw)
         return ScriptSpec(**{f.name: getattr(base, f.name) for f in dataclasses.fields(base)}, script=str(script))
 
-    monkeypatch.setattr(reliability, "spec_from_args", spec)
+    monkeypatch.setattr(reliability, "spec_from_args", spec)  # the faults check
+    monkeypatch.setattr(server, "spec_from_args", spec)  # server_for, which every other check uses
 
 
 def _statuses(out: Path) -> dict[str, str]:
@@ -822,7 +1052,7 @@ def test_reliability_load_end_to_end(monkeypatch, tmp_path, tiny_model):
     assert data["load"]["requests"] == 24 and len(data["attributions"]) == 24
     assert data["memory"]["peak_mib"] == 1100 and data["memory"]["idle_mib"][:2] == [900, 900]
     other = tmp_path / "dense.json"
-    other.write_text(json.dumps({"memory": {"peak_mib": 1000}}))
+    other.write_text(json.dumps({"kind": "reliability-load", "memory": {"peak_mib": 1000}}))
     cmp_out = tmp_path / "cmp.json"
     assert reliability.main(["compare", "--sparse", str(out), "--dense", str(other), "--memory-slack-mib", "64",
                              "--out", str(cmp_out)]) == 1
@@ -830,17 +1060,49 @@ def test_reliability_load_end_to_end(monkeypatch, tmp_path, tiny_model):
     assert reliability.main(["compare", "--sparse", str(out), "--dense", str(other), "--out", str(cmp_out)]) == 0
 
 
-def test_reliability_serving_end_to_end(monkeypatch, tmp_path, tiny_model):
+SERVING_CHECKS = ["serving-malformed-json", "serving-empty-prompt", "serving-zero-new-tokens", "serving-overlong",
+                  "serving-flush-during-prefill", "serving-abort-during-prefill", "serving-disconnect-x4",
+                  "serving-crash"]
+
+
+def _serving(monkeypatch, tmp_path, tiny_model, *extra, faults=""):
     _stand_in(monkeypatch, tmp_path, SERVE_SCRIPT)
-    monkeypatch.setenv("FAKE_PREFILL_S_PER_TOKEN", "2e-4")  # an 8K prompt prefills for 1.6 s
+    # A 3000-token prompt prefills for 1.2 s; an abandoned request's 4096 new tokens would take 4 s more.
+    monkeypatch.setenv("FAKE_PREFILL_S_PER_TOKEN", "4e-4")
+    monkeypatch.setenv("FAKE_DECODE_S_PER_TOKEN", "1e-3")
+    monkeypatch.setenv("FAKE_FAULTS", faults)
     out = tmp_path / "serving.json"
     rc = reliability.main(["serving", "--model", str(tiny_model), "--out", str(out), "--short-tokens", "64",
-                           "--disconnect-after-s", "0.3", "--log-dir", str(tmp_path / "logs"),
-                           "--startup-timeout-s", "60"])
-    assert rc == 0
-    assert _statuses(out) == {"serving-overlong": "PASS", "serving-disconnect-0.3s": "PASS", "serving-crash": "PASS"}
-    overlong = next(c for c in json.loads(out.read_text())["checks"] if c["name"] == "serving-overlong")
-    assert overlong["http_status"] == 400 and overlong["prompt_tokens"] > 8192
+                           "--long-tokens", "3000", "--disconnects", "4", "--disconnect-after-s", "0.3",
+                           "--during-prefill-s", "0.3", "--idle-timeout-s", "8", "--log-dir", str(tmp_path / "logs"),
+                           "--startup-timeout-s", "60", *extra])
+    return rc, out, {c["name"]: c for c in json.loads(out.read_text())["checks"]}
+
+
+def test_reliability_serving_end_to_end(monkeypatch, tmp_path, tiny_model):
+    rc, out, got = _serving(monkeypatch, tmp_path, tiny_model)
+    assert [c for c in got] == SERVING_CHECKS and rc == 0, {n: c["message"] for n, c in got.items()}
+    assert all(c["status"] == "PASS" for c in got.values())
+    assert got["serving-overlong"]["http_status"] == 400 and got["serving-overlong"]["prompt_tokens"] > 8192
+    assert all(a["status"] == 400 for a in got["serving-malformed-json"]["answers"])
+    assert got["serving-flush-during-prefill"]["immediate"]["status"] == 400
+    assert got["serving-flush-during-prefill"]["deferred"]["status"] == 200
+    rounds = got["serving-disconnect-x4"]["rounds"]
+    assert len(rounds) == 4 and all(r["aborted"] and r["used_tokens"] == [0] for r in rounds)
+
+
+def test_reliability_serving_catches_leaked_kv_and_unaborted_requests(monkeypatch, tmp_path, tiny_model):
+    # Aborted requests whose KV is never freed: the scheduler never reports zero held slots.
+    rc, _, got = _serving(monkeypatch, tmp_path, tiny_model, "--checks", "abort,disconnect", "--disconnects", "1",
+                          "--idle-timeout-s", "3", faults="leak")
+    assert rc == 1
+    assert got["serving-abort-during-prefill"]["status"] == "FAIL"
+    assert got["serving-disconnect-x1"]["status"] == "FAIL"
+    # Hung-up requests that run to their end: still busy when the (shorter) idle bound runs out.
+    rc, _, got = _serving(monkeypatch, tmp_path, tiny_model, "--checks", "disconnect", "--disconnects", "1",
+                          "--idle-timeout-s", "1.5", faults="ignore_disconnect")
+    assert rc == 1 and got["serving-disconnect-x1"]["status"] == "FAIL"
+    assert got["serving-disconnect-x1"]["rounds"][0]["idle"] is False
 
 
 def test_reliability_faults_end_to_end(monkeypatch, tmp_path, tiny_model):
@@ -858,3 +1120,351 @@ def test_reliability_faults_end_to_end(monkeypatch, tmp_path, tiny_model):
     _stand_in(monkeypatch, tmp_path, lenient)
     assert reliability.main(args + ["--faults", "budget"]) == 1
     assert "started and served" in json.loads(out.read_text())["checks"][0]["message"]
+
+
+# ----------------------------------------------------------------------------------------------------------
+# cold and soak end to end (stand-in servers; "GPU memory" follows the KV tokens the fake holds)
+# ----------------------------------------------------------------------------------------------------------
+
+
+def _fake_gpu(monkeypatch, tmp_path) -> Path:
+    """nvidia-smi for the stand-in: the memory the fake server writes (1000 MiB + held KV tokens / 100)."""
+    path = tmp_path / "fake_gpu_mib"
+    monkeypatch.setenv("FAKE_MEMORY_FILE", str(path))
+    monkeypatch.setattr(gpu_memory, "read_memory_text", lambda: path.read_text() if path.exists() else "1000\n")
+    return path
+
+
+def _cold(monkeypatch, tmp_path, tiny_model, *extra, weights="real", faults=""):
+    _stand_in(monkeypatch, tmp_path, SERVE_SCRIPT)
+    _fake_gpu(monkeypatch, tmp_path)
+    monkeypatch.setenv("FAKE_PREFILL_S_PER_TOKEN", "1e-4")
+    monkeypatch.setenv("FAKE_WEIGHTS", weights)
+    monkeypatch.setenv("FAKE_FAULTS", faults)
+    out = tmp_path / "cold.json"
+    rc = reliability.main(["cold", "--model", str(tiny_model), "--out", str(out), "--clients", "4",
+                           "--long-prompts", "8", "--long-range", "2000-3000", "--short-prompts", "8",
+                           "--short-range", "64-128", "--continuation-tokens", "8", "--max-new-tokens", "4",
+                           "--memory-interval-s", "0.05", "--idle-timeout-s", "20", "--log-dir",
+                           str(tmp_path / "logs"), "--startup-timeout-s", "60", *extra])
+    data = json.loads(out.read_text())
+    return rc, data, {c["name"]: c for c in data["checks"]}
+
+
+COLD_CHECKS = ["cold-idle", "cold-errors", "cold-prefills", "cold-isolation", "cold-equal-alone", "cold-crash"]
+
+
+def test_reliability_cold_end_to_end(monkeypatch, tmp_path, tiny_model):
+    rc, data, got = _cold(monkeypatch, tmp_path, tiny_model)
+    assert list(got) == COLD_CHECKS and rc == 0, {n: c["message"] for n, c in got.items()}
+    assert all(c["status"] == "PASS" for c in got.values())
+    assert data["compare"]["mode"] == "tokens" and data["radix_cache"] is True  # real weights: output ids decide
+    assert got["cold-prefills"]["peak_long_overlap"] >= 2 and got["cold-prefills"]["max_cached_tokens"] == 0
+    assert len(data["outcomes"]) == 16 and data["schedule"][0][0] == "long00"
+    assert all(2000 <= p["prompt_tokens"] <= 3000 for p in data["probes"] if p["kind"] == "long")
+    perf = data["performance"]
+    assert perf["long_ttft_s"]["n"] == 8 and perf["short_ttft_s"]["n"] == 8 and perf["prefill_tokens_per_s"] > 0
+    idle = got["cold-idle"]
+    assert idle["scheduler_idle"] and idle["flush_status"] == 200 and idle["memory_reached"]
+    assert data["memory"]["peak_mib"] > data["idle_memory"]["mib"] == 1000  # the load held KV, then let it go
+    # Both witnesses agree on a healthy run.
+    assert data["comparison"]["logprobs"]["status"] == "PASS" and data["comparison"]["tokens"]["status"] == "PASS"
+
+
+def test_reliability_cold_dummy_weights_radix_off_is_inconclusive(monkeypatch, tmp_path, tiny_model):
+    rc, data, got = _cold(monkeypatch, tmp_path, tiny_model, "--disable-radix-cache", "--dummy", weights="dummy")
+    assert data["radix_cache"] is False and data["compare"]["mode"] == "logprobs"
+    # A context does not move a dummy model's log-probabilities: equality proves nothing, and says so.
+    assert got["cold-isolation"]["status"] == "INCONCLUSIVE" and got["cold-equal-alone"]["status"] == "INCONCLUSIVE"
+    assert "cannot tell requests apart" in got["cold-isolation"]["message"]
+    assert all(got[n]["status"] == "PASS" for n in ("cold-idle", "cold-errors", "cold-prefills", "cold-crash"))
+    assert rc == 0
+
+
+def test_reliability_cold_catches_crossed_answers_and_leaks(monkeypatch, tmp_path, tiny_model):
+    rc, data, got = _cold(monkeypatch, tmp_path, tiny_model, "--compare", "logprobs", "--idle-timeout-s", "2",
+                          "--memory-slack-mib", "64",
+                          faults="swap,leak_finished")
+    assert rc == 1 and got["cold-isolation"]["status"] == "FAIL" and got["cold-equal-alone"]["status"] == "FAIL"
+    assert got["cold-isolation"]["counts"]["cross"] > 0 and data["comparison"]["tokens"]["status"] == "FAIL"
+    # Finished requests that keep their KV: the scheduler never goes idle and memory never comes back.
+    assert got["cold-idle"]["status"] == "FAIL" and not got["cold-idle"]["scheduler_idle"]
+    assert got["cold-idle"]["memory_reached"] is False
+
+
+def _soak_args(tiny_model, tmp_path, out, *extra):
+    return ["soak", "--model", str(tiny_model), "--out", str(out), "--clients", "4", "--prompts", "8",
+            "--length-range", "500-3000", "--continuation-tokens", "8", "--max-new-tokens", "4",
+            "--duration-s", "4", "--max-requests", "2000", "--segment-s", "2", "--memory-interval-s", "0.05",
+            "--disable-radix-cache",
+            "--idle-timeout-s", "20", "--log-dir", str(tmp_path / "logs"), "--startup-timeout-s", "60", *extra]
+
+
+def _soak_env(monkeypatch, tmp_path):
+    _stand_in(monkeypatch, tmp_path, SERVE_SCRIPT)
+    _fake_gpu(monkeypatch, tmp_path)
+    monkeypatch.setenv("FAKE_PREFILL_S_PER_TOKEN", "5e-5")
+    monkeypatch.setenv("FAKE_WEIGHTS", "real")
+    monkeypatch.setenv("FAKE_FAULTS", "")
+
+
+def test_reliability_soak_runs_in_resumable_segments(monkeypatch, tmp_path, tiny_model):
+    _soak_env(monkeypatch, tmp_path)
+    out = tmp_path / "soak.json"
+    assert reliability.main(_soak_args(tiny_model, tmp_path, out)) == 0
+    first = json.loads(out.read_text())
+    assert _statuses(out)["soak-progress"] == "INCONCLUSIVE"  # 2 of the 4 s: resume to go on
+    assert len(first["segments"]) == 1 and 2.0 <= first["segments"][0]["wall_s"] < 8.0
+    assert reliability.main(_soak_args(tiny_model, tmp_path, out, "--resume")) == 0
+    data = json.loads(out.read_text())
+    got = {c["name"]: c for c in data["checks"]}
+    assert [s["index"] for s in data["segments"]] == [0, 1] and data["references"] == first["references"]
+    assert got["soak-progress"]["status"] == "PASS", got["soak-progress"]["message"]
+    assert all(c["status"] == "PASS" for c in got.values()), {n: c["message"] for n, c in got.items()
+                                                              if c["status"] != "PASS"}
+    assert got["soak-cross-request"]["mismatches"] == 0 and got["soak-errors"]["errors"] == 0
+    total = sum(s["requests"] for s in data["segments"])
+    assert got["soak-progress"]["requests"] == total > 8 and data["performance"]["ttft_s"]["all"]["p99"] > 0
+    # Each launched segment had its own server: one trend per segment.
+    assert [t["series"] for t in got["soak-memory-trend"]["trends"]] == ["segment 0", "segment 1"]
+    # Nothing left to send: the checks are recomputed from the file without a server.
+    assert reliability.main(_soak_args(tiny_model, tmp_path, out, "--resume")) == 0
+    assert len(json.loads(out.read_text())["segments"]) == 2
+    with pytest.raises(SystemExit, match="settings differ"):
+        reliability.main(_soak_args(tiny_model, tmp_path, out, "--resume", "--prompts", "9", "--duration-s", "9"))
+
+
+def test_detached_server_serves_several_commands(monkeypatch, tmp_path, tiny_model):
+    _soak_env(monkeypatch, tmp_path)
+    state = tmp_path / "state" / "srv.json"
+    assert server.main(["start", "--state", str(state), "--backend", "minference", "--model", str(tiny_model),
+                        "--log-dir", str(tmp_path / "logs"), "--startup-timeout-s", "60"]) == 0
+    try:
+        srv = server.AttachedServer.from_state(state)
+        assert srv.alive() and srv.client().healthy() and server.main(["status", "--state", str(state)]) == 0
+        recycled = dataclasses.replace(srv, state={**srv.state, "proc_start_ticks": srv.state["proc_start_ticks"] + 1})
+        assert not recycled.alive()  # another process under the same pid is not ours to use or stop
+        out = tmp_path / "soak.json"
+        for extra in ([], ["--resume"]):
+            assert reliability.main(_soak_args(tiny_model, tmp_path, out, "--attach", str(state), *extra)) == 0
+        data = json.loads(out.read_text())
+        assert all(seg["server"]["attached"] and seg["server"]["pid"] == srv.pid for seg in data["segments"])
+        trends = next(c for c in data["checks"] if c["name"] == "soak-memory-trend")["trends"]
+        assert [t["series"] for t in trends] == [f"pid {srv.pid} at {srv.base_url}"]  # one series over both
+        with pytest.raises(SystemExit, match="backend"):
+            reliability.main(_soak_args(tiny_model, tmp_path, tmp_path / "x.json", "--attach", str(state),
+                                        "--backend", "fa3"))
+    finally:
+        assert server.main(["stop", "--state", str(state), "--copy-log-to", str(tmp_path / "kept")]) == 0
+    assert not srv.alive() and not server._group_running(srv.pid)
+    assert list((tmp_path / "kept").glob("server_minference_*.log"))
+    assert server.main(["status", "--state", str(state)]) == 1
+    with pytest.raises(server.ServerStartError, match="not running"):
+        with server.server_for(reliability.build_parser().parse_args(
+                _soak_args(tiny_model, tmp_path, tmp_path / "y.json", "--attach", str(state))), "minference",
+                log_path=tmp_path / "unused.log"):
+            pass
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Pieces of cold / serving / soak
+# ----------------------------------------------------------------------------------------------------------
+
+
+def test_percentiles_slopes_and_length_ranges():
+    from benchmarks.multiturn import argcheck, stats
+
+    assert stats.percentile([3, 1, 2], 50) == 2 and stats.percentile([], 50) is None
+    assert stats.percentile(list(range(101)), 99) == 99 and stats.percentile([1, 2], 50) == 1.5
+    assert stats.latency_summary([1.0, 3.0])["mean"] == 2.0 and stats.latency_summary([])["p99"] is None
+    assert stats.linear_slope([0, 1, 2], [1, 3, 5]) == 2 and stats.linear_slope([1, 1], [0, 5]) is None
+    with pytest.raises(ValueError, match="q"):
+        stats.percentile([1], 101)
+    assert argcheck.parse_range("64K-128K") == (65536, 131072) and argcheck.parse_range("2K") == (2048, 2048)
+    assert argcheck.parse_lengths("8k,4096") == [8192, 4096]
+    for bad in ("128K-64K", "x-1", ""):
+        with pytest.raises(ValueError):
+            argcheck.parse_range(bad)
+
+
+def test_memory_trend_and_waiting_for_memory():
+    flat = [(t * 2.0, 1000 + (t % 3)) for t in range(40)]
+    leak = [(t * 2.0, 1000 + 10 * t) for t in range(40)]  # 300 MiB/min
+    assert gpu_memory.memory_trend(flat, slack_mib=64).status == "PASS"
+    bad = gpu_memory.memory_trend(leak, slack_mib=64)
+    assert bad.status == "FAIL" and abs(bad.slope_mib_per_min - 300) < 1e-6 and bad.projected_growth_mib > 64
+    # Early growth (pools filling) then flat: only the second half is judged.
+    settle = [(t * 2.0, 1000 + min(t, 10) * 50) for t in range(40)]
+    assert gpu_memory.memory_trend(settle, slack_mib=64).status == "PASS"
+    assert gpu_memory.memory_trend(flat[:3], slack_mib=64).status == "INCONCLUSIVE"
+    readings = iter(["900\n", "700\n", "500\n"])
+    reached, seen, _ = gpu_memory.wait_for_memory(lambda: next(readings), gpu=0, limit_mib=600, timeout_s=30,
+                                                  interval_s=0.01)
+    assert reached and seen == [900, 700, 500]
+    reached, seen, waited = gpu_memory.wait_for_memory(lambda: "900\n", gpu=0, limit_mib=600, timeout_s=0.1,
+                                                       interval_s=0.01)
+    assert not reached and waited >= 0.1
+    assert gpu_memory.wait_for_memory(lambda: "oops", gpu=0, limit_mib=1, timeout_s=5)[0] is False
+
+
+def test_logprob_attribution_and_separation():
+    refs = {"a": [None, -1.0, -2.0], "b": [None, -1.5, -2.5], "c": [None, -3.0, -0.5]}
+    att = lambda name, values, **kw: checks.attribute_logprobs(name, values, refs, tol=1e-3, **kw)  # noqa: E731
+    assert att("a", [None, -1.0, -2.0004]).verdict == "exact"
+    assert att("a", [None, -1.2, -2.0]).verdict == "drift"
+    crossed = att("a", [None, -1.5, -2.5])
+    assert crossed.verdict == "cross" and crossed.other == "b" and crossed.own_distance == pytest.approx(0.5)
+    assert att("a", [None, -1.0]).verdict == "drift"  # another length: infinitely far from everything
+    assert att("a", [None, float("nan"), -2.0]).verdict == "error"
+    assert att("a", [], error=None).verdict == "error" and att("a", None, error="HTTP 500").error == "HTTP 500"
+    assert checks.logprob_distance([None, 1.0], [0.5, 1.0]) == float("inf")
+    assert checks.separations(refs)["a"] == pytest.approx(0.5)
+    good = [att(n, list(v)) for n, v in refs.items()]
+    assert checks.logprob_check(good, refs, tol=1e-3).status == "PASS"
+    assert checks.logprob_check(good + [crossed], refs, tol=1e-3).status == "FAIL"
+    same = {n: [None, -11.76, -11.76] for n in "abc"}  # dummy weights: every context gives the same numbers
+    blind = checks.logprob_check([checks.attribute_logprobs(n, v, same, tol=1e-3) for n, v in same.items()], same,
+                                 tol=1e-3)
+    assert blind.status == "INCONCLUSIVE" and "cannot tell" in blind.message
+    with pytest.raises(ValueError, match="tol"):
+        checks.attribute_logprobs("a", [None], refs, tol=-1)
+
+
+def test_probes_are_seeded_and_share_one_continuation():
+    from benchmarks.multiturn import cold, probes
+
+    specs = [("long00", "long", 300), ("short00", "short", 20)]
+    a = probes.make_probes(specs, vocab_size=32000, seed=3, continuation_tokens=8)
+    b = probes.make_probes(list(reversed(specs)), vocab_size=32000, seed=3, continuation_tokens=8)
+    assert {p.name: p.prompt for p in a} == {p.name: p.prompt for p in b}  # a prompt depends on its own name only
+    assert a[0].continuation == a[1].continuation and len(a[0].continuation) == 8
+    assert len(a[0].input_ids) == 308 and a[0].prompt != probes.make_probes(specs, vocab_size=32000, seed=4,
+                                                                           continuation_tokens=8)[0].prompt
+    with pytest.raises(ValueError, match="distinct"):
+        probes.make_probes(specs + specs, vocab_size=32000, seed=0, continuation_tokens=8)
+    rng = __import__("random").Random(0)
+    lengths = probes.log_uniform_lengths(rng, 2000, 1024, 131072)
+    assert min(lengths) >= 1024 and max(lengths) <= 131072
+    assert 0.3 < sum(n < 11585 for n in lengths) / len(lengths) < 0.7  # half below the geometric middle
+    plan = cold.schedule([f"L{i}" for i in range(16)], [f"S{i}" for i in range(16)], 8)
+    assert plan[0] == ["L0", "S0", "L8", "S8"] and all(names[0].startswith("L") for names in plan)
+    assert sorted(n for names in plan for n in names) == sorted([f"L{i}" for i in range(16)] +
+                                                                 [f"S{i}" for i in range(16)])
+    assert cold.peak_overlap([(0, 2), (1, 3), (2, 4), (5, 6)]) == 2 and cold.peak_overlap([]) == 0
+
+
+def test_client_control_endpoints_and_logprobs():
+    from benchmarks.multiturn import probes
+    from benchmarks.multiturn.client import new_rid
+
+    with FakeSGLang(token_respond, prefill_s_per_token=2e-3) as fake:
+        client = SGLangClient(fake.url, timeout_s=60)
+        p = probes.make_probes([("x", "long", 600)], vocab_size=32000, seed=0, continuation_tokens=6)[0]
+        o = probes.send(client, p, max_new_tokens=3)
+        req = fake.requests[-1]
+        assert req["return_logprob"] is True and req["logprob_start_len"] == 600 and len(req["rid"]) == 32
+        assert o.ok and len(o.logprobs) == 6 and o.logprobs == context_logprobs(p.input_ids, 600)
+        assert o.output_ids == token_respond(p.input_ids, 3)[1] and o.ttft_s > 1.0
+        # /flush_cache refuses while a request runs, waits with ?timeout=, and /v1/loads shows the request.
+        rid = new_rid()
+        t = threading.Thread(target=lambda: client.generate(list(range(100, 1600)), max_new_tokens=2, rid=rid))
+        t.start()
+        deadline = time.monotonic() + 30
+        while not client.loads()[0]["num_running_reqs"] and time.monotonic() < deadline:
+            time.sleep(0.05)
+        load = client.loads()[0]
+        assert load["num_running_reqs"] == 1 and load["num_used_tokens"] == 1500
+        assert client.flush_cache_once()[0] == 400
+        assert client.flush_cache_once(wait_idle_s=60) == (200, client.flush_cache_once()[1])
+        t.join()
+        idle, _, loads = client.wait_idle(timeout_s=10)
+        assert idle and loads[0]["num_used_tokens"] == 0
+        # /abort_request by rid: the streamed request ends with an abort before its first token.
+        box = {}
+        rid = new_rid()
+        t = threading.Thread(target=lambda: box.update(r=client.generate(list(range(100, 2600)), max_new_tokens=2,
+                                                                         rid=rid)))
+        t.start()
+        time.sleep(0.5)
+        assert client.abort_request(rid[:8]) == (200, "")  # SGLang matches rids by prefix
+        t.join()
+        assert "abort" in box["r"].error.lower() and box["r"].completion_tokens == 0
+        assert client.abort_request("")[0] == 200 and client.post("/abort_request", b"{")[0] == 400
+        # Log-probabilities that do not cover this probe's continuation are an error, not a result.
+        fake.logprobs = lambda ids, start: [-1.0, -1.0]
+        q = probes.make_probes([("y", "short", 50)], vocab_size=32000, seed=0, continuation_tokens=4)[0]
+        bad = probes.send(client, q, max_new_tokens=1)
+        assert not bad.ok and "not this request's 4-token continuation" in bad.error
+
+
+def test_checks_are_saved_as_they_are_made(tmp_path):
+    from benchmarks.multiturn.checklist import Checks
+
+    saved = []
+    c = Checks(on_add=lambda: saved.append(len(c.items)))
+    c.add("a", "PASS", "fine")
+    c.add("b", "INCONCLUSIVE", "unsure")
+    assert saved == [1, 2] and not c.failed
+    c.add("c", "FAIL", "broken", detail=1)
+    assert c.failed and c.items[-1]["detail"] == 1
+    with pytest.raises(ValueError, match="status"):
+        c.add("d", "OK", "not a status")
+
+
+def test_http_side_imports_no_torch():
+    # The client and the harness drive servers from a process that must not need (or pay for) torch.
+    modules = ["client", "server", "reliability", "run", "cold", "serving", "soak", "probes", "checks", "harness",
+               "sessions", "prompts", "workload", "results", "gpu_memory", "stats", "argcheck", "checklist",
+               "tokenization"]
+    code = ("import sys\n" + "".join(f"import benchmarks.multiturn.{m}\n" for m in modules) +
+            "heavy = sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'sgl_minference', 'transformers'))\n"
+            "print(heavy)\nsys.exit(1 if heavy else 0)\n")
+    import subprocess
+
+    proc = subprocess.run([sys.executable, "-c", code], cwd=TESTS_DIR.parent, capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
+def test_compare_puts_cold_results_side_by_side(tmp_path, capsys):
+    def result(backend, peak, p50, statuses):
+        return {"kind": "reliability-cold", "args": {"backend": backend}, "memory": {"peak_mib": peak},
+                "performance": {"wall_s": 10.0, "long_ttft_s": {"n": 16, "p50": p50, "p99": 2 * p50},
+                                "prefill_tokens_per_s": 1e6 / p50},
+                "checks": [{"name": n, "status": st, "message": ""} for n, st in statuses.items()]}
+
+    sparse, dense, out = tmp_path / "s.json", tmp_path / "d.json", tmp_path / "c.json"
+    dense.write_text(json.dumps(result("fa3", 70000, 3.0, {"cold-errors": "PASS", "cold-equal-alone": "FAIL"})))
+    sparse.write_text(json.dumps(result("minference", 70100, 1.5, {"cold-errors": "PASS", "cold-equal-alone": "FAIL"})))
+    assert reliability.main(["compare", "--sparse", str(sparse), "--dense", str(dense), "--out", str(out)]) == 0
+    data = json.loads(out.read_text())
+    assert data["performance"]["long_ttft_s p50"] == {"sparse": 1.5, "dense": 3.0}
+    assert data["statuses"]["cold-equal-alone"] == {"sparse": "FAIL", "dense": "FAIL"}
+    assert {c["name"]: c["status"] for c in data["checks"]} == {"memory-vs-dense": "PASS", "checks-vs-dense": "PASS"}
+    assert "failing with both: ['cold-equal-alone']" in data["checks"][1]["message"]
+    assert "long_ttft_s p50" in capsys.readouterr().out
+    sparse.write_text(json.dumps(result("minference", 70100, 1.5, {"cold-errors": "FAIL", "cold-equal-alone": "FAIL"})))
+    assert reliability.main(["compare", "--sparse", str(sparse), "--dense", str(dense), "--out", str(out)]) == 1
+    message = json.loads(out.read_text())["checks"][1]["message"]
+    assert "failing only with the sparse backend: ['cold-errors']" in message
+    load = tmp_path / "load.json"
+    load.write_text(json.dumps({"kind": "reliability-load", "memory": {"peak_mib": 1}}))
+    with pytest.raises(SystemExit, match="reliability-load"):
+        reliability.main(["compare", "--sparse", str(load), "--dense", str(dense), "--out", str(out)])
+
+
+def test_back_to_idle_without_a_gpu_is_inconclusive(monkeypatch):
+    from benchmarks.multiturn import harness
+    from benchmarks.multiturn.checklist import Checks
+
+    def no_gpu():
+        raise FileNotFoundError("nvidia-smi")
+
+    monkeypatch.setattr(gpu_memory, "read_memory_text", no_gpu)
+    mib, readings, error = harness.idle_memory(gpu=0, samples=2, interval_s=0.01)
+    assert mib is None and readings == [] and "nvidia-smi" in error
+    with FakeSGLang(token_respond) as fake:
+        c = Checks()
+        result = harness.back_to_idle(c, "x-idle", SGLangClient(fake.url), gpu=0, idle_mib=None, slack_mib=64,
+                                      timeout_s=10)
+    assert c.items[0]["status"] == "INCONCLUSIVE" and result["scheduler_idle"] and result["flush_status"] == 200

@@ -6,7 +6,21 @@ holds ``output_ids`` (the whole output so far; only the new ids with ``--increme
 ``text`` (absent under ``--skip-tokenizer-init``) and ``meta_info`` (``prompt_tokens``, ``cached_tokens``,
 ``completion_tokens``, ``finish_reason``, ...). The time to the first chunk is the time to first token.
 Errors: a non-200 status with ``{"error": {"message"}}`` (or ``{"message"}``); inside a stream, a chunk with an
-``error`` object or a ``finish_reason`` of type ``abort``.
+``error`` object or a ``finish_reason`` of type ``abort``. SGLang raises its request checks (empty ``input_ids``,
+a prompt over the context length, a negative ``max_new_tokens``) inside the response generator, so a streamed
+request gets them as HTTP 200 with one ``error`` chunk and a plain one as HTTP 400; a body FastAPI cannot parse
+(malformed JSON, wrong field types) gets 400 ``{"object": "error", "message", "type", "code"}``.
+
+With ``return_logprob`` and ``logprob_start_len = L``, ``meta_info.input_token_logprobs`` lists
+``[logprob, token_id, text]`` for the prompt positions from ``L`` on: the log-probability the model gave each
+of those input tokens after the tokens before it (None where it has none). SGLang recomputes those positions,
+so at most ``L`` prompt tokens come from the radix cache.
+
+Control endpoints: ``POST /flush_cache[?timeout=S]`` (200 once the cache is emptied; 400 while requests run,
+or, with a timeout, after waiting that long for the server to go idle); ``POST /abort_request`` with
+``{"rid": ..., "abort_all": false}`` (200; the scheduler aborts every request whose rid *starts with* the given
+one, so rids here are fixed-length hex); ``GET /v1/loads?include=core`` (per scheduler: running and waiting
+requests, ``num_used_tokens`` = KV slots held by live requests, radix-cache entries not counted).
 
 Only loopback servers are accepted: the benchmarks and load checks must never leave the machine.
 """
@@ -18,9 +32,10 @@ import json
 import socket
 import time
 import urllib.parse
+import uuid
 from dataclasses import dataclass, field
 
-from sgl_minference.layout import check
+from benchmarks.multiturn.argcheck import check
 
 LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1")
 
@@ -54,8 +69,13 @@ class Reply:
     def completion_tokens(self) -> int | None:
         return self.meta_info.get("completion_tokens")
 
+    @property
+    def input_logprobs(self) -> list[tuple[float | None, int]]:
+        """``(logprob, token id)`` of the prompt positions from ``logprob_start_len`` on ([] when not asked)."""
+        return [(entry[0], int(entry[1])) for entry in self.meta_info.get("input_token_logprobs") or []]
 
-def _error_text(body: bytes) -> str:
+
+def error_text(body: bytes) -> str:
     """The message of an SGLang error body, or the raw body."""
     try:
         data = json.loads(body)
@@ -68,6 +88,11 @@ def _error_text(body: bytes) -> str:
         if isinstance(err, str):
             return err
     return json.dumps(data)[:2000]
+
+
+def new_rid() -> str:
+    """A request id no other one starts with (SGLang aborts by rid prefix)."""
+    return uuid.uuid4().hex
 
 
 def _abort_message(meta_info: dict) -> str | None:
@@ -103,6 +128,21 @@ class SGLangClient:
         finally:
             conn.close()
 
+    def post(self, path: str, body: bytes | None = None, *, content_type: str | None = "application/json",
+             timeout_s: float | None = None) -> tuple[int, bytes]:
+        """``POST path`` with a raw ``body``: (status, response body); status 0 when the server cannot be reached
+        or hung up without answering."""
+        conn = self._connect(timeout_s)
+        headers = {"Content-Type": content_type} if content_type else {}
+        try:
+            conn.request("POST", path, body=body, headers=headers)
+            resp = conn.getresponse()
+            return resp.status, resp.read()
+        except (OSError, http.client.HTTPException):
+            return 0, b""
+        finally:
+            conn.close()
+
     def healthy(self, *, timeout_s: float = 30.0) -> bool:
         """``GET /health_generate``: the server ran (or is running) a one-token generation."""
         return self.get("/health_generate", timeout_s=timeout_s)[0] == 200
@@ -112,8 +152,47 @@ class SGLangClient:
         (``max_total_num_tokens``, ``max_req_input_len``)."""
         status, body = self.get("/server_info")
         if status != 200:
-            raise RuntimeError(f"/server_info answered {status}: {_error_text(body)}")
+            raise RuntimeError(f"/server_info answered {status}: {error_text(body)}")
         return json.loads(body)
+
+    def flush_cache_once(self, *, wait_idle_s: float | None = None) -> tuple[int, str]:
+        """One ``POST /flush_cache``: (status, SGLang's message). With ``wait_idle_s`` the server waits up to that
+        long for its running requests to finish before flushing (``?timeout=``); without, it refuses (400) while
+        any request runs."""
+        path = "/flush_cache" if wait_idle_s is None else f"/flush_cache?timeout={wait_idle_s:g}"
+        status, body = self.post(path, content_type=None, timeout_s=(wait_idle_s or 0) + 60)
+        return status, body.decode(errors="replace").strip()
+
+    def abort_request(self, rid: str = "", *, abort_all: bool = False) -> tuple[int, str]:
+        """``POST /abort_request``: (status, body text). SGLang answers 200 at once and aborts in the background;
+        an empty ``rid`` without ``abort_all`` is ignored."""
+        status, body = self.post("/abort_request", json.dumps({"rid": rid, "abort_all": abort_all}).encode())
+        return status, body.decode(errors="replace").strip()
+
+    def loads(self) -> list[dict]:
+        """``GET /v1/loads?include=core``: one dict per scheduler (``num_running_reqs``, ``num_waiting_reqs``,
+        ``num_used_tokens``, ``max_total_num_tokens``, ...)."""
+        status, body = self.get("/v1/loads?include=core")
+        if status != 200:
+            raise RuntimeError(f"/v1/loads answered {status}: {error_text(body)}")
+        return list(json.loads(body)["loads"])
+
+    def wait_idle(self, *, timeout_s: float, interval_s: float = 0.25) -> tuple[bool, float, list[dict]]:
+        """Poll ``/v1/loads`` until no request runs or waits and no KV slot is held by one (the scheduler
+        publishes its load when it goes idle). Returns (idle, seconds waited, the last loads)."""
+        t0 = time.monotonic()
+        last: list[dict] = []
+        while True:
+            try:
+                last = self.loads()
+            except (RuntimeError, ValueError, KeyError):
+                last = []
+            idle = bool(last) and all(d.get("num_running_reqs", 0) == 0 and d.get("num_waiting_reqs", 0) == 0
+                                      and d.get("num_used_tokens", 0) == 0 for d in last)
+            waited = time.monotonic() - t0
+            if idle or waited >= timeout_s:
+                return idle, waited, last
+            time.sleep(interval_s)
 
     def flush_cache(self, timeout_s: float = 60.0) -> bool:
         """``POST /flush_cache``: empties the radix cache. SGLang refuses while requests still run (one that just
@@ -138,26 +217,33 @@ class SGLangClient:
     @staticmethod
     def payload(
         input_ids: list[int], *, max_new_tokens: int, stop: list[str] | None = None, ignore_eos: bool = False,
-        stream: bool = True,
+        stream: bool = True, rid: str | None = None, logprob_start_len: int | None = None,
     ) -> dict:
-        """The ``/generate`` body of a greedy request."""
+        """The ``/generate`` body of a greedy request; ``logprob_start_len`` asks for the input log-probabilities
+        from that prompt position on."""
         sampling = {"temperature": 0.0, "max_new_tokens": max_new_tokens, "ignore_eos": ignore_eos}
         if stop:
             sampling["stop"] = list(stop)
-        return {"input_ids": list(input_ids), "sampling_params": sampling, "stream": stream}
+        body = {"input_ids": list(input_ids), "sampling_params": sampling, "stream": stream}
+        if rid is not None:
+            body["rid"] = rid
+        if logprob_start_len is not None:
+            body.update(return_logprob=True, logprob_start_len=logprob_start_len)
+        return body
 
     def generate(self, input_ids: list[int], *, max_new_tokens: int, stop: list[str] | None = None,
-                 ignore_eos: bool = False, stream: bool = True) -> Reply:
+                 ignore_eos: bool = False, stream: bool = True, rid: str | None = None,
+                 logprob_start_len: int | None = None) -> Reply:
         """One greedy ``/generate`` call; never raises for server or transport errors (see ``Reply.error``)."""
         body = json.dumps(self.payload(input_ids, max_new_tokens=max_new_tokens, stop=stop, ignore_eos=ignore_eos,
-                                       stream=stream)).encode()
+                                       stream=stream, rid=rid, logprob_start_len=logprob_start_len)).encode()
         conn = self._connect()
         t0 = time.perf_counter()
         try:
             conn.request("POST", "/generate", body=body, headers={"Content-Type": "application/json"})
             resp = conn.getresponse()
             if resp.status != 200:
-                reply = Reply(status=resp.status, error=_error_text(resp.read()))
+                reply = Reply(status=resp.status, error=error_text(resp.read()))
             elif stream:
                 reply = self._read_stream(resp, t0)
             else:
@@ -206,13 +292,15 @@ class SGLangClient:
         reply.output_ids = ids
         return reply
 
-    def abandon_generate(self, input_ids: list[int], *, after_s: float, max_new_tokens: int = 8) -> dict:
+    def abandon_generate(self, input_ids: list[int], *, after_s: float, max_new_tokens: int = 8,
+                         ignore_eos: bool = False, rid: str | None = None) -> dict:
         """Send a streamed request and hang up after ``after_s`` seconds (a client leaving mid-prefill).
 
         Returns ``{"first_chunk_before_close": bool, "closed_after_s": float}``: False means no token had
         arrived, i.e. the server was still prefilling (or queueing) when the connection closed.
         """
-        body = json.dumps(self.payload(input_ids, max_new_tokens=max_new_tokens)).encode()
+        body = json.dumps(self.payload(input_ids, max_new_tokens=max_new_tokens, ignore_eos=ignore_eos,
+                                       rid=rid)).encode()
         conn = self._connect()
         t0 = time.perf_counter()
         got_chunk = False

@@ -1,17 +1,24 @@
-"""Reliability checks of a served attention backend: load, serving faults and bad configs.
+"""Reliability checks of a served attention backend: load, cold concurrent prefills, serving faults, a soak,
+and bad configs.
 
-Subcommands (each starts its own server on 127.0.0.1, prints one ``PASS``/``FAIL``/``INCONCLUSIVE`` line per
-check with what happened, and writes a results JSON with device, date and command):
+Subcommands (each starts its own server on 127.0.0.1, or uses a detached one with ``--attach``, prints one
+``PASS``/``FAIL``/``INCONCLUSIVE`` line per check with what happened, and writes a results JSON with device,
+date and command, rewritten after every check so that a command cut short keeps what it finished):
 
 * ``load``: ``--clients`` concurrent clients send a seeded mix of long (>= 64K) and short token-id requests
   until ``--max-requests`` were sent or ``--duration-s`` passed. Checks: the server survives; no response is
   another request's answer (each response against the same request sent alone, greedy, by output ids);
   GPU memory (nvidia-smi) stays bounded. Run it once per backend, then ``compare`` the memory peaks.
-* ``serving``: a prompt over the context length gets an HTTP error and the server keeps serving; a client
-  that hangs up mid-prefill leaves the server serving and the next request correct.
+* ``cold``: many distinct long prompts prefilling at once on an empty cache, short ones in between; every
+  output against the same request alone; memory back to idle; TTFT and throughput (``cold.py``).
+* ``serving``: malformed bodies, empty prompts, ``max_new_tokens`` 0, an over-long prompt, ``/flush_cache``
+  and ``/abort_request`` during a prefill, repeated client hang-ups mid-prefill (``serving.py``).
+* ``soak``: a long mixed load in resumable segments: errors, TTFT, cross-request answers, memory trend
+  (``soak.py``).
 * ``faults``: a malformed config file, a config for another model shape, an unknown pattern name and zero
   budgets must each stop startup with a message naming the problem (exit code and message recorded).
-* ``compare``: peak memory of a sparse ``load`` result against a dense one.
+* ``compare``: a sparse result against a dense one of the same subcommand (memory peaks; for ``cold`` and
+  ``soak`` also TTFT, throughput and the check statuses side by side).
 """
 
 from __future__ import annotations
@@ -27,38 +34,17 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from benchmarks.multiturn import cold, serving, soak
+from benchmarks.multiturn.argcheck import check
+from benchmarks.multiturn.checklist import Checks
 from benchmarks.multiturn.checks import attribute, cross_check
 from benchmarks.multiturn.client import Reply, SGLangClient
 from benchmarks.multiturn.gpu_memory import MemoryPoller, bounded_memory
+from benchmarks.multiturn.harness import log_path, server_failed, vocab_size
 from benchmarks.multiturn.results import envelope, write_json
-from benchmarks.multiturn.server import (ServerStartError, add_server_arguments, attempt_startup, launched_server,
-                                         log_tail, model_config, spec_from_args)
+from benchmarks.multiturn.server import (ServerStartError, add_server_arguments, attempt_startup, log_problems,
+                                         log_size, log_tail, model_config, server_for, spec_from_args)
 from benchmarks.multiturn.workload import token_id_range
-from sgl_minference.layout import check
-
-
-# ----------------------------------------------------------------------------------------------------------
-# Reporting
-# ----------------------------------------------------------------------------------------------------------
-
-
-class Checks:
-    """Collects check results and prints each as ``STATUS name: message``."""
-
-    def __init__(self) -> None:
-        self.items: list[dict] = []
-
-    def add(self, name: str, status: str, message: str, **details) -> None:
-        print(f"{status} {name}: {message}", flush=True)
-        self.items.append({"name": name, "status": status, "message": message, **details})
-
-    @property
-    def failed(self) -> bool:
-        return any(c["status"] == "FAIL" for c in self.items)
-
-
-def _server_failed(checks: Checks, name: str, err: ServerStartError) -> None:
-    checks.add(name, "FAIL", f"server did not start (exit code {err.exit_code})", log_tail=err.log_tail)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -97,34 +83,6 @@ def _alone(client: SGLangClient, ids: list[int], max_new_tokens: int) -> Reply:
     return client.generate(ids, max_new_tokens=max_new_tokens, ignore_eos=True)
 
 
-def _vocab(args) -> int:
-    vocab = args.vocab_size or model_config(args.model).get("vocab_size")
-    if not vocab:
-        raise SystemExit("--vocab-size: needed (no config.json with vocab_size in --model)")
-    return int(vocab)
-
-
-def _log_path(args, what: str) -> Path:
-    return Path(args.log_dir) / f"reliability_{what}_{args.backend}_{time.strftime('%Y%m%d_%H%M%S')}.log"
-
-
-def _log_size(path: Path) -> int:
-    try:
-        return Path(path).stat().st_size
-    except OSError:
-        return 0
-
-
-def _tracebacks(path: Path, since: int) -> int:
-    """Python tracebacks the server logged after byte ``since`` of its log (startup noise excluded)."""
-    try:
-        with open(path, "rb") as f:
-            f.seek(since)
-            return f.read().decode(errors="replace").count("Traceback (most recent call last)")
-    except OSError:
-        return 0
-
-
 # ----------------------------------------------------------------------------------------------------------
 # load
 # ----------------------------------------------------------------------------------------------------------
@@ -160,13 +118,12 @@ def run_load(client: SGLangClient, mix: list[LoadRequest], *, clients: int, max_
 
 
 def cmd_load(args, checks: Checks, out: dict) -> None:
-    mix = load_mix(vocab_size=_vocab(args), long_tokens=args.long_tokens, short_tokens=args.short_tokens,
+    mix = load_mix(vocab_size=vocab_size(args), long_tokens=args.long_tokens, short_tokens=args.short_tokens,
                    long_contexts=args.long_contexts, variants=args.variants, shorts=args.shorts, seed=args.seed)
-    log = _log_path(args, "load")
+    log = log_path(args, "load")
     try:
-        with launched_server(spec_from_args(args, args.backend), log_path=log,
-                             startup_timeout_s=args.startup_timeout_s) as srv:
-            out["server"] = {"command": srv.command, "startup_s": srv.startup_s, "log": str(log)}
+        with server_for(args, args.backend, log_path=log) as srv:
+            out["server"] = srv.describe()
             client = srv.client(timeout_s=args.request_timeout_s)
             t0 = time.monotonic()
             refs = {r.name: _alone(client, r.input_ids, args.max_new_tokens) for r in mix}
@@ -177,7 +134,7 @@ def cmd_load(args, checks: Checks, out: dict) -> None:
                 return
             references = {n: r.output_ids for n, r in refs.items()}
             client.flush_cache()
-            log_start = _log_size(log)
+            log_start = log_size(srv.log_path)
             with MemoryPoller(gpu=args.gpu, interval_s=args.memory_interval_s) as mem:
                 time.sleep(2 * args.memory_interval_s)  # idle samples before the load starts
                 idle = mem.values()
@@ -186,19 +143,19 @@ def cmd_load(args, checks: Checks, out: dict) -> None:
                                 duration_s=args.duration_s, max_new_tokens=args.max_new_tokens, seed=args.seed)
                 elapsed = time.monotonic() - t0
             alive, healthy = srv.alive(), client.healthy()
-            tb = _tracebacks(log, log_start)
+            problems = log_problems(srv.log_path, log_start)
     except ServerStartError as e:
-        _server_failed(checks, "load", e)
+        server_failed(checks, "load", e)
         return
 
     longs = sum(name.startswith("long") for name, _ in done)
     ttfts = sorted(r.ttft_s for _, r in done if r.ok and r.ttft_s is not None)
     out["load"] = {"requests": len(done), "long_requests": longs, "elapsed_s": elapsed,
                    "ttft_p50_s": ttfts[len(ttfts) // 2] if ttfts else None, "ttft_max_s": ttfts[-1] if ttfts else None}
-    status = "PASS" if alive and healthy and tb == 0 else "FAIL"
+    status = "PASS" if alive and healthy and not any(problems.values()) else "FAIL"
     checks.add("load-crash", status, f"{len(done)} requests ({longs} of {args.long_tokens} tokens) from "
                f"{args.clients} clients in {elapsed:.0f} s; server alive={alive}, healthy={healthy}, "
-               f"tracebacks in log={tb}")
+               f"in its log since the load: {problems}", **problems)
 
     attributions = [attribute(name, r.output_ids, references, r.error) for name, r in done]
     cc = cross_check(attributions, references)
@@ -214,69 +171,6 @@ def cmd_load(args, checks: Checks, out: dict) -> None:
     out["memory"] = {"idle_mib": idle, "samples": mem.samples, **dataclasses.asdict(verdict)}
     checks.add("load-memory", verdict.status, f"{verdict.message}; idle {max(idle, default=None)} MiB",
                peak_mib=verdict.peak_mib)
-
-
-# ----------------------------------------------------------------------------------------------------------
-# serving: over-long prompt, client disconnect
-# ----------------------------------------------------------------------------------------------------------
-
-
-def cmd_serving(args, checks: Checks, out: dict) -> None:
-    vocab = _vocab(args)
-    rng = random.Random(f"sgl-minference-serving:{args.seed}")
-    low, high = token_id_range(vocab)
-    probe = [rng.randrange(low, high) for _ in range(args.short_tokens)]
-    log = _log_path(args, "serving")
-    try:
-        with launched_server(spec_from_args(args, args.backend), log_path=log,
-                             startup_timeout_s=args.startup_timeout_s) as srv:
-            out["server"] = {"command": srv.command, "startup_s": srv.startup_s, "log": str(log)}
-            log_start = _log_size(log)
-            client = srv.client(timeout_s=args.request_timeout_s)
-            info = client.server_info()
-            max_input = int(info["max_req_input_len"])
-            context_len = info.get("context_length") or model_config(args.model).get("max_position_embeddings") or 0
-            out["limits"] = {"max_req_input_len": max_input, "context_length": context_len}
-            ref = _alone(client, probe, args.max_new_tokens)
-            if not ref.ok:
-                checks.add("serving-probe", "FAIL", f"the probe request failed on a fresh server: {ref.error}")
-                return
-
-            def still_serving() -> tuple[bool, str]:
-                again = _alone(client, probe, args.max_new_tokens)
-                ok = client.healthy() and again.ok and again.output_ids == ref.output_ids
-                why = ("probe output matches its reference" if ok else
-                       f"probe error={again.error}, matches={again.output_ids == ref.output_ids}")
-                return ok, why
-
-            # Over-long prompt: beyond the context length (and the scheduler's input limit).
-            n = max(int(context_len), max_input + 6) + 16
-            reply = client.generate([rng.randrange(low, high) for _ in range(n)], max_new_tokens=4, stream=False)
-            ok, why = still_serving()
-            refused = reply.status >= 400 and reply.error is not None
-            checks.add("serving-overlong", "PASS" if refused and ok else "FAIL",
-                       f"{n}-token prompt -> HTTP {reply.status} {reply.error!r}; afterwards {why}",
-                       prompt_tokens=n, http_status=reply.status, error=reply.error)
-
-            # Client hang-ups during the prefill of the longest allowed prompt.
-            long_ids = [rng.randrange(low, high) for _ in range(min(args.long_tokens, max_input - 8))]
-            for after in args.disconnect_after_s:
-                gone = client.abandon_generate(long_ids, after_s=after)
-                time.sleep(1.0)  # let the server notice the closed connection
-                ok, why = still_serving()
-                mid = not gone["first_chunk_before_close"]
-                status = ("PASS" if mid else "INCONCLUSIVE") if ok else "FAIL"
-                checks.add(f"serving-disconnect-{after:g}s", status,
-                           f"{len(long_ids)}-token request closed after {gone['closed_after_s']:.2f} s, "
-                           f"{'before its first token (mid-prefill)' if mid else 'after its first token arrived'}; "
-                           f"afterwards {why}", **gone)
-            alive = srv.alive()
-            tb = _tracebacks(log, log_start)
-    except ServerStartError as e:
-        _server_failed(checks, "serving", e)
-        return
-    checks.add("serving-crash", "PASS" if alive else "FAIL", f"server alive={alive} after the checks; "
-               f"tracebacks in log={tb}", tracebacks=tb)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -347,7 +241,7 @@ def cmd_faults(args, checks: Checks, out: dict) -> None:
         # A neutral file name: the path shows up in the log and must not match the expected message itself.
         path = folder / f"bad_config_{i}.json"
         path.write_text(fault.content)
-        log = _log_path(args, f"fault_{name}")
+        log = log_path(args, f"fault_{name}")
         outcome = attempt_startup(spec_from_args(args, args.backend, config_path=str(path)), log_path=log,
                                   timeout_s=args.startup_timeout_s)
         text = Path(log).read_text(errors="replace")
@@ -372,27 +266,76 @@ def cmd_faults(args, checks: Checks, out: dict) -> None:
 # ----------------------------------------------------------------------------------------------------------
 
 
+def _peak_mib(data: dict) -> int | None:
+    """Peak GPU memory of a load, cold or soak result."""
+    if (data.get("memory") or {}).get("peak_mib") is not None:
+        return data["memory"]["peak_mib"]
+    samples = [m for seg in data.get("segments") or [] for _, m in seg["memory"]["samples"]]
+    return max(samples, default=None)
+
+
+def _performance_rows(data: dict) -> dict[str, float | None]:
+    """The numbers a cold or soak result reports per backend, flattened for a side-by-side table."""
+    perf = data.get("performance") or {}
+    rows = {}
+    for key, value in perf.items():
+        if isinstance(value, dict) and "p50" in value:
+            rows[f"{key} p50"], rows[f"{key} p99"] = value["p50"], value["p99"]
+        elif isinstance(value, dict):  # soak: ttft_s per bucket
+            for sub, summary in value.items():
+                rows[f"{key} {sub} p50"], rows[f"{key} {sub} p99"] = summary["p50"], summary["p99"]
+        elif isinstance(value, (int, float)):
+            rows[key] = value
+    return rows
+
+
 def cmd_compare(args, checks: Checks, out: dict) -> None:
-    peaks = {}
-    for label, path in (("sparse", args.sparse), ("dense", args.dense)):
-        data = json.loads(Path(path).read_text())
-        peaks[label] = (data.get("memory") or {}).get("peak_mib")
-        if peaks[label] is None:
-            raise SystemExit(f"--{label}: {path} has no memory peak (not a finished load result)")
-    delta = peaks["sparse"] - peaks["dense"]
-    status = "PASS" if delta <= args.memory_slack_mib else "FAIL"
-    out["memory_peaks_mib"] = peaks
-    checks.add("memory-vs-dense", status, f"peak {peaks['sparse']} MiB (sparse) vs {peaks['dense']} MiB (dense): "
-               f"{delta:+d} MiB, allowed {args.memory_slack_mib}")
+    data = {"sparse": json.loads(Path(args.sparse).read_text()), "dense": json.loads(Path(args.dense).read_text())}
+    kinds = {label: d.get("kind") for label, d in data.items()}
+    if kinds["sparse"] != kinds["dense"]:
+        raise SystemExit(f"--dense: {args.dense} is a {kinds['dense']} result, {args.sparse} a {kinds['sparse']} one")
+    out["compared"] = {"kind": kinds["sparse"], "sparse": args.sparse, "dense": args.dense,
+                       "backends": {label: (d.get("args") or {}).get("backend") for label, d in data.items()}}
+
+    peaks = {label: _peak_mib(d) for label, d in data.items()}
+    if None in peaks.values():
+        if kinds["sparse"] == "reliability-load":
+            raise SystemExit(f"no memory peak in {[label for label, v in peaks.items() if v is None]} "
+                             f"(not a finished load result)")
+        checks.add("memory-vs-dense", "INCONCLUSIVE", f"no GPU memory samples: {peaks}")
+    else:
+        delta = peaks["sparse"] - peaks["dense"]
+        out["memory_peaks_mib"] = peaks
+        checks.add("memory-vs-dense", "PASS" if delta <= args.memory_slack_mib else "FAIL",
+                   f"peak {peaks['sparse']} MiB (sparse) vs {peaks['dense']} MiB (dense): {delta:+d} MiB, "
+                   f"allowed {args.memory_slack_mib}")
+    if kinds["sparse"] == "reliability-load":
+        return
+
+    rows = {label: _performance_rows(d) for label, d in data.items()}
+    table = {key: {"sparse": rows["sparse"].get(key), "dense": rows["dense"].get(key)}
+             for key in sorted(set(rows["sparse"]) | set(rows["dense"]))}
+    out["performance"] = table
+    print(f"{'':<34} {'sparse':>12} {'dense':>12}")
+    for key, v in table.items():
+        cell = lambda x: "-" if x is None else f"{x:12.4g}"  # noqa: E731
+        print(f"{key:<34} {cell(v['sparse']):>12} {cell(v['dense']):>12}")
+
+    statuses = {label: {c["name"]: c["status"] for c in d.get("checks") or []} for label, d in data.items()}
+    names = sorted(set(statuses["sparse"]) | set(statuses["dense"]))
+    side = {n: {"sparse": statuses["sparse"].get(n), "dense": statuses["dense"].get(n)} for n in names}
+    out["statuses"] = side
+    worse = [n for n, v in side.items() if v["sparse"] == "FAIL" and v["dense"] != "FAIL"]
+    both = [n for n, v in side.items() if v["sparse"] == "FAIL" and v["dense"] == "FAIL"]
+    listed = ", ".join(f"{n} {v['sparse']}/{v['dense']}" for n, v in side.items())
+    checks.add("checks-vs-dense", "FAIL" if worse else "PASS",
+               f"sparse/dense: {listed}" + (f"; failing only with the sparse backend: {worse}" if worse else "")
+               + (f"; failing with both: {both}" if both else ""))
 
 
 # ----------------------------------------------------------------------------------------------------------
 # CLI
 # ----------------------------------------------------------------------------------------------------------
-
-
-def _floats(text: str) -> list[float]:
-    return [float(x) for x in text.split(",") if x.strip()]
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -423,17 +366,24 @@ def build_parser() -> argparse.ArgumentParser:
     load.add_argument("--memory-interval-s", type=float, default=0.5)
     load.add_argument("--memory-slack-mib", type=int, default=512)
 
-    serving = sub.add_parser("serving", help="over-long prompt and client disconnects")
-    common(serving)
-    serving.add_argument("--long-tokens", type=int, default=131072, help="prompt abandoned mid-prefill (capped)")
-    serving.add_argument("--short-tokens", type=int, default=256, help="probe prompt")
-    serving.add_argument("--disconnect-after-s", type=_floats, default=[0.3, 1.0], help="comma list")
+    cold_ = sub.add_parser("cold", help="cold concurrent long prefills: errors, isolation, equality, idle memory, TTFT")
+    common(cold_)
+    cold.add_arguments(cold_)
+
+    serving_ = sub.add_parser("serving", help="bad clients: malformed bodies, empty and over-long prompts, "
+                                              "flush/abort during a prefill, disconnects")
+    common(serving_)
+    serving.add_arguments(serving_)
+
+    soak_ = sub.add_parser("soak", help="long mixed load in resumable segments: errors, TTFT, isolation, memory trend")
+    common(soak_)
+    soak.add_arguments(soak_)
 
     faults = sub.add_parser("faults", help="bad configs must stop startup with a clear message")
     common(faults)
     faults.add_argument("--faults", default="malformed,shape,pattern,budget")
 
-    cmp_ = sub.add_parser("compare", help="peak memory: sparse load result vs dense load result")
+    cmp_ = sub.add_parser("compare", help="a sparse result against a dense one of the same subcommand")
     cmp_.add_argument("--sparse", required=True)
     cmp_.add_argument("--dense", required=True)
     cmp_.add_argument("--memory-slack-mib", type=int, default=512)
@@ -441,13 +391,19 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-COMMANDS = {"load": cmd_load, "serving": cmd_serving, "faults": cmd_faults, "compare": cmd_compare}
+COMMANDS = {"load": cmd_load, "cold": cold.cmd_cold, "serving": serving.cmd_serving, "soak": soak.cmd_soak,
+            "faults": cmd_faults, "compare": cmd_compare}
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    checks = Checks()
     out = {**envelope(f"reliability-{args.command}"), "args": vars(args)}
+
+    def save() -> None:
+        out["checks"] = checks.items
+        write_json(args.out, out)
+
+    checks = Checks(on_add=save)
     try:
         COMMANDS[args.command](args, checks, out)
     finally:

@@ -1,8 +1,10 @@
-"""The header every results file of these scripts starts with, and atomic writing."""
+"""The header every results file of these scripts starts with, and atomic writing (no torch: the HTTP side of the
+benchmarks runs without it)."""
 
 from __future__ import annotations
 
 import datetime
+import importlib.metadata
 import json
 import os
 import platform
@@ -10,8 +12,26 @@ import shlex
 import sys
 from pathlib import Path
 
-from benchmarks.common import library_versions
 from benchmarks.multiturn.gpu_memory import device_description
+
+# reported name -> distribution names to try, first found wins (the names benchmarks/common.py reports)
+DISTRIBUTIONS = {"torch": ("torch",), "triton": ("triton",), "sglang": ("sglang",),
+                 "flashinfer": ("flashinfer-python",), "sgl_kernel": ("sglang-kernel", "sgl-kernel")}
+
+
+def library_versions() -> dict[str, str | None]:
+    """Installed versions of the libraries a served backend depends on (read from package metadata, not by
+    importing them); None for one that is not installed."""
+    out = {}
+    for name, dists in DISTRIBUTIONS.items():
+        out[name] = None
+        for dist in dists:
+            try:
+                out[name] = importlib.metadata.version(dist)
+                break
+            except importlib.metadata.PackageNotFoundError:
+                continue
+    return out
 
 
 def envelope(kind: str) -> dict:

@@ -28,7 +28,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-from benchmarks.common import parse_lengths
+from benchmarks.multiturn.argcheck import parse_lengths
 from benchmarks.multiturn.client import SGLangClient
 from benchmarks.multiturn.prompts import FORMATS, PromptFormat, make_format
 from benchmarks.multiturn.results import envelope, write_json

@@ -22,8 +22,8 @@ import uuid
 from dataclasses import dataclass, field
 from typing import Callable
 
+from benchmarks.multiturn.argcheck import check
 from benchmarks.multiturn.tokenization import Tokenizer
-from sgl_minference.layout import check
 
 QUERIES_PER_CONTEXT = 5
 TEXT_TASKS = ("kv", "passkey", "vt")
