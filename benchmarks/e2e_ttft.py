@@ -54,6 +54,7 @@ from pathlib import Path
 
 from benchmarks.common import (E2ERecord, add_record, add_run, causal_pairs, done_keys, load_results, median,
                                parse_lengths, save_results)
+from sgl_minference.cli import fail
 
 REPO = Path(__file__).resolve().parents[1]
 MODELS_DIR = REPO / "launch" / "models"
@@ -393,11 +394,13 @@ def resolve_model(name: str) -> tuple[str, Path]:
     if not path.is_dir():
         path = MODELS_DIR / name
     if not (path / "config.json").is_file():
-        raise SystemExit(f"--model: no config.json in {path}")
+        fail("python -m benchmarks.e2e_ttft", f"--model: no config.json in {path}")
     return path.name, path.resolve()
 
 
-def main(argv: list[str] | None = None) -> None:
+def main(argv: list[str] | None = None) -> int:
+    """Exit status 0 when some case succeeded (or none was left to run), 1 when every case failed; the results
+    file gets this run only once it has a successful record (a run that only failed leaves the file as it was)."""
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--worker-spec", help=argparse.SUPPRESS)
     ap.add_argument("--model", default="llama3-8b", help="directory under launch/models, or a path")
@@ -426,16 +429,20 @@ def main(argv: list[str] | None = None) -> None:
     args = ap.parse_args(argv)
     if args.worker_spec:
         worker(WorkerSpec(**json.loads(args.worker_spec)))
-        return
+        return 0
 
     deadline = time.monotonic() + args.budget_s
     model, model_dir = resolve_model(args.model)
     backends = [b.strip() for b in args.backends.split(",") if b.strip()]
     scenarios = plan_scenarios(parse_lengths(args.lengths), args.scenarios.split(","), parse_mixed(args.mixed))
-    engine_args = json.loads(args.engine_args)
+    try:
+        engine_args = json.loads(args.engine_args)
+        json.loads(args.minference_args or "{}")
+    except json.JSONDecodeError as e:
+        fail("python -m benchmarks.e2e_ttft", f"--engine-args / --minference-args: not JSON ({e})")
     structures = [x.strip() for x in args.structure.split(",") if x.strip()]
     if not structures or set(structures) - {"dummy", "synthetic"}:
-        raise SystemExit(f"--structure: {args.structure!r}, expected dummy and/or synthetic")
+        fail("python -m benchmarks.e2e_ttft", f"--structure: {args.structure!r}, expected dummy and/or synthetic")
     chunks = [int(x) for x in args.chunk_sizes.split(",") if x.strip()] or [engine_args.get("chunked_prefill_size")]
     results = load_results(args.out, "e2e")
     done = done_keys(results) if args.resume else set()
@@ -444,8 +451,7 @@ def main(argv: list[str] | None = None) -> None:
         "warmup_lens": parse_lengths(args.warmup_lens), "reps": args.reps, "rep_budget_s": args.rep_budget_s,
         "engine_args": engine_args, "minference_args": args.minference_args, "seed": args.seed,
         "structures": structures, "synthetic": args.synthetic, "chunk_sizes": chunks, "stats": args.stats})
-    save_results(args.out, results)
-
+    ran = ok = 0
     for backend, structure, chunk in variants(backends, structures, chunks):
         todo = pending(scenarios, done, model, backend, structure, chunk)
         if not todo:
@@ -467,8 +473,17 @@ def main(argv: list[str] | None = None) -> None:
         for rec in records_for_backend(lines, todo, run, model=model, backend=backend, exit_status=exit_status,
                                        exit_note=exit_note, structure=structure, chunk=chunk):
             add_record(results, rec)
-        save_results(args.out, results)
+            ran, ok = ran + 1, ok + (rec.status == "ok")
+        if ok:
+            save_results(args.out, results)
+    if not ran:
+        print(f"nothing to run: every case is already in {args.out}", flush=True)
+    elif not ok:
+        print(f"e2e_ttft: every one of the {ran} cases failed (see the log above); {args.out} was left as it was",
+              file=sys.stderr, flush=True)
+        return 1
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

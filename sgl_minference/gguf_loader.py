@@ -27,11 +27,15 @@ import json
 import os
 from pathlib import Path
 
+from .cli import fail
+from .cpu_torch import allow_torchvision_import
 from .layout import check
 
 # llama.cpp token types (tokenizer.ggml.token_type)
 NORMAL, UNKNOWN, CONTROL, USER_DEFINED, UNUSED, BYTE = 1, 2, 3, 4, 5, 6
 SPACE = "\u2581"  # SentencePiece's visible space
+GGUF_MAGIC = b"GGUF"
+NEEDS = ("accelerate", "gguf", "transformers")  # import names convert() needs (transformers' GGUF loading)
 
 
 def locate_gguf(source: str | os.PathLike) -> Path:
@@ -39,6 +43,8 @@ def locate_gguf(source: str | os.PathLike) -> Path:
     first; a package holding no ``.gguf`` file is imported and its ``assemble()`` called)."""
     path = Path(source)
     if path.is_file():
+        with open(path, "rb") as f:
+            check(f.read(4) == GGUF_MAGIC, "source", f"{path} is not a GGUF file (it does not start with 'GGUF')")
         return path
     name = str(source).replace("-", "_")
     check(name.isidentifier(), "source", f"{source!r} is neither a file nor an installed package name")
@@ -84,6 +90,7 @@ def sentencepiece_bpe(meta: dict):
     ``meta``: :func:`read_metadata` output with ``tokenizer.ggml.tokens`` / ``scores`` / ``token_type`` and the
     special token ids. See the module docstring for the rules.
     """
+    allow_torchvision_import()
     from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
@@ -125,33 +132,56 @@ def sentencepiece_bpe(meta: dict):
 
 
 def convert(source: str | os.PathLike, out_dir: str | os.PathLike, *, dtype: str = "bfloat16",
-            tokenizer: str = "auto") -> Path:
+            tokenizer: str = "auto", progress: bool = True) -> Path:
     """Write the HF model folder for ``source`` (a GGUF path or package) into ``out_dir``; returns ``out_dir``.
 
     ``tokenizer``: ``"auto"`` (rebuilt for SentencePiece vocabularies, transformers' conversion otherwise),
-    ``"sentencepiece"`` or ``"transformers"``.
+    ``"sentencepiece"`` or ``"transformers"``. ``progress``: a tqdm bar over the steps (Gemma-3-270M on a shared
+    2-core machine, 2026-12-01: 117 s, 26 s of it reading the metadata of its 262K-token vocabulary, 71 s
+    dequantising, which transformers shows per tensor).
     """
+    allow_torchvision_import()
     import torch
+    from tqdm.auto import tqdm
     from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
 
     check(tokenizer in ("auto", "sentencepiece", "transformers"), "tokenizer", f"unknown choice {tokenizer!r}")
     gguf_path = locate_gguf(source)
-    meta = read_metadata(gguf_path)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    model = AutoModelForCausalLM.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name,
-                                                 dtype=getattr(torch, dtype))
-    model.save_pretrained(out)
-    rebuild = tokenizer == "sentencepiece" or (tokenizer == "auto" and meta.get("tokenizer.ggml.model") == "llama")
-    tok = sentencepiece_bpe(meta) if rebuild else AutoTokenizer.from_pretrained(gguf_path.parent,
-                                                                                gguf_file=gguf_path.name)
-    tok.save_pretrained(out)
-    ids = {k: meta.get(f"tokenizer.ggml.{k}_token_id") for k in ("bos", "eos", "padding")}
-    GenerationConfig(bos_token_id=ids["bos"], eos_token_id=ids["eos"],
-                     pad_token_id=ids["padding"] if ids["padding"] is not None else ids["eos"]).save_pretrained(out)
-    (out / "gguf_source.json").write_text(json.dumps(
-        {"gguf": str(gguf_path), "tokenizer": "sentencepiece" if rebuild else "transformers", "dtype": dtype},
-        indent=1) + "\n")
+    steps = ["read metadata", "dequantise weights", "write safetensors", "build tokenizer", "write tokenizer"]
+    with tqdm(total=len(steps), unit="step", disable=not progress,
+              bar_format="{desc} ({n}/{total} steps, {elapsed})") as bar:
+
+        def step(name: str) -> None:
+            bar.set_description_str(f"{gguf_path.name}: {name}")
+
+        step("read metadata")
+        meta = read_metadata(gguf_path)
+        bar.update()
+        step("dequantise weights")
+        model = AutoModelForCausalLM.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name,
+                                                     dtype=getattr(torch, dtype))
+        bar.update()
+        step("write safetensors")
+        model.save_pretrained(out)
+        del model
+        bar.update()
+        step("build tokenizer")
+        rebuild = tokenizer == "sentencepiece" or (tokenizer == "auto" and meta.get("tokenizer.ggml.model") == "llama")
+        tok = sentencepiece_bpe(meta) if rebuild else AutoTokenizer.from_pretrained(gguf_path.parent,
+                                                                                    gguf_file=gguf_path.name)
+        bar.update()
+        step("write tokenizer")
+        tok.save_pretrained(out)
+        ids = {k: meta.get(f"tokenizer.ggml.{k}_token_id") for k in ("bos", "eos", "padding")}
+        GenerationConfig(bos_token_id=ids["bos"], eos_token_id=ids["eos"],
+                         pad_token_id=ids["padding"] if ids["padding"] is not None else ids["eos"]).save_pretrained(out)
+        (out / "gguf_source.json").write_text(json.dumps(
+            {"gguf": str(gguf_path), "tokenizer": "sentencepiece" if rebuild else "transformers", "dtype": dtype},
+            indent=1) + "\n")
+        bar.update()
+        step("done")
     return out
 
 
@@ -172,8 +202,19 @@ def main(argv=None) -> None:
     p.add_argument("out_dir", help="model folder to write")
     p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
     p.add_argument("--tokenizer", default="auto", choices=["auto", "sentencepiece", "transformers"])
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
     args = p.parse_args(argv)
-    out = convert(args.source, args.out_dir, dtype=args.dtype, tokenizer=args.tokenizer)
+    try:
+        gguf_path = locate_gguf(args.source)
+    except ValueError as e:
+        fail(p.prog, e)
+    out_dir = Path(args.out_dir)
+    if out_dir.exists() and not out_dir.is_dir():
+        fail(p.prog, f"out_dir: {out_dir} exists and is not a folder")
+    missing = [name for name in NEEDS if importlib.util.find_spec(name) is None]
+    if missing:
+        fail(p.prog, f"needs {', '.join(missing)}: pip install {' '.join(missing)} (or the package's [tools] extra)")
+    out = convert(gguf_path, out_dir, dtype=args.dtype, tokenizer=args.tokenizer, progress=not args.no_progress)
     print(f"wrote {out}: " + ", ".join(sorted(f.name for f in out.iterdir())))
 
 

@@ -18,6 +18,8 @@ from __future__ import annotations
 import logging
 import os
 
+from .cpu_torch import allow_torchvision_import
+
 logger = logging.getLogger(__name__)
 
 BACKEND_NAME = "minference"
@@ -36,6 +38,7 @@ _hook_registered = False
 def register() -> None:
     """Zero-argument plugin entry point; safe to call more than once in a process."""
     global _hook_registered
+    allow_torchvision_import()  # CPU-only torch (tests, CI): SGLang's import of torchvision fails without it
     from sglang.srt.layers.attention.attention_registry import register_attention_backend
     from sglang.srt.plugins.hook_registry import HookRegistry, HookType
     from sglang.srt.server_args import ATTENTION_BACKEND_CHOICES, add_attention_backend_choices

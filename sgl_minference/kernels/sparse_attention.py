@@ -13,6 +13,7 @@ import torch
 import triton
 import triton.language as tl
 
+from sgl_minference.kernels.interpreter import refuse_bf16
 from sgl_minference.kernels.kv_access import kv_args, kv_rows
 from sgl_minference.layout import BLOCK, BatchGeometry, KVSource, SparseLayout, check, check_queries_and_kv, check_tensor
 
@@ -200,6 +201,7 @@ def sparse_attention(q: torch.Tensor, kv: KVSource, layout: SparseLayout, geom: 
     the scaled scores; a row that attends no key gets ``o = 0`` and ``lse = -inf``.
     """
     _check_inputs(q, kv, layout, geom, out)
+    refuse_bf16(q=q)
     tokens, num_heads, head_dim = q.shape
     o = torch.empty_like(q) if out is None else out
     lse = torch.empty(tokens, num_heads, dtype=torch.float32, device=q.device)

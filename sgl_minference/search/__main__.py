@@ -17,16 +17,19 @@ from pathlib import Path
 
 import torch
 
+from ..cli import fail
+from ..cpu_torch import allow_torchvision_import
 from ..eval.tasks import make_sample
 from .candidates import budget_for, candidate_space
 from .capture import full_attention_layers
 from .searcher import ScoreSettings, layer_summary, search_model, to_config
 
 DEFAULT_MAX_LENGTH = 32768
+PROG = "python -m sgl_minference.search"
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m sgl_minference.search", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog=PROG, description=__doc__.split("\n\n")[0])
     p.add_argument("model", help="HF model folder, .gguf file, or pip package holding a GGUF")
     p.add_argument("--output", "-o", required=True, help="config file to write (JSON, sgl-minference/v1)")
     p.add_argument("--length", type=int, default=None,
@@ -62,22 +65,44 @@ def resolve_model(source: str, cache_dir: str | None = None) -> Path:
     return convert_cached(source, cache_dir)
 
 
+def check_model(prog: str, source: str) -> None:
+    """Exit with one line on stderr (status 2) unless ``source`` names a model folder or a GGUF (cheap: reads no
+    weights)."""
+    path = Path(source)
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            fail(prog, f"model: {path} is a folder without a config.json")
+        return
+    from ..gguf_loader import locate_gguf
+
+    try:
+        locate_gguf(source)
+    except ValueError as e:
+        fail(prog, str(e).replace("source: ", "model: ", 1))
+
+
 def main(argv=None) -> dict:
     args = parse_args(argv)
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    check_model(PROG, args.model)
+    allow_torchvision_import()
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     folder = resolve_model(args.model, args.cache_dir)
+    hf_config = AutoConfig.from_pretrained(folder)  # the search's shape first: a bad budget stops before the weights
+    text_cfg = hf_config.get_text_config()
+    max_len = getattr(text_cfg, "max_position_embeddings", DEFAULT_MAX_LENGTH)
+    length = args.length or min(max_len, DEFAULT_MAX_LENGTH)
+    layers = full_attention_layers(hf_config)
+    if not layers:
+        fail(PROG, f"model: {folder} has no full-attention layer to search")
+    try:
+        budget = args.budget or budget_for(length, args.density)
+        candidates = candidate_space(budget)
+    except ValueError as e:
+        fail(PROG, f"--budget / --density: {e}")
     tokenizer = AutoTokenizer.from_pretrained(folder)
     model = AutoModelForCausalLM.from_pretrained(folder, dtype=getattr(torch, args.dtype),
                                                  attn_implementation="sdpa").to(args.device).eval()
-    text_cfg = model.config.get_text_config()
-    max_len = getattr(text_cfg, "max_position_embeddings", DEFAULT_MAX_LENGTH)
-    length = args.length or min(max_len, DEFAULT_MAX_LENGTH)
-    layers = full_attention_layers(model.config)
-    if not layers:
-        raise SystemExit(f"{folder}: no full-attention layer to search")
-    budget = args.budget or budget_for(length, args.density)
-    candidates = candidate_space(budget)
     settings = ScoreSettings(row_block=args.row_block,
                              skip_rows=min(4096, length // 4) if args.skip_rows is None else args.skip_rows)
     sample = make_sample("kv_retrieval", tokenizer, length=length, depth=0.5, seed=args.seed)
