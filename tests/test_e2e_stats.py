@@ -105,7 +105,7 @@ def test_worker_attaches_the_median_repetitions_stats(tmp_path, monkeypatch):
     assert "sparse_stats" not in json.loads((tmp_path / "dense.jsonl").read_text().splitlines()[0])
 
 
-def test_parent_runs_each_structure_and_chunk_size_and_resumes_by_them(tmp_path, monkeypatch):
+def test_parent_runs_each_structure_and_chunk_size_and_resumes_by_them(tmp_path, monkeypatch, capsys):
     model_dir = tmp_path / "tiny-model"
     model_dir.mkdir()
     (model_dir / "config.json").write_text(json.dumps({"vocab_size": 1000}))
@@ -133,8 +133,9 @@ def test_parent_runs_each_structure_and_chunk_size_and_resumes_by_them(tmp_path,
     calls.clear()
     e2e_ttft.main(argv + ["--resume"])
     assert calls == [("minference", "synthetic", 32768, True)]
-    with pytest.raises(SystemExit, match="--structure"):
+    with pytest.raises(SystemExit) as exit_info:
         e2e_ttft.main(argv[:-2] + ["--structure", "real", "--out", str(out)])
+    assert exit_info.value.code == 2 and "--structure: 'real'" in capsys.readouterr().err
 
 
 def stats_results() -> dict:
