@@ -9,7 +9,8 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
-from sgl_minference.kernels.estimate import _head_slots, lastq_scores, pool_keys  # noqa: E402
+from sgl_minference.kernels import estimate  # noqa: E402
+from sgl_minference.kernels.estimate import LastqLaunch, _head_slots, lastq_scores, pool_keys  # noqa: E402
 from sgl_minference.layout import BLOCK, BatchGeometry, KVSource  # noqa: E402
 from sgl_minference.patterns import (HeadSet, build_a_shape, build_block_sparse, build_dense,  # noqa: E402
                                      build_vertical_slash, concat_heads, estimate_vertical_slash)
@@ -118,14 +119,37 @@ def test_lastq_scores_match_torch(seq_q, seq_k, hq, hk, d, paged, heads):
     geom, q, kv = make_batch(seq_q, seq_k, hq, hk, d, paged=paged)
     hs = heads_of(hq, hk, heads)
     col, diag = lastq_scores(q, kv, geom, hs.q_head, hs.kv_head, sm_scale=1 / math.sqrt(d), last_q=64)
-    assert col.shape == diag.shape == (len(seq_k), len(hs.heads), max(seq_k))
-    for r, sk in enumerate(seq_k):
+    assert_lastq_matches(q, kv, geom, hs, col, diag, hq // hk)
+
+
+
+def assert_lastq_matches(q, kv, geom, hs, col, diag, group):
+    assert col.shape == diag.shape == (geom.num_requests, len(hs.heads), geom.max_seqlen_k)
+    for r, sk in enumerate(geom.seq_lens_k_cpu):
         qr, kr = request_qk(q, kv, geom, r)
-        ref_col, ref_diag = reference_scores(qr, kr, 64, hq // hk)
+        ref_col, ref_diag = reference_scores(qr, kr, 64, group)
         torch.testing.assert_close(col[r, :, :sk].cpu(), ref_col[hs.heads], atol=3e-3, rtol=1e-3)
         torch.testing.assert_close(diag[r, :, :sk].cpu(), ref_diag[hs.heads], atol=3e-3, rtol=1e-3)
         assert (col[r, :, sk:] == -1).all() and (diag[r, :, sk:] == -1).all()
 
+
+@pytest.mark.parametrize("seq_q,seq_k,hq,hk,d,paged,heads,stacks", [
+    ([70, 1, 130], [300, 65, 400], 8, 2, 64, False, None, (4, 1)),  # GQA 4: a stack per group, single-head pass 2
+    ([33, 7], [97, 260], 8, 1, 128, True, [5, 0, 6, 3], (2, 4)),  # GQA 8 subset, pass 2 stacks more than pass 1
+    ([5, 64], [261, 64], 4, 4, 256, False, None, (8, 2)),  # MHA: stacks wider than the group are padding lanes
+])
+@pytest.mark.parametrize("tiles_per_split", [1, 2])
+def test_lastq_scores_any_split_and_stack(monkeypatch, seq_q, seq_k, hq, hk, d, paged, heads, stacks,
+                                          tiles_per_split):
+    """Every split boundary (one or two key tiles per split: pass 2's carried diagonal halves cross each one)
+    and head stacks of 1..8, against the torch sums."""
+    monkeypatch.setattr(estimate, "MIN_TILES_PER_SPLIT", tiles_per_split)
+    geom, q, kv = make_batch(seq_q, seq_k, hq, hk, d, paged=paged, seed=2)
+    hs = heads_of(hq, hk, heads)
+    launch = LastqLaunch(lse_heads=stacks[0], lse_warps=4, scores_heads=stacks[1], scores_warps=4, num_stages=2,
+                         waves=1000)
+    col, diag = lastq_scores(q, kv, geom, hs.q_head, hs.kv_head, sm_scale=1 / math.sqrt(d), launch=launch)
+    assert_lastq_matches(q, kv, geom, hs, col, diag, hq // hk)
 
 
 @pytest.mark.parametrize("heads,hq,hk,per_slot", [([31, 2, 9, 8, 10, 0, 1, 3, 4, 5], 32, 4, 4),
