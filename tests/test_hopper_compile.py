@@ -21,7 +21,7 @@ from triton.compiler import ASTSource  # noqa: E402
 
 HOPPER = GPUTarget("cuda", 90, 32)
 H100_SHARED_BYTES = 232448  # per-block shared memory limit Triton checks at launch on an H100
-FLOAT_POINTERS = {"Lse", "MaxOut", "SumOut", "MaxIn", "SumIn", "ColOut", "DiagOut", "Out"}
+FLOAT_POINTERS = {"Lse", "MaxOut", "SumOut", "MaxIn", "SumIn", "ColOut", "DiagOut", "Out", "Scores"}
 
 
 def signature(fn, constexprs: dict, dtype: str) -> dict:
@@ -77,6 +77,9 @@ CASES = [_attention_case(d, paged) for d in (64, 128, 256) for paged in (False, 
     ("estimate", "_head_slots_kernel", dict(HEADS=4, HS_P=32), 4, 3),
     ("estimate", "_pool_keys_kernel", dict(PAGED=True, BLOCK_N=64, HEAD_DIM=128), 4, 3),
     ("materialise", "_materialise_kernel", dict(BLOCK=64, CHUNK=64), 4, 3),
+] + [("select", "_vs_hist_kernel", dict(LEVEL=level, BLOCK=4096), 8, 3) for level in range(4)] + [
+    ("select", "_vs_count_kernel", dict(BLOCK=4096), 8, 3),
+    ("select", "_vs_write_kernel", dict(COUNT_NAN=True, BLOCK=4096, SHARES_P=8), 8, 3),
 ]
 
 

@@ -265,7 +265,7 @@ SPLIT_CHUNK = 16  # pass-1 partials merged per step in pass 2
 
 
 @functools.lru_cache(maxsize=None)
-def _sm_count(device: torch.device) -> int:
+def sm_count(device: torch.device) -> int:
     """Streaming multiprocessors of ``device`` (host-side property, no sync); 132 (an H100/H200) off the GPU."""
     if device.type == "cuda":
         return torch.cuda.get_device_properties(device).multi_processor_count
@@ -345,6 +345,14 @@ def lastq_scores(q: torch.Tensor, kv: KVSource, geom: BatchGeometry, q_head: tor
         probability mass on key ``j``, ``diag[r, h, o]`` = mass on the diagonal ``pos - key = o``; entries at
         ``>= Sk_r`` are ``-1``. A NaN in a head's estimation queries or keys makes that head's sums NaN.
     """
+    sums = lastq_sums(q, kv, geom, q_head, kv_head, sm_scale=sm_scale, last_q=last_q, launch=launch)
+    return sums[0], sums[1]
+
+
+def lastq_sums(q: torch.Tensor, kv: KVSource, geom: BatchGeometry, q_head: torch.Tensor, kv_head: torch.Tensor,
+               *, sm_scale: float, last_q: int = 64, launch: LastqLaunch | None = None) -> torch.Tensor:
+    """:func:`lastq_scores` as one ``[2, B, Hs, max Sk]`` float32 tensor (column sums, then diagonal sums), the
+    form the selection kernels read both from in one launch."""
     _validate(q, kv, geom, q_head, kv_head)
     check(1 <= last_q <= BLOCK, "last_q", f"{last_q} not in [1, {BLOCK}]")
     B, Hs, D = geom.num_requests, q_head.shape[0], q.shape[2]
@@ -361,29 +369,28 @@ def lastq_scores(q: torch.Tensor, kv: KVSource, geom: BatchGeometry, q_head: tor
     args = (q, kv.k, *kv_ptrs[:3], geom.cu_seqlens_q, geom.seq_lens_k, q_head, kv_head)
     strides = (q.stride(0), q.stride(1), kv.k.stride(0), kv.k.stride(1), kv_ptrs[3])
     common = dict(PAGED=kv_ptrs[4], BLOCK=BLOCK, HEAD_DIM=D, num_stages=launch.num_stages)
-    sms = _sm_count(q.device)
+    sms = sm_count(q.device)
 
     slots = _head_slots(kv_head, Hk, group, launch.lse_heads)
     splits1, per1 = _splits(num_tiles, B * slots.shape[0], sms, launch.waves)
-    maxes = torch.empty(B, Hs, BLOCK, splits1, device=q.device, dtype=torch.float32)
-    sums = torch.empty_like(maxes)
+    row_max = torch.empty(B, Hs, BLOCK, splits1, device=q.device, dtype=torch.float32)
+    row_sum = torch.empty_like(row_max)
     _lastq_lse_kernel[(B, slots.shape[0], splits1)](
-        *args, slots, maxes, sums, *strides, qk_scale, last_q, per1, Hs, HEADS=launch.lse_heads,
+        *args, slots, row_max, row_sum, *strides, qk_scale, last_q, per1, Hs, HEADS=launch.lse_heads,
         num_warps=launch.lse_warps, **common)
 
     if launch.scores_heads != launch.lse_heads:
         slots = _head_slots(kv_head, Hk, group, launch.scores_heads)
-    col = torch.empty(B, Hs, max_sk, device=q.device, dtype=torch.float32)
-    diag = torch.empty_like(col)
+    sums = torch.empty(2, B, Hs, max_sk, device=q.device, dtype=torch.float32)
+    col, diag = sums[0], sums[1]
     splits2, per2 = _splits(num_tiles, B * slots.shape[0], sms, launch.waves)
     _lastq_scores_kernel[(B, slots.shape[0], splits2)](
-        *args, slots, maxes, sums, col, diag, *strides, col.stride(0), col.stride(1), qk_scale, last_q, per2, Hs,
+        *args, slots, row_max, row_sum, col, diag, *strides, col.stride(0), col.stride(1), qk_scale, last_q, per2, Hs,
         splits1, HEADS=launch.scores_heads, SPLIT_CHUNK=SPLIT_CHUNK, num_warps=launch.scores_warps, **common)
     for r, sk in enumerate(geom.seq_lens_k_cpu):  # the kernels write every entry below Sk_r; host ints, no sync
         if sk < max_sk:
-            col[r, :, sk:] = -1.0
-            diag[r, :, sk:] = -1.0
-    return col, diag
+            sums[:, r, :, sk:] = -1.0
+    return sums
 
 
 @triton.jit
@@ -422,4 +429,4 @@ def pool_keys(kv: KVSource, geom: BatchGeometry) -> torch.Tensor:
     return out
 
 
-__all__ = ["LastqLaunch", "lastq_launch", "lastq_scores", "pool_keys"]
+__all__ = ["LastqLaunch", "lastq_launch", "lastq_scores", "lastq_sums", "pool_keys"]
