@@ -11,9 +11,11 @@ if not torch.cuda.is_available():
 
 from sgl_minference.kernels import estimate  # noqa: E402
 from sgl_minference.kernels.estimate import LastqLaunch, _head_slots, lastq_scores, pool_keys  # noqa: E402
+from sgl_minference.kernels.materialise import SENTINEL  # noqa: E402
 from sgl_minference.layout import BLOCK, BatchGeometry, KVSource  # noqa: E402
 from sgl_minference.patterns import (HeadSet, build_a_shape, build_block_sparse, build_dense,  # noqa: E402
                                      build_vertical_slash, concat_heads, estimate_vertical_slash)
+from sgl_minference.patterns.convert import indices_to_layout  # noqa: E402
 
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
 DTYPE = torch.float16
@@ -66,12 +68,13 @@ def check_invariants(layout, geom):
     for qb, (r, row) in enumerate(zip(geom.qb_request.tolist(), geom.qb_row.tolist())):
         sk, sq = geom.seq_lens_k_cpu[r], geom.seq_lens_q_cpu[r]
         r0 = sk - sq + row
+        p_last = r0 + min(BLOCK, sq - row) - 1
         for h in range(layout.num_heads):
             n, nf = int(bc[qb, h]), int(fc[qb, h])
             assert 0 <= nf <= n
             starts, ends = bs[qb, h, :n].tolist(), be[qb, h, :n].tolist()
             for i, (s, e) in enumerate(zip(starts, ends)):
-                assert 0 < e - s <= BLOCK and e > 0
+                assert 0 < e - s <= BLOCK and e > 0 and s <= p_last, (qb, h, i, s, e, p_last)  # no range without a key
                 is_full = e - s == BLOCK and s >= 0 and e - 1 <= r0
                 assert is_full == (i < nf), (qb, h, i, s, e, r0, nf)
             assert starts[:nf] == sorted(starts[:nf]) and starts[nf:] == sorted(starts[nf:])
@@ -227,6 +230,33 @@ def test_vertical_slash_layout_is_the_pattern(seq_q, seq_k, hq, hk, d, paged):
             assert_top(ref_col[h], set(cols) - {0, 1}, set(range(2, sk)))
             assert_top(ref_diag[h], set(offs) - {0}, set(range(1, sk)))
         assert torch.equal(layout.to_dense(geom)[r], vertical_slash_mask(columns, offsets, geom, r))
+
+
+@pytest.mark.parametrize("seq_q,seq_k,n_off,n_col,seed", [
+    ([100, 1, 64], [700, 129, 64], 300, 40, 0),  # runs of adjacent diagonals across the 256-entry chunks
+    ([130, 37], [2000, 37], 600, 300, 1),  # long prefix: windows left of key 0 and straddling it, per block
+    ([7], [400], 3, 1, 2),  # Sq < 64, few entries
+])
+def test_indices_to_layout_is_the_meaning(seq_q, seq_k, n_off, n_col, seed):
+    """Random sorted offsets (duplicates, adjacent runs that merge, far ones left of key 0 for early blocks) and
+    columns (some inside ranges, some right of short blocks): the layout is exactly what they mean."""
+    g = torch.Generator().manual_seed(seed)
+    geom = BatchGeometry.build(seq_q, seq_k, DEV)
+    B, H = len(seq_q), 3
+    offsets = torch.full((B, H, n_off), -1, dtype=torch.int32)
+    columns = torch.full((B, H, n_col), SENTINEL, dtype=torch.int32)
+    for r, sk in enumerate(seq_k):
+        for h in range(H):
+            n = int(torch.randint(1, n_off + 1, (1,), generator=g))
+            run = torch.randint(0, sk + 200, (n // 2 + 1,), generator=g)  # offsets past Sk: windows left of key 0
+            o = torch.cat([run, (run[: n - len(run)] + torch.randint(0, 70, (n - len(run),), generator=g))])[:n]
+            offsets[r, h, :n] = o.sort(descending=True).values.int()
+            c = torch.randperm(sk, generator=g)[: max(min(n_col, sk) - h, 0)].sort().values
+            columns[r, h, : len(c)] = c.int()
+    layout = indices_to_layout(columns.to(DEV), offsets.to(DEV), geom)
+    check_invariants(layout, geom)
+    for r in range(B):
+        assert torch.equal(layout.to_dense(geom)[r], vertical_slash_mask(columns, offsets, geom, r)), r
 
 
 def test_budgets_beyond_the_sequence_give_dense_causal():
