@@ -9,7 +9,7 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
-from sgl_minference.kernels import estimate  # noqa: E402
+from sgl_minference.kernels import estimate, select  # noqa: E402
 from sgl_minference.kernels.estimate import LastqLaunch, _head_slots, lastq_scores, pool_keys  # noqa: E402
 from sgl_minference.kernels.materialise import SENTINEL  # noqa: E402
 from sgl_minference.layout import BLOCK, BatchGeometry, KVSource  # noqa: E402
@@ -293,11 +293,19 @@ def test_a_shape_layout():
         assert torch.equal(m, ref & causal(sq, sk)), r
 
 
-def test_block_sparse_layout():
-    seq_q, seq_k, hq, hk = [130, 1, 64], [400, 129, 100], 4, 2
-    topk = [1, 2, 3, 100]
-    geom, q, kv = make_batch(seq_q, seq_k, hq, hk, 64, paged=True, seed=3)
-    layout = build_block_sparse(q, kv, geom, heads_of(hq, hk, topk=topk))
+@pytest.mark.parametrize("seq_q,seq_k,hq,hk,d,paged,heads,topk", [
+    ([130, 1, 64], [400, 129, 100], 4, 2, 64, True, None, [1, 2, 3, 100]),  # ragged batch, GQA 2
+    ([200], [900], 8, 2, 128, False, [5, 0, 7, 6], [1, 4, 9, 2]),  # one request (scores in place), subset
+    ([70, 3], [70, 300], 8, 1, 64, False, [7, 2, 1], [3, 1, 2]),  # GQA 8, subset out of order
+    ([65], [65], 2, 2, 256, True, None, [1, 1]),  # MHA, D 256, a second query block of one row
+])
+@pytest.mark.parametrize("chunk", [4, 2048])
+def test_block_sparse_layout(monkeypatch, seq_q, seq_k, hq, hk, d, paged, heads, topk, chunk):
+    monkeypatch.setattr(select, "BLOCK_CHUNK", chunk)  # 4: key blocks in several load steps (carried counts)
+    geom, q, kv = make_batch(seq_q, seq_k, hq, hk, d, paged=paged, seed=3)
+    q[:, hq - 1] = 0.0  # every score of the last head ties at 0: the lowest blocks win, across load steps
+    hs = heads_of(hq, hk, heads, topk=topk)
+    layout = build_block_sparse(q, kv, geom, hs)
     check_invariants(layout, geom)
     for r, (m, sq, sk) in enumerate(zip(layout.to_dense(geom), seq_q, seq_k)):
         qr, kr = request_qk(q, kv, geom, r)
@@ -307,14 +315,14 @@ def test_block_sparse_layout():
         for row in range(0, sq, BLOCK):
             r0, p_last = sk - sq + row, sk - sq + min(row + BLOCK, sq) - 1
             pq = qr[row:row + BLOCK].mean(0)  # [Hq, D]
-            for h in range(hq):
+            for i, h in enumerate(hs.heads):
                 score = pk[:, h // (hq // hk)] @ pq[h]
                 cand = [b for b in range(nkb) if b * BLOCK <= p_last]
                 diag = [b for b in cand if b >= r0 // BLOCK]
                 others = sorted((b for b in cand if b not in diag), key=lambda b: -float(score[b]))
-                keep = diag + others[: max(topk[h] - len(diag), 0)]
+                keep = diag + others[: max(topk[i] - len(diag), 0)]
                 for b in keep:
-                    ref[h, row:row + BLOCK, b * BLOCK:(b + 1) * BLOCK] = True
+                    ref[i, row:row + BLOCK, b * BLOCK:(b + 1) * BLOCK] = True
         assert torch.equal(m, ref & causal(sq, sk)), r
 
 

@@ -429,4 +429,45 @@ def pool_keys(kv: KVSource, geom: BatchGeometry) -> torch.Tensor:
     return out
 
 
-__all__ = ["LastqLaunch", "lastq_launch", "lastq_scores", "lastq_sums", "pool_keys"]
+@triton.jit
+def _pool_queries_kernel(Q, CuQ, QbReq, QbRow, QHead, Table, Out, stride_qt, stride_qh, stride_os, stride_og,
+                         stride_oq, BLOCK_M: tl.constexpr, HEAD_DIM: tl.constexpr):
+    """Mean of the valid rows of query block ``qb`` for the scored head in lane ``g`` of slot ``s`` (fp32)."""
+    qb = tl.program_id(0)
+    s = tl.program_id(1)
+    g = tl.program_id(2)
+    h = tl.load(Table + s * tl.num_programs(2) + g)
+    if h >= 0:
+        r = tl.load(QbReq + qb)
+        start = tl.load(CuQ + r) + tl.load(QbRow + qb)
+        n = tl.minimum(tl.load(CuQ + r + 1) - start, BLOCK_M)
+        rows = tl.arange(0, BLOCK_M)
+        qh = tl.load(QHead + h).to(tl.int64)
+        offs_d = tl.arange(0, HEAD_DIM)
+        x = tl.load(Q + (start + rows).to(tl.int64)[:, None] * stride_qt + qh * stride_qh + offs_d[None, :],
+                    mask=(rows < n)[:, None], other=0.0)
+        mean = tl.sum(x.to(tl.float32), 0) / n.to(tl.float32)
+        tl.store(Out + s.to(tl.int64) * stride_os + g.to(tl.int64) * stride_og + qb.to(tl.int64) * stride_oq + offs_d,
+                 mean)
+
+
+def pool_queries(q: torch.Tensor, geom: BatchGeometry, q_head: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
+    """Mean-pooled queries of every query block, grouped like the slot table (padding rows excluded).
+
+    Args:
+        q: ``[T, Hq, D]`` chunk queries; q_head: ``[Hs]`` int32 scored heads; table: ``[slots, G]`` int32 indices
+            into ``q_head`` (``_head_slots``: the heads of one KV head per slot, -1 padding).
+    Returns:
+        ``[slots, G, NQB, D]`` float32: ``out[s, g, qb]`` is query block ``qb``'s mean for head ``table[s, g]``;
+        padding lanes are left unwritten (their scores are never read).
+    """
+    check_tensor(q, "q", ndim=3, dtypes=(torch.float16, torch.bfloat16, torch.float32))
+    nqb, (slots, group), D = geom.num_query_blocks, table.shape, q.shape[2]
+    out = torch.empty(slots, group, nqb, D, device=q.device, dtype=torch.float32)
+    _pool_queries_kernel[(nqb, slots, group)](
+        q, geom.cu_seqlens_q, geom.qb_request, geom.qb_row, q_head, table, out, q.stride(0), q.stride(1),
+        out.stride(0), out.stride(1), out.stride(2), BLOCK_M=BLOCK, HEAD_DIM=D)
+    return out
+
+
+__all__ = ["LastqLaunch", "lastq_launch", "lastq_scores", "lastq_sums", "pool_keys", "pool_queries"]

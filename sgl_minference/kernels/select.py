@@ -31,6 +31,7 @@ _FORCED: tl.constexpr = tl.constexpr(FORCED)
 _KEY_BLOCK: tl.constexpr = tl.constexpr(KEY_BLOCK)
 ROW_BLOCK = 4096  # elements per load step of the vertical-slash kernels (16 per thread at 8 warps)
 MIN_CHUNK = 16384  # elements per program at least (a program's fixed cost is a 256-bin merge)
+BLOCK_CHUNK = 2048  # key blocks per load step of the block-sparse kernel
 
 
 @triton.jit
@@ -42,11 +43,10 @@ def _order_key(x):
 
 
 @triton.jit
-def _next_digit(Hist, need):
-    """In a 256-bin histogram of the candidates' next digit: the digit holding the ``need``-th largest candidate
-    and how many candidates with that digit are still needed. ``need >= 1`` expected."""
+def _next_digit(h, need):
+    """In a 256-bin histogram ``h`` of the candidates' next digit: the digit holding the ``need``-th largest
+    candidate and how many candidates with that digit are still needed. ``need >= 1`` expected."""
     d = tl.arange(0, BINS)
-    h = tl.load(Hist + d)
     at_or_above = tl.cumsum(h, 0, reverse=True)
     digit = tl.sum((at_or_above >= need).to(tl.int32), 0) - 1
     above = tl.sum(tl.where(d > digit, h, 0), 0)
@@ -59,7 +59,7 @@ def _threshold(Hist, need, LEVEL: tl.constexpr):
     (``Hist`` points at level 0; levels are ``BINS`` apart), and how many keys equal to that prefix to keep."""
     prefix = tl.full([], 0, tl.uint32)
     for level in tl.static_range(LEVEL):
-        digit, need = _next_digit(Hist + level * BINS, need)
+        digit, need = _next_digit(tl.load(Hist + level * BINS + tl.arange(0, BINS)), need)
         prefix = (prefix << DIGIT_BITS) | digit.to(tl.uint32)
     return prefix, need
 
@@ -213,6 +213,99 @@ def _vs_write_kernel(Scores, Scratch, Counts, SeqK, Vertical, Slash, Columns, Of
             tl.atomic_add(NanCount, 1, mask=nan & (pair == 1), sem="relaxed")
 
 
+@triton.jit
+def _block_keys(row, kb, n_valid, diag_lo):
+    """Keys of key blocks ``kb``: the diagonal ones (``>= diag_lo``) outrank every score; NaN never ranks."""
+    m = kb < n_valid
+    x = tl.load(row + kb, mask=m, other=0.0)
+    diag = m & (kb >= diag_lo)
+    key = tl.where(diag, tl.full(kb.shape, 0xFFFFFFFF, tl.uint32), _order_key(x))
+    return key, diag | (m & (x == x))
+
+
+@triton.jit
+def _block_select_kernel(Scores, Table, Topk, CuQ, SeqK, QbReq, QbRow, BlockStart, BlockEnd, BlockCount,
+                         FullCount, stride_ss, stride_sg, stride_sq, num_heads, width,
+                         BLOCK: tl.constexpr, CHUNK: tl.constexpr):
+    """Program (query block qb, slot s, lane g): the key blocks of scored head ``h = Table[s, g]``, ascending.
+
+    Candidates are the key blocks holding a causal key of the block's last row; the blocks holding its diagonal
+    are always kept; of the rest the highest scores fill ``Topk[h]`` (ties towards lower blocks). Ascending
+    blocks are also "full ranges first": a block is full exactly when it ends at or before the block's first row.
+    """
+    qb = tl.program_id(0)
+    s = tl.program_id(1)
+    g = tl.program_id(2)
+    h = tl.load(Table + s * tl.num_programs(2) + g)
+    if h >= 0:
+        r = tl.load(QbReq + qb)
+        row = tl.load(QbRow + qb)
+        sq = tl.load(CuQ + r + 1) - tl.load(CuQ + r)
+        sk = tl.load(SeqK + r)
+        r0 = sk - sq + row
+        p_last = r0 + tl.minimum(BLOCK, sq - row) - 1
+        n_valid = p_last // BLOCK + 1
+        diag_lo = r0 // BLOCK
+        need = tl.minimum(tl.maximum(tl.load(Topk + h), n_valid - diag_lo), n_valid)
+        scores = Scores + s.to(tl.int64) * stride_ss + g.to(tl.int64) * stride_sg + qb.to(tl.int64) * stride_sq
+        offs = tl.arange(0, CHUNK)
+        # -- the need-th largest key, digit by digit
+        prefix = tl.full([], 0, tl.uint32)
+        left = need
+        for level in tl.static_range(4):
+            hist = tl.zeros([BINS], tl.int32)
+            for c0 in range(0, n_valid, CHUNK):
+                key, valid = _block_keys(scores, c0 + offs, n_valid, diag_lo)
+                if level > 0:
+                    valid = valid & ((key >> (32 - DIGIT_BITS * level)) == prefix)
+                digits = ((key >> (32 - DIGIT_BITS * (level + 1))) & (BINS - 1)).to(tl.int32)
+                hist += tl.histogram(digits, BINS, mask=valid)
+            digit, left = _next_digit(hist, left)
+            prefix = (prefix << DIGIT_BITS) | digit.to(tl.uint32)
+        # -- keep every key above it and the first `left` equal to it, in block order
+        base = (qb * num_heads + h).to(tl.int64) * width
+        kept = 0
+        equal = 0
+        n_full = 0
+        for c0 in range(0, n_valid, CHUNK):
+            kb = c0 + offs
+            key, valid = _block_keys(scores, kb, n_valid, diag_lo)
+            eq = valid & (key == prefix)
+            keep = (valid & (key > prefix)) | (eq & (equal + tl.cumsum(eq.to(tl.int32), 0) - 1 < left))
+            slot = kept + tl.cumsum(keep.to(tl.int32), 0) - 1
+            start = kb * BLOCK
+            tl.store(BlockStart + base + slot, start, mask=keep)
+            tl.store(BlockEnd + base + slot, tl.minimum(start + BLOCK, sk), mask=keep)
+            kept += tl.sum(keep.to(tl.int32), 0)
+            equal += tl.sum(eq.to(tl.int32), 0)
+            n_full += tl.sum((keep & (start + BLOCK - 1 <= r0)).to(tl.int32), 0)
+        tl.store(BlockCount + qb * num_heads + h, kept)
+        tl.store(FullCount + qb * num_heads + h, n_full)
+
+
+def select_blocks(scores: torch.Tensor, table: torch.Tensor, topk: torch.Tensor, geom, *, num_heads: int,
+                  width: int) -> tuple[torch.Tensor, ...]:
+    """Block-sparse selection of every (query block, scored head), written as layout tensors.
+
+    Args:
+        scores: ``[slots, G, NQB, NKB]`` float32 block scores (pooled q . pooled k), grouped like ``table``.
+        table: ``[slots, G]`` int32 scored head of each (slot, lane), -1 padding; topk: ``[Hs]`` int32 budgets.
+        num_heads: ``Hs``; width: capacity per (query block, head), at least ``max topk + 1`` or ``NKB``.
+    Returns:
+        ``block_start, block_end`` ``[NQB, Hs, width]`` and ``block_count, full_count`` ``[NQB, Hs]``, int32.
+    """
+    slots, group, nqb, nkb = scores.shape
+    dev = scores.device
+    block_start = torch.empty(nqb, num_heads, width, dtype=torch.int32, device=dev)
+    block_end = torch.empty_like(block_start)
+    counts = torch.empty(2, nqb, num_heads, dtype=torch.int32, device=dev)
+    _block_select_kernel[(nqb, slots, group)](
+        scores, table, topk, geom.cu_seqlens_q, geom.seq_lens_k, geom.qb_request, geom.qb_row, block_start,
+        block_end, counts[0], counts[1], scores.stride(0), scores.stride(1), scores.stride(2), num_heads, width,
+        BLOCK=KEY_BLOCK, CHUNK=min(BLOCK_CHUNK, triton.next_power_of_2(nkb)), num_warps=4)
+    return block_start, block_end, counts[0], counts[1]
+
+
 def dense_band_width(max_seqlen_k: int) -> int:
     """Diagonal offsets ``w-1, w-65, ..., 0`` that cover every causal key of a context of ``max_seqlen_k`` keys."""
     return triton.cdiv(max_seqlen_k - 1, KEY_BLOCK) + 1
@@ -260,4 +353,4 @@ def select_vertical_slash(scores: torch.Tensor, seq_lens_k: torch.Tensor, vertic
     return columns, offsets
 
 
-__all__ = ["FORCED", "dense_band_width", "select_vertical_slash"]
+__all__ = ["FORCED", "dense_band_width", "select_blocks", "select_vertical_slash"]
