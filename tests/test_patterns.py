@@ -347,3 +347,38 @@ def test_head_set_validates_budgets():
         HeadSet.build([0, 1], num_q_heads=2, num_kv_heads=1, device=DEV, vertical=[0, 4])
     with pytest.raises(ValueError, match="heads"):
         HeadSet.build([2], num_q_heads=2, num_kv_heads=1, device=DEV)
+
+
+@pytest.mark.parametrize("where", ["query", "key"])
+def test_nan_estimate_falls_back_to_dense(where):
+    """A NaN in one last-64 estimation query (or in one key) must not empty the head's layout: that head runs
+    dense (so its output has NaN exactly where dense attention has it), the others keep their sparse layout, and
+    the fallback is counted on the device."""
+    from sgl_minference.kernels import sparse_attention
+    from sgl_minference.patterns.vertical_slash import report_nan_fallbacks
+    from sgl_minference.reference import dense_attention
+
+    seq_q, seq_k, hq, hk, d = [100, 40], [400, 40], 4, 2, 64
+    geom, q, kv = make_batch(seq_q, seq_k, hq, hk, d, seed=5)
+    if where == "query":
+        q[90, 1, 3] = float("nan")  # request 0, head 1, an estimation row (its last 64 rows are 36..99)
+        nan_heads = [1]
+    else:
+        kv.k[30, 1, 0] = float("nan")  # request 0, key 30 of KV head 1: query heads 2 and 3 read it
+        nan_heads = [2, 3]
+    report_nan_fallbacks(DEV)
+    hs = heads_of(hq, hk, vertical=[2] * hq, slash=[2] * hq)
+    layout = build_vertical_slash(q, kv, geom, hs, sm_scale=d ** -0.5, forced_sink=1, forced_local=1)
+    assert report_nan_fallbacks(DEV) == len(nan_heads) and report_nan_fallbacks(DEV) == 0
+    masks = layout.to_dense(geom)
+    for h in range(hq):
+        dense = torch.equal(masks[0][h], causal(seq_q[0], seq_k[0]))
+        assert dense == (h in nan_heads), h
+    out, _ = sparse_attention(q, kv, layout, geom, sm_scale=d ** -0.5)
+    ref, _ = dense_attention(q, kv, geom, sm_scale=d ** -0.5)
+    rows = slice(0, seq_q[0])
+    for h in nan_heads:
+        torch.testing.assert_close(out[rows, h].float().cpu(), ref[rows, h].float().cpu(), atol=2e-3, rtol=2e-3,
+                                   equal_nan=True)
+        assert out[rows, h].isnan().any()
+    assert not out[:, [h for h in range(hq) if h not in nan_heads]].isnan().any()
