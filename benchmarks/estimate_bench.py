@@ -371,14 +371,14 @@ def main(argv: list[str] | None = None) -> dict | None:
             print(json.dumps({k: rec.get(k) for k in ("model", "seq_k", "ms", "ratio_vs", "ratio_bs", "checks")}),
                   flush=True)
             out.write_text(json.dumps(results, indent=1) + "\n")
+            if dump is not None:  # after every case: a run cut short still leaves a usable dump
+                torch.save(dump, args.dump)
             if torch.cuda.is_available():
                 torch.cuda.empty_cache()
         if args.sweep:
             for seq_k in parse_lengths(args.sweep_contexts):
                 results["sweep"] += sweep(args, model, min(seq_q, seq_k), seq_k)
                 out.write_text(json.dumps(results, indent=1) + "\n")
-    if dump is not None:
-        torch.save(dump, args.dump)
     return results
 
 

@@ -28,8 +28,7 @@ def _lastq_setup(Q, KvStart, PoolIdx, CuQ, SeqK, QHead, KvHead, Slots, stride_qt
 
     Row ``m`` of the ``[BLOCK * HEADS]`` tile is estimation row ``a = m // HEADS`` (position ``p0 + a``) of scored
     head ``head[m] = Slots[g, m % HEADS]``; ``head`` is -1 on padding lanes (rows masked: no load, no store).
-    Heads are interleaved row by row so that the per-head sums over rows in pass 2 mostly add registers of one
-    thread instead of shuffling across lanes.
+    Heads are interleaved row by row, so each head's rows spread evenly over a thread's registers.
     Key tile ``u`` holds the keys ``p0 - 64 u + [0, 64)``, aligned to the estimation rows: tile 0 carries the
     causal triangle, tiles ``1 .. n_tiles - 2`` need no mask at all, the last one may reach below key 0.
     ``n_tiles`` is 0 for an all-padding slot, which then scans nothing. ``key_base`` is the request's first K
@@ -155,25 +154,41 @@ def _merged_lse(MaxIn, SumIn, r, head, rows, row_ok, num_heads, splits,
 
 
 @triton.jit
-def _scores_tile(q, pos, lse, skew, lower, K, ReqToToken, key_base, kvh, u, p0, sk, stride_kt, stride_kh,
+def _scores_tile(qt, pos, lse, skew, lower, K, ReqToToken, key_base, kvh, u, p0, sk, stride_kt, stride_kh,
                  qk_scale, HEADS: tl.constexpr, BLOCK: tl.constexpr, HEAD_DIM: tl.constexpr, PAGED: tl.constexpr,
                  MASKED: tl.constexpr):
-    """Probabilities of key tile ``u`` summed per (head, key) and per (head, diagonal), one dot, one skew.
+    """Probabilities of key tile ``u`` summed per (key, head) and per (diagonal, head), one dot, one skew.
 
-    Element (row a, key c) of a head's 64x64 tile lies on diagonal ``64 u + a - c``: diagonal tile ``u`` when
-    ``a >= c``, tile ``u - 1`` otherwise. Gathering column ``(a - o) mod 64`` of row ``a`` puts both halves of
-    diagonal index ``o`` in one column; ``lower`` (``a >= o``) tells them apart. Returns ``(col, d_lo, d_hi)``, each
-    ``[HEADS, 64]``: column sums, diagonal-tile-``u`` sums, diagonal-tile-``u - 1`` sums.
+    The tile is computed transposed, ``k @ q^T`` (keys along the MMA's rows, the stacked estimation rows along
+    its columns), so the sums over estimation rows stay inside a thread and its quad: no cross-warp reduction.
+    Element (key c, row a) lies on diagonal ``64 u + a - c``: diagonal tile ``u`` when ``a >= c``, ``u - 1``
+    otherwise. Gathering key ``(a - o) mod 64`` of each row ``a`` puts both halves of diagonal index ``o`` in row
+    ``o`` of the gathered tile; ``lower`` (``a >= o``) tells them apart. Returns ``(col, d_lo, d_hi)``, each
+    ``[64, HEADS]``: column sums, diagonal-tile-``u`` sums, diagonal-tile-``u - 1`` sums.
     """
     j = p0 - BLOCK * u + tl.arange(0, BLOCK)
-    qk = _key_tile_dot(q, K, ReqToToken, key_base, kvh, j, sk, stride_kt, stride_kh, HEAD_DIM, PAGED, MASKED)
-    p = tl.exp2(qk * qk_scale - lse[:, None])
+    offs_d = tl.arange(0, HEAD_DIM)
     if MASKED:
-        p = tl.where((j[None, :] >= 0) & (j[None, :] <= pos[:, None]), p, 0.0)
-    col = tl.sum(tl.reshape(p, [BLOCK, HEADS, BLOCK]), 0)
-    g = tl.gather(p, skew, axis=1)
-    d_lo = tl.sum(tl.reshape(tl.where(lower, g, 0.0), [BLOCK, HEADS, BLOCK]), 0)
-    d_hi = tl.sum(tl.reshape(tl.where(lower, 0.0, g), [BLOCK, HEADS, BLOCK]), 0)
+        kmask = (j >= 0) & (j < sk)
+        jj = tl.where(kmask, j, 0)
+    else:
+        jj = j
+    if PAGED:
+        rows = tl.load(ReqToToken + key_base + jj).to(tl.int64)
+    else:
+        rows = key_base + jj
+    ptrs = K + rows[:, None] * stride_kt + kvh * stride_kh + offs_d[None, :]
+    if MASKED:
+        k = tl.load(ptrs, mask=kmask[:, None], other=0.0)
+    else:
+        k = tl.load(ptrs)
+    p = tl.exp2(tl.dot(k, qt) * qk_scale - lse[None, :])  # [64 keys, 64 * HEADS rows]
+    if MASKED:
+        p = tl.where((j[:, None] >= 0) & (j[:, None] <= pos[None, :]), p, 0.0)
+    col = tl.sum(tl.reshape(p, [BLOCK, BLOCK, HEADS]), 1)
+    g = tl.gather(p, skew, axis=0)
+    d_lo = tl.sum(tl.reshape(tl.where(lower, g, 0.0), [BLOCK, BLOCK, HEADS]), 1)
+    d_hi = tl.sum(tl.reshape(tl.where(lower, 0.0, g), [BLOCK, BLOCK, HEADS]), 1)
     return col, d_lo, d_hi
 
 
@@ -201,42 +216,43 @@ def _lastq_scores_kernel(Q, K, KvStart, ReqToToken, PoolIdx, CuQ, SeqK, QHead, K
     u_e = tl.minimum(u_s + tiles_per_split, n_tiles)
     if u_s < u_e:
         lse = _merged_lse(MaxIn, SumIn, r, head, rows, row_ok, num_heads, splits1, HEADS, BLOCK, SPLIT_CHUNK)
+        qt = tl.trans(q)  # [D, 64 * HEADS], loop invariant
         slot_head = tl.load(Slots + g * HEADS + tl.arange(0, HEADS))  # [HEADS] output head of each lane
-        lane_ok = (slot_head >= 0)[:, None]
-        out_base = (r.to(tl.int64) * stride_out_b + slot_head.to(tl.int64) * stride_out_h)[:, None]
+        lane_ok = (slot_head >= 0)[None, :]
+        out_base = (r.to(tl.int64) * stride_out_b + slot_head.to(tl.int64) * stride_out_h)[None, :]
         o = tl.arange(0, BLOCK)
-        skew = (rows[:, None] - o[None, :]) & (BLOCK - 1)  # [64*HEADS, 64]
-        lower = rows[:, None] >= o[None, :]
+        skew = (rows[None, :] - o[:, None]) & (BLOCK - 1)  # [64, 64*HEADS]: key of diagonal index o in row a
+        lower = rows[None, :] >= o[:, None]
         # -- first tile of the split (masked: it may be tile 0): its columns, the lower half of its diagonals
-        col, carry, d_hi = _scores_tile(q, pos, lse, skew, lower, K, ReqToToken, key_base, kvh, u_s, p0, sk,
+        col, carry, d_hi = _scores_tile(qt, pos, lse, skew, lower, K, ReqToToken, key_base, kvh, u_s, p0, sk,
                                         stride_kt, stride_kh, qk_scale, HEADS, BLOCK, HEAD_DIM, PAGED, True)
         j = p0 - BLOCK * u_s + o
-        tl.store(ColOut + out_base + j[None, :], col, mask=lane_ok & ((j >= 0) & (j < sk))[None, :])
+        tl.store(ColOut + out_base + j[:, None], col, mask=lane_ok & ((j >= 0) & (j < sk))[:, None])
         # -- interior tiles, no mask: columns, diagonal tile u - 1 complete, lower half of tile u carried
         last = n_tiles - 1
         inner_end = tl.where(u_e == n_tiles, last, u_e)
         for u in range(u_s + 1, inner_end):
-            col, d_lo, d_hi = _scores_tile(q, pos, lse, skew, lower, K, ReqToToken, key_base, kvh, u, p0, sk,
+            col, d_lo, d_hi = _scores_tile(qt, pos, lse, skew, lower, K, ReqToToken, key_base, kvh, u, p0, sk,
                                            stride_kt, stride_kh, qk_scale, HEADS, BLOCK, HEAD_DIM, PAGED, False)
             j = p0 - BLOCK * u + o
-            tl.store(ColOut + out_base + j[None, :], col, mask=lane_ok & (j >= 0)[None, :])
+            tl.store(ColOut + out_base + j[:, None], col, mask=lane_ok & (j >= 0)[:, None])
             off = BLOCK * (u - 1) + o
-            tl.store(DiagOut + out_base + off[None, :], carry + d_hi, mask=lane_ok & (off < sk)[None, :])
+            tl.store(DiagOut + out_base + off[:, None], carry + d_hi, mask=lane_ok & (off < sk)[:, None])
             carry = d_lo
         # -- the request's last tile (may reach below key 0), when it is in this split and not its first
         if inner_end < u_e and inner_end > u_s:
-            col, d_lo, d_hi = _scores_tile(q, pos, lse, skew, lower, K, ReqToToken, key_base, kvh, last, p0, sk,
+            col, d_lo, d_hi = _scores_tile(qt, pos, lse, skew, lower, K, ReqToToken, key_base, kvh, last, p0, sk,
                                            stride_kt, stride_kh, qk_scale, HEADS, BLOCK, HEAD_DIM, PAGED, True)
             j = p0 - BLOCK * last + o
-            tl.store(ColOut + out_base + j[None, :], col, mask=lane_ok & (j >= 0)[None, :])
+            tl.store(ColOut + out_base + j[:, None], col, mask=lane_ok & (j >= 0)[:, None])
             off = BLOCK * (last - 1) + o
-            tl.store(DiagOut + out_base + off[None, :], carry + d_hi, mask=lane_ok & (off < sk)[None, :])
+            tl.store(DiagOut + out_base + off[:, None], carry + d_hi, mask=lane_ok & (off < sk)[:, None])
             carry = d_lo
         # -- diagonal tile u_e - 1: its upper half from key tile u_e (all keys below 0 past the last tile: 0)
-        col, d_lo, d_hi = _scores_tile(q, pos, lse, skew, lower, K, ReqToToken, key_base, kvh, u_e, p0, sk,
+        col, d_lo, d_hi = _scores_tile(qt, pos, lse, skew, lower, K, ReqToToken, key_base, kvh, u_e, p0, sk,
                                        stride_kt, stride_kh, qk_scale, HEADS, BLOCK, HEAD_DIM, PAGED, True)
         off = BLOCK * (u_e - 1) + o
-        tl.store(DiagOut + out_base + off[None, :], carry + d_hi, mask=lane_ok & (off < sk)[None, :])
+        tl.store(DiagOut + out_base + off[:, None], carry + d_hi, mask=lane_ok & (off < sk)[:, None])
 
 
 def _validate(q: torch.Tensor, kv: KVSource, geom: BatchGeometry, q_head: torch.Tensor, kv_head: torch.Tensor):
@@ -257,7 +273,7 @@ class LastqLaunch:
     scores_heads: int
     scores_warps: int
     num_stages: int
-    waves: int = 2
+    waves: int = 4
 
 
 MIN_TILES_PER_SPLIT = 8  # below this a split's fixed cost (q load, lse merge, pass 2's extra tile) dominates
@@ -315,15 +331,18 @@ def _head_slots(kv_head: torch.Tensor, num_kv_heads: int, group: int, heads: int
 
 
 def lastq_launch(group: int, num_scored: int, head_dim: int) -> LastqLaunch:
-    """Default launch, chosen from the sm_90 compile (ptxas, no GPU run yet; benchmarks/estimate_bench.py sweeps
-    the alternatives): pass 1 stacks up to 4 heads (no spill at any head_dim, so a K tile is read once per Llama-3
-    GQA group); pass 2 holds a probability tile, its skew and the reductions at once and spills registers with 4
-    heads at head_dim 64/128 (24/168 bytes), so it stacks 2; 8 warps per stack, 4 for a single 64-row tile;
-    2 stages at head_dim 256 (shared memory)."""
+    """Default launch. Pass 1 stacks up to 4 heads (a K tile read once per Llama-3 GQA group; no register spill
+    at any head_dim on sm_90), 8 warps. Pass 2 stacks 2 heads on 4 warps. 4 waves of programs per SM, 3 stages
+    (2 at head_dim 256, for shared memory); at head_dim 256 pass 2 runs one head (2 spill 360 bytes on sm_90;
+    not measured). Measured on an H200 (2026-12-01, one 8K-query chunk at 256K keys,
+    32/8 heads, bf16, ``lastq_scores`` ms, 8B (D 128) / 1B (D 64) shapes): pass 2 with 2 heads on 8 warps and its
+    rows along the MMA's rows 2.70 / 2.76; transposed (keys along the rows) 1.73 / 1.36 with 2 heads on 4 warps,
+    2.23 / 2.12 on 8 warps, 2.29 / 1.87 with one head; 2 waves instead of 1: 3.76 -> 2.70, 4 waves 2.15; pass 1
+    with 2 heads 2.99 (8B, untransposed pass 2)."""
     most = triton.next_power_of_2(min(group, num_scored))
-    lse, scores = min(most, 4), min(most, 2)
-    return LastqLaunch(lse_heads=lse, lse_warps=4 if lse == 1 else 8, scores_heads=scores,
-                       scores_warps=4 if scores == 1 else 8, num_stages=3 if head_dim <= 128 else 2)
+    lse, scores = min(most, 4), min(most, 2 if head_dim <= 128 else 1)
+    return LastqLaunch(lse_heads=lse, lse_warps=4 if lse == 1 else 8, scores_heads=scores, scores_warps=4,
+                       num_stages=3 if head_dim <= 128 else 2, waves=4)
 
 
 def lastq_scores(q: torch.Tensor, kv: KVSource, geom: BatchGeometry, q_head: torch.Tensor, kv_head: torch.Tensor,

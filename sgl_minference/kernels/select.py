@@ -192,14 +192,15 @@ def _vs_write_kernel(Scores, Scratch, Counts, SeqK, Vertical, Slash, Columns, Of
         for s0 in range(start, end, BLOCK):
             i = s0 + tl.arange(0, BLOCK)
             key, valid, isnan = _vs_keys(scores, i, end, forced)
-            eq = valid & (key == thresh)
-            eq_rank = equal_before + tl.cumsum(eq.to(tl.int32), 0) - 1
-            keep = (valid & (key > thresh)) | (eq & (eq_rank < ties))
-            slot = base + tl.cumsum(keep.to(tl.int32), 0) - 1
-            tl.store(cols + slot, i, mask=keep & (pair == 0))
-            tl.store(offs + need - 1 - slot, i, mask=keep & (pair == 1))
-            base += tl.sum(keep.to(tl.int32), 0)
-            equal_before += tl.sum(eq.to(tl.int32), 0)
+            if tl.max((valid & (key >= thresh)).to(tl.int32), 0) > 0:  # most blocks keep nothing: skip them
+                eq = valid & (key == thresh)
+                eq_rank = equal_before + tl.cumsum(eq.to(tl.int32), 0) - 1
+                keep = (valid & (key > thresh)) | (eq & (eq_rank < ties))
+                slot = base + tl.cumsum(keep.to(tl.int32), 0) - 1
+                tl.store(cols + slot, i, mask=keep & (pair == 0))
+                tl.store(offs + need - 1 - slot, i, mask=keep & (pair == 1))
+                base += tl.sum(keep.to(tl.int32), 0)
+                equal_before += tl.sum(eq.to(tl.int32), 0)
     if p == 0:
         # -- the unused tail; a NaN head: no columns, and the dense band sk-1, sk-65, ..., 0 as its diagonals
         for t0 in range(need, width, BLOCK):
@@ -333,7 +334,7 @@ def select_vertical_slash(scores: torch.Tensor, seq_lens_k: torch.Tensor, vertic
     _, B, H, N = scores.shape
     dev = scores.device
     rows = B * H
-    shares = max(1, min(triton.cdiv(N, MIN_CHUNK), triton.cdiv(2 * sm_count(dev), 2 * rows)))
+    shares = max(1, min(triton.cdiv(N, MIN_CHUNK), triton.cdiv(4 * sm_count(dev), 2 * rows)))  # ~4 per SM
     chunk = triton.cdiv(triton.cdiv(N, shares), ROW_BLOCK) * ROW_BLOCK
     shares = triton.cdiv(N, chunk)
     scratch = torch.zeros(2, rows, LEVELS * 256 + 1, dtype=torch.int32, device=dev)  # 4 histograms + NaN count
