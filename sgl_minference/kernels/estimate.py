@@ -332,13 +332,17 @@ def _head_slots(kv_head: torch.Tensor, num_kv_heads: int, group: int, heads: int
 
 def lastq_launch(group: int, num_scored: int, head_dim: int) -> LastqLaunch:
     """Default launch. Pass 1 stacks up to 4 heads (a K tile read once per Llama-3 GQA group; no register spill
-    at any head_dim on sm_90), 8 warps. Pass 2 stacks 2 heads on 4 warps. 4 waves of programs per SM, 3 stages
-    (2 at head_dim 256, for shared memory); at head_dim 256 pass 2 runs one head (2 spill 360 bytes on sm_90;
-    not measured). Measured on an H200 (2026-12-01, one 8K-query chunk at 256K keys,
-    32/8 heads, bf16, ``lastq_scores`` ms, 8B (D 128) / 1B (D 64) shapes): pass 2 with 2 heads on 8 warps and its
-    rows along the MMA's rows 2.70 / 2.76; transposed (keys along the rows) 1.73 / 1.36 with 2 heads on 4 warps,
-    2.23 / 2.12 on 8 warps, 2.29 / 1.87 with one head; 2 waves instead of 1: 3.76 -> 2.70, 4 waves 2.15; pass 1
-    with 2 heads 2.99 (8B, untransposed pass 2)."""
+    at any head_dim on sm_90), 8 warps. Pass 2 (transposed) stacks 2 heads on 4 warps; one at head_dim 256 (two
+    spill 360 bytes on sm_90; not measured). 4 waves of programs per SM, 3 stages (2 at head_dim 256, for
+    shared memory).
+
+    Measured on an H200 (2026-12-01, one 8K-query chunk at 256K keys, 32/8 heads, bf16; ``lastq_scores`` ms for
+    the 8B (D 128) / 1B (D 64) shapes; benchmarks/results/estimate_h200_launch_sweep.json and
+    estimate_h200_pass2_variants.json): this default 1.19 / 1.04; 2 waves 1.59 / 1.35, 8 waves 1.28 / 1.11;
+    2 stages 1.51 / 1.39; pass 2 with 4 heads on 8 warps 1.80 / 1.63, with 1 head 1.94 / 1.63; pass 2 not
+    transposed (estimation rows along the MMA's rows: cross-warp sums, 15 barriers per tile) 2.70 / 2.76;
+    pass 1 with 2 heads instead of 4: 2.99 against 2.70 (8B, untransposed pass 2).
+    """
     most = triton.next_power_of_2(min(group, num_scored))
     lse, scores = min(most, 4), min(most, 2 if head_dim <= 128 else 1)
     return LastqLaunch(lse_heads=lse, lse_warps=4 if lse == 1 else 8, scores_heads=scores, scores_warps=4,
