@@ -21,7 +21,7 @@ from triton.compiler import ASTSource  # noqa: E402
 
 HOPPER = GPUTarget("cuda", 90, 32)
 H100_SHARED_BYTES = 232448  # per-block shared memory limit Triton checks at launch on an H100
-FLOAT_POINTERS = {"Lse", "MaxOut", "SumOut", "Lse2", "ColOut", "DiagOut", "Out"}
+FLOAT_POINTERS = {"Lse", "MaxOut", "SumOut", "MaxIn", "SumIn", "ColOut", "DiagOut", "Out", "Scores"}
 
 
 def signature(fn, constexprs: dict, dtype: str) -> dict:
@@ -58,11 +58,14 @@ def _attention_case(d: int, paged: bool):
 
 
 def _estimate_case(name: str, d: int, paged: bool):
-    from sgl_minference.kernels.estimate import _heads_per_program, _num_warps
+    from sgl_minference.kernels.estimate import SPLIT_CHUNK, lastq_launch
 
-    heads = _heads_per_program(8, 32, d)  # Llama-3 GQA: the largest stack the product launches at this head_dim
-    return ("estimate", name, dict(PAGED=paged, HEADS=heads, BLOCK_M=64, BLOCK_N=64, HEAD_DIM=d),
-            _num_warps(heads, d), 3)
+    launch = lastq_launch(8, 32, d)  # Llama-3 GQA: the largest stacks the product launches at this head_dim
+    if name == "_lastq_lse_kernel":
+        return ("estimate", name, dict(PAGED=paged, HEADS=launch.lse_heads, BLOCK=64, HEAD_DIM=d),
+                launch.lse_warps, launch.num_stages)
+    return ("estimate", name, dict(PAGED=paged, HEADS=launch.scores_heads, BLOCK=64, HEAD_DIM=d,
+                                   SPLIT_CHUNK=SPLIT_CHUNK), launch.scores_warps, launch.num_stages)
 
 
 # The launch configurations the product uses (num_warps / num_stages / heads come from the product's own choices).
@@ -70,9 +73,16 @@ CASES = [_attention_case(d, paged) for d in (64, 128, 256) for paged in (False, 
     _estimate_case(name, d, paged)
     for name in ("_lastq_lse_kernel", "_lastq_scores_kernel") for d in (64, 128, 256) for paged in (False, True)
 ] + [
-    ("estimate", "_lastq_scores_kernel", dict(PAGED=False, HEADS=1, BLOCK_M=64, BLOCK_N=64, HEAD_DIM=128), 4, 3),
+    ("estimate", "_lastq_scores_kernel", dict(PAGED=False, HEADS=1, BLOCK=64, HEAD_DIM=128, SPLIT_CHUNK=16), 4, 3),
+    ("estimate", "_head_slots_kernel", dict(HEADS=4, HS_P=32), 4, 3),
     ("estimate", "_pool_keys_kernel", dict(PAGED=True, BLOCK_N=64, HEAD_DIM=128), 4, 3),
-    ("materialise", "_materialise_kernel", dict(BLOCK=64, CHUNK=64), 4, 3),
+    ("materialise", "_relative_kernel", dict(BLOCK=64, CH=256), 8, 3),
+    ("materialise", "_materialise_kernel", dict(BLOCK=64, CHUNK=256, LOG=13), 4, 3),
+] + [("select", "_vs_hist_kernel", dict(LEVEL=level, BLOCK=4096), 8, 3) for level in range(4)] + [
+    ("select", "_vs_count_kernel", dict(BLOCK=4096), 8, 3),
+    ("select", "_block_select_kernel", dict(BLOCK=64, CHUNK=2048), 4, 3),
+    ("estimate", "_pool_queries_kernel", dict(BLOCK_M=64, HEAD_DIM=128), 4, 3),
+    ("select", "_vs_write_kernel", dict(COUNT_NAN=True, BLOCK=4096, SHARES_P=8), 8, 3),
 ]
 
 

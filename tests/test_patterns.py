@@ -9,10 +9,13 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
-from sgl_minference.kernels.estimate import _head_slots, lastq_scores, pool_keys  # noqa: E402
+from sgl_minference.kernels import estimate, select  # noqa: E402
+from sgl_minference.kernels.estimate import LastqLaunch, _head_slots, lastq_scores, pool_keys  # noqa: E402
+from sgl_minference.kernels.materialise import SENTINEL  # noqa: E402
 from sgl_minference.layout import BLOCK, BatchGeometry, KVSource  # noqa: E402
 from sgl_minference.patterns import (HeadSet, build_a_shape, build_block_sparse, build_dense,  # noqa: E402
                                      build_vertical_slash, concat_heads, estimate_vertical_slash)
+from sgl_minference.patterns.convert import indices_to_layout  # noqa: E402
 
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
 DTYPE = torch.float16
@@ -65,12 +68,13 @@ def check_invariants(layout, geom):
     for qb, (r, row) in enumerate(zip(geom.qb_request.tolist(), geom.qb_row.tolist())):
         sk, sq = geom.seq_lens_k_cpu[r], geom.seq_lens_q_cpu[r]
         r0 = sk - sq + row
+        p_last = r0 + min(BLOCK, sq - row) - 1
         for h in range(layout.num_heads):
             n, nf = int(bc[qb, h]), int(fc[qb, h])
             assert 0 <= nf <= n
             starts, ends = bs[qb, h, :n].tolist(), be[qb, h, :n].tolist()
             for i, (s, e) in enumerate(zip(starts, ends)):
-                assert 0 < e - s <= BLOCK and e > 0
+                assert 0 < e - s <= BLOCK and e > 0 and s <= p_last, (qb, h, i, s, e, p_last)  # no range without a key
                 is_full = e - s == BLOCK and s >= 0 and e - 1 <= r0
                 assert is_full == (i < nf), (qb, h, i, s, e, r0, nf)
             assert starts[:nf] == sorted(starts[:nf]) and starts[nf:] == sorted(starts[nf:])
@@ -118,14 +122,37 @@ def test_lastq_scores_match_torch(seq_q, seq_k, hq, hk, d, paged, heads):
     geom, q, kv = make_batch(seq_q, seq_k, hq, hk, d, paged=paged)
     hs = heads_of(hq, hk, heads)
     col, diag = lastq_scores(q, kv, geom, hs.q_head, hs.kv_head, sm_scale=1 / math.sqrt(d), last_q=64)
-    assert col.shape == diag.shape == (len(seq_k), len(hs.heads), max(seq_k))
-    for r, sk in enumerate(seq_k):
+    assert_lastq_matches(q, kv, geom, hs, col, diag, hq // hk)
+
+
+
+def assert_lastq_matches(q, kv, geom, hs, col, diag, group):
+    assert col.shape == diag.shape == (geom.num_requests, len(hs.heads), geom.max_seqlen_k)
+    for r, sk in enumerate(geom.seq_lens_k_cpu):
         qr, kr = request_qk(q, kv, geom, r)
-        ref_col, ref_diag = reference_scores(qr, kr, 64, hq // hk)
+        ref_col, ref_diag = reference_scores(qr, kr, 64, group)
         torch.testing.assert_close(col[r, :, :sk].cpu(), ref_col[hs.heads], atol=3e-3, rtol=1e-3)
         torch.testing.assert_close(diag[r, :, :sk].cpu(), ref_diag[hs.heads], atol=3e-3, rtol=1e-3)
         assert (col[r, :, sk:] == -1).all() and (diag[r, :, sk:] == -1).all()
 
+
+@pytest.mark.parametrize("seq_q,seq_k,hq,hk,d,paged,heads,stacks", [
+    ([70, 1, 130], [300, 65, 400], 8, 2, 64, False, None, (4, 1)),  # GQA 4: a stack per group, single-head pass 2
+    ([33, 7], [97, 260], 8, 1, 128, True, [5, 0, 6, 3], (2, 4)),  # GQA 8 subset, pass 2 stacks more than pass 1
+    ([5, 64], [261, 64], 4, 4, 256, False, None, (8, 2)),  # MHA: stacks wider than the group are padding lanes
+])
+@pytest.mark.parametrize("tiles_per_split", [1, 2])
+def test_lastq_scores_any_split_and_stack(monkeypatch, seq_q, seq_k, hq, hk, d, paged, heads, stacks,
+                                          tiles_per_split):
+    """Every split boundary (one or two key tiles per split: pass 2's carried diagonal halves cross each one)
+    and head stacks of 1..8, against the torch sums."""
+    monkeypatch.setattr(estimate, "MIN_TILES_PER_SPLIT", tiles_per_split)
+    geom, q, kv = make_batch(seq_q, seq_k, hq, hk, d, paged=paged, seed=2)
+    hs = heads_of(hq, hk, heads)
+    launch = LastqLaunch(lse_heads=stacks[0], lse_warps=4, scores_heads=stacks[1], scores_warps=4, num_stages=2,
+                         waves=1000)
+    col, diag = lastq_scores(q, kv, geom, hs.q_head, hs.kv_head, sm_scale=1 / math.sqrt(d), launch=launch)
+    assert_lastq_matches(q, kv, geom, hs, col, diag, hq // hk)
 
 
 @pytest.mark.parametrize("heads,hq,hk,per_slot", [([31, 2, 9, 8, 10, 0, 1, 3, 4, 5], 32, 4, 4),
@@ -205,6 +232,33 @@ def test_vertical_slash_layout_is_the_pattern(seq_q, seq_k, hq, hk, d, paged):
         assert torch.equal(layout.to_dense(geom)[r], vertical_slash_mask(columns, offsets, geom, r))
 
 
+@pytest.mark.parametrize("seq_q,seq_k,n_off,n_col,seed", [
+    ([100, 1, 64], [700, 129, 64], 300, 40, 0),  # runs of adjacent diagonals across the 256-entry chunks
+    ([130, 37], [2000, 37], 600, 300, 1),  # long prefix: windows left of key 0 and straddling it, per block
+    ([7], [400], 3, 1, 2),  # Sq < 64, few entries
+])
+def test_indices_to_layout_is_the_meaning(seq_q, seq_k, n_off, n_col, seed):
+    """Random sorted offsets (duplicates, adjacent runs that merge, far ones left of key 0 for early blocks) and
+    columns (some inside ranges, some right of short blocks): the layout is exactly what they mean."""
+    g = torch.Generator().manual_seed(seed)
+    geom = BatchGeometry.build(seq_q, seq_k, DEV)
+    B, H = len(seq_q), 3
+    offsets = torch.full((B, H, n_off), -1, dtype=torch.int32)
+    columns = torch.full((B, H, n_col), SENTINEL, dtype=torch.int32)
+    for r, sk in enumerate(seq_k):
+        for h in range(H):
+            n = int(torch.randint(1, n_off + 1, (1,), generator=g))
+            run = torch.randint(0, sk + 200, (n // 2 + 1,), generator=g)  # offsets past Sk: windows left of key 0
+            o = torch.cat([run, (run[: n - len(run)] + torch.randint(0, 70, (n - len(run),), generator=g))])[:n]
+            offsets[r, h, :n] = o.sort(descending=True).values.int()
+            c = torch.randperm(sk, generator=g)[: max(min(n_col, sk) - h, 0)].sort().values
+            columns[r, h, : len(c)] = c.int()
+    layout = indices_to_layout(columns.to(DEV), offsets.to(DEV), geom)
+    check_invariants(layout, geom)
+    for r in range(B):
+        assert torch.equal(layout.to_dense(geom)[r], vertical_slash_mask(columns, offsets, geom, r)), r
+
+
 def test_budgets_beyond_the_sequence_give_dense_causal():
     geom, q, kv = make_batch([1, 77, 200], [150, 77, 260], 4, 4, 64)
     hs = heads_of(4, 4, vertical=[10_000] * 4, slash=[10_000] * 4)
@@ -239,11 +293,19 @@ def test_a_shape_layout():
         assert torch.equal(m, ref & causal(sq, sk)), r
 
 
-def test_block_sparse_layout():
-    seq_q, seq_k, hq, hk = [130, 1, 64], [400, 129, 100], 4, 2
-    topk = [1, 2, 3, 100]
-    geom, q, kv = make_batch(seq_q, seq_k, hq, hk, 64, paged=True, seed=3)
-    layout = build_block_sparse(q, kv, geom, heads_of(hq, hk, topk=topk))
+@pytest.mark.parametrize("seq_q,seq_k,hq,hk,d,paged,heads,topk", [
+    ([130, 1, 64], [400, 129, 100], 4, 2, 64, True, None, [1, 2, 3, 100]),  # ragged batch, GQA 2
+    ([200], [900], 8, 2, 128, False, [5, 0, 7, 6], [1, 4, 9, 2]),  # one request (scores in place), subset
+    ([70, 3], [70, 300], 8, 1, 64, False, [7, 2, 1], [3, 1, 2]),  # GQA 8, subset out of order
+    ([65], [65], 2, 2, 256, True, None, [1, 1]),  # MHA, D 256, a second query block of one row
+])
+@pytest.mark.parametrize("chunk", [4, 2048])
+def test_block_sparse_layout(monkeypatch, seq_q, seq_k, hq, hk, d, paged, heads, topk, chunk):
+    monkeypatch.setattr(select, "BLOCK_CHUNK", chunk)  # 4: key blocks in several load steps (carried counts)
+    geom, q, kv = make_batch(seq_q, seq_k, hq, hk, d, paged=paged, seed=3)
+    q[:, hq - 1] = 0.0  # every score of the last head ties at 0: the lowest blocks win, across load steps
+    hs = heads_of(hq, hk, heads, topk=topk)
+    layout = build_block_sparse(q, kv, geom, hs)
     check_invariants(layout, geom)
     for r, (m, sq, sk) in enumerate(zip(layout.to_dense(geom), seq_q, seq_k)):
         qr, kr = request_qk(q, kv, geom, r)
@@ -253,14 +315,14 @@ def test_block_sparse_layout():
         for row in range(0, sq, BLOCK):
             r0, p_last = sk - sq + row, sk - sq + min(row + BLOCK, sq) - 1
             pq = qr[row:row + BLOCK].mean(0)  # [Hq, D]
-            for h in range(hq):
+            for i, h in enumerate(hs.heads):
                 score = pk[:, h // (hq // hk)] @ pq[h]
                 cand = [b for b in range(nkb) if b * BLOCK <= p_last]
                 diag = [b for b in cand if b >= r0 // BLOCK]
                 others = sorted((b for b in cand if b not in diag), key=lambda b: -float(score[b]))
-                keep = diag + others[: max(topk[h] - len(diag), 0)]
+                keep = diag + others[: max(topk[i] - len(diag), 0)]
                 for b in keep:
-                    ref[h, row:row + BLOCK, b * BLOCK:(b + 1) * BLOCK] = True
+                    ref[i, row:row + BLOCK, b * BLOCK:(b + 1) * BLOCK] = True
         assert torch.equal(m, ref & causal(sq, sk)), r
 
 
@@ -285,3 +347,38 @@ def test_head_set_validates_budgets():
         HeadSet.build([0, 1], num_q_heads=2, num_kv_heads=1, device=DEV, vertical=[0, 4])
     with pytest.raises(ValueError, match="heads"):
         HeadSet.build([2], num_q_heads=2, num_kv_heads=1, device=DEV)
+
+
+@pytest.mark.parametrize("where", ["query", "key"])
+def test_nan_estimate_falls_back_to_dense(where):
+    """A NaN in one last-64 estimation query (or in one key) must not empty the head's layout: that head runs
+    dense (so its output has NaN exactly where dense attention has it), the others keep their sparse layout, and
+    the fallback is counted on the device."""
+    from sgl_minference.kernels import sparse_attention
+    from sgl_minference.patterns.vertical_slash import report_nan_fallbacks
+    from sgl_minference.reference import dense_attention
+
+    seq_q, seq_k, hq, hk, d = [100, 40], [400, 40], 4, 2, 64
+    geom, q, kv = make_batch(seq_q, seq_k, hq, hk, d, seed=5)
+    if where == "query":
+        q[90, 1, 3] = float("nan")  # request 0, head 1, an estimation row (its last 64 rows are 36..99)
+        nan_heads = [1]
+    else:
+        kv.k[30, 1, 0] = float("nan")  # request 0, key 30 of KV head 1: query heads 2 and 3 read it
+        nan_heads = [2, 3]
+    report_nan_fallbacks(DEV)
+    hs = heads_of(hq, hk, vertical=[2] * hq, slash=[2] * hq)
+    layout = build_vertical_slash(q, kv, geom, hs, sm_scale=d ** -0.5, forced_sink=1, forced_local=1)
+    assert report_nan_fallbacks(DEV) == len(nan_heads) and report_nan_fallbacks(DEV) == 0
+    masks = layout.to_dense(geom)
+    for h in range(hq):
+        dense = torch.equal(masks[0][h], causal(seq_q[0], seq_k[0]))
+        assert dense == (h in nan_heads), h
+    out, _ = sparse_attention(q, kv, layout, geom, sm_scale=d ** -0.5)
+    ref, _ = dense_attention(q, kv, geom, sm_scale=d ** -0.5)
+    rows = slice(0, seq_q[0])
+    for h in nan_heads:
+        torch.testing.assert_close(out[rows, h].float().cpu(), ref[rows, h].float().cpu(), atol=2e-3, rtol=2e-3,
+                                   equal_nan=True)
+        assert out[rows, h].isnan().any()
+    assert not out[:, [h for h in range(hq) if h not in nan_heads]].isnan().any()

@@ -4,20 +4,10 @@ from __future__ import annotations
 
 import torch
 
-from ..kernels.estimate import pool_keys
+from ..kernels.estimate import _head_slots, pool_keys, pool_queries
+from ..kernels.select import select_blocks
 from ..layout import BLOCK, BatchGeometry, KVSource, SparseLayout, check, check_tensor
 from .heads import HeadSet
-
-
-def _pooled_queries(q: torch.Tensor, geom: BatchGeometry, q_head: torch.Tensor) -> torch.Tensor:
-    """Mean of each query block's valid rows: ``[NQB, Hs, D]`` float32 (padding rows excluded)."""
-    start = geom.cu_seqlens_q[geom.qb_request.long()] + geom.qb_row
-    end = geom.cu_seqlens_q[geom.qb_request.long() + 1]
-    tok = start.view(-1, 1) + torch.arange(BLOCK, device=q.device, dtype=torch.int32)
-    valid = tok < end.view(-1, 1)
-    rows = q[torch.where(valid, tok, 0).long()][:, :, q_head.long()].float()  # [NQB, 64, Hs, D]
-    rows = rows * valid.view(*valid.shape, 1, 1)
-    return rows.sum(1) / valid.sum(1).view(-1, 1, 1)
 
 
 def build_block_sparse(q: torch.Tensor, kv: KVSource, geom: BatchGeometry, heads: HeadSet) -> SparseLayout:
@@ -25,42 +15,40 @@ def build_block_sparse(q: torch.Tensor, kv: KVSource, geom: BatchGeometry, heads
 
     Key blocks are aligned to absolute positions (``[64 b, 64 b + 64)``); a key block is a candidate for a query
     block when it holds at least one causal key of the block's last row; the key blocks holding the block's own
-    diagonal (one or two of them when the prefix is not a multiple of 64) are always kept, even past the budget.
+    diagonal (one or two of them when the prefix is not a multiple of 64) are always kept, even past the budget;
+    ties break towards lower blocks; a NaN score never ranks.
+
+    Steps: pooled keys ``[B, Hk, NKB, D]`` and pooled queries grouped per KV head ``[slots, G, NQB, D]`` (one
+    kernel each), one fp32 matmul per request over the slots (each KV head's pooled keys read in place, not once
+    per query head), then one selection kernel per (query block, head) that writes the layout directly.
 
     Args:
         q: ``[T, Hq, D]`` fp16/bf16 chunk queries packed by ``geom.cu_seqlens_q``; kv: the requests' keys.
     """
     check_tensor(q, "q", ndim=3, dtypes=(torch.float16, torch.bfloat16, torch.float32))
     check("topk" in heads.budgets, "heads", "needs budget topk")
-    dev = q.device
+    num_kv = kv.k.shape[1]
+    group = q.shape[1] // num_kv
+    slot_kv = sorted({h // group for h in heads.heads})  # host: the KV head of each used slot, ascending
+    table = _head_slots(heads.kv_head, num_kv, group, group)[: len(slot_kv)]  # [slots, G]
     pooled_k = pool_keys(kv, geom)  # [B, Hk, NKB, D]
-    pooled_q = _pooled_queries(q, geom, heads.q_head)  # [NQB, Hs, D]
-    nkb = pooled_k.shape[2]
-    scores = torch.empty(geom.num_query_blocks, len(heads.heads), nkb, device=dev, dtype=torch.float32)
+    pooled_q = pool_queries(q, geom, heads.q_head, table)  # [slots, G, NQB, D]
+    slots, nqb, nkb = len(slot_kv), geom.num_query_blocks, pooled_k.shape[2]
+    scores = torch.empty(slots, group, nqb, nkb, device=q.device, dtype=torch.float32)
     qb0 = 0
     for r, sq in enumerate(geom.seq_lens_q_cpu):  # one batched product per request; host ints only, no sync
         n = -(-sq // BLOCK)
-        keys = pooled_k[r].index_select(0, heads.kv_head.long())  # [Hs, NKB, D]
-        scores[qb0:qb0 + n] = torch.einsum("nhd,hkd->nhk", pooled_q[qb0:qb0 + n], keys)
+        keys = pooled_k[r] if slot_kv == list(range(num_kv)) else pooled_k[r, slot_kv]  # [slots, NKB, D]
+        if n == nqb:  # one request: write the scores in place
+            torch.matmul(pooled_q.view(slots, group * n, -1), keys.transpose(1, 2),
+                         out=scores.view(slots, group * n, nkb))
+        else:
+            part = pooled_q[:, :, qb0:qb0 + n].reshape(slots, group * n, -1)
+            scores[:, :, qb0:qb0 + n] = torch.matmul(part, keys.transpose(1, 2)).view(slots, group, n, nkb)
         qb0 += n
-
-    req = geom.qb_request.long()
-    r0 = (geom.prefix_lens[req] + geom.qb_row).view(-1, 1, 1)
-    sq = (geom.cu_seqlens_q[req + 1] - geom.cu_seqlens_q[req]).view(-1, 1, 1)
-    p_last = r0 + torch.clamp(sq - geom.qb_row.view(-1, 1, 1), max=BLOCK) - 1
-    kb = torch.arange(nkb, device=dev, dtype=torch.int32).view(1, 1, -1)
-    scores = torch.where(kb * BLOCK <= p_last, scores, float("-inf"))
-    scores = torch.where((kb >= r0 // BLOCK) & (kb <= p_last // BLOCK), float("inf"), scores)
-
-    k = min(heads.budget_max["topk"] + 1, nkb)  # +1: a second diagonal block may ride past the budget
-    vals, picked = scores.topk(k, dim=-1)
-    rank = torch.arange(k, device=dev).view(1, 1, -1)
-    keep = (vals > float("-inf")) & ((rank < heads.budgets["topk"].view(1, -1, 1)) | (vals == float("inf")))
-    start = picked.to(torch.int32) * BLOCK
-    end = torch.minimum(start + BLOCK, geom.seq_lens_k[req].view(-1, 1, 1))
-    full = keep & (end - start == BLOCK) & (end - 1 <= r0)
-    order = torch.where(keep, torch.where(full, 0, nkb) + picked, 2 * nkb).argsort(dim=-1)
-    zeros = torch.zeros(*scores.shape[:2], 1, dtype=torch.int32, device=dev)
-    return SparseLayout(block_start=start.gather(-1, order), block_end=end.gather(-1, order),
-                        block_count=keep.sum(-1, dtype=torch.int32), full_count=full.sum(-1, dtype=torch.int32),
-                        col_index=zeros, col_count=zeros[..., 0].clone())
+    width = min(heads.budget_max["topk"] + 1, nkb)  # +1: a second diagonal block may ride past the budget
+    block_start, block_end, block_count, full_count = select_blocks(
+        scores, table, heads.budgets["topk"], geom, num_heads=len(heads.heads), width=width)
+    zeros = torch.zeros(nqb, len(heads.heads), 1, dtype=torch.int32, device=q.device)
+    return SparseLayout(block_start=block_start, block_end=block_end, block_count=block_count,
+                        full_count=full_count, col_index=zeros, col_count=zeros[..., 0].clone())

@@ -2,59 +2,78 @@
 
 from __future__ import annotations
 
+import logging
+
 import torch
 
-from ..kernels.estimate import lastq_scores
+from ..kernels.estimate import LastqLaunch, lastq_sums
 from ..kernels.materialise import SENTINEL
+from ..kernels.select import dense_band_width, select_vertical_slash
 from ..layout import BatchGeometry, KVSource, SparseLayout, check
 from .convert import indices_to_layout
 from .heads import HeadSet
 
-FORCED = 1.0e6  # forced sink columns / local diagonals score FORCED - rank: above any sum (<= 64), exact in fp32
+logger = logging.getLogger(__name__)
+
+_NAN_FALLBACKS: dict[torch.device, torch.Tensor] = {}  # device -> [1] int32 count, bumped by the select kernel
 
 
-def _top_sorted(scores: torch.Tensor, budget: torch.Tensor, k: int, descending: bool, unused: int) -> torch.Tensor:
-    """Per-head top-``budget`` positions of ``scores`` [B, H, N] (entries < 0 are invalid), sorted."""
-    vals, idx = scores.topk(k, dim=-1)
-    rank = torch.arange(k, device=scores.device)
-    keep = (vals >= 0) & (rank.view(1, 1, -1) < budget.view(1, -1, 1))
-    return torch.where(keep, idx, unused).sort(dim=-1, descending=descending).values.to(torch.int32)
+def nan_fallback_counter(device) -> torch.Tensor:
+    """The device-side count of (request, head) estimates that held a NaN and so ran dense (``[1]`` int32)."""
+    device = torch.device(device)
+    if device not in _NAN_FALLBACKS:
+        _NAN_FALLBACKS[device] = torch.zeros(1, dtype=torch.int32, device=device)
+    return _NAN_FALLBACKS[device]
 
 
-def _force(scores: torch.Tensor, n: int) -> None:
-    """Give the first ``n`` valid positions of ``scores`` [B, H, N] top scores, nearer ones first (budget < n)."""
-    head = scores[..., :n]
-    rank = torch.arange(head.shape[-1], device=scores.device, dtype=scores.dtype)
-    head.copy_(torch.where(head >= 0, FORCED - rank, head))
+def report_nan_fallbacks(device) -> int:
+    """Read and reset the NaN fallback count of ``device``, logging a warning when it is not 0.
+
+    Syncs with the device: call it outside the per-layer path (e.g. once per forward batch or per request).
+    """
+    counter = nan_fallback_counter(device)
+    n = int(counter.item())
+    if n:
+        counter.zero_()
+        logger.warning("minference: %d vertical-slash head estimates held a NaN (in the last queries or the keys) "
+                       "and ran dense attention instead", n)
+    return n
 
 
 def estimate_vertical_slash(q: torch.Tensor, kv: KVSource, geom: BatchGeometry, heads: HeadSet, *, sm_scale: float,
-                            last_q: int = 64, forced_sink: int = 30, forced_local: int = 100
-                            ) -> tuple[torch.Tensor, torch.Tensor]:
+                            last_q: int = 64, forced_sink: int = 30, forced_local: int = 100,
+                            launch: LastqLaunch | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """The vertical and slash indices of every request and head, as the online method picks them.
 
     Args:
         q: ``[T, Hq, D]`` fp16/bf16 chunk queries packed by ``geom.cu_seqlens_q``; kv: the requests' keys.
         heads: query heads to estimate, with budgets ``vertical`` and ``slash`` (clamped to each context).
+        launch: launch configuration of the last-q kernels (default: ``lastq_launch``), for benchmarks.
     Returns:
         ``columns [B, Hs, min(max vertical, max Sk)]`` int32 ascending (unused ``SENTINEL``) and
-        ``offsets [B, Hs, min(max slash, max Sk)]`` int32 descending (unused ``-1``); the first ``forced_sink``
-        columns and the ``forced_local`` nearest diagonals are always in (inside the budget, as in the reference).
+        ``offsets [B, Hs, max(min(max slash, max Sk), dense_band_width(max Sk))]`` int32 descending (unused
+        ``-1``); the first ``forced_sink`` columns and the ``forced_local`` nearest diagonals are always in (inside
+        the budget, as in the reference); ties break towards lower positions. A (request, head) whose scores hold
+        a NaN gets no column and the diagonals of dense causal attention (hence the offsets' width), so its NaN
+        reaches the output as dense attention would put it there; it is counted on the device
+        (:func:`report_nan_fallbacks`), nothing syncs.
     """
     check("vertical" in heads.budgets and "slash" in heads.budgets, "heads", "needs budgets vertical and slash")
     check(forced_sink >= 0 and forced_local >= 0, "forced_sink", "forced sink / local must be >= 0")
-    col, diag = lastq_scores(q, kv, geom, heads.q_head, heads.kv_head, sm_scale=sm_scale, last_q=last_q)
-    _force(col, forced_sink)
-    _force(diag, forced_local)
+    sums = lastq_sums(q, kv, geom, heads.q_head, heads.kv_head, sm_scale=sm_scale, last_q=last_q, launch=launch)
     max_sk = geom.max_seqlen_k
-    columns = _top_sorted(col, heads.budgets["vertical"], min(heads.budget_max["vertical"], max_sk), False, SENTINEL)
-    offsets = _top_sorted(diag, heads.budgets["slash"], min(heads.budget_max["slash"], max_sk), True, -1)
-    return columns, offsets
+    return select_vertical_slash(
+        sums, geom.seq_lens_k, heads.budgets["vertical"], heads.budgets["slash"],
+        width_cols=min(heads.budget_max["vertical"], max_sk),
+        width_offs=max(min(heads.budget_max["slash"], max_sk), dense_band_width(max_sk)),
+        forced_sink=forced_sink, forced_local=forced_local, sentinel=SENTINEL,
+        nan_count=nan_fallback_counter(q.device))
 
 
 def build_vertical_slash(q: torch.Tensor, kv: KVSource, geom: BatchGeometry, heads: HeadSet, *, sm_scale: float,
-                         last_q: int = 64, forced_sink: int = 30, forced_local: int = 100) -> SparseLayout:
+                         last_q: int = 64, forced_sink: int = 30, forced_local: int = 100,
+                         launch: LastqLaunch | None = None) -> SparseLayout:
     """Vertical-slash layout over ``len(heads.heads)`` heads (see ``estimate_vertical_slash`` for the arguments)."""
     columns, offsets = estimate_vertical_slash(q, kv, geom, heads, sm_scale=sm_scale, last_q=last_q,
-                                               forced_sink=forced_sink, forced_local=forced_local)
+                                               forced_sink=forced_sink, forced_local=forced_local, launch=launch)
     return indices_to_layout(columns, offsets, geom)
