@@ -355,7 +355,7 @@ def test_nan_estimate_falls_back_to_dense(where):
     dense (so its output has NaN exactly where dense attention has it), the others keep their sparse layout, and
     the fallback is counted on the device."""
     from sgl_minference.kernels import sparse_attention
-    from sgl_minference.patterns.vertical_slash import report_nan_fallbacks
+    from sgl_minference.patterns.vertical_slash import nan_fallback_counter
     from sgl_minference.reference import dense_attention
 
     seq_q, seq_k, hq, hk, d = [100, 40], [400, 40], 4, 2, 64
@@ -366,10 +366,10 @@ def test_nan_estimate_falls_back_to_dense(where):
     else:
         kv.k[30, 1, 0] = float("nan")  # request 0, key 30 of KV head 1: query heads 2 and 3 read it
         nan_heads = [2, 3]
-    report_nan_fallbacks(DEV)
+    before = int(nan_fallback_counter(DEV)[0])
     hs = heads_of(hq, hk, vertical=[2] * hq, slash=[2] * hq)
     layout = build_vertical_slash(q, kv, geom, hs, sm_scale=d ** -0.5, forced_sink=1, forced_local=1)
-    assert report_nan_fallbacks(DEV) == len(nan_heads) and report_nan_fallbacks(DEV) == 0
+    assert int(nan_fallback_counter(DEV)[0]) - before == len(nan_heads)
     masks = layout.to_dense(geom)
     for h in range(hq):
         dense = torch.equal(masks[0][h], causal(seq_q[0], seq_k[0]))
@@ -382,3 +382,20 @@ def test_nan_estimate_falls_back_to_dense(where):
                                    equal_nan=True)
         assert out[rows, h].isnan().any()
     assert not out[:, [h for h in range(hq) if h not in nan_heads]].isnan().any()
+
+
+def test_nan_fallback_log_reports_each_fallback_once_without_waiting(caplog):
+    from sgl_minference.patterns.vertical_slash import NanFallbackLog, nan_fallback_counter
+
+    log = NanFallbackLog("cpu")
+    counter = nan_fallback_counter("cpu")
+    start = int(counter[0])
+    log.reported = start
+    log._snapshot.fill_(start)
+    assert log.poll() == 0  # snapshot taken now: nothing new yet
+    counter += 3
+    assert log.poll() == 0  # the snapshot read here predates the bump (it was asked for by the previous poll)
+    with caplog.at_level("WARNING"):
+        assert log.poll() == 3
+    assert "3 vertical-slash head estimates held a NaN" in caplog.text
+    assert log.poll() == 0

@@ -30,6 +30,7 @@ from ..config import MInferenceConfig
 from ..kernels import sparse_attention
 from ..layout import HEAD_DIMS
 from ..patterns import HeadSet
+from ..patterns.vertical_slash import NanFallbackLog
 from . import synthetic
 from .planner import LayerHeads, SparsePlan, layer_heads, layer_layout, plan_batch
 from .stats import SparseStats
@@ -57,7 +58,7 @@ class MInferenceAttnBackend:
 
     # Attributes that live on this object; every other attribute read or write goes to the dense backend.
     _OWN = frozenset({"dense", "config", "layers", "all_heads", "token_to_kv_pool", "req_to_token", "_plan",
-                      "_plan_batch", "_logged", "_stats", "_layer_layout"})
+                      "_plan_batch", "_logged", "_stats", "_layer_layout", "_nan_log"})
 
     def __init__(self, *, dense, config: MInferenceConfig, layers: dict[int, LayerHeads], all_heads: HeadSet,
                  token_to_kv_pool, req_to_token: torch.Tensor, environ: Mapping[str, str] | None = None):
@@ -70,6 +71,7 @@ class MInferenceAttnBackend:
         self._plan: SparsePlan | None = None
         self._plan_batch = None  # the ForwardBatch the plan was made for
         self._logged: set[str] = set()
+        self._nan_log = NanFallbackLog(req_to_token.device)
         environ = os.environ if environ is None else environ
         structure = synthetic.Structure.from_env(environ)
         self._layer_layout = layer_layout if structure is None else partial(synthetic.layer_layout,
@@ -112,6 +114,7 @@ class MInferenceAttnBackend:
         )
         if self._plan is not None:
             self._plan_batch = forward_batch
+            self._nan_log.poll()  # logs NaN fallbacks of earlier batches, without a device sync
             if self._stats is not None:
                 self._stats.start_batch(self._plan.geom, self._plan.sparse_requests)
 

@@ -26,18 +26,31 @@ def nan_fallback_counter(device) -> torch.Tensor:
     return _NAN_FALLBACKS[device]
 
 
-def report_nan_fallbacks(device) -> int:
-    """Read and reset the NaN fallback count of ``device``, logging a warning when it is not 0.
+class NanFallbackLog:
+    """Logs NaN fallbacks from the serving loop without waiting for the device.
 
-    Syncs with the device: call it outside the per-layer path (e.g. once per forward batch or per request).
+    :meth:`poll` (once per forward batch) first reads the host snapshot that the previous poll asked for (a
+    non-blocking copy into pinned memory, complete once the earlier batches ran; a copy still in flight only
+    delays the report), then asks for a fresh one. The device counter is cumulative and never reset here, so no
+    fallback is missed or counted twice.
     """
-    counter = nan_fallback_counter(device)
-    n = int(counter.item())
-    if n:
-        counter.zero_()
-        logger.warning("minference: %d vertical-slash head estimates held a NaN (in the last queries or the keys) "
-                       "and ran dense attention instead", n)
-    return n
+
+    def __init__(self, device):
+        self.device = torch.device(device)
+        self.reported = 0
+        on_cuda = self.device.type == "cuda"
+        self._snapshot = torch.zeros(1, dtype=torch.int32, pin_memory=on_cuda)
+
+    def poll(self) -> int:
+        """New fallbacks seen since the last report (logged as one warning when non-zero)."""
+        total = int(self._snapshot[0])  # a host tensor: no device sync
+        new = total - self.reported
+        if new > 0:
+            self.reported = total
+            logger.warning("minference: %d vertical-slash head estimates held a NaN (in the last queries or the "
+                           "keys) and ran dense attention instead", new)
+        self._snapshot.copy_(nan_fallback_counter(self.device), non_blocking=self.device.type == "cuda")
+        return max(new, 0)
 
 
 def estimate_vertical_slash(q: torch.Tensor, kv: KVSource, geom: BatchGeometry, heads: HeadSet, *, sm_scale: float,
@@ -56,7 +69,7 @@ def estimate_vertical_slash(q: torch.Tensor, kv: KVSource, geom: BatchGeometry, 
         the budget, as in the reference); ties break towards lower positions. A (request, head) whose scores hold
         a NaN gets no column and the diagonals of dense causal attention (hence the offsets' width), so its NaN
         reaches the output as dense attention would put it there; it is counted on the device
-        (:func:`report_nan_fallbacks`), nothing syncs.
+        (:class:`NanFallbackLog`), nothing syncs.
     """
     check("vertical" in heads.budgets and "slash" in heads.budgets, "heads", "needs budgets vertical and slash")
     check(forced_sink >= 0 and forced_local >= 0, "forced_sink", "forced sink / local must be >= 0")
