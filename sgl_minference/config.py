@@ -49,58 +49,36 @@ import json
 import os
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Annotated, Any, Literal, Union
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator, model_validator
+
+from .registry import (PATTERNS, AShapeSpec, BlockSparseSpec, Budget, Count, DenseSpec, HeadSpec,  # noqa: F401
+                       VerticalSlashSpec, from_minference)
 
 FORMAT = "sgl-minference/v1"
 ENV_VAR = "SGL_MINFERENCE_CONFIG"
 QWEN_TABLE_FILE = "sparse_attention_config.json"
-MINFERENCE_BLOCK_SPARSE_TOPK = 100  # the block count MInference's block_sparse kernel is always called with
 
-Budget = Annotated[int, Field(strict=True, gt=0)]
-Count = Annotated[int, Field(strict=True, ge=0)]
+LastQ = Annotated[int, Field(strict=True, ge=1, le=64)]
 
 
 class ConfigError(ValueError):
     """An unusable configuration; the message names the source file, layer, head and field where they apply."""
 
 
-class _Spec(BaseModel):
+class Estimation(BaseModel):
+    """How the online estimation of dynamic patterns reads a chunk: the one home of these settings (the
+    config's ``last_q`` / ``forced_sink`` / ``forced_local``, see :attr:`MInferenceConfig.estimation`)."""
+
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-
-class DenseSpec(_Spec):
-    """Full causal attention."""
-
-    type: Literal["dense"] = "dense"
+    last_q: LastQ = 64  # the chunk's last queries that estimate dynamic indices
+    forced_sink: Count = 30  # vertical-slash always keeps key columns 0 .. forced_sink-1
+    forced_local: Count = 100  # ... and diagonals 0 .. forced_local-1 (offsets p - j)
 
 
-class AShapeSpec(_Spec):
-    """Static A-shape: keys ``j < sink`` plus the ``local`` keys ``p - local < j <= p`` of the query at ``p``."""
-
-    type: Literal["a_shape"] = "a_shape"
-    sink: Budget
-    local: Budget
-
-
-class VerticalSlashSpec(_Spec):
-    """Dynamic vertical-slash: top-``vertical`` key columns plus top-``slash`` diagonals, per input."""
-
-    type: Literal["vertical_slash"] = "vertical_slash"
-    vertical: Budget
-    slash: Budget
-
-
-class BlockSparseSpec(_Spec):
-    """Dynamic block-sparse: top-``topk`` 64x64 key blocks per 64-row query block (diagonal block kept)."""
-
-    type: Literal["block_sparse"] = "block_sparse"
-    topk: Budget
-
-
-HeadSpec = Annotated[Union[DenseSpec, AShapeSpec, VerticalSlashSpec, BlockSparseSpec], Field(discriminator="type")]
-_SPEC_TYPES = ("dense", "a_shape", "vertical_slash", "block_sparse")
+DEFAULT_ESTIMATION = Estimation()
 
 
 def _loc(layer=None, head=None, field: str | None = None) -> str:
@@ -130,13 +108,13 @@ class MInferenceConfig(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     block_size: Literal[64] = 64
-    last_q: Annotated[int, Field(strict=True, ge=1, le=64)] = 64
+    last_q: LastQ = DEFAULT_ESTIMATION.last_q
     min_context: Count = 32768
     # Chunks this short (a multi-turn follow-up, a radix-cache hit leaving a few tokens) gain nothing from
     # sparsity but would pay the estimation cost, so they run dense whatever the prefix length.
     min_chunk: Annotated[int, Field(strict=True, ge=1)] = 64
-    forced_sink: Count = 30  # vertical-slash always keeps key columns 0 .. forced_sink-1
-    forced_local: Count = 100  # ... and diagonals 0 .. forced_local-1 (offsets p - j)
+    forced_sink: Count = DEFAULT_ESTIMATION.forced_sink  # see Estimation
+    forced_local: Count = DEFAULT_ESTIMATION.forced_local
     # "auto" follows SGLang's own default for dense MHA: fa3 on Hopper (when FA3 is installed), else flashinfer.
     # Measured on the H100 (2026-11-24, Llama-3-8B dummy, TTFT): flashinfer dense is 0.89-0.95x of fa3 at
     # 8K-32K, so with it the length gate could not make short prompts free (BENCHMARKS.md).
@@ -188,6 +166,11 @@ class MInferenceConfig(BaseModel):
     def __eq__(self, other: object) -> bool:
         # Equal content is equal config, wherever it was read from (pydantic would compare _source too).
         return isinstance(other, MInferenceConfig) and self.model_dump() == other.model_dump()
+
+    @property
+    def estimation(self) -> Estimation:
+        """The estimation settings of this config, as one frozen object."""
+        return Estimation(last_q=self.last_q, forced_sink=self.forced_sink, forced_local=self.forced_local)
 
     @property
     def source(self) -> str:
@@ -294,7 +277,7 @@ def _error_line(err: Mapping, source: str) -> str:
     elif loc[:1] == ["default"]:
         prefix, loc = ["default"], loc[1:]
     if head is not None or prefix:
-        if loc and loc[0] in _SPEC_TYPES:  # the discriminated union puts the tag into the location
+        if loc and loc[0] in PATTERNS:  # the discriminated union puts the tag into the location
             loc = loc[1:]
         if err["type"].startswith("union_tag"):
             loc.append("type")
@@ -322,15 +305,10 @@ def _minference_spec(entry: Any, where: str) -> dict:
     if not isinstance(entry, (list, tuple)) or len(entry) != 4:
         raise ConfigError(f"{where}: expected [type, vertical, slash, score], got {entry!r}")
     kind, vertical, slash, _score = entry
-    if kind == "vertical_and_slash":
-        return {"type": "vertical_slash", "vertical": vertical, "slash": slash}
-    if kind == "stream_llm":
-        return {"type": "a_shape", "sink": vertical, "local": slash}
-    if kind == "block_sparse":
-        return {"type": "block_sparse", "topk": MINFERENCE_BLOCK_SPARSE_TOPK}
-    raise ConfigError(
-        f"{where}, field 'type': unknown pattern type {kind!r} (expected vertical_and_slash, stream_llm, block_sparse)"
-    )
+    try:
+        return from_minference(kind, vertical, slash)
+    except ValueError as e:
+        raise ConfigError(f"{where}, field 'type': {e}") from None
 
 
 def _from_table(table: Any, source: str) -> MInferenceConfig:

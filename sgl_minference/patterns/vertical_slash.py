@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 
+from ..config import DEFAULT_ESTIMATION as _EST  # the estimation settings' one home
 from ..kernels.estimate import lastq_scores
 from ..kernels.materialise import SENTINEL
 from ..layout import BatchGeometry, KVSource, SparseLayout, check
@@ -29,8 +30,8 @@ def _force(scores: torch.Tensor, n: int) -> None:
 
 
 def estimate_vertical_slash(q: torch.Tensor, kv: KVSource, geom: BatchGeometry, heads: HeadSet, *, sm_scale: float,
-                            last_q: int = 64, forced_sink: int = 30, forced_local: int = 100
-                            ) -> tuple[torch.Tensor, torch.Tensor]:
+                            last_q: int = _EST.last_q, forced_sink: int = _EST.forced_sink,
+                            forced_local: int = _EST.forced_local) -> tuple[torch.Tensor, torch.Tensor]:
     """The vertical and slash indices of every request and head, as the online method picks them.
 
     Args:
@@ -53,7 +54,8 @@ def estimate_vertical_slash(q: torch.Tensor, kv: KVSource, geom: BatchGeometry, 
 
 
 def build_vertical_slash(q: torch.Tensor, kv: KVSource, geom: BatchGeometry, heads: HeadSet, *, sm_scale: float,
-                         last_q: int = 64, forced_sink: int = 30, forced_local: int = 100) -> SparseLayout:
+                         last_q: int = _EST.last_q, forced_sink: int = _EST.forced_sink,
+                         forced_local: int = _EST.forced_local) -> SparseLayout:
     """Vertical-slash layout over ``len(heads.heads)`` heads (see ``estimate_vertical_slash`` for the arguments)."""
     columns, offsets = estimate_vertical_slash(q, kv, geom, heads, sm_scale=sm_scale, last_q=last_q,
                                                forced_sink=forced_sink, forced_local=forced_local)
