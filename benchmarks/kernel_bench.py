@@ -574,6 +574,11 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--block-topk", type=int, default=None, help="default (vertical + slash) / 64")
     ap.add_argument("--sink", type=int, default=128)
     ap.add_argument("--local", type=int, default=4096)
+    ap.add_argument("--xattn-threshold", type=float, default=0.9, help="xattention: cumulative block share kept")
+    ap.add_argument("--xattn-stride", type=int, default=8, help="xattention: antidiagonal stride (4, 8, 16)")
+    ap.add_argument("--flex-gamma", type=float, default=0.9, help="flexprefill: cumulative attention mass kept")
+    ap.add_argument("--flex-tau", type=float, default=0.1, help="flexprefill: JS distance below which a head uses blocks")
+    ap.add_argument("--flex-min-budget", type=int, default=1024, help="flexprefill: fewest keys per row")
     ap.add_argument("--quick", action="store_true",
                     help="fewer repetitions: at most 3 timed calls per case (300 ms budget)")
     ap.add_argument("--resume", action="store_true", help="skip cases the results file already has as ok")
@@ -590,7 +595,9 @@ def main(argv: list[str] | None = None) -> None:
             raise SystemExit(f"--cases: unknown case {c!r}; known: {', '.join(CASES)}")
     cases = [c for c in CASES if c in cases]  # references run before the cases checked against them
     budgets = Budgets(vertical=args.vertical, slash=args.slash, sink=args.sink, local=args.local,
-                      block_topk=args.block_topk or round((args.vertical + args.slash) / BLOCK))
+                      block_topk=args.block_topk or round((args.vertical + args.slash) / BLOCK),
+                      xattn_threshold=args.xattn_threshold, xattn_stride=args.xattn_stride,
+                      flex_gamma=args.flex_gamma, flex_tau=args.flex_tau, flex_min_budget=args.flex_min_budget)
     plan = TimingPlan(min_reps=1, max_reps=3, budget_ms=300.0) if args.quick else TimingPlan(budget_ms=1000.0)
     head_dims = [int(x) for x in args.head_dims.split(",")]
     chunk = parse_lengths(args.chunk)[0] if args.chunk not in ("0", "") else 0

@@ -53,8 +53,8 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator, model_validator
 
-from .registry import (PATTERNS, AShapeSpec, BlockSparseSpec, Budget, Count, DenseSpec, HeadSpec,  # noqa: F401
-                       VerticalSlashSpec, from_minference)
+from .registry import (PATTERNS, AShapeSpec, BlockSparseSpec, Budget, Count, DenseSpec, FlexPrefillSpec,  # noqa: F401
+                       HeadSpec, VerticalSlashSpec, XAttentionSpec, from_minference)
 
 FORMAT = "sgl-minference/v1"
 ENV_VAR = "SGL_MINFERENCE_CONFIG"

@@ -30,11 +30,12 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Annotated, Any, Literal, Union
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 BLOCK = 64  # query rows / keys per block: sgl_minference.layout.BLOCK (that module needs torch)
 Budget = Annotated[int, Field(strict=True, gt=0)]
 Count = Annotated[int, Field(strict=True, ge=0)]
+Share = Annotated[float, Field(strict=True, gt=0.0, le=1.0)]  # a share of attention mass
 MINFERENCE_BLOCK_SPARSE_TOPK = 100  # the block count MInference's block_sparse kernel is always called with
 
 
@@ -71,8 +72,41 @@ class BlockSparseSpec(_Spec):
     topk: Budget
 
 
+XATTENTION_STRIDES = (4, 8, 16)  # antidiagonal strides (divisors of 64); the published method uses 8 and 16
+
+
+class XAttentionSpec(_Spec):
+    """Adaptive block-sparse (XAttention): per 64-row query block, the key blocks with the largest antidiagonal
+    scores (every ``stride``-th antidiagonal of the block) until their share of the block row's estimated mass
+    reaches ``threshold``; the diagonal block(s) always kept."""
+
+    type: Literal["xattention"] = "xattention"
+    threshold: Share
+    stride: int
+
+    @field_validator("stride", mode="before")
+    @classmethod
+    def _stride(cls, value: Any) -> Any:
+        if type(value) is not int or value not in XATTENTION_STRIDES:
+            raise ValueError(f"expected one of {', '.join(map(str, XATTENTION_STRIDES))}, got {value!r}")
+        return value
+
+
+class FlexPrefillSpec(_Spec):
+    """Adaptive per head and input (FlexPrefill): the Jensen-Shannon distance between the block-pooled estimate
+    and the true attention of the chunk's last queries picks, below ``tau``, a query-specific block pattern
+    (per query block, the key blocks holding a ``gamma`` share of the pooled estimate), else vertical-slash
+    (the key columns and diagonals holding a ``gamma`` share of the last queries' attention); never fewer than
+    ``min_budget`` keys per row."""
+
+    type: Literal["flexprefill"] = "flexprefill"
+    gamma: Share
+    tau: Annotated[float, Field(strict=True, ge=0.0)]
+    min_budget: Budget
+
+
 HeadSpec = Annotated[
-    Union[DenseSpec, AShapeSpec, VerticalSlashSpec, BlockSparseSpec],
+    Union[DenseSpec, AShapeSpec, VerticalSlashSpec, BlockSparseSpec, XAttentionSpec, FlexPrefillSpec],
     Field(discriminator="type"),
 ]
 
@@ -104,6 +138,19 @@ def _times(*fields: str) -> Callable:
     return scale
 
 
+def _left_out_divided(*shares: str, counts: tuple[str, ...] = ()) -> Callable:
+    """Scaling rule of the adaptive patterns: the attention mass a share leaves out (``1 - share``) is divided by
+    the factor (at most 0.99 left out), so a factor above 1 keeps more, as budgets times it would; ``counts``
+    scale like budgets."""
+
+    def scale(spec, factor: float):
+        update = {s: 1.0 - min((1.0 - getattr(spec, s)) / factor, 0.99) for s in shares}
+        update |= {c: max(1, round(getattr(spec, c) * factor)) for c in counts}
+        return spec.model_copy(update=update)
+
+    return scale
+
+
 def _tiles(n: int) -> int:
     return -(-n // BLOCK) * BLOCK
 
@@ -131,6 +178,16 @@ def _vertical_slash_candidates(budget: int, est) -> list:
 
 def _block_sparse_candidates(budget: int, est) -> list:
     return [BlockSparseSpec(topk=max(1, round(budget / BLOCK)))]
+
+
+def _xattention_candidates(budget: int, est) -> list:
+    """The published setting; the search then fits the threshold to the budget per head."""
+    return [XAttentionSpec(threshold=0.9, stride=8)]
+
+
+def _flexprefill_candidates(budget: int, est) -> list:
+    """The published gamma / tau, a floor of a quarter of the budget (whole tiles); gamma is then fitted."""
+    return [FlexPrefillSpec(gamma=0.9, tau=0.1, min_budget=max(BLOCK, budget // 4 // BLOCK * BLOCK))]
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -176,6 +233,16 @@ PATTERNS: dict[str, PatternType] = {p.name: p for p in (
                 # MInference's runtime ignores both numbers and always keeps 100 blocks (its search writes a
                 # block *ratio* there, not a count), so we keep 100 too.
                 from_minference=lambda v, s: {"type": "block_sparse", "topk": MINFERENCE_BLOCK_SPARSE_TOPK}),
+    PatternType(spec=XAttentionSpec, budgets=("threshold", "stride"), group_by=("stride",),
+                build=Ref("sgl_minference.patterns.xattention:build_xattention"),
+                realise=Ref("sgl_minference.patterns.xattention:realise_xattention"), cost=lambda s: -1,
+                scale=_left_out_divided("threshold"), candidates=_xattention_candidates,
+                fit=Ref("sgl_minference.patterns.xattention:fit_xattention")),
+    PatternType(spec=FlexPrefillSpec, budgets=("gamma", "tau", "min_budget"),
+                build=Ref("sgl_minference.patterns.flexprefill:build_flexprefill"),
+                realise=Ref("sgl_minference.patterns.flexprefill:realise_flexprefill"), cost=lambda s: -1,
+                scale=_left_out_divided("gamma", counts=("min_budget",)), candidates=_flexprefill_candidates,
+                fit=Ref("sgl_minference.patterns.flexprefill:fit_flexprefill")),
 )}
 MINFERENCE_NAMES: dict[str, PatternType] = {p.minference: p for p in PATTERNS.values() if p.minference}
 
@@ -206,7 +273,7 @@ def nominal_cost(spec) -> int:
 
 
 def scaled(spec, factor: float):
-    """``spec`` with its budgets times ``factor``."""
+    """``spec`` with its budgets times ``factor`` (adaptive shares: see :func:`_left_out_divided`)."""
     return pattern_of(spec).scale(spec, factor)
 
 

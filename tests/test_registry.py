@@ -65,3 +65,37 @@ def test_search_candidates_reject_unsearchable_types():
 
     with pytest.raises(ValueError, match="dense"):
         registry.search_candidates(1024, DEFAULT_ESTIMATION, ["dense"])
+
+
+def test_adaptive_specs_validate_and_round_trip(tmp_path):
+    cfg = MInferenceConfig.model_validate({"heads": {"0": {
+        "0": {"type": "xattention", "threshold": 0.9, "stride": 8},
+        "1": {"type": "flexprefill", "gamma": 0.95, "tau": 0, "min_budget": 1024}}}})
+    assert cfg.head_spec(0, 0) == registry.XAttentionSpec(threshold=0.9, stride=8)
+    assert cfg.head_spec(0, 1) == registry.FlexPrefillSpec(gamma=0.95, tau=0.0, min_budget=1024)
+    cfg.save(tmp_path / "c.json")
+    assert MInferenceConfig.load(tmp_path / "c.json") == cfg
+    bad = {"xattention": [({"threshold": 0.0, "stride": 8}, "'threshold'"), ({"threshold": 1.5, "stride": 8}, "'threshold'"),
+                          ({"threshold": 0.9, "stride": 5}, "'stride'"), ({"threshold": "0.9", "stride": 8}, "'threshold'"),
+                          ({"threshold": 0.9, "stride": 8.0}, "'stride'")],
+           "flexprefill": [({"gamma": 0.9, "tau": -0.1, "min_budget": 8}, "'tau'"),
+                           ({"gamma": 0.9, "tau": 0.1, "min_budget": 0}, "'min_budget'"),
+                           ({"gamma": 0.9, "tau": 0.1}, "'min_budget'")]}
+    for kind, cases in bad.items():
+        for fields, named in cases:
+            with pytest.raises(ConfigError, match=rf"layer 2, head 3, field {named}"):
+                MInferenceConfig.from_overrides({"heads": {"2": {"3": {"type": kind, **fields}}}})
+
+
+def test_scaling_rules():
+    x = registry.XAttentionSpec(threshold=0.9, stride=8)
+    f = registry.FlexPrefillSpec(gamma=0.8, tau=0.1, min_budget=1000)
+    assert registry.scaled(x, 2.0).threshold == pytest.approx(0.95)  # half the mass left out
+    assert registry.scaled(x, 0.5).threshold == pytest.approx(0.8) and registry.scaled(x, 0.5).stride == 8
+    assert registry.scaled(x, 1e-3).threshold == pytest.approx(0.01)  # at most 0.99 left out
+    half = registry.scaled(f, 0.5)
+    assert half.gamma == pytest.approx(0.6) and half.min_budget == 500 and half.tau == 0.1
+    assert registry.scaled(registry.VerticalSlashSpec(vertical=10, slash=3), 0.1) == \
+        registry.VerticalSlashSpec(vertical=1, slash=1)
+    assert registry.nominal_cost(x) == registry.nominal_cost(f) == -1  # input-dependent
+    assert registry.group_key(x) == ("xattention", 8)

@@ -107,7 +107,7 @@ def lastq_indices(q: torch.Tensor, k: torch.Tensor, *, sm_scale: float, vertical
     return columns, offsets
 
 
-def _block_means(x: torch.Tensor) -> torch.Tensor:
+def block_means(x: torch.Tensor) -> torch.Tensor:
     """``[ceil(n/64), D]`` fp32 mean of each 64-row block of ``x [n, D]`` (the last block over its valid rows)."""
     n, d = x.shape
     nb = -(-n // BLOCK)
@@ -125,7 +125,7 @@ def block_topk(q: torch.Tensor, k: torch.Tensor, *, topk: int) -> torch.Tensor:
     the query block's last row; the diagonal block is always kept and counts inside ``topk``.
     q, k: ``[n, D]`` one head's queries and keys.
     """
-    s = _block_means(q) @ _block_means(k).T  # [NB, NB]
+    s = block_means(q) @ block_means(k).T  # [NB, NB]
     nb = s.shape[0]
     qb = torch.arange(nb, device=q.device).view(-1, 1)
     kb = torch.arange(nb, device=q.device).view(1, -1)
@@ -205,9 +205,22 @@ def head_recall(q: torch.Tensor, k: torch.Tensor, selections: list[Selection], *
     return recall / rows, keys / rows
 
 
+def block_keys(blocks: torch.Tensor, n: int, skip_rows: int = 0) -> float:
+    """Mean causal keys per row over rows ``skip_rows .. n-1`` of kept 64x64 blocks ``[NB, NB]`` bool (closed form:
+    a kept block left of the diagonal gives a row 64 keys, the diagonal block ``i - 64 qb + 1``)."""
+    check(0 <= skip_rows < n, "skip_rows", f"{skip_rows} leaves no row of {n} to count")
+    below = blocks.tril(-1).sum(1)
+    rows = torch.arange(skip_rows, n, device=blocks.device)
+    qb = rows // BLOCK
+    keys = BLOCK * below[qb] + blocks.diagonal()[qb] * (rows - BLOCK * qb + 1)
+    return float(keys.sum(dtype=torch.float64)) / (n - skip_rows)
+
+
 def selection_keys(sel: Selection, *, row_block: int = 1024, skip_rows: int = 0) -> float:
     """Mean causal keys ``sel`` keeps per query row over rows ``skip_rows .. n-1`` (no scores needed)."""
     check(0 <= skip_rows < sel.n, "skip_rows", f"{skip_rows} leaves no row of {sel.n} to count")
+    if sel.blocks is not None and not sel.dense and sel.columns.numel() == 0 and sel.offsets.numel() == 0:
+        return block_keys(sel.blocks, sel.n, skip_rows)
     total = 0
     for r0 in range(skip_rows, sel.n, row_block):
         r1 = min(r0 + row_block, sel.n)
