@@ -20,7 +20,9 @@ Head specs (budgets are strict positive integers; a budget larger than the conte
 ``{"type": "dense"}``; ``{"type": "a_shape", "sink": S, "local": L}`` (the first S keys plus the last L
 keys before each query); ``{"type": "vertical_slash", "vertical": V, "slash": D}`` (top-V key columns plus
 top-D diagonals, estimated per input); ``{"type": "block_sparse", "topk": K}`` (top-K 64x64 key blocks per
-64-row query block). Heads use global query-head numbers, before tensor-parallel slicing.
+64-row query block); the adaptive ``{"type": "xattention", "threshold": T, "stride": S}`` and
+``{"type": "flexprefill", "gamma": G, "tau": U, "min_budget": N}`` (budgets chosen per input; mass shares in
+(0, 1], see ``sgl_minference.registry``). Heads use global query-head numbers, before tensor-parallel slicing.
 
 Also read as published (:func:`load` detects the format):
 

@@ -379,3 +379,20 @@ def test_kernel_bench_runs_the_adaptive_cases(monkeypatch):
 
 
 CASE_PATTERN = {"ours_xattn": "xattention", "ours_flex": "flexprefill"}
+
+
+def test_streamed_recall_of_adaptive_selections_equals_full_matrix():
+    from test_search import full_matrix_recall
+
+    from sgl_minference.search.recall import head_recall, realise
+
+    n = 450
+    gen = torch.Generator().manual_seed(8)
+    q, k = torch.randn(n, 32, generator=gen) * 1.5, torch.randn(n, 32, generator=gen)
+    specs = [XAttentionSpec(threshold=0.7, stride=4), FlexPrefillSpec(gamma=0.8, tau=0.0, min_budget=8),
+             FlexPrefillSpec(gamma=0.8, tau=1.0, min_budget=8)]
+    sels = [realise(s, q, k, sm_scale=0.2) for s in specs]
+    assert [s.blocks is not None for s in sels] == [True, False, True]  # both FlexPrefill branches
+    rec, keys = head_recall(q, k, sels, sm_scale=0.2, row_block=100, skip_rows=70)
+    ref_rec, ref_keys = full_matrix_recall(q, k, sels, 0.2, 70)
+    assert rec.tolist() == pytest.approx(ref_rec, abs=1e-5) and keys.tolist() == pytest.approx(ref_keys, abs=1e-9)

@@ -99,3 +99,10 @@ def test_scaling_rules():
         registry.VerticalSlashSpec(vertical=1, slash=1)
     assert registry.nominal_cost(x) == registry.nominal_cost(f) == -1  # input-dependent
     assert registry.group_key(x) == ("xattention", 8)
+
+
+def test_benchmark_configs_load():
+    from pathlib import Path
+
+    for path in sorted(Path(__file__).parents[1].glob("benchmarks/configs/*.json")):
+        assert MInferenceConfig.load(path).default.type == path.stem

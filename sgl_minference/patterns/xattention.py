@@ -74,26 +74,31 @@ def antidiagonal_block_mass(q_rows: torch.Tensor, k_rows: torch.Tensor, runs: li
     sk = k_rows.shape[0]
     nqb, nkb = -(-sq // BLOCK), -(-sk // BLOCK)
     per = BLOCK // stride  # strided rows (and keys) per 64-block
-    qs = _strided(F.pad(q_rows, (0, 0, 0, 0, 0, nqb * BLOCK - sq)), stride, reverse=True)  # [Hs, G, S*D]
+    prefix, rows_valid = sk - sq, -(-sq // stride)  # strided rows holding a real query (host ints)
+    # the scale folded into the (small) strided queries saves a pass over the logits
+    qs = _strided(F.pad(q_rows * (sm_scale / stride), (0, 0, 0, 0, 0, nqb * BLOCK - sq)), stride, reverse=True)
     ks = _strided(F.pad(k_rows, (0, 0, 0, 0, 0, nkb * BLOCK - sk)), stride, reverse=False)  # [Hk, T, S*D]
     dev = q_rows.device
-    first_pos = (sk - sq) + stride * torch.arange(nqb * per, device=dev)  # each strided row's first position
+    first_pos = prefix + stride * torch.arange(nqb * per, device=dev)  # each strided row's first position
     key_pos = stride * torch.arange(nkb * per, device=dev)
-    row_ok = stride * torch.arange(nqb * per, device=dev) < sq
     out = torch.zeros(nqb, hs, num_key_blocks, device=dev, dtype=torch.float32)
     for i0, i1, kh in runs:
         rows_per = max(per, SCORE_ELEMENTS // ((i1 - i0) * nkb * per) // per * per)  # whole query blocks
         for g0 in range(0, nqb * per, rows_per):
             g1 = min(g0 + rows_per, nqb * per)
+            # -- key groups some row of the chunk sees: [0, t_hi) (whole key blocks); masked from t_lo on
+            t_lo = (prefix + stride * g0) // stride + 1
+            t_hi = min(nkb * per, -(-((prefix + stride * (g1 - 1)) // stride + 1) // per) * per)
             # -- strided logits of this chunk, one GEMM per KV head run (model dtype, fp32 accumulate)
-            logits = torch.matmul(qs[i0:i1, g0:g1], ks[kh].T).float().mul_(sm_scale / stride)  # [n, g, T]
-            causal = key_pos.view(1, -1) <= first_pos[g0:g1].view(-1, 1)
-            p = logits.masked_fill_(~causal, float("-inf")).softmax(-1)
-            p.masked_fill_(~row_ok[g0:g1].view(1, -1, 1), 0.0)  # padding rows of the last block add nothing
+            logits = torch.matmul(qs[i0:i1, g0:g1], ks[kh, :t_hi].T).float()  # [n, g, t_hi]
+            if t_lo < t_hi:
+                causal = key_pos[t_lo:t_hi].view(1, -1) <= first_pos[g0:g1].view(-1, 1)
+                logits[..., t_lo:].masked_fill_(~causal, float("-inf"))
+            p = logits.softmax(-1)
+            p[:, max(rows_valid - g0, 0):] = 0.0  # padding rows of the last block add nothing
             # -- sum to 64x64 blocks and normalise per query block
-            blocks = p.view(i1 - i0, (g1 - g0) // per, per, nkb, per).sum((2, 4))
-            blocks = blocks / blocks.sum(-1, keepdim=True)
-            out[g0 // per: g1 // per, i0:i1, :nkb] = blocks.transpose(0, 1)
+            blocks = p.view(i1 - i0, (g1 - g0) // per, per, t_hi // per, per).sum((2, 4))
+            out[g0 // per: g1 // per, i0:i1, :t_hi // per] = (blocks / blocks.sum(-1, keepdim=True)).transpose(0, 1)
     return out
 
 

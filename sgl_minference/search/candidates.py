@@ -20,6 +20,11 @@ vertical count stays, its slash count becomes the largest whose realised keys pe
 The search measures every candidate's *realised* cost too (``head_recall``'s keys per row) and only picks among
 those within ``slack`` times the budget (:func:`choose`), so a pattern whose diagonals scatter cannot win by
 spending more; among candidates of equal recall (within ``tol``) the cheapest wins.
+
+The adaptive patterns (``ADAPTIVE``: xattention, flexprefill; searched on request) have no nominal cost: their
+budgets follow the input (``nominal_cost`` -1). Their cost is modelled the same way as the diagonals': each
+candidate's mass threshold is fitted per head (:func:`fit`) to the largest whose realised keys per row on the
+calibration prompt stay within the budget, and ``choose`` compares realised keys.
 """
 
 from __future__ import annotations

@@ -20,6 +20,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 
 from ..config import DEFAULT_ESTIMATION, Estimation
 from ..layout import BLOCK, check, check_tensor
@@ -175,7 +176,9 @@ def head_recall(q: torch.Tensor, k: torch.Tensor, selections: list[Selection], *
     """Recall and cost of each selection on one head, averaged over query rows ``skip_rows .. n-1``.
 
     Query rows are processed ``row_block`` at a time: exact fp32 softmax of the block over its causal keys,
-    then each selection's kept mass. Never holds more than ``row_block x n`` scores.
+    then each selection's kept mass. Never holds more than ``row_block x n`` scores. Selections made only of
+    64x64 blocks are scored from the probabilities summed per key block (one pass for all of them) and the
+    closed-form key count of :func:`block_keys`, not from a row mask each.
 
     Args:
         q, k: ``[n, D]`` the head's queries and keys (after RoPE); selections realised on this sequence.
@@ -193,11 +196,20 @@ def head_recall(q: torch.Tensor, k: torch.Tensor, selections: list[Selection], *
         check(sel.n == n, "selections", f"entry {i} was realised for {sel.n} tokens, not {n}")
     recall = torch.zeros(len(selections), dtype=torch.float64, device=q.device)
     keys = torch.zeros_like(recall)
+    by_block = [c for c, sel in enumerate(selections) if _blocks_only(sel)]
     for r0 in range(skip_rows, n, row_block):
         r1 = min(r0 + row_block, n)
         causal = torch.arange(r1, device=q.device).view(1, -1) <= torch.arange(r0, r1, device=q.device).view(-1, 1)
         p = torch.softmax(_scores(q[r0:r1], k[:r1], sm_scale, softcap).masked_fill(~causal, float("-inf")), dim=-1)
+        if by_block:
+            nb = -(-r1 // BLOCK)
+            per_block = F.pad(p, (0, nb * BLOCK - r1)).view(r1 - r0, nb, BLOCK).sum(-1)  # [rows, NB] mass
+            qb = torch.arange(r0, r1, device=q.device) // BLOCK
         for c, sel in enumerate(selections):
+            if c in by_block:
+                recall[c] += (per_block * sel.blocks[qb, :nb]).sum(dtype=torch.float64)
+                keys[c] += _block_row_keys(sel.blocks, r0, r1).sum(dtype=torch.float64)
+                continue
             kept = sel.row_mask(r0, r1) & causal
             recall[c] += (p * kept).sum(dtype=torch.float64)
             keys[c] += kept.sum(dtype=torch.float64)
@@ -205,21 +217,29 @@ def head_recall(q: torch.Tensor, k: torch.Tensor, selections: list[Selection], *
     return recall / rows, keys / rows
 
 
+def _blocks_only(sel: Selection) -> bool:
+    return sel.blocks is not None and not sel.dense and sel.columns.numel() == 0 and sel.offsets.numel() == 0
+
+
+def _block_row_keys(blocks: torch.Tensor, r0: int, r1: int) -> torch.Tensor:
+    """``[r1 - r0]`` causal keys of rows ``r0 .. r1-1`` under kept blocks ``[NB, NB]``: a kept block left of the
+    diagonal gives a row 64 keys, the diagonal block ``i - 64 qb + 1`` (blocks right of it none)."""
+    rows = torch.arange(r0, r1, device=blocks.device)
+    qb = rows // BLOCK
+    return BLOCK * blocks.tril(-1).sum(1)[qb] + blocks.diagonal()[qb] * (rows - BLOCK * qb + 1)
+
+
 def block_keys(blocks: torch.Tensor, n: int, skip_rows: int = 0) -> float:
     """Mean causal keys per row over rows ``skip_rows .. n-1`` of kept 64x64 blocks ``[NB, NB]`` bool (closed form:
     a kept block left of the diagonal gives a row 64 keys, the diagonal block ``i - 64 qb + 1``)."""
     check(0 <= skip_rows < n, "skip_rows", f"{skip_rows} leaves no row of {n} to count")
-    below = blocks.tril(-1).sum(1)
-    rows = torch.arange(skip_rows, n, device=blocks.device)
-    qb = rows // BLOCK
-    keys = BLOCK * below[qb] + blocks.diagonal()[qb] * (rows - BLOCK * qb + 1)
-    return float(keys.sum(dtype=torch.float64)) / (n - skip_rows)
+    return float(_block_row_keys(blocks, skip_rows, n).sum(dtype=torch.float64)) / (n - skip_rows)
 
 
 def selection_keys(sel: Selection, *, row_block: int = 1024, skip_rows: int = 0) -> float:
     """Mean causal keys ``sel`` keeps per query row over rows ``skip_rows .. n-1`` (no scores needed)."""
     check(0 <= skip_rows < sel.n, "skip_rows", f"{skip_rows} leaves no row of {sel.n} to count")
-    if sel.blocks is not None and not sel.dense and sel.columns.numel() == 0 and sel.offsets.numel() == 0:
+    if _blocks_only(sel):
         return block_keys(sel.blocks, sel.n, skip_rows)
     total = 0
     for r0 in range(skip_rows, sel.n, row_block):
