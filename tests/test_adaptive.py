@@ -13,6 +13,7 @@ import pytest
 import torch
 from conftest import DEVICE, make_geometry, make_qkv, paged_kv
 from test_patterns import check_invariants
+from test_search import tiny_gemma  # noqa: F401 (fixture)
 
 from sgl_minference.config import DEFAULT_ESTIMATION, Estimation
 from sgl_minference.kernels.sparse_attention import sparse_attention
@@ -396,3 +397,21 @@ def test_streamed_recall_of_adaptive_selections_equals_full_matrix():
     rec, keys = head_recall(q, k, sels, sm_scale=0.2, row_block=100, skip_rows=70)
     ref_rec, ref_keys = full_matrix_recall(q, k, sels, 0.2, 70)
     assert rec.tolist() == pytest.approx(ref_rec, abs=1e-5) and keys.tolist() == pytest.approx(ref_keys, abs=1e-9)
+
+
+def test_recall_curves_script(tiny_gemma, tmp_path):
+    import json
+
+    from benchmarks import recall_curves
+
+    out = tmp_path / "curves.json"
+    res = recall_curves.main([str(tiny_gemma), "--length", "600", "--densities", "0.2", "0.5", "--shares", "0.8",
+                              "0.95", "--min-budget", "64", "--dtype", "float32", "--row-block", "256",
+                              "--out", str(out)])
+    saved = json.loads(out.read_text())
+    assert saved["curves"].keys() == set(recall_curves.PATTERNS) and saved["layers"] == [2]
+    assert saved["heads_scored"] == 4 and out.with_suffix(".png").stat().st_size > 0
+    for pat, pts in res["curves"].items():
+        assert len(pts) == 2 and all(0 < p["recall"] <= 1 + 1e-6 and 0 < p["density"] <= 1 + 1e-6 for p in pts), pat
+    for pat in ("xattention", "flexprefill"):  # a larger share keeps more
+        assert res["curves"][pat][1]["density"] >= res["curves"][pat][0]["density"]
