@@ -78,7 +78,7 @@ XATTENTION_STRIDES = (4, 8, 16)  # antidiagonal strides (divisors of 64); the pu
 class XAttentionSpec(_Spec):
     """Adaptive block-sparse (XAttention): per 64-row query block, the key blocks with the largest antidiagonal
     scores (every ``stride``-th antidiagonal of the block) until their share of the block row's estimated mass
-    reaches ``threshold``; the diagonal block(s) always kept."""
+    reaches ``threshold``; the first key block (the sink) and the diagonal block(s) always kept."""
 
     type: Literal["xattention"] = "xattention"
     threshold: Share

@@ -11,7 +11,8 @@ along the sequence, with ``S * D`` features each (strided query ``g`` = rows ``g
 per query block (each block's share of its block row's estimated mass).
 
 Selection: per query block, key blocks in descending share until their cumulative share reaches the head's
-``threshold`` (:func:`~sgl_minference.patterns.blocks.keep_by_mass`); the diagonal block(s) always kept first.
+``threshold`` (:func:`~sgl_minference.patterns.blocks.keep_by_mass`); the first key block (the attention sink)
+and the diagonal block(s) always kept first, as in the published method.
 Budgets so adapt per chunk, request, head and query block, on the device; the layout's capacity is every key
 block of the longest context (``MAXB = ceil(max Sk / 64)``), a host bound.
 
@@ -34,7 +35,12 @@ from .blocks import block_candidates, keep_by_mass, layout_from_blocks
 from .heads import HeadSet
 
 SCORE_ELEMENTS = 1 << 27  # strided logits per chunk: 512 MiB in fp32 (the softmax makes one more of them)
-MIN_SHARE = 1e-4  # the smallest threshold the search's fit tries (keeps the diagonal and the top block)
+MIN_SHARE = 1e-4  # the smallest threshold the search's fit tries (keeps only the forced blocks and the top one)
+
+
+def forced_blocks(diagonal: torch.Tensor) -> torch.Tensor:
+    """The blocks always kept: the diagonal one(s) (``[NQB, 1, NKB]`` bool) and key block 0, the sink."""
+    return diagonal | (torch.arange(diagonal.shape[-1], device=diagonal.device) == 0)
 
 
 def kv_runs(heads: list[int], group: int) -> list[tuple[int, int, int]]:
@@ -133,24 +139,25 @@ def build_xattention(q: torch.Tensor, kv: KVSource, geom: BatchGeometry, heads: 
                                                     sm_scale=sm_scale, num_key_blocks=nkb)
         qb0, t0 = qb0 + n, t0 + sq
     candidate, diagonal = block_candidates(geom, nkb)
-    keep = keep_by_mass(mass, candidate, heads.budgets["threshold"].view(1, -1), forced=diagonal)
+    keep = keep_by_mass(mass, candidate, heads.budgets["threshold"].view(1, -1), forced=forced_blocks(diagonal))
     return layout_from_blocks(keep, geom)
 
 
 def _head_mass(spec, q: torch.Tensor, k: torch.Tensor, sm_scale: float):
-    """One head's block shares ``[NB, 1, NB]`` and its (candidate, diagonal) masks, full prefill of ``n`` keys."""
+    """One head's block shares ``[NB, 1, NB]`` and its (candidate, forced) masks, full prefill of ``n`` keys."""
     n = q.shape[0]
     nb = -(-n // BLOCK)
     mass = antidiagonal_block_mass(q[:, None], k[:, None], [(0, 1, 0)], stride=spec.stride, sm_scale=sm_scale,
                                    num_key_blocks=nb)
-    return mass, *block_candidates(BatchGeometry.build([n], [n], q.device), nb)
+    candidate, diagonal = block_candidates(BatchGeometry.build([n], [n], q.device), nb)
+    return mass, candidate, forced_blocks(diagonal)
 
 
 def realise_xattention(spec, q: torch.Tensor, k: torch.Tensor, *, sm_scale: float, est: Estimation,
                        softcap: float | None):
     """The blocks the online builder keeps for one head of ``n`` tokens (q, k: ``[n, D]``)."""
-    mass, candidate, diagonal = _head_mass(spec, q, k, sm_scale)
-    keep = keep_by_mass(mass, candidate, torch.tensor([spec.threshold], device=q.device), forced=diagonal)
+    mass, candidate, forced = _head_mass(spec, q, k, sm_scale)
+    keep = keep_by_mass(mass, candidate, torch.tensor([spec.threshold], device=q.device), forced=forced)
     none = torch.zeros(0, dtype=torch.int64, device=q.device)
     return Selection(n=q.shape[0], columns=none, offsets=none, blocks=keep[:, 0])
 
@@ -159,11 +166,11 @@ def fit_xattention(spec, q: torch.Tensor, k: torch.Tensor, budget: int, *, sm_sc
                    softcap: float | None, row_block: int, skip_rows: int):
     """``spec`` with the largest threshold (bisected, at least ``MIN_SHARE``) whose kept blocks on this head cost at
     most ``budget`` keys per row over rows ``skip_rows .. n-1``; scores computed once."""
-    mass, candidate, diagonal = _head_mass(spec, q, k, sm_scale)
+    mass, candidate, forced = _head_mass(spec, q, k, sm_scale)
     n = q.shape[0]
 
     def keys(share: float) -> float:
-        keep = keep_by_mass(mass, candidate, torch.tensor([share], device=q.device), forced=diagonal)
+        keep = keep_by_mass(mass, candidate, torch.tensor([share], device=q.device), forced=forced)
         return block_keys(keep[:, 0], n, skip_rows)
 
     lo, hi = MIN_SHARE, 1.0
