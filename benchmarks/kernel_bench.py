@@ -577,7 +577,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--xattn-threshold", type=float, default=0.9, help="xattention: cumulative block share kept")
     ap.add_argument("--xattn-stride", type=int, default=8, help="xattention: antidiagonal stride (4, 8, 16)")
     ap.add_argument("--flex-gamma", type=float, default=0.9, help="flexprefill: cumulative attention mass kept")
-    ap.add_argument("--flex-tau", type=float, default=0.1, help="flexprefill: JS distance below which a head uses blocks")
+    ap.add_argument("--flex-tau", type=float, default=0.1,
+                    help="flexprefill: JS distance below which a head uses blocks")
     ap.add_argument("--flex-min-budget", type=int, default=1024, help="flexprefill: fewest keys per row")
     ap.add_argument("--quick", action="store_true",
                     help="fewer repetitions: at most 3 timed calls per case (300 ms budget)")

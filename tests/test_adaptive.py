@@ -139,7 +139,8 @@ def test_xattention_subset_of_heads_out_of_order_and_fp16():
         sq, sk = qr.shape[0], kr.shape[0]
         for i, h in enumerate(order):
             mass = antidiagonal_mass(qr[:, h], kr[:, h // 4], 16, 0.125)
-            kept = [pick_by_mass(m, cand, 0.7, forced=sorted({0, *diag})) for m, (_, _, cand, diag) in zip(mass, block_ranges(sq, sk))]
+            kept = [pick_by_mass(m, cand, 0.7, forced=sorted({0, *diag}))
+                    for m, (_, _, cand, diag) in zip(mass, block_ranges(sq, sk))]
             assert torch.equal(exact[r][i], blocks_mask(kept, sq, sk)), (r, h)
         assert (approx[r] != exact[r]).float().mean() < 0.05
 

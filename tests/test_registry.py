@@ -75,8 +75,10 @@ def test_adaptive_specs_validate_and_round_trip(tmp_path):
     assert cfg.head_spec(0, 1) == registry.FlexPrefillSpec(gamma=0.95, tau=0.0, min_budget=1024)
     cfg.save(tmp_path / "c.json")
     assert MInferenceConfig.load(tmp_path / "c.json") == cfg
-    bad = {"xattention": [({"threshold": 0.0, "stride": 8}, "'threshold'"), ({"threshold": 1.5, "stride": 8}, "'threshold'"),
-                          ({"threshold": 0.9, "stride": 5}, "'stride'"), ({"threshold": "0.9", "stride": 8}, "'threshold'"),
+    bad = {"xattention": [({"threshold": 0.0, "stride": 8}, "'threshold'"),
+                          ({"threshold": 1.5, "stride": 8}, "'threshold'"),
+                          ({"threshold": 0.9, "stride": 5}, "'stride'"),
+                          ({"threshold": "0.9", "stride": 8}, "'threshold'"),
                           ({"threshold": 0.9, "stride": 8.0}, "'stride'")],
            "flexprefill": [({"gamma": 0.9, "tau": -0.1, "min_budget": 8}, "'tau'"),
                            ({"gamma": 0.9, "tau": 0.1, "min_budget": 0}, "'min_budget'"),

@@ -1,7 +1,9 @@
 """The offline search's per-head candidate patterns, all of about the same kernel cost, and the cost model.
 
 Each pattern type's nominal cost, candidates and fit are its entry in ``sgl_minference.registry``; this module
-combines them. Cost model. The sparse kernel's work for a query row is the number of keys it visits (``QK^T`` and ``PV`` both
+combines them.
+
+Cost model. The sparse kernel's work for a query row is the number of keys it visits (``QK^T`` and ``PV`` both
 scale with it), visited in 64-key tiles per 64-row query block (``sgl_minference.layout``). Nominal keys per row:
 
 * ``a_shape(sink, local)``: ``ceil(sink / 64) * 64`` gathered sink columns, plus the band
@@ -13,10 +15,12 @@ scale with it), visited in 64-key tiles per 64-row query block (``sgl_minference
 Candidate space for a budget ``B`` keys per row (:func:`candidate_space`), each of nominal cost about ``B``:
 one A-shape (a 64-key sink, the rest local), vertical-slash with ``VERTICAL_SHARES`` of the budget in columns
 (from slash-heavy to vertical-heavy, like the reference search's 30/800 .. 3500/100 splits), and block-sparse
-with ``B / 64`` blocks (``SEARCHED``; the registry's ``VERTICAL_SHARES``). :func:`budget_for` turns a density (share of the causal attention computed) into ``B``.
+with ``B / 64`` blocks (``SEARCHED``; the registry's ``VERTICAL_SHARES``). :func:`budget_for` turns a density
+(share of the causal attention computed) into ``B``.
 Diagonals are the one cost the nominal model cannot know in advance: a scattered diagonal costs up to 64 keys
 per row. So the search fits each vertical-slash candidate to the head (:func:`fit`, by :func:`fit_slash`): its
-vertical count stays, its slash count becomes the largest whose realised keys per row on the calibration prompt stay within the budget.
+vertical count stays, its slash count becomes the largest whose realised keys per row on the calibration prompt
+stay within the budget.
 The search measures every candidate's *realised* cost too (``head_recall``'s keys per row) and only picks among
 those within ``slack`` times the budget (:func:`choose`), so a pattern whose diagonals scatter cannot win by
 spending more; among candidates of equal recall (within ``tol``) the cheapest wins.

@@ -96,7 +96,8 @@ def lastq_scores(q: torch.Tensor, k: torch.Tensor, *, sm_scale: float, est: Esti
 
 
 def lastq_indices(q: torch.Tensor, k: torch.Tensor, *, sm_scale: float, vertical: int, slash: int,
-                  est: Estimation = DEFAULT_ESTIMATION, softcap: float | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                  est: Estimation = DEFAULT_ESTIMATION,
+                  softcap: float | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Vertical-slash indices of one head as the online method picks them (top of :func:`lastq_scores`).
 
     Returns ``columns [min(vertical, n)]`` int64 ascending and ``offsets [min(slash, n)]`` int64 descending.
