@@ -20,7 +20,9 @@ Methods (each is skipped, with the reason stored in the run's ``unavailable``, w
 * dense: FlashAttention-3 (``sgl_kernel.flash_attn.flash_attn_varlen_func``), PyTorch SDPA with the cuDNN
   and the flash back-ends (full prefill only: SDPA's ``is_causal`` is top-left aligned), FlashInfer
   ``single_prefill_with_kv_cache`` (causal, backend auto), and our sparse kernel on the dense layout;
-* ours: vertical-slash, block-sparse and A-shape; index building and attention timed separately;
+* ours: every sparse pattern type of ``sgl_minference.registry`` (vertical-slash, block-sparse, A-shape,
+  XAttention, FlexPrefill), built by the registry's builder as the backend builds it; index building and
+  attention timed separately (index time = one layer's layout for all heads of the chunk);
 * SGLang's MInference kernel (``sgl_kernel.sparse_flash_attn.sparse_attn_func`` after
   ``convert_vertical_slash_indexes``) on the very vertical/slash indices our estimate produced
   (head_dim 128 only); index time = our estimate + the conversion; and our kernel on that converter's output
@@ -50,7 +52,9 @@ import torch
 from benchmarks.common import (KernelRecord, PairCount, TimingPlan, add_record, add_run,
                                attention_tflops, causal_pairs, done_keys, layout_pairs,
                                load_results, measure, median, parse_lengths, save_results)
+from sgl_minference.config import DEFAULT_ESTIMATION, Estimation
 from sgl_minference.layout import BLOCK, BatchGeometry, KVSource, SparseLayout
+from sgl_minference.registry import PATTERNS, head_budgets
 
 # Case id -> (method, pattern), in running order: a method's reference output must exist before its check.
 CASES = {
@@ -66,7 +70,10 @@ CASES = {
     "ours_bs_union": ("ours", "block_sparse_kv_union"),
     "flashinfer_bs": ("flashinfer_vbsr", "block_sparse_kv_union"),
     "ours_ashape": ("ours", "a_shape"),
+    "ours_xattn": ("ours", "xattention"),
+    "ours_flex": ("ours", "flexprefill"),
 }
+OURS = {"ours_dense", "ours_vs", "ours_bs", "ours_ashape", "ours_xattn", "ours_flex"}  # one pattern type each
 CHECK_AGAINST = {"sdpa_cudnn": "fa3", "sdpa_flash": "fa3", "flashinfer": "fa3", "ours_dense": "fa3",
                  "sgl_vs": "ours_vs", "ours_sgl_layout": "sgl_vs", "flashinfer_bs": "ours_bs_union"}
 LIBRARIES = {  # case -> implementations it needs (names used by load_libraries)
@@ -74,6 +81,7 @@ LIBRARIES = {  # case -> implementations it needs (names used by load_libraries)
     "ours_dense": ("ours",), "ours_vs": ("ours",), "sgl_vs": ("sgl_sparse", "ours"),
     "ours_sgl_layout": ("sgl_sparse", "ours"), "ours_bs": ("ours",),
     "ours_bs_union": ("ours",), "flashinfer_bs": ("flashinfer", "ours"), "ours_ashape": ("ours",),
+    "ours_xattn": ("ours",), "ours_flex": ("ours",),
 }
 HEAVY_COLUMNS = 32  # planted vertical lines per KV head (column 0 included)
 LOCAL_DIMS_FRACTION = 8  # the local-band vector lives in the fastest 1/8 of the rotary frequencies
@@ -81,16 +89,31 @@ LOCAL_DIMS_FRACTION = 8  # the local-band vector lives in the fastest 1/8 of the
 
 @dataclass(kw_only=True)
 class Budgets:
-    """Sparse budgets shared by all heads (per-row key counts of similar size across patterns)."""
+    """Sparse budgets shared by all heads (per-row key counts of similar size across patterns; the adaptive
+    patterns' thresholds at their published values) and the estimation settings."""
 
     vertical: int = 1000
     slash: int = 6096
     block_topk: int = 111  # blocks per query block; default (vertical + slash) / 64: the same keys per row
     sink: int = 128
     local: int = 4096
-    last_q: int = 64
-    forced_sink: int = 30
-    forced_local: int = 100
+    xattn_threshold: float = 0.9
+    xattn_stride: int = 8
+    flex_gamma: float = 0.9
+    flex_tau: float = 0.1
+    flex_min_budget: int = 1024
+    est: Estimation = DEFAULT_ESTIMATION
+
+    def spec(self, pattern: str):
+        """The head spec of ``pattern`` (a registry type) with these budgets."""
+        fields = {"dense": {}, "vertical_slash": dict(vertical=self.vertical, slash=self.slash),
+                  "block_sparse": dict(topk=self.block_topk), "a_shape": dict(sink=self.sink, local=self.local),
+                  "xattention": dict(threshold=self.xattn_threshold, stride=self.xattn_stride),
+                  "flexprefill": dict(gamma=self.flex_gamma, tau=self.flex_tau, min_budget=self.flex_min_budget)}
+        return PATTERNS[pattern].spec(**fields[pattern])
+
+    def as_json(self) -> dict:
+        return {**{k: v for k, v in vars(self).items() if k != "est"}, "estimation": self.est.model_dump()}
 
 
 @dataclass(kw_only=True)
@@ -351,11 +374,11 @@ def dense_flashinfer(inp: Inputs, libs) -> Callable[[], torch.Tensor]:
 # ----------------------------------------------------------------------------------------------------------
 
 
-def head_set(inp: Inputs, libs, **budgets: int):
-    """Every query head in one ``HeadSet``, each with the same ``budgets``."""
+def head_set(inp: Inputs, libs, spec):
+    """Every query head in one ``HeadSet``, each with the budgets of ``spec``."""
     n, hk = inp.q.shape[1], inp.k.shape[1]
     return libs["ours"]["HeadSet"].build(list(range(n)), num_q_heads=n, num_kv_heads=hk, device=inp.q.device,
-                                          **{name: [value] * n for name, value in budgets.items()})
+                                          **head_budgets([spec] * n))
 
 
 def ours_method(inp: Inputs, libs, build: Callable[[], SparseLayout], params: dict) -> SparseMethod:
@@ -366,37 +389,23 @@ def ours_method(inp: Inputs, libs, build: Callable[[], SparseLayout], params: di
         count=lambda layout: layout_pairs(layout, inp.geom), params=params)
 
 
-def vertical_slash_options(inp: Inputs, b: Budgets) -> dict:
-    return dict(sm_scale=inp.sm_scale, last_q=b.last_q, forced_sink=b.forced_sink, forced_local=b.forced_local)
-
-
-def block_sparse_build(inp: Inputs, libs, b: Budgets) -> Callable[[], SparseLayout]:
-    patterns = libs["ours"]["patterns"]
-    heads = head_set(inp, libs, topk=b.block_topk)
-    return lambda: patterns.build_block_sparse(inp.q, inp.kv, inp.geom, heads)
+def pattern_build(inp: Inputs, libs, b: Budgets, pattern: str) -> Callable[[], SparseLayout]:
+    """The registry's online builder of ``pattern`` over every head, as the backend calls it per layer."""
+    heads = head_set(inp, libs, b.spec(pattern))
+    build = PATTERNS[pattern].build
+    return lambda: build(inp.q, inp.kv, inp.geom, heads, sm_scale=inp.sm_scale, est=b.est)
 
 
 def sparse_method(case: str, inp: Inputs, libs, b: Budgets) -> SparseMethod:
     """The index building and attention calls of one sparse (or our dense-layout) case."""
-    patterns = libs["ours"]["patterns"]
     n, hk = inp.q.shape[1], inp.k.shape[1]
     nb = -(-inp.seq_k // BLOCK)
-    if case == "ours_dense":
-        heads = head_set(inp, libs)
-        return ours_method(inp, libs, lambda: patterns.build_dense(inp.geom, heads), {})
-    if case == "ours_vs":
-        heads = head_set(inp, libs, vertical=b.vertical, slash=b.slash)
-        opts = vertical_slash_options(inp, b)
-        return ours_method(inp, libs, lambda: patterns.build_vertical_slash(inp.q, inp.kv, inp.geom, heads, **opts),
-                           {"vertical": b.vertical, "slash": b.slash} | {k: opts[k] for k in opts if k != "sm_scale"})
-    if case == "ours_bs":
-        return ours_method(inp, libs, block_sparse_build(inp, libs, b), {"topk": b.block_topk})
-    if case == "ours_ashape":
-        heads = head_set(inp, libs, sink=b.sink, local=b.local)
-        return ours_method(inp, libs, lambda: patterns.build_a_shape(inp.geom, heads),
-                           {"sink": b.sink, "local": b.local})
+    if case in OURS:
+        pattern = CASES[case][1]
+        params = b.spec(pattern).model_dump(exclude={"type"})
+        return ours_method(inp, libs, pattern_build(inp, libs, b, pattern), params)
     if case == "ours_bs_union":
-        build_bs = block_sparse_build(inp, libs, b)
+        build_bs = pattern_build(inp, libs, b, "block_sparse")
 
         def build_union():
             united = union_over_groups(block_mask_of(build_bs(), nb), hk)
@@ -418,8 +427,9 @@ def sgl_vertical_slash(inp: Inputs, libs, b: Budgets, *, ours_kernel: bool = Fal
     if inp.q.shape[-1] != 128:
         raise NotImplementedError("sgl_kernel sparse_attn_func supports head_dim 128 only")
     sk, patterns = libs["sgl_sparse"], libs["ours"]["patterns"]
-    heads = head_set(inp, libs, vertical=b.vertical, slash=b.slash)
-    opts = vertical_slash_options(inp, b)
+    heads = head_set(inp, libs, b.spec("vertical_slash"))
+    opts = dict(sm_scale=inp.sm_scale, last_q=b.est.last_q, forced_sink=b.est.forced_sink,
+                forced_local=b.est.forced_local)
     dev = inp.q.device
     q_lens = torch.tensor([inp.seq_q], dtype=torch.int32, device=dev)
     k_lens = torch.tensor([inp.seq_k], dtype=torch.int32, device=dev)
@@ -463,7 +473,7 @@ def flashinfer_block_sparse(inp: Inputs, libs, b: Budgets) -> SparseMethod:
     n, hk, d = inp.q.shape[1], inp.k.shape[1], inp.q.shape[2]
     nqb, nb = inp.seq_q // BLOCK, inp.seq_k // BLOCK
     dev = inp.q.device
-    build_bs = block_sparse_build(inp, libs, b)
+    build_bs = pattern_build(inp, libs, b, "block_sparse")
     workspace = torch.empty(128 * 1024 * 1024, dtype=torch.uint8, device=dev)
     wrapper = fi.sparse.VariableBlockSparseAttentionWrapper(workspace)
     row_sz = torch.full((hk, nqb), BLOCK, dtype=torch.int32, device=dev)
@@ -564,6 +574,12 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--block-topk", type=int, default=None, help="default (vertical + slash) / 64")
     ap.add_argument("--sink", type=int, default=128)
     ap.add_argument("--local", type=int, default=4096)
+    ap.add_argument("--xattn-threshold", type=float, default=0.9, help="xattention: cumulative block share kept")
+    ap.add_argument("--xattn-stride", type=int, default=8, help="xattention: antidiagonal stride (4, 8, 16)")
+    ap.add_argument("--flex-gamma", type=float, default=0.9, help="flexprefill: cumulative attention mass kept")
+    ap.add_argument("--flex-tau", type=float, default=0.1,
+                    help="flexprefill: JS distance below which a head uses blocks")
+    ap.add_argument("--flex-min-budget", type=int, default=1024, help="flexprefill: fewest keys per row")
     ap.add_argument("--quick", action="store_true",
                     help="fewer repetitions: at most 3 timed calls per case (300 ms budget)")
     ap.add_argument("--resume", action="store_true", help="skip cases the results file already has as ok")
@@ -580,7 +596,9 @@ def main(argv: list[str] | None = None) -> None:
             raise SystemExit(f"--cases: unknown case {c!r}; known: {', '.join(CASES)}")
     cases = [c for c in CASES if c in cases]  # references run before the cases checked against them
     budgets = Budgets(vertical=args.vertical, slash=args.slash, sink=args.sink, local=args.local,
-                      block_topk=args.block_topk or round((args.vertical + args.slash) / BLOCK))
+                      block_topk=args.block_topk or round((args.vertical + args.slash) / BLOCK),
+                      xattn_threshold=args.xattn_threshold, xattn_stride=args.xattn_stride,
+                      flex_gamma=args.flex_gamma, flex_tau=args.flex_tau, flex_min_budget=args.flex_min_budget)
     plan = TimingPlan(min_reps=1, max_reps=3, budget_ms=300.0) if args.quick else TimingPlan(budget_ms=1000.0)
     head_dims = [int(x) for x in args.head_dims.split(",")]
     chunk = parse_lengths(args.chunk)[0] if args.chunk not in ("0", "") else 0
@@ -592,7 +610,7 @@ def main(argv: list[str] | None = None) -> None:
     done = done_keys(results) if args.resume else set()
     run = add_run(results, unavailable=unavailable, settings={
         "cases": cases, "head_dims": head_dims, "lengths": parse_lengths(args.lengths), "chunk": chunk,
-        "budgets": vars(budgets), "timing": vars(plan), "seed": args.seed,
+        "budgets": budgets.as_json(), "timing": vars(plan), "seed": args.seed,
         "num_q_heads": args.num_q_heads, "num_kv_heads": args.num_kv_heads, "dtype": "bfloat16"})
     for name, why in unavailable.items():
         print(f"[unavailable] {name}: {why}")

@@ -21,7 +21,9 @@ is clamped to the context at run time):
 ``{"type": "dense"}``; ``{"type": "a_shape", "sink": S, "local": L}`` (the first S keys plus the last L
 keys before each query); ``{"type": "vertical_slash", "vertical": V, "slash": D}`` (top-V key columns plus
 top-D diagonals, estimated per input); ``{"type": "block_sparse", "topk": K}`` (top-K 64x64 key blocks per
-64-row query block). Heads use global query-head numbers, before tensor-parallel slicing.
+64-row query block); the adaptive ``{"type": "xattention", "threshold": T, "stride": S}`` and
+``{"type": "flexprefill", "gamma": G, "tau": U, "min_budget": N}`` (budgets chosen per input; mass shares in
+(0, 1], see ``sgl_minference.registry``). Heads use global query-head numbers, before tensor-parallel slicing.
 
 Also read as published (:func:`load` detects the format):
 
@@ -53,22 +55,18 @@ import reprlib
 import stat
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Annotated, Any, Literal, Union
+from typing import Annotated, Any, Literal
 
-from pydantic import (AfterValidator, BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator,
+from pydantic import (BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator,
                       model_validator)
+
+from .registry import (MAX_BUDGET, PATTERNS, AShapeSpec, BlockSparseSpec, Budget, Count, DenseSpec, FlexPrefillSpec,  # noqa: F401
+                       HeadSpec, VerticalSlashSpec, XAttentionSpec, from_minference)
 
 FORMAT = "sgl-minference/v1"
 ENV_VAR = "SGL_MINFERENCE_CONFIG"
 QWEN_TABLE_FILE = "sparse_attention_config.json"
-MINFERENCE_BLOCK_SPARSE_TOPK = 100  # the block count MInference's block_sparse kernel is always called with
 
-# Key positions, budgets and the kernels' position arithmetic are int32, with SENTINEL = 2**29
-# (kernels/materialise.py) as the "no entry" mark right of every position and r0 + SENTINEL within int32. So no
-# context reaches 2**29 keys, a larger budget could never be used, and a budget up to 2**29 leaves int32 headroom
-# for position + budget sums. Checked when the config is read: a larger value would overflow the int32 budget
-# tensors built at start-up, after the weights load.
-MAX_BUDGET = 1 << 29
 ECHO_LIMIT = 80  # characters of an input value an error message repeats (a bad file may hold a 50 MB string)
 MAX_ERROR_LINES = 20  # problems listed in one ConfigError; the rest are counted
 
@@ -92,58 +90,25 @@ def _show(value: Any) -> str:
         return f"<an integer of {value.bit_length()} bits>"
 
 
-def _within_max_budget(value: int) -> int:
-    if value > MAX_BUDGET:
-        raise ValueError(
-            f"{_show(value)} is above the largest budget {MAX_BUDGET} (2**29: key positions are int32 with 2**29 "
-            "marking unused entries, so no context is longer; a budget above the context is clamped to it at run time)"
-        )
-    return value
-
-
-Budget = Annotated[int, Field(strict=True, gt=0), AfterValidator(_within_max_budget)]
-Count = Annotated[int, Field(strict=True, ge=0)]
+LastQ = Annotated[int, Field(strict=True, ge=1, le=64)]
 
 
 class ConfigError(ValueError):
     """An unusable configuration; the message names the source file, layer, head and field where they apply."""
 
 
-class _Spec(BaseModel):
+class Estimation(BaseModel):
+    """How the online estimation of dynamic patterns reads a chunk: the one home of these settings (the
+    config's ``last_q`` / ``forced_sink`` / ``forced_local``, see :attr:`MInferenceConfig.estimation`)."""
+
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-
-class DenseSpec(_Spec):
-    """Full causal attention."""
-
-    type: Literal["dense"] = "dense"
+    last_q: LastQ = 64  # the chunk's last queries that estimate dynamic indices
+    forced_sink: Count = 30  # vertical-slash always keeps key columns 0 .. forced_sink-1
+    forced_local: Count = 100  # ... and diagonals 0 .. forced_local-1 (offsets p - j)
 
 
-class AShapeSpec(_Spec):
-    """Static A-shape: keys ``j < sink`` plus the ``local`` keys ``p - local < j <= p`` of the query at ``p``."""
-
-    type: Literal["a_shape"] = "a_shape"
-    sink: Budget
-    local: Budget
-
-
-class VerticalSlashSpec(_Spec):
-    """Dynamic vertical-slash: top-``vertical`` key columns plus top-``slash`` diagonals, per input."""
-
-    type: Literal["vertical_slash"] = "vertical_slash"
-    vertical: Budget
-    slash: Budget
-
-
-class BlockSparseSpec(_Spec):
-    """Dynamic block-sparse: top-``topk`` 64x64 key blocks per 64-row query block (diagonal block kept)."""
-
-    type: Literal["block_sparse"] = "block_sparse"
-    topk: Budget
-
-
-HeadSpec = Annotated[Union[DenseSpec, AShapeSpec, VerticalSlashSpec, BlockSparseSpec], Field(discriminator="type")]
-_SPEC_TYPES = ("dense", "a_shape", "vertical_slash", "block_sparse")
+DEFAULT_ESTIMATION = Estimation()
 
 
 def _loc(layer=None, head=None, field: str | None = None) -> str:
@@ -174,13 +139,13 @@ class MInferenceConfig(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     block_size: Literal[64] = 64
-    last_q: Annotated[int, Field(strict=True, ge=1, le=64)] = 64
+    last_q: LastQ = DEFAULT_ESTIMATION.last_q
     min_context: Count = 32768
     # Chunks this short (a multi-turn follow-up, a radix-cache hit leaving a few tokens) gain nothing from
     # sparsity but would pay the estimation cost, so they run dense whatever the prefix length.
     min_chunk: Annotated[int, Field(strict=True, ge=1)] = 64
-    forced_sink: Count = 30  # vertical-slash always keeps key columns 0 .. forced_sink-1
-    forced_local: Count = 100  # ... and diagonals 0 .. forced_local-1 (offsets p - j)
+    forced_sink: Count = DEFAULT_ESTIMATION.forced_sink  # see Estimation
+    forced_local: Count = DEFAULT_ESTIMATION.forced_local
     # "auto" follows SGLang's own default for dense MHA: fa3 on Hopper (when FA3 is installed), else flashinfer.
     # Measured on the H100 (2026-11-24, Llama-3-8B dummy, TTFT): flashinfer dense is 0.89-0.95x of fa3 at
     # 8K-32K, so with it the length gate could not make short prompts free (BENCHMARKS.md).
@@ -232,6 +197,11 @@ class MInferenceConfig(BaseModel):
     def __eq__(self, other: object) -> bool:
         # Equal content is equal config, wherever it was read from (pydantic would compare _source too).
         return isinstance(other, MInferenceConfig) and self.model_dump() == other.model_dump()
+
+    @property
+    def estimation(self) -> Estimation:
+        """The estimation settings of this config, as one frozen object."""
+        return Estimation(last_q=self.last_q, forced_sink=self.forced_sink, forced_local=self.forced_local)
 
     @property
     def source(self) -> str:
@@ -349,7 +319,7 @@ def _error_line(err: Mapping, source: str) -> str:
     elif loc[:1] == ["default"]:
         prefix, loc = ["default"], loc[1:]
     if head is not None or prefix:
-        if loc and loc[0] in _SPEC_TYPES:  # the discriminated union puts the tag into the location
+        if loc and loc[0] in PATTERNS:  # the discriminated union puts the tag into the location
             loc = loc[1:]
         if err["type"].startswith("union_tag"):
             loc.append("type")
@@ -387,16 +357,10 @@ def _minference_spec(entry: Any, where: str) -> dict:
     if not isinstance(entry, (list, tuple)) or len(entry) != 4:
         raise ConfigError(f"{where}: expected [type, vertical, slash, score], got {_show(entry)}")
     kind, vertical, slash, _score = entry
-    if kind == "vertical_and_slash":
-        return {"type": "vertical_slash", "vertical": vertical, "slash": slash}
-    if kind == "stream_llm":
-        return {"type": "a_shape", "sink": vertical, "local": slash}
-    if kind == "block_sparse":
-        return {"type": "block_sparse", "topk": MINFERENCE_BLOCK_SPARSE_TOPK}
-    raise ConfigError(
-        f"{where}, field 'type': unknown pattern type {_show(kind)} "
-        "(expected vertical_and_slash, stream_llm, block_sparse)"
-    )
+    try:
+        return from_minference(kind, vertical, slash)
+    except ValueError as e:
+        raise ConfigError(f"{where}, field 'type': {e}") from None
 
 
 def _from_table(table: Any, source: str) -> MInferenceConfig:

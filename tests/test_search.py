@@ -8,7 +8,8 @@ import math
 import pytest
 import torch
 
-from sgl_minference.config import AShapeSpec, BlockSparseSpec, DenseSpec, MInferenceConfig, VerticalSlashSpec
+from sgl_minference.config import (AShapeSpec, BlockSparseSpec, DenseSpec, Estimation, MInferenceConfig,
+                                   VerticalSlashSpec)
 from sgl_minference.search import candidates as cand
 from sgl_minference.search.capture import LayerQK, full_attention_layers
 from sgl_minference.search.recall import Selection, head_recall, lastq_indices, realise
@@ -59,7 +60,7 @@ def test_streamed_recall_equals_full_matrix(n, row_block, skip):
     q, k = torch.randn(n, 16, generator=gen) * 1.5, torch.randn(n, 16, generator=gen)
     specs = [DenseSpec(), AShapeSpec(sink=8, local=40), VerticalSlashSpec(vertical=40, slash=12),
              VerticalSlashSpec(vertical=5, slash=40), BlockSparseSpec(topk=2)]
-    sels = [realise(s, q, k, sm_scale=0.25, forced_sink=3, forced_local=10) for s in specs]
+    sels = [realise(s, q, k, sm_scale=0.25, est=Estimation(forced_sink=3, forced_local=10)) for s in specs]
     rec, keys = head_recall(q, k, sels, sm_scale=0.25, row_block=row_block, skip_rows=skip)
     ref_rec, ref_keys = full_matrix_recall(q, k, sels, 0.25, skip)
     assert rec.tolist() == pytest.approx(ref_rec, abs=1e-5)
@@ -73,7 +74,8 @@ def test_lastq_indices_match_definition():
     n, d = 200, 8
     gen = torch.Generator().manual_seed(1)
     q, k = torch.randn(n, d, generator=gen), torch.randn(n, d, generator=gen)
-    cols, offs = lastq_indices(q, k, sm_scale=0.5, vertical=20, slash=25, last_q=16, forced_sink=4, forced_local=6)
+    cols, offs = lastq_indices(q, k, sm_scale=0.5, vertical=20, slash=25,
+                               est=Estimation(last_q=16, forced_sink=4, forced_local=6))
     p = torch.zeros(16, n)
     for r, i in enumerate(range(n - 16, n)):
         p[r, : i + 1] = torch.softmax((q[i] @ k[: i + 1].T) * 0.5, dim=-1)

@@ -7,7 +7,8 @@
   chunk has at least ``min_chunk`` new tokens. If no request is sparse the dense backend runs the whole batch;
   otherwise the sparse kernel runs every request of the batch, and the requests that are not sparse get exact
   dense layouts (:func:`~sgl_minference.patterns.build_dense`), so their output equals dense attention.
-* Per layer, :func:`layer_layout` is builder launches plus the head/request merges, nothing else.
+* Per layer, :func:`layer_layout` is builder launches (each group's builder looked up in
+  :data:`~sgl_minference.registry.PATTERNS`) plus the head/request merges, nothing else.
 """
 
 from __future__ import annotations
@@ -19,17 +20,15 @@ import torch.nn.functional as F
 
 from ..config import MInferenceConfig
 from ..layout import BLOCK, BatchGeometry, KVSource, SparseLayout, check, check_tensor
-from ..patterns import HeadSet, build_a_shape, build_block_sparse, build_dense, build_vertical_slash, concat_heads
-
-# Budget fields of each pattern type, in the names HeadSet and the builders use.
-BUDGETS = {"dense": (), "a_shape": ("sink", "local"), "vertical_slash": ("vertical", "slash"), "block_sparse": ("topk",)}
+from ..patterns import HeadSet, build_dense, concat_heads
+from ..registry import PATTERNS, group_key, head_budgets
 
 
 @dataclass(kw_only=True)
 class HeadGroup:
-    """The query heads of one layer that share a pattern type."""
+    """The query heads of one layer that share a pattern type (and its ``group_by`` fields, see the registry)."""
 
-    kind: str  # a key of BUDGETS
+    kind: str  # a key of registry.PATTERNS
     heads: HeadSet  # local query heads (indices into q's head dimension) with their budgets
 
 
@@ -54,14 +53,14 @@ def layer_heads(config: MInferenceConfig, *, layer_id: int, head_start: int, num
     ``head_start`` is ``attn_tp_rank * num_q_heads`` under tensor parallelism; the groups hold local indices.
     """
     specs = config.layer_specs(layer_id, head_start, num_q_heads)
-    members: dict[str, list[int]] = {}
+    members: dict[tuple, list[int]] = {}
     for local, spec in enumerate(specs):
-        members.setdefault(spec.type, []).append(local)
+        members.setdefault(group_key(spec), []).append(local)
     shape = dict(num_q_heads=num_q_heads, num_kv_heads=num_kv_heads, device=device)
     groups = []
-    for kind, heads in members.items():
-        budgets = {name: [getattr(specs[h], name) for h in heads] for name in BUDGETS[kind]}
-        groups.append(HeadGroup(kind=kind, heads=HeadSet.build(heads, **shape, **budgets)))
+    for key, heads in members.items():
+        budgets = head_budgets([specs[h] for h in heads])
+        groups.append(HeadGroup(kind=key[0], heads=HeadSet.build(heads, **shape, **budgets)))
     return LayerHeads(layer_id=layer_id, num_q_heads=num_q_heads, groups=groups)
 
 
@@ -144,18 +143,6 @@ def overlay_query_blocks(base: SparseLayout, rows: torch.Tensor, part: SparseLay
                         col_index=merged("col_index", maxc), col_count=merged("col_count", None))
 
 
-def _group_layout(group: HeadGroup, q: torch.Tensor, kv: KVSource, geom: BatchGeometry, config: MInferenceConfig,
-                  sm_scale: float) -> SparseLayout:
-    if group.kind == "vertical_slash":
-        return build_vertical_slash(q, kv, geom, group.heads, sm_scale=sm_scale, last_q=config.last_q,
-                                    forced_sink=config.forced_sink, forced_local=config.forced_local)
-    if group.kind == "block_sparse":
-        return build_block_sparse(q, kv, geom, group.heads)
-    if group.kind == "a_shape":
-        return build_a_shape(geom, group.heads)
-    return build_dense(geom, group.heads)
-
-
 def layer_layout(q: torch.Tensor, kv: KVSource, plan: SparsePlan, heads: LayerHeads, config: MInferenceConfig, *,
                  sm_scale: float) -> SparseLayout:
     """The layout of one layer over all of ``q``'s heads and all requests of the plan.
@@ -163,7 +150,8 @@ def layer_layout(q: torch.Tensor, kv: KVSource, plan: SparsePlan, heads: LayerHe
     q: ``[T, Hq, D]`` fp16/bf16 chunk queries of the batch (RoPE applied); kv: the layer's paged KV source, the
     chunk's keys already written. Returns a layout ``[NQB, Hq, ...]`` for ``plan.geom``.
     """
-    parts = [_group_layout(g, q, kv, plan.geom, config, sm_scale) for g in heads.groups]
+    est = config.estimation
+    parts = [PATTERNS[g.kind].build(q, kv, plan.geom, g.heads, sm_scale=sm_scale, est=est) for g in heads.groups]
     layout = concat_heads(parts, [g.heads.heads for g in heads.groups], heads.num_q_heads)
     if plan.dense_layout is not None:
         layout = overlay_query_blocks(layout, plan.dense_blocks, plan.dense_layout)

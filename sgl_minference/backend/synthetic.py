@@ -50,7 +50,7 @@ from ..kernels.materialise import SENTINEL
 from ..layout import BatchGeometry, KVSource, SparseLayout, check
 from ..patterns import HeadSet, concat_heads, estimate_vertical_slash
 from ..patterns.convert import indices_to_layout
-from . import planner
+from ..registry import PATTERNS
 from .planner import LayerHeads, SparsePlan, overlay_query_blocks
 
 logger = logging.getLogger(__name__)
@@ -183,17 +183,18 @@ def layer_layout(q: torch.Tensor, kv: KVSource, plan: SparsePlan, heads: LayerHe
     The estimator runs as usual (its cost is paid); its indices are discarded for :meth:`Structure.draw`'s.
     Other head groups go through the planner's own builder.
     """
+    est = config.estimation
     parts = []
     for group in heads.groups:
         if group.kind != "vertical_slash":
-            parts.append(planner._group_layout(group, q, kv, plan.geom, config, sm_scale))
+            parts.append(PATTERNS[group.kind].build(q, kv, plan.geom, group.heads, sm_scale=sm_scale, est=est))
             continue
         columns, offsets = estimate_vertical_slash(q, kv, plan.geom, group.heads, sm_scale=sm_scale,
-                                                   last_q=config.last_q, forced_sink=config.forced_sink,
-                                                   forced_local=config.forced_local)
+                                                   last_q=est.last_q, forced_sink=est.forced_sink,
+                                                   forced_local=est.forced_local)
         columns, offsets = structure.draw(tuple(columns.shape), tuple(offsets.shape), plan.geom, group.heads,
-                                          layer_id=heads.layer_id, forced_sink=config.forced_sink,
-                                          forced_local=config.forced_local)
+                                          layer_id=heads.layer_id, forced_sink=est.forced_sink,
+                                          forced_local=est.forced_local)
         parts.append(indices_to_layout(columns, offsets, plan.geom))
     layout = concat_heads(parts, [g.heads.heads for g in heads.groups], heads.num_q_heads)
     if plan.dense_layout is not None:

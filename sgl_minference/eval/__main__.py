@@ -85,8 +85,7 @@ def layer_recall(folder: Path, config: MInferenceConfig, tokenizer, length: int,
     model = model.to(device).eval()
     layers = full_attention_layers(model.config)
     sample = make_sample("kv_retrieval", tokenizer, length=length, depth=0.5, seed=seed + 1)
-    settings = ScoreSettings(skip_rows=min(4096, length // 4), last_q=config.last_q,
-                             forced_sink=config.forced_sink, forced_local=config.forced_local)
+    settings = ScoreSettings(skip_rows=min(4096, length // 4), est=config.estimation)
     results = config_recall(model, torch.tensor(sample.input_ids), config, layers=layers, settings=settings)
     del model
     if device == "cuda":

@@ -12,8 +12,9 @@ import json
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
-from ..config import AShapeSpec, BlockSparseSpec, MInferenceConfig, VerticalSlashSpec
+from ..config import MInferenceConfig
 from ..layout import check
+from ..registry import nominal_cost, scaled
 from .scoring import accuracy_table, answer_recall, first_token_top, top_logprob_kl
 from .tasks import Sample
 
@@ -66,23 +67,11 @@ def run_mode(engine, samples: Sequence[Sample], *, top_logprobs: int = 20, batch
 
 
 def scale_config(config: MInferenceConfig, factor: float) -> MInferenceConfig:
-    """``config`` with every budget (sink, local, vertical, slash, topk) times ``factor`` (at least 1)."""
+    """``config`` with every head's budgets times ``factor`` (at least 1), by each pattern's scaling rule
+    (``sgl_minference.registry``; adaptive patterns divide the attention mass they leave out by ``factor``)."""
     check(factor > 0, "factor", f"must be positive, got {factor}")
-
-    def scaled(spec):
-        def s(v: int) -> int:
-            return max(1, round(v * factor))
-
-        if isinstance(spec, AShapeSpec):
-            return AShapeSpec(sink=s(spec.sink), local=s(spec.local))
-        if isinstance(spec, VerticalSlashSpec):
-            return VerticalSlashSpec(vertical=s(spec.vertical), slash=s(spec.slash))
-        if isinstance(spec, BlockSparseSpec):
-            return BlockSparseSpec(topk=s(spec.topk))
-        return spec
-
-    heads = {layer: {h: scaled(spec) for h, spec in per.items()} for layer, per in config.heads.items()}
-    return config.model_copy(update={"default": scaled(config.default), "heads": heads})
+    heads = {layer: {h: scaled(spec, factor) for h, spec in per.items()} for layer, per in config.heads.items()}
+    return config.model_copy(update={"default": scaled(config.default, factor), "heads": heads})
 
 
 def evaluate(samples: Sequence[Sample], outputs: dict[str, list[dict]], *, min_context: int) -> dict:
@@ -125,9 +114,8 @@ def evaluate(samples: Sequence[Sample], outputs: dict[str, list[dict]], *, min_c
 
 def nominal_density(config: MInferenceConfig, length: int, layers: Sequence[int], num_heads: int) -> float:
     """Mean share of the causal attention the config's heads of ``layers`` compute at ``length`` (nominal
-    cost model of ``sgl_minference.search.candidates``; dense heads count as 1)."""
-    from ..search.candidates import nominal_cost
-
+    cost model of ``sgl_minference.search.candidates``; dense heads, and adaptive ones whose cost depends on the
+    input, count as 1: an upper bound)."""
     row = (length + 1) / 2
     shares = []
     for layer in layers:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 import torch
@@ -13,14 +14,15 @@ from ..layout import SparseLayout, check
 class HeadSet:
     """A group of query heads sharing one pattern type; built at startup, reused by every forward.
 
-    Budgets live on the device *and* as host maxima so builders size their outputs without a host sync.
+    Budgets live on the device *and* as host maxima so builders size their outputs without a host sync. Counts
+    (int lists) must be positive and are stored int32; shares and thresholds (float lists) are stored float32.
     """
 
     heads: list[int]  # query head indices within q's head dimension
     q_head: torch.Tensor  # [Hs] int32: the same indices on the device
     kv_head: torch.Tensor  # [Hs] int32: KV head read by each query head (GQA: head // group)
-    budgets: dict[str, torch.Tensor] = field(default_factory=dict)  # name -> [Hs] int32 per-head budget
-    budget_max: dict[str, int] = field(default_factory=dict)  # name -> host max of that budget
+    budgets: dict[str, torch.Tensor] = field(default_factory=dict)  # name -> [Hs] int32 / float32 per head
+    budget_max: dict[str, int | float] = field(default_factory=dict)  # name -> host max of that budget
 
     @classmethod
     def build(cls, heads: list[int], *, num_q_heads: int, num_kv_heads: int, device, **budgets: list[int]):
@@ -32,7 +34,12 @@ class HeadSet:
         dev = {}
         for name, values in budgets.items():
             check(len(values) == len(heads), name, f"{len(values)} budgets for {len(heads)} heads")
-            check(all(isinstance(v, int) and v > 0 for v in values), name, f"budgets must be positive ints: {values}")
+            if all(isinstance(v, float) for v in values):
+                check(all(math.isfinite(v) and v >= 0 for v in values), name, f"must be finite and >= 0: {values}")
+                dev[name] = torch.tensor(values, dtype=torch.float32, device=device)
+                continue
+            check(all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in values), name,
+                  f"budgets must be positive ints (or all floats): {values}")
             dev[name] = torch.tensor(values, dtype=torch.int32, device=device)
 
         def i32(x):

@@ -6,6 +6,7 @@ import logging
 
 import torch
 
+from ..config import DEFAULT_ESTIMATION as _EST  # the estimation settings' one home
 from ..kernels.estimate import LastqLaunch, lastq_sums
 from ..kernels.materialise import SENTINEL
 from ..kernels.select import dense_band_width, select_vertical_slash
@@ -54,8 +55,9 @@ class NanFallbackLog:
 
 
 def estimate_vertical_slash(q: torch.Tensor, kv: KVSource, geom: BatchGeometry, heads: HeadSet, *, sm_scale: float,
-                            last_q: int = 64, forced_sink: int = 30, forced_local: int = 100,
-                            launch: LastqLaunch | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                            last_q: int = _EST.last_q, forced_sink: int = _EST.forced_sink,
+                            forced_local: int = _EST.forced_local, launch: LastqLaunch | None = None
+                            ) -> tuple[torch.Tensor, torch.Tensor]:
     """The vertical and slash indices of every request and head, as the online method picks them.
 
     Args:
@@ -84,8 +86,8 @@ def estimate_vertical_slash(q: torch.Tensor, kv: KVSource, geom: BatchGeometry, 
 
 
 def build_vertical_slash(q: torch.Tensor, kv: KVSource, geom: BatchGeometry, heads: HeadSet, *, sm_scale: float,
-                         last_q: int = 64, forced_sink: int = 30, forced_local: int = 100,
-                         launch: LastqLaunch | None = None) -> SparseLayout:
+                         last_q: int = _EST.last_q, forced_sink: int = _EST.forced_sink,
+                         forced_local: int = _EST.forced_local, launch: LastqLaunch | None = None) -> SparseLayout:
     """Vertical-slash layout over ``len(heads.heads)`` heads (see ``estimate_vertical_slash`` for the arguments)."""
     columns, offsets = estimate_vertical_slash(q, kv, geom, heads, sm_scale=sm_scale, last_q=last_q,
                                                forced_sink=forced_sink, forced_local=forced_local, launch=launch)

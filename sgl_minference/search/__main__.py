@@ -20,7 +20,7 @@ import torch
 from ..cli import fail
 from ..cpu_torch import allow_torchvision_import
 from ..eval.tasks import make_sample
-from .candidates import budget_for, candidate_space
+from .candidates import ADAPTIVE, SEARCHED, budget_for, candidate_space
 from .capture import full_attention_layers
 from .searcher import ScoreSettings, layer_summary, search_model, to_config
 
@@ -38,6 +38,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     budget.add_argument("--density", type=float, default=0.1,
                         help="share of the causal attention each candidate computes (default 0.1)")
     budget.add_argument("--budget", type=int, default=None, help="keys per query row instead of --density")
+    p.add_argument("--patterns", nargs="+", choices=SEARCHED + ADAPTIVE, default=list(SEARCHED),
+                   help=f"pattern types to search (default {' '.join(SEARCHED)}; the adaptive ones are fitted to "
+                        "the budget per head)")
     p.add_argument("--row-block", type=int, default=1024, help="query rows per streamed softmax block")
     p.add_argument("--skip-rows", type=int, default=None,
                    help="rows left out of the recall average (default min(4096, length // 4))")
@@ -97,7 +100,7 @@ def main(argv=None) -> dict:
         fail(PROG, f"model: {folder} has no full-attention layer to search")
     try:
         budget = args.budget or budget_for(length, args.density)
-        candidates = candidate_space(budget)
+        candidates = candidate_space(budget, types=args.patterns)
     except ValueError as e:
         fail(PROG, f"--budget / --density: {e}")
     tokenizer = AutoTokenizer.from_pretrained(folder)
@@ -120,7 +123,7 @@ def main(argv=None) -> dict:
     config.save(out)
     report = {
         "model": str(args.model), "length": length, "budget": budget, "density": budget * 2 / (length + 1),
-        "layers": layers, "dense_below": args.dense_below, "skip_rows": settings.skip_rows, "row_block": settings.row_block, "slack": args.slack,
+        "layers": layers, "patterns": args.patterns, "dense_below": args.dense_below, "skip_rows": settings.skip_rows, "row_block": settings.row_block, "slack": args.slack,
         "seconds": round(time.time() - t0, 2), "layer_recall": layer_summary(results),
         "heads": [r.as_dict() for r in results],
     }

@@ -1,5 +1,8 @@
 """The offline search's per-head candidate patterns, all of about the same kernel cost, and the cost model.
 
+Each pattern type's nominal cost, candidates and fit are its entry in ``sgl_minference.registry``; this module
+combines them.
+
 Cost model. The sparse kernel's work for a query row is the number of keys it visits (``QK^T`` and ``PV`` both
 scale with it), visited in 64-key tiles per 64-row query block (``sgl_minference.layout``). Nominal keys per row:
 
@@ -12,13 +15,20 @@ scale with it), visited in 64-key tiles per 64-row query block (``sgl_minference
 Candidate space for a budget ``B`` keys per row (:func:`candidate_space`), each of nominal cost about ``B``:
 one A-shape (a 64-key sink, the rest local), vertical-slash with ``VERTICAL_SHARES`` of the budget in columns
 (from slash-heavy to vertical-heavy, like the reference search's 30/800 .. 3500/100 splits), and block-sparse
-with ``B / 64`` blocks. :func:`budget_for` turns a density (share of the causal attention computed) into ``B``.
+with ``B / 64`` blocks (``SEARCHED``; the registry's ``VERTICAL_SHARES``). :func:`budget_for` turns a density
+(share of the causal attention computed) into ``B``.
 Diagonals are the one cost the nominal model cannot know in advance: a scattered diagonal costs up to 64 keys
-per row. So the search fits each vertical-slash candidate to the head (:func:`fit_slash`): its vertical count stays, its
-slash count becomes the largest whose realised keys per row on the calibration prompt stay within the budget.
+per row. So the search fits each vertical-slash candidate to the head (:func:`fit`, by :func:`fit_slash`): its
+vertical count stays, its slash count becomes the largest whose realised keys per row on the calibration prompt
+stay within the budget.
 The search measures every candidate's *realised* cost too (``head_recall``'s keys per row) and only picks among
 those within ``slack`` times the budget (:func:`choose`), so a pattern whose diagonals scatter cannot win by
 spending more; among candidates of equal recall (within ``tol``) the cheapest wins.
+
+The adaptive patterns (``ADAPTIVE``: xattention, flexprefill; searched on request) have no nominal cost: their
+budgets follow the input (``nominal_cost`` -1). Their cost is modelled the same way as the diagonals': each
+candidate's mass threshold is fitted per head (:func:`fit`) to the largest whose realised keys per row on the
+calibration prompt stay within the budget, and ``choose`` compares realised keys.
 """
 
 from __future__ import annotations
@@ -27,30 +37,14 @@ from collections.abc import Sequence
 
 import torch
 
-from ..config import AShapeSpec, BlockSparseSpec, DenseSpec, VerticalSlashSpec
+from ..config import DEFAULT_ESTIMATION, Estimation, VerticalSlashSpec
 from ..layout import BLOCK, check
+from ..registry import PATTERNS, nominal_cost, search_candidates  # noqa: F401 (nominal_cost: the search's model)
 from .recall import Selection, lastq_scores, selection_keys
 
-VERTICAL_SHARES = (0.03, 0.12, 0.4, 0.95)  # share of the budget spent on key columns, one candidate each
-SINK = BLOCK  # A-shape sink columns: one key tile
 MIN_BUDGET = 8 * BLOCK  # below this the splits collapse into one another
-
-
-def _tiles(n: int) -> int:
-    return -(-n // BLOCK) * BLOCK
-
-
-def nominal_cost(spec) -> int:
-    """Keys per query row the kernel visits for ``spec`` under the cost model (dense: ``-1``, unbounded)."""
-    if isinstance(spec, AShapeSpec):
-        return _tiles(spec.sink) + spec.local + BLOCK - 1
-    if isinstance(spec, VerticalSlashSpec):
-        return _tiles(spec.vertical) + spec.slash + BLOCK - 1
-    if isinstance(spec, BlockSparseSpec):
-        return BLOCK * spec.topk
-    if isinstance(spec, DenseSpec):
-        return -1
-    raise ValueError(f"spec: unsupported head spec {spec!r}")
+SEARCHED = ("a_shape", "vertical_slash", "block_sparse")  # the pattern types searched unless asked otherwise
+ADAPTIVE = ("xattention", "flexprefill")  # input-dependent budgets: searched on request (their fit holds the budget)
 
 
 def budget_for(length: int, density: float) -> int:
@@ -63,24 +57,22 @@ def budget_for(length: int, density: float) -> int:
     return max(1, round(density * (length + 1) / 2))
 
 
-def candidate_space(budget: int, *, forced_sink: int = 30, forced_local: int = 100) -> list:
-    """The candidate specs for ``budget`` keys per row (see the module docstring), without duplicates.
-
-    Vertical-slash budgets never go below the forced columns / diagonals the online estimation always keeps.
-    """
+def candidate_space(budget: int, *, est: Estimation = DEFAULT_ESTIMATION, types: Sequence[str] = SEARCHED) -> list:
+    """The candidate specs of ``types`` for ``budget`` keys per row (each registry entry's ``candidates``, see
+    the module docstring), without duplicates."""
     check(budget >= MIN_BUDGET, "budget", f"{budget} keys per row is too small to split (need >= {MIN_BUDGET})")
-    specs = [AShapeSpec(sink=SINK, local=budget - SINK - BLOCK + 1)]
-    most_vertical = (budget - forced_local - BLOCK + 1) // BLOCK * BLOCK  # leaves the forced diagonals their keys
-    for share in VERTICAL_SHARES:
-        vertical = max(forced_sink, 1, min(round(share * budget), most_vertical))
-        slash = max(forced_local, 1, budget - _tiles(vertical) - BLOCK + 1)
-        specs.append(VerticalSlashSpec(vertical=vertical, slash=slash))
-    specs.append(BlockSparseSpec(topk=max(1, round(budget / BLOCK))))
-    out = []
-    for spec in specs:
-        if spec not in out:
-            out.append(spec)
-    return out
+    return search_candidates(budget, est, types)
+
+
+def fit(spec, q: torch.Tensor, k: torch.Tensor, budget: int, *, sm_scale: float,
+        est: Estimation = DEFAULT_ESTIMATION, softcap: float | None = None, row_block: int = 1024,
+        skip_rows: int = 0):
+    """``spec`` fitted to ``budget`` keys per row on this head by its registry entry (unchanged if it has no fit)."""
+    entry = PATTERNS[spec.type]
+    if entry.fit is None:
+        return spec
+    return entry.fit(spec, q, k, budget, sm_scale=sm_scale, est=est, softcap=softcap, row_block=row_block,
+                     skip_rows=skip_rows)
 
 
 def choose(recall: Sequence[float], keys: Sequence[float], budget: int, slack: float = 1.5,
@@ -97,18 +89,17 @@ def choose(recall: Sequence[float], keys: Sequence[float], budget: int, slack: f
 
 
 def fit_slash(spec: VerticalSlashSpec, q: torch.Tensor, k: torch.Tensor, budget: int, *, sm_scale: float,
-              last_q: int = 64, forced_sink: int = 30, forced_local: int = 100, softcap: float | None = None,
-              row_block: int = 1024, skip_rows: int = 0) -> VerticalSlashSpec:
+              est: Estimation = DEFAULT_ESTIMATION, softcap: float | None = None, row_block: int = 1024,
+              skip_rows: int = 0) -> VerticalSlashSpec:
     """``spec`` with the largest slash count (at most ``max(spec.slash, budget)``) whose realised keys per row on
-    this head (rows ``skip_rows..n-1``) are at most ``budget``; never below ``forced_local`` (the diagonals
+    this head (rows ``skip_rows..n-1``) are at most ``budget``; never below ``est.forced_local`` (the diagonals
     always kept). The count grows past the nominal one when the columns leave budget unused.
 
     q, k: ``[n, D]`` the head's queries and keys. Bisects over prefixes of the online ranking of diagonals
     (realised keys grow with the slash count); each step counts kept keys without computing softmax.
     """
     n = q.shape[0]
-    col, diag = lastq_scores(q, k, sm_scale=sm_scale, last_q=last_q, forced_sink=forced_sink,
-                             forced_local=forced_local, softcap=softcap)
+    col, diag = lastq_scores(q, k, sm_scale=sm_scale, est=est, softcap=softcap)
     columns = col.topk(min(spec.vertical, n)).indices.sort().values
     ranked = diag.topk(min(max(spec.slash, budget), n)).indices  # best first: a prefix is the online top-S
 
@@ -116,7 +107,7 @@ def fit_slash(spec: VerticalSlashSpec, q: torch.Tensor, k: torch.Tensor, budget:
         sel = Selection(n=n, columns=columns, offsets=ranked[:slash])
         return selection_keys(sel, row_block=row_block, skip_rows=skip_rows)
 
-    lo, hi = min(max(forced_local, 1), ranked.numel()), ranked.numel()
+    lo, hi = min(max(est.forced_local, 1), ranked.numel()), ranked.numel()
     if keys(hi) <= budget:
         return spec.model_copy(update={"slash": hi})
     if keys(lo) > budget:

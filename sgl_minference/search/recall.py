@@ -10,6 +10,9 @@ Kept keys (the kernel layout's semantics, per 64-row query block starting at row
 the 64 keys ``[r0 - o, r0 - o + 64)`` (so a row late in a block sees up to 63 diagonals past ``o``, as the
 kernel computes them); every 64x64 block set in ``blocks``; always cut to the causal keys ``j <= i``.
 A-shape ``(sink, local)`` is columns ``0..sink-1`` plus offsets ``0..local-1``, as the online builder writes it.
+
+Each pattern type's realisation is its registry entry's ``realise`` (``sgl_minference.registry``); those of the
+original four are here, the others live in their pattern modules.
 """
 
 from __future__ import annotations
@@ -17,9 +20,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 
-from ..config import AShapeSpec, BlockSparseSpec, DenseSpec, VerticalSlashSpec
+from ..config import DEFAULT_ESTIMATION, Estimation
 from ..layout import BLOCK, check, check_tensor
+from ..registry import pattern_of
 
 
 @dataclass(kw_only=True)
@@ -63,13 +68,13 @@ def _scores(q: torch.Tensor, k: torch.Tensor, sm_scale: float, softcap: float | 
     return s if not softcap else softcap * torch.tanh(s / softcap)
 
 
-def lastq_scores(q: torch.Tensor, k: torch.Tensor, *, sm_scale: float, last_q: int = 64, forced_sink: int = 30,
-                 forced_local: int = 100, softcap: float | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+def lastq_scores(q: torch.Tensor, k: torch.Tensor, *, sm_scale: float, est: Estimation = DEFAULT_ESTIMATION,
+                 softcap: float | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Column and diagonal scores of one head as the online vertical-slash estimation computes them.
 
-    The last ``min(last_q, n)`` queries' causal softmax (fp32) summed per key column and per diagonal offset
-    ``i - j``; the first ``forced_sink`` columns and the ``forced_local`` nearest diagonals score ``inf`` (always
-    taken, inside the budget).
+    The last ``min(est.last_q, n)`` queries' causal softmax (fp32) summed per key column and per diagonal offset
+    ``i - j``; the first ``est.forced_sink`` columns and the ``est.forced_local`` nearest diagonals score ``inf``
+    (always taken, inside the budget).
 
     Args:
         q, k: ``[n, D]`` one head's queries and keys (after RoPE), any float dtype.
@@ -77,7 +82,7 @@ def lastq_scores(q: torch.Tensor, k: torch.Tensor, *, sm_scale: float, last_q: i
         ``col [n]`` and ``diag [n]`` float32.
     """
     n = q.shape[0]
-    rows = min(last_q, n)
+    rows = min(est.last_q, n)
     pos = torch.arange(n - rows, n, device=q.device).view(-1, 1)
     keys = torch.arange(n, device=q.device).view(1, -1)
     s = _scores(q[n - rows:], k, sm_scale, softcap).masked_fill(keys > pos, float("-inf"))
@@ -85,27 +90,26 @@ def lastq_scores(q: torch.Tensor, k: torch.Tensor, *, sm_scale: float, last_q: i
     col = p.sum(0)
     offset = (pos - keys).clamp(min=0)  # masked entries have p == 0, so clamping them to 0 adds nothing
     diag = torch.zeros(n, dtype=torch.float32, device=q.device).scatter_add_(0, offset.flatten(), p.flatten())
-    col[:forced_sink] = float("inf")
-    diag[:forced_local] = float("inf")
+    col[:est.forced_sink] = float("inf")
+    diag[:est.forced_local] = float("inf")
     return col, diag
 
 
 def lastq_indices(q: torch.Tensor, k: torch.Tensor, *, sm_scale: float, vertical: int, slash: int,
-                  last_q: int = 64, forced_sink: int = 30, forced_local: int = 100,
+                  est: Estimation = DEFAULT_ESTIMATION,
                   softcap: float | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Vertical-slash indices of one head as the online method picks them (top of :func:`lastq_scores`).
 
     Returns ``columns [min(vertical, n)]`` int64 ascending and ``offsets [min(slash, n)]`` int64 descending.
     """
-    col, diag = lastq_scores(q, k, sm_scale=sm_scale, last_q=last_q, forced_sink=forced_sink,
-                             forced_local=forced_local, softcap=softcap)
+    col, diag = lastq_scores(q, k, sm_scale=sm_scale, est=est, softcap=softcap)
     n = q.shape[0]
     columns = col.topk(min(vertical, n)).indices.sort().values
     offsets = diag.topk(min(slash, n)).indices.sort(descending=True).values
     return columns, offsets
 
 
-def _block_means(x: torch.Tensor) -> torch.Tensor:
+def block_means(x: torch.Tensor) -> torch.Tensor:
     """``[ceil(n/64), D]`` fp32 mean of each 64-row block of ``x [n, D]`` (the last block over its valid rows)."""
     n, d = x.shape
     nb = -(-n // BLOCK)
@@ -123,7 +127,7 @@ def block_topk(q: torch.Tensor, k: torch.Tensor, *, topk: int) -> torch.Tensor:
     the query block's last row; the diagonal block is always kept and counts inside ``topk``.
     q, k: ``[n, D]`` one head's queries and keys.
     """
-    s = _block_means(q) @ _block_means(k).T  # [NB, NB]
+    s = block_means(q) @ block_means(k).T  # [NB, NB]
     nb = s.shape[0]
     qb = torch.arange(nb, device=q.device).view(-1, 1)
     kb = torch.arange(nb, device=q.device).view(1, -1)
@@ -134,24 +138,37 @@ def block_topk(q: torch.Tensor, k: torch.Tensor, *, topk: int) -> torch.Tensor:
     return kept
 
 
-def realise(spec, q: torch.Tensor, k: torch.Tensor, *, sm_scale: float, last_q: int = 64, forced_sink: int = 30,
-            forced_local: int = 100, softcap: float | None = None) -> Selection:
-    """The keys ``spec`` (a config head spec) keeps for one head; q, k: ``[n, D]``, budgets clamped to ``n``."""
-    n, dev = q.shape[0], q.device
-    none = torch.zeros(0, dtype=torch.int64, device=dev)
-    if isinstance(spec, DenseSpec):
-        return Selection(n=n, columns=none, offsets=none, dense=True)
-    if isinstance(spec, AShapeSpec):
-        return Selection(n=n, columns=torch.arange(min(spec.sink, n), device=dev),
-                         offsets=torch.arange(min(spec.local, n), device=dev).flip(0))
-    if isinstance(spec, VerticalSlashSpec):
-        columns, offsets = lastq_indices(q, k, sm_scale=sm_scale, vertical=spec.vertical, slash=spec.slash,
-                                         last_q=last_q, forced_sink=forced_sink, forced_local=forced_local,
-                                         softcap=softcap)
-        return Selection(n=n, columns=columns, offsets=offsets)
-    if isinstance(spec, BlockSparseSpec):
-        return Selection(n=n, columns=none, offsets=none, blocks=block_topk(q, k, topk=spec.topk))
-    raise ValueError(f"spec: unsupported head spec {spec!r}")
+def realise(spec, q: torch.Tensor, k: torch.Tensor, *, sm_scale: float, est: Estimation = DEFAULT_ESTIMATION,
+            softcap: float | None = None) -> Selection:
+    """The keys ``spec`` (a config head spec) keeps for one head, by its registry entry's realisation.
+
+    q, k: ``[n, D]`` one head's queries and keys (after RoPE); budgets clamped to ``n``.
+    """
+    return pattern_of(spec).realise(spec, q, k, sm_scale=sm_scale, est=est, softcap=softcap)
+
+
+def _none(q: torch.Tensor) -> torch.Tensor:
+    return torch.zeros(0, dtype=torch.int64, device=q.device)
+
+
+def realise_dense(spec, q, k, *, sm_scale, est, softcap) -> Selection:
+    return Selection(n=q.shape[0], columns=_none(q), offsets=_none(q), dense=True)
+
+
+def realise_a_shape(spec, q, k, *, sm_scale, est, softcap) -> Selection:
+    n = q.shape[0]
+    return Selection(n=n, columns=torch.arange(min(spec.sink, n), device=q.device),
+                     offsets=torch.arange(min(spec.local, n), device=q.device).flip(0))
+
+
+def realise_vertical_slash(spec, q, k, *, sm_scale, est, softcap) -> Selection:
+    columns, offsets = lastq_indices(q, k, sm_scale=sm_scale, vertical=spec.vertical, slash=spec.slash, est=est,
+                                     softcap=softcap)
+    return Selection(n=q.shape[0], columns=columns, offsets=offsets)
+
+
+def realise_block_sparse(spec, q, k, *, sm_scale, est, softcap) -> Selection:
+    return Selection(n=q.shape[0], columns=_none(q), offsets=_none(q), blocks=block_topk(q, k, topk=spec.topk))
 
 
 def head_recall(q: torch.Tensor, k: torch.Tensor, selections: list[Selection], *, sm_scale: float,
@@ -160,7 +177,9 @@ def head_recall(q: torch.Tensor, k: torch.Tensor, selections: list[Selection], *
     """Recall and cost of each selection on one head, averaged over query rows ``skip_rows .. n-1``.
 
     Query rows are processed ``row_block`` at a time: exact fp32 softmax of the block over its causal keys,
-    then each selection's kept mass. Never holds more than ``row_block x n`` scores.
+    then each selection's kept mass. Never holds more than ``row_block x n`` scores. Selections made only of
+    64x64 blocks are scored from the probabilities summed per key block (one pass for all of them) and the
+    closed-form key count of :func:`block_keys`, not from a row mask each.
 
     Args:
         q, k: ``[n, D]`` the head's queries and keys (after RoPE); selections realised on this sequence.
@@ -178,11 +197,20 @@ def head_recall(q: torch.Tensor, k: torch.Tensor, selections: list[Selection], *
         check(sel.n == n, "selections", f"entry {i} was realised for {sel.n} tokens, not {n}")
     recall = torch.zeros(len(selections), dtype=torch.float64, device=q.device)
     keys = torch.zeros_like(recall)
+    by_block = [c for c, sel in enumerate(selections) if _blocks_only(sel)]
     for r0 in range(skip_rows, n, row_block):
         r1 = min(r0 + row_block, n)
         causal = torch.arange(r1, device=q.device).view(1, -1) <= torch.arange(r0, r1, device=q.device).view(-1, 1)
         p = torch.softmax(_scores(q[r0:r1], k[:r1], sm_scale, softcap).masked_fill(~causal, float("-inf")), dim=-1)
+        if by_block:
+            nb = -(-r1 // BLOCK)
+            per_block = F.pad(p, (0, nb * BLOCK - r1)).view(r1 - r0, nb, BLOCK).sum(-1)  # [rows, NB] mass
+            qb = torch.arange(r0, r1, device=q.device) // BLOCK
         for c, sel in enumerate(selections):
+            if c in by_block:
+                recall[c] += (per_block * sel.blocks[qb, :nb]).sum(dtype=torch.float64)
+                keys[c] += _block_row_keys(sel.blocks, r0, r1).sum(dtype=torch.float64)
+                continue
             kept = sel.row_mask(r0, r1) & causal
             recall[c] += (p * kept).sum(dtype=torch.float64)
             keys[c] += kept.sum(dtype=torch.float64)
@@ -190,9 +218,30 @@ def head_recall(q: torch.Tensor, k: torch.Tensor, selections: list[Selection], *
     return recall / rows, keys / rows
 
 
+def _blocks_only(sel: Selection) -> bool:
+    return sel.blocks is not None and not sel.dense and sel.columns.numel() == 0 and sel.offsets.numel() == 0
+
+
+def _block_row_keys(blocks: torch.Tensor, r0: int, r1: int) -> torch.Tensor:
+    """``[r1 - r0]`` causal keys of rows ``r0 .. r1-1`` under kept blocks ``[NB, NB]``: a kept block left of the
+    diagonal gives a row 64 keys, the diagonal block ``i - 64 qb + 1`` (blocks right of it none)."""
+    rows = torch.arange(r0, r1, device=blocks.device)
+    qb = rows // BLOCK
+    return BLOCK * blocks.tril(-1).sum(1)[qb] + blocks.diagonal()[qb] * (rows - BLOCK * qb + 1)
+
+
+def block_keys(blocks: torch.Tensor, n: int, skip_rows: int = 0) -> float:
+    """Mean causal keys per row over rows ``skip_rows .. n-1`` of kept 64x64 blocks ``[NB, NB]`` bool (closed form:
+    a kept block left of the diagonal gives a row 64 keys, the diagonal block ``i - 64 qb + 1``)."""
+    check(0 <= skip_rows < n, "skip_rows", f"{skip_rows} leaves no row of {n} to count")
+    return float(_block_row_keys(blocks, skip_rows, n).sum(dtype=torch.float64)) / (n - skip_rows)
+
+
 def selection_keys(sel: Selection, *, row_block: int = 1024, skip_rows: int = 0) -> float:
     """Mean causal keys ``sel`` keeps per query row over rows ``skip_rows .. n-1`` (no scores needed)."""
     check(0 <= skip_rows < sel.n, "skip_rows", f"{skip_rows} leaves no row of {sel.n} to count")
+    if _blocks_only(sel):
+        return block_keys(sel.blocks, sel.n, skip_rows)
     total = 0
     for r0 in range(skip_rows, sel.n, row_block):
         r1 = min(r0 + row_block, sel.n)

@@ -13,22 +13,20 @@ from dataclasses import dataclass
 
 import torch
 
-from ..config import DenseSpec, MInferenceConfig, VerticalSlashSpec
+from ..config import DEFAULT_ESTIMATION, DenseSpec, Estimation, MInferenceConfig
 from ..layout import check
-from .candidates import choose, fit_slash, nominal_cost
+from .candidates import choose, fit, nominal_cost
 from .capture import LayerQK, capture_qk
 from .recall import head_recall, realise
 
 
 @dataclass(kw_only=True)
 class ScoreSettings:
-    """How heads are scored; the estimation fields mirror the config's globals."""
+    """How heads are scored; ``est`` is the config's estimation settings (``MInferenceConfig.estimation``)."""
 
     row_block: int = 1024  # query rows per streamed softmax block
     skip_rows: int = 0  # rows before this one are not averaged (short rows are nearly dense anyway)
-    last_q: int = 64
-    forced_sink: int = 30
-    forced_local: int = 100
+    est: Estimation = DEFAULT_ESTIMATION
 
 
 @dataclass(kw_only=True)
@@ -51,8 +49,9 @@ class HeadResult:
 def score_layer(qk: LayerQK, specs_for: Callable[[int, int], Sequence], settings: ScoreSettings,
                 on_head: Callable[[HeadResult], None] | None = None, fit_budget: int | None = None) -> list[HeadResult]:
     """Score ``specs_for(layer, head)`` on every query head of one captured layer (GQA: head ``h`` reads KV head
-    ``h // (Hq / Hk)``). With ``fit_budget``, vertical-slash specs first get their slash count fitted to that
-    many keys per row on the head (:func:`~sgl_minference.search.candidates.fit_slash`)."""
+    ``h // (Hq / Hk)``). With ``fit_budget``, specs whose pattern has a fit (vertical-slash: the slash count;
+    the adaptive patterns: their mass threshold) are first fitted to that many keys per row on the head
+    (:func:`~sgl_minference.search.candidates.fit`)."""
     num_heads, num_kv = qk.q.shape[0], qk.k.shape[0]
     check(num_heads % num_kv == 0, "qk", f"{num_kv} KV heads do not divide {num_heads} query heads")
     group = num_heads // num_kv
@@ -61,12 +60,10 @@ def score_layer(qk: LayerQK, specs_for: Callable[[int, int], Sequence], settings
     out = []
     for h in range(num_heads):
         q, k = qk.q[h], qk.k[h // group]
-        est = dict(sm_scale=qk.sm_scale, last_q=settings.last_q, forced_sink=settings.forced_sink,
-                   forced_local=settings.forced_local, softcap=qk.softcap)
+        est = dict(sm_scale=qk.sm_scale, est=settings.est, softcap=qk.softcap)
         specs = list(specs_for(qk.layer, h))
         if fit_budget is not None:
-            specs = [fit_slash(s, q, k, fit_budget, row_block=settings.row_block, skip_rows=skip, **est)
-                     if isinstance(s, VerticalSlashSpec) else s for s in specs]
+            specs = [fit(s, q, k, fit_budget, row_block=settings.row_block, skip_rows=skip, **est) for s in specs]
         sels = [realise(s, q, k, **est) for s in specs]
         recall, keys = head_recall(q, k, sels, sm_scale=qk.sm_scale, row_block=settings.row_block, skip_rows=skip,
                                    softcap=qk.softcap)
@@ -84,7 +81,7 @@ def _num_heads(model) -> int:
 def search_model(model, input_ids: torch.Tensor, *, layers: Sequence[int], candidates: Sequence, budget: int,
                  settings: ScoreSettings, slack: float = 1.5, progress: bool = True) -> list[HeadResult]:
     """Score ``candidates`` on every query head of ``layers`` and choose the best of each (``HeadResult.best``);
-    vertical-slash candidates are fitted to ``budget`` per head first.
+    candidates with a fit (vertical-slash, the adaptive patterns) are fitted to ``budget`` per head first.
 
     ``model``: a transformers causal LM loaded with ``attn_implementation="sdpa"``; ``input_ids``: ``[N]`` int64,
     the calibration prompt; ``budget``: keys per row the candidates were sized for.

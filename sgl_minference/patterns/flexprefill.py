@@ -1,0 +1,185 @@
+"""FlexPrefill: per head and input, a query-aware block pattern or vertical-slash, budgets by cumulative mass.
+
+Decision, per (request, head) of each chunk. The last ``n = min(last_q, Sq)`` queries' true attention (the
+vertical-slash estimation's column sums, ``kernels.estimate.lastq_scores``) summed per 64-key block is compared
+with the block-pooled estimate of the same rows (softmax over key blocks of ``sm_scale`` times the mean of those
+queries dotted with the mean-pooled keys, ``pool_keys``) by the Jensen-Shannon distance (the square root of the
+divergence, natural log, in ``[0, sqrt(ln 2)]``). Below the head's ``tau`` the pooled estimate is trusted and the
+head runs the *query-aware block pattern*, else *vertical-slash*.
+
+Budgets by cumulative mass ``gamma`` (:func:`~sgl_minference.patterns.blocks.keep_by_mass`: the smallest set,
+largest first, whose normalised mass reaches ``gamma``) instead of a fixed top-k:
+
+* block pattern, per query block: the key blocks of the pooled estimate (softmax of ``sm_scale`` times the block's
+  mean query dotted with the pooled keys over its causal key blocks); the diagonal block(s) first; at least
+  ``ceil(min_budget / 64)`` blocks. Capacity: every key block (``ceil(max Sk / 64)``).
+* vertical-slash, per request: key columns by the last queries' column mass and diagonals by their diagonal mass,
+  each set reaching ``gamma``, at least ``min_budget`` of each, the config's forced sink columns / local diagonals
+  first; then the vertical-slash conversion (``patterns.convert``). Capacity: ``min(max Sk, max(VS_CAP,
+  max min_budget))`` columns and diagonals per head, a host bound; a head whose ``gamma`` needs more keeps its
+  top ``VS_CAP`` of each.
+
+Both branches are built for every head and the layout picks per head on the device, so nothing syncs. Chunked
+prefill: each chunk decides and budgets anew against the whole context (bottom-right causal, absolute keys).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..config import Estimation
+from ..kernels.estimate import lastq_scores, pool_keys
+from ..kernels.materialise import SENTINEL
+from ..layout import BLOCK, BatchGeometry, KVSource, SparseLayout, check, check_queries_and_kv
+from ..search import recall
+from .blocks import block_candidates, keep_by_mass, layout_from_blocks, pad_last, pooled_query_blocks, select_heads
+from .convert import indices_to_layout
+from .heads import HeadSet
+
+VS_CAP = 8192  # columns (and diagonals) the vertical-slash branch can keep per head: the layout's capacity
+MIN_SHARE = 1e-4  # the smallest gamma the search's fit tries
+
+
+def js_distance(p: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
+    """Jensen-Shannon distance between distributions along the last dimension (natural log); ``[...]`` float32."""
+    m = (p + q) / 2
+    div = 0.5 * (torch.xlogy(p, p) - torch.xlogy(p, m) + torch.xlogy(q, q) - torch.xlogy(q, m)).sum(-1)
+    return div.clamp(min=0).sqrt()
+
+
+def top_by_mass(mass: torch.Tensor, valid: torch.Tensor, share: torch.Tensor, min_count: torch.Tensor,
+                forced: torch.Tensor, cap: int, unused: int, descending: bool) -> torch.Tensor:
+    """Positions kept by :func:`keep_by_mass` (``forced`` first), at most ``cap`` (the largest), sorted.
+
+    ``mass [B, H, N]``; returns ``[B, H, cap]`` int32 ascending (``descending``: descending), padded with ``unused``.
+    """
+    keep = keep_by_mass(mass, valid, share, forced=forced, min_count=min_count)
+    prio = torch.where(keep, torch.where(forced, 2.0 + mass, mass), -1.0)
+    vals, idx = prio.topk(cap, dim=-1)
+    idx = torch.where(vals >= 0, idx, unused)
+    return idx.sort(dim=-1, descending=descending).values.to(torch.int32)
+
+
+def _last_rows_mean(q: torch.Tensor, geom: BatchGeometry, q_head: torch.Tensor, last_q: int) -> torch.Tensor:
+    """Mean of the last ``min(last_q, Sq_r)`` queries of each request: ``[B, Hs, D]`` float32."""
+    end = geom.cu_seqlens_q[1:]
+    n = (end - geom.cu_seqlens_q[:-1]).clamp(max=last_q)
+    lane = torch.arange(last_q, device=q.device, dtype=torch.int32)
+    valid = lane < n.view(-1, 1)
+    rows = q[torch.where(valid, (end - n).view(-1, 1) + lane, 0).long()][:, :, q_head.long()].float()
+    return (rows * valid.view(*valid.shape, 1, 1)).sum(1) / n.view(-1, 1, 1)
+
+
+def build_flexprefill(q: torch.Tensor, kv: KVSource, geom: BatchGeometry, heads: HeadSet, *, sm_scale: float,
+                      est: Estimation) -> SparseLayout:
+    """FlexPrefill layout over ``len(heads.heads)`` heads; per-head ``gamma``, ``tau``, ``min_budget``.
+
+    q: ``[T, Hq, D]`` chunk queries packed by ``geom.cu_seqlens_q`` (RoPE applied); kv: the requests' keys.
+    Returns a layout ``[NQB, Hs, ...]`` (``MAXB = max(ceil(max Sk / 64), cap)``, ``MAXC = cap``; module docstring).
+    """
+    check_queries_and_kv(q, kv, geom)
+    check(all(b in heads.budgets for b in ("gamma", "tau", "min_budget")), "heads",
+          "needs budgets gamma, tau and min_budget")
+    b, hs, dev = geom.num_requests, len(heads.heads), q.device
+    max_sk = geom.max_seqlen_k
+    nkb = -(-max_sk // BLOCK)
+    gamma, tau = heads.budgets["gamma"].view(1, -1), heads.budgets["tau"].view(1, -1)
+    min_budget = heads.budgets["min_budget"].view(1, -1)
+
+    # -- the last queries' true attention: per key column, per diagonal, per key block (each sums to 1)
+    col, diag = lastq_scores(q, kv, geom, heads.q_head, heads.kv_head, sm_scale=sm_scale, last_q=est.last_q)
+    rows = (geom.cu_seqlens_q[1:] - geom.cu_seqlens_q[:-1]).clamp(max=est.last_q).view(-1, 1, 1)
+    valid = col >= 0  # [B, Hs, max Sk]: the request's keys (col and diag are -1 past Sk_r)
+    col_mass, diag_mass = col.clamp(min=0) / rows, diag.clamp(min=0) / rows
+    true_blocks = pad_last(col_mass, nkb * BLOCK).view(b, hs, nkb, BLOCK).sum(-1)
+
+    # -- the pooled estimate of the same rows, and the decision per (request, head)
+    keys = pool_keys(kv, geom).index_select(1, heads.kv_head.long())  # [B, Hs, NKB, D] float32
+    logits = torch.einsum("bhd,bhkd->bhk", _last_rows_mean(q, geom, heads.q_head, est.last_q), keys) * sm_scale
+    in_context = torch.arange(nkb, device=dev).view(1, 1, -1) * BLOCK < geom.seq_lens_k.view(-1, 1, 1)
+    pooled = logits.masked_fill(~in_context, float("-inf")).softmax(-1)
+    use_blocks = js_distance(true_blocks, pooled) < tau  # [B, Hs]
+
+    # -- vertical-slash branch: columns and diagonals by cumulative mass
+    cap = min(max_sk, max(VS_CAP, int(heads.budget_max["min_budget"])))
+    pos = torch.arange(max_sk, device=dev)
+    columns = top_by_mass(col_mass, valid, gamma, min_budget, pos < est.forced_sink, cap, SENTINEL, False)
+    offsets = top_by_mass(diag_mass, valid, gamma, min_budget, pos < est.forced_local, cap, -1, True)
+    vertical_slash = indices_to_layout(columns, offsets, geom)
+
+    # -- query-aware block branch: per query block, key blocks by cumulative pooled mass
+    pooled_q = pooled_query_blocks(q, geom, heads.q_head)  # [NQB, Hs, D]
+    scores = torch.empty(geom.num_query_blocks, hs, nkb, device=dev, dtype=torch.float32)
+    qb0 = 0
+    for r, sq in enumerate(geom.seq_lens_q_cpu):  # one batched product per request; host ints only, no sync
+        n = -(-sq // BLOCK)
+        scores[qb0:qb0 + n] = torch.einsum("nhd,hkd->nhk", pooled_q[qb0:qb0 + n], keys[r]) * sm_scale
+        qb0 += n
+    candidate, diagonal = block_candidates(geom, nkb)
+    p = scores.masked_fill(~candidate, float("-inf")).softmax(-1)
+    keep = keep_by_mass(p, candidate, gamma, forced=diagonal, min_count=-(-min_budget // BLOCK))
+    return select_heads(use_blocks[geom.qb_request.long()], layout_from_blocks(keep, geom), vertical_slash)
+
+
+def _head_inputs(q: torch.Tensor, k: torch.Tensor, sm_scale: float, est: Estimation, softcap: float | None):
+    """One head's estimation inputs, full prefill of ``n`` tokens (plain torch, as the online kernels compute
+    them): JS distance, column / diagonal masses ``[n]``, pooled block probabilities ``[NB, NB]`` and the
+    (candidate, diagonal) block masks."""
+    n = q.shape[0]
+    nb = -(-n // BLOCK)
+    rows = min(est.last_q, n)
+    raw = Estimation(last_q=est.last_q, forced_sink=0, forced_local=0)  # unforced sums
+    col, diag = recall.lastq_scores(q, k, sm_scale=sm_scale, est=raw, softcap=softcap)
+    col_mass, diag_mass = col / rows, diag / rows
+    true_blocks = pad_last(col_mass, nb * BLOCK).view(nb, BLOCK).sum(-1)
+    pk = recall.block_means(k)
+    pooled = torch.softmax(pk @ q[n - rows:].float().mean(0) * sm_scale, dim=-1)
+    geom = BatchGeometry.build([n], [n], q.device)
+    candidate, diagonal = block_candidates(geom, nb)
+    p = (recall.block_means(q) @ pk.T * sm_scale)[:, None].masked_fill(~candidate, float("-inf")).softmax(-1)
+    return float(js_distance(true_blocks, pooled)), col_mass, diag_mass, p, candidate, diagonal
+
+
+def _selection(spec, inputs, gamma: float, est: Estimation) -> recall.Selection:
+    js, col_mass, diag_mass, p, candidate, diagonal = inputs
+    n, dev = col_mass.shape[0], col_mass.device
+    share = torch.tensor([gamma], device=dev)
+    none = torch.zeros(0, dtype=torch.int64, device=dev)
+    if js < spec.tau:
+        keep = keep_by_mass(p, candidate, share, forced=diagonal,
+                            min_count=torch.tensor([-(-spec.min_budget // BLOCK)], device=dev))
+        return recall.Selection(n=n, columns=none, offsets=none, blocks=keep[:, 0])
+    cap, pos = min(n, max(VS_CAP, spec.min_budget)), torch.arange(n, device=dev)
+    valid = torch.ones(n, dtype=torch.bool, device=dev)
+    count = torch.tensor([spec.min_budget], device=dev)
+
+    def top(mass, forced, unused, descending):
+        idx = top_by_mass(mass.view(1, 1, -1), valid, share, count, forced, cap, unused, descending)[0, 0].long()
+        return idx[idx != unused]
+
+    return recall.Selection(n=n, columns=top(col_mass, pos < est.forced_sink, SENTINEL, False),
+                            offsets=top(diag_mass, pos < est.forced_local, -1, True))
+
+
+def realise_flexprefill(spec, q: torch.Tensor, k: torch.Tensor, *, sm_scale: float, est: Estimation,
+                        softcap: float | None) -> recall.Selection:
+    """The keys the online builder keeps for one head of ``n`` tokens (q, k: ``[n, D]``)."""
+    return _selection(spec, _head_inputs(q, k, sm_scale, est, softcap), spec.gamma, est)
+
+
+def fit_flexprefill(spec, q: torch.Tensor, k: torch.Tensor, budget: int, *, sm_scale: float, est: Estimation,
+                    softcap: float | None, row_block: int, skip_rows: int):
+    """``spec`` with the largest ``gamma`` (bisected, at least ``MIN_SHARE``) whose selection on this head costs at
+    most ``budget`` keys per row over rows ``skip_rows .. n-1``; the branch and the scores are computed once."""
+    inputs = _head_inputs(q, k, sm_scale, est, softcap)
+
+    def keys(gamma: float) -> float:
+        return recall.selection_keys(_selection(spec, inputs, gamma, est), row_block=row_block, skip_rows=skip_rows)
+
+    lo, hi = MIN_SHARE, 1.0
+    if keys(hi) <= budget:
+        return spec.model_copy(update={"gamma": hi})
+    for _ in range(14):  # invariant: keys(hi) > budget; lo is the best gamma found within the budget (or the floor)
+        mid = (lo + hi) / 2
+        lo, hi = (mid, hi) if keys(mid) <= budget else (lo, mid)
+    return spec.model_copy(update={"gamma": lo})
