@@ -1,6 +1,7 @@
 """What the Engine-level GPU tests share: skip marks, prompts as token ids, prompt log-probabilities, configs."""
 
 import importlib.util
+import json
 import random
 from importlib.metadata import entry_points
 
@@ -47,3 +48,22 @@ def mean_gap(a, b):
         assert len(lp_a) == len(lp_b) >= TAIL - 1
         gaps += [abs(x - y) for x, y in zip(lp_a, lp_b)]
     return sum(gaps) / len(gaps)
+
+
+def run_scenarios(prompts: dict, *, attention_backend: str, override: dict | None = None, **engine_args) -> dict:
+    """One engine: the tail log-probabilities of ``prompts["single"]``, ``["ragged"]``, ``["chunked"]`` and of the
+    radix second turn ``["turn2"]`` after ``["turn1"]`` (``override``: the ``minference`` config object)."""
+    import sglang
+
+    kwargs = dict(skip_tokenizer_init=True, attention_backend=attention_backend, chunked_prefill_size=4096,
+                  disable_cuda_graph=True, **engine_args)
+    if override is not None:
+        kwargs["json_model_override_args"] = json.dumps({"minference": override})
+    engine = sglang.Engine(**kwargs)
+    try:
+        results = {name: tail_logprobs(engine, prompts[name]) for name in ("single", "ragged", "chunked")}
+        tail_logprobs(engine, prompts["turn1"])
+        results["radix"] = tail_logprobs(engine, prompts["turn2"])
+    finally:
+        engine.shutdown()
+    return results

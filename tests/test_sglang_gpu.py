@@ -23,7 +23,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.sglang_gpu_common import DENSE_EQUIVALENT, LOSSY, SGLANG_GPU_SKIPS, ids, mean_gap, tail_logprobs
+from tests.sglang_gpu_common import run_scenarios as common_run_scenarios
+from tests.sglang_gpu_common import DENSE_EQUIVALENT, LOSSY, SGLANG_GPU_SKIPS, ids, mean_gap
 
 MODELS = Path(__file__).resolve().parents[1] / "launch" / "models"
 LLAMA3_8B = MODELS / "llama3-8b"
@@ -40,26 +41,16 @@ TURN1 = ids(5000, 6, VOCAB)
 TURN2 = TURN1 + ids(200, 7, VOCAB)
 
 
-def run_scenarios(attention_backend, override=None):
-    import sglang
+PROMPTS = {"single": SINGLE, "ragged": RAGGED, "chunked": CHUNKED, "turn1": TURN1, "turn2": TURN2}
 
+
+def run_scenarios(attention_backend, override=None):
     # Beyond a real model's trained context its outputs are poor but still deterministic, which is all this
     # comparison needs (SGLANG_ALLOW_OVERWRITE_LONGER_CONTEXT_LEN lets the 33K prompt through).
     os.environ.setdefault("SGLANG_ALLOW_OVERWRITE_LONGER_CONTEXT_LEN", "1")
-    kwargs = dict(model_path=str(SMALL), load_format="auto" if REAL else "dummy", skip_tokenizer_init=True,
-                  context_length=40000, attention_backend=attention_backend, chunked_prefill_size=4096,
-                  mem_fraction_static=0.6, disable_cuda_graph=True)
-    if override is not None:
-        kwargs["json_model_override_args"] = json.dumps({"minference": override})
-    engine = sglang.Engine(**kwargs)
-    try:
-        results = {"single": tail_logprobs(engine, SINGLE), "ragged": tail_logprobs(engine, RAGGED),
-                   "chunked": tail_logprobs(engine, CHUNKED)}
-        tail_logprobs(engine, TURN1)
-        results["radix"] = tail_logprobs(engine, TURN2)
-    finally:
-        engine.shutdown()
-    return results
+    return common_run_scenarios(PROMPTS, attention_backend=attention_backend, override=override,
+                                model_path=str(SMALL), load_format="auto" if REAL else "dummy",
+                                context_length=40000, mem_fraction_static=0.6)
 
 
 @pytest.fixture(scope="module")

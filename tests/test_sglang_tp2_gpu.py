@@ -17,15 +17,14 @@ Checks, each against a yardstick measured in the same run rather than a fixed to
   second turn (``cached_tokens > 0``).
 """
 
-import json
 import os
 from importlib.resources import files
 
 import pytest
 import torch
 
-from tests.sglang_gpu_common import (DENSE_EQUIVALENT, LOSSY, SGLANG_GPU_SKIPS, ids, mean_gap,
-                                     tail_logprobs)
+from tests.sglang_gpu_common import DENSE_EQUIVALENT, LOSSY, SGLANG_GPU_SKIPS, ids, mean_gap
+from tests.sglang_gpu_common import run_scenarios as common_run_scenarios
 
 MODEL = os.environ.get("SGL_MINFERENCE_TEST_MODEL_TP2")
 SEARCHED = files("sgl_minference") / "configs" / "gemma3-270m.json"
@@ -43,23 +42,12 @@ TURN1 = ids(5000, 16)
 TURN2 = TURN1 + ids(200, 17)
 
 
-def run_scenarios(attention_backend: str, tp_size: int, override: dict | None = None) -> dict:
-    import sglang
+PROMPTS = {"single": SINGLE, "ragged": RAGGED, "chunked": CHUNKED, "turn1": TURN1, "turn2": TURN2}
 
-    kwargs = dict(model_path=MODEL, skip_tokenizer_init=True, context_length=16384, tp_size=tp_size,
-                  attention_backend=attention_backend, chunked_prefill_size=4096, mem_fraction_static=0.5,
-                  disable_cuda_graph=True)
-    if override is not None:
-        kwargs["json_model_override_args"] = json.dumps({"minference": override})
-    engine = sglang.Engine(**kwargs)
-    try:
-        results = {"single": tail_logprobs(engine, SINGLE), "ragged": tail_logprobs(engine, RAGGED),
-                   "chunked": tail_logprobs(engine, CHUNKED)}
-        tail_logprobs(engine, TURN1)
-        results["radix"] = tail_logprobs(engine, TURN2)
-    finally:
-        engine.shutdown()
-    return results
+
+def run_scenarios(attention_backend: str, tp_size: int, override: dict | None = None) -> dict:
+    return common_run_scenarios(PROMPTS, attention_backend=attention_backend, override=override, model_path=MODEL,
+                                context_length=16384, tp_size=tp_size, mem_fraction_static=0.5)
 
 
 @pytest.fixture(scope="module")
