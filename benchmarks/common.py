@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import dataclasses
 import datetime
-import importlib.metadata
 import json
 import os
 import platform
@@ -26,18 +25,12 @@ from typing import Callable
 
 import torch
 
+from benchmarks.multiturn.results import library_versions  # one reader of the library versions
 from sgl_minference.backend import stats
 from sgl_minference.backend.stats import causal_pairs, range_column_pairs  # noqa: F401 (causal_pairs re-exported)
 
 SCHEMA = "sgl-minference-bench/1"
 STATUSES = ("ok", "skipped", "error", "oom", "timeout")
-DISTRIBUTIONS = {  # reported name -> distribution names to try, first found wins
-    "torch": ("torch",),
-    "triton": ("triton",),
-    "sglang": ("sglang",),
-    "flashinfer": ("flashinfer-python",),
-    "sgl_kernel": ("sglang-kernel", "sgl-kernel"),
-}
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -201,19 +194,6 @@ def done_keys(results: dict) -> set[tuple]:
 # ----------------------------------------------------------------------------------------------------------
 # Environment
 # ----------------------------------------------------------------------------------------------------------
-
-
-def library_versions() -> dict[str, str | None]:
-    out = {}
-    for name, dists in DISTRIBUTIONS.items():
-        out[name] = None
-        for dist in dists:
-            try:
-                out[name] = importlib.metadata.version(dist)
-                break
-            except importlib.metadata.PackageNotFoundError:
-                continue
-    return out
 
 
 def environment() -> dict:
