@@ -353,6 +353,8 @@ def test_head_set_validates_budgets():
         HeadSet.build([2], num_q_heads=2, num_kv_heads=1, device=DEV)
 
 
+# The interpreter warns when a reduction meets the planted NaN row; that NaN is the point of the test.
+@pytest.mark.filterwarnings("ignore:All-NaN slice encountered:RuntimeWarning")
 @pytest.mark.parametrize("where", ["query", "key"])
 def test_nan_estimate_falls_back_to_dense(where):
     """A NaN in one last-64 estimation query (or in one key) must not empty the head's layout: that head runs
