@@ -166,8 +166,10 @@ def summarize_stats(lines: list[dict], input_lens: list[int], ttft_ms: float | N
     covered: dict[int, int] = {}  # causal pairs of the chunks that ran sparse, per layer
     visited: dict[int, int] = {}
     index_ms = attn_ms = 0.0
+    layer_index_ms: list[float] = []  # per chunk-layer: a first-use compile shows as an outlier here
     for line in lines:
         for layer in line["layers"]:
+            layer_index_ms.append(layer["index_ms"])
             lid = layer["layer"]
             attended[lid] = attended.get(lid, 0) + sum(layer["attended"])
             visited[lid] = visited.get(lid, 0) + sum(layer["visited"])
@@ -183,6 +185,7 @@ def summarize_stats(lines: list[dict], input_lens: list[int], ttft_ms: float | N
             "sparse_chunk_share_mean": sum(sparse_share) / len(sparse_share),
             "visited_share_mean": sum(visited[lid] / covered[lid] for lid in visited) / len(visited),
             "index_ms": index_ms, "attn_ms": attn_ms, "sparse_ms": index_ms + attn_ms,
+            "index_ms_layer_median": median(layer_index_ms), "index_ms_layer_max": max(layer_index_ms),
             "sparse_share_of_ttft": (index_ms + attn_ms) / ttft_ms if ttft_ms else None}
 
 

@@ -48,13 +48,14 @@ def kernel(module: str, name: str):
     return getattr(importlib.import_module(f"sgl_minference.kernels.{module}"), name)
 
 
-def _attention_case(d: int, paged: bool):
+def _attention_case(d: int, paged: bool, launch=None):
     import torch
 
-    from sgl_minference.kernels.sparse_attention import _launch_config
+    from sgl_minference.kernels.sparse_attention import attention_launch
 
-    return ("sparse_attention", "_sparse_attention_fwd", dict(BLOCK_M=64, BLOCK_N=64, BLOCK_D=d, PAGED=paged),
-            *_launch_config(d, torch.bfloat16))
+    block_n, warps, stages, heads_first = launch or attention_launch(d, torch.bfloat16)
+    return ("sparse_attention", "_sparse_attention_fwd",
+            dict(BLOCK_M=64, BLOCK_N=block_n, BLOCK_D=d, PAGED=paged, HEADS_FIRST=heads_first), warps, stages)
 
 
 def _estimate_case(name: str, d: int, paged: bool):
@@ -70,6 +71,9 @@ def _estimate_case(name: str, d: int, paged: bool):
 
 # The launch configurations the product uses (num_warps / num_stages / heads come from the product's own choices).
 CASES = [_attention_case(d, paged) for d in (64, 128, 256) for paged in (False, True)] + [
+    # two layout ranges per key tile (the benchmark's launch sweep)
+    _attention_case(d, True, (128, warps, stages, True)) for d in (64, 128) for warps in (4, 8) for stages in (2, 3)
+] + [
     _estimate_case(name, d, paged)
     for name in ("_lastq_lse_kernel", "_lastq_scores_kernel") for d in (64, 128, 256) for paged in (False, True)
 ] + [

@@ -12,7 +12,7 @@ import pytest
 import torch
 from conftest import DEVICE, INTERPRET, make_geometry, make_qkv, paged_kv, requires_cuda
 
-from sgl_minference.kernels.sparse_attention import sparse_attention
+from sgl_minference.kernels.sparse_attention import AttentionLaunch, sparse_attention
 from sgl_minference.layout import BLOCK, BatchGeometry, KVSource, SparseLayout
 from sgl_minference.reference import causal_masks, dense_attention, full_layout, masked_attention
 
@@ -93,13 +93,13 @@ def assert_matches(got: tuple[torch.Tensor, torch.Tensor], want: tuple[torch.Ten
 
 
 def run_case(seq_lens_q, prefix_lens, num_heads, num_kv_heads, head_dim, dtype, *, seed=0, layout_seed=1,
-             **layout_kw):
+             launch=None, **layout_kw):
     geom = make_geometry(seq_lens_q, prefix_lens)
     q, k, v = make_qkv(geom, num_heads, num_kv_heads, head_dim, dtype, seed=seed)
     kv = KVSource.packed(k, v, geom.seq_lens_k_cpu)
     layout = random_layout(geom, num_heads, seed=layout_seed, **layout_kw)
     sm_scale = head_dim ** -0.5
-    got = sparse_attention(q, kv, layout, geom, sm_scale=sm_scale)
+    got = sparse_attention(q, kv, layout, geom, sm_scale=sm_scale, launch=launch)
     want = masked_attention(q, kv, geom, layout.to_dense(geom), sm_scale=sm_scale)
     assert_matches(got, want, dtype)
     return geom, q, k, v, layout, got
@@ -120,6 +120,23 @@ CASES = {  # name: (seq_lens_q, prefix_lens, Hq, Hk, head_dim)
 @pytest.mark.parametrize("case", list(CASES), ids=str)
 def test_random_layout_matches_masked_reference(case, dtype):
     run_case(*CASES[case], dtype)
+
+
+@pytest.mark.parametrize("case", list(CASES), ids=str)
+def test_two_ranges_per_key_tile_match_masked_reference(case):
+    """128-key tiles: full ranges in pairs (an odd one left to the masked phase), partial ranges in pairs, columns
+    128 at a time; every layout seed gives other counts of each."""
+    for layout_seed in (1, 2, 3):
+        run_case(*CASES[case], torch.float16, layout_seed=layout_seed,
+                 launch=AttentionLaunch(block_n=128, num_warps=4, num_stages=2, heads_first=layout_seed == 2))
+
+
+def test_launch_with_other_tile_widths_is_refused():
+    geom = make_geometry([64], [0])
+    q, k, v = make_qkv(geom, 2, 1, 64, torch.float16)
+    with pytest.raises(ValueError, match="launch"):
+        sparse_attention(q, KVSource.packed(k, v, geom.seq_lens_k_cpu), full_layout(geom, 2, DEVICE), geom,
+                         sm_scale=0.125, launch=AttentionLaunch(block_n=96, num_warps=4, num_stages=2))
 
 
 @pytest.mark.parametrize("dtype", INTERPRETER_DTYPES, ids=str)

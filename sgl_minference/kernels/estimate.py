@@ -98,7 +98,9 @@ def _lse_tile(m_i, l_i, q, pos, row_ok, K, ReqToToken, key_base, kvh, u, p0, sk,
     return m_new, l_i
 
 
-@triton.jit
+# Ints that change with the batch's lengths are not specialised (one compile, not one per chunk shape: Triton
+# compiles a variant per int specialisation, = 1 / divisible by 16); they only bound loops and masks.
+@triton.jit(do_not_specialize=["tiles_per_split", "n_last", "num_heads"])
 def _lastq_lse_kernel(Q, K, KvStart, ReqToToken, PoolIdx, CuQ, SeqK, QHead, KvHead, Slots, MaxOut, SumOut,
                       stride_qt, stride_qh, stride_kt, stride_kh, stride_tok, qk_scale, n_last, tiles_per_split,
                       num_heads, PAGED: tl.constexpr, HEADS: tl.constexpr, BLOCK: tl.constexpr,
@@ -193,7 +195,8 @@ def _scores_tile(qt, pos, lse, skew, lower, K, ReqToToken, key_base, kvh, u, p0,
     return col, d_lo, d_hi
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["tiles_per_split", "n_last", "num_heads", "splits1", "stride_out_b",
+                                "stride_out_h"])
 def _lastq_scores_kernel(Q, K, KvStart, ReqToToken, PoolIdx, CuQ, SeqK, QHead, KvHead, Slots, MaxIn, SumIn,
                          ColOut, DiagOut, stride_qt, stride_qh, stride_kt, stride_kh, stride_tok, stride_out_b,
                          stride_out_h, qk_scale, n_last, tiles_per_split, num_heads, splits1,
@@ -298,7 +301,7 @@ def _splits(num_tiles: int, programs: int, sms: int, waves: int) -> tuple[int, i
     return triton.cdiv(num_tiles, per), per
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["hs"])
 def _head_slots_kernel(KvHead, Table, hs, HEADS: tl.constexpr, HS_P: tl.constexpr):
     """One program: lane ``rank % HEADS`` of slot ``base + rank // HEADS`` gets scored head ``i``, where ``rank`` is
     ``i``'s rank among the heads of its KV head (index order) and ``base`` counts the slots of smaller KV heads."""
@@ -418,7 +421,7 @@ def lastq_sums(q: torch.Tensor, kv: KVSource, geom: BatchGeometry, q_head: torch
     return sums
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["stride_ob", "stride_oh", "stride_on"])
 def _pool_keys_kernel(K, KvStart, ReqToToken, PoolIdx, SeqK, Out, stride_kt, stride_kh, stride_tok,
                       stride_ob, stride_oh, stride_on, PAGED: tl.constexpr, BLOCK_N: tl.constexpr,
                       HEAD_DIM: tl.constexpr):
@@ -454,7 +457,7 @@ def pool_keys(kv: KVSource, geom: BatchGeometry) -> torch.Tensor:
     return out
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["stride_os", "stride_og", "stride_oq"])
 def _pool_queries_kernel(Q, CuQ, QbReq, QbRow, QHead, Table, Out, stride_qt, stride_qh, stride_os, stride_og,
                          stride_oq, BLOCK_M: tl.constexpr, HEAD_DIM: tl.constexpr):
     """Mean of the valid rows of query block ``qb`` for the scored head in lane ``g`` of slot ``s`` (fp32)."""

@@ -34,7 +34,8 @@ def _intervals_at(Offsets, base, i, n_off, BLOCK: tl.constexpr):
     return valid, rel, new, last
 
 
-@triton.jit
+# Ints that change with the batch's lengths are not specialised: one compile, not one per chunk shape.
+@triton.jit(do_not_specialize=["n_off", "cover_w", "cover_lo"])
 def _relative_kernel(Offsets, Rel, RelCounts, Cover, n_off, cover_w, cover_lo,
                      BLOCK: tl.constexpr, CH: tl.constexpr):
     """Program (request r, head h) = row ``r * H + h`` of ``Offsets [B * H, n_off]`` (descending, -1 padded).
@@ -112,7 +113,7 @@ def _count_at_most(Arr, n, target, LOG: tl.constexpr):
     return lo
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["n_off", "n_col", "cover_w", "cover_lo", "plane"])
 def _materialise_kernel(Rel, RelCounts, Cols, Cover, QbReq, QbRow, CuQ, SeqK,
                         BlockStart, BlockEnd, BlockCount, FullCount, ColIndex, ColCount,
                         n_off, n_col, cover_w, cover_lo, plane,

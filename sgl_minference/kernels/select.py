@@ -34,6 +34,13 @@ MIN_CHUNK = 16384  # elements per program at least (a program's fixed cost is a 
 BLOCK_CHUNK = 2048  # key blocks per load step of the block-sparse kernel
 
 
+# Integer arguments that change with the batch's lengths. Triton compiles one variant per specialisation of
+# each int argument (equal to 1, divisible by 16, 32 or 64 bits), so each new chunk shape could compile in the
+# middle of a user's request; these ints only bound loops, masks and row addresses, where the hints buy nothing.
+_VS_SHAPES = ["stride_pair", "stride_b", "stride_h", "num_heads", "num_rows", "forced_sink", "forced_local", "chunk"]
+_VS_WRITE_SHAPES = ["width_cols", "width_offs"]
+
+
 @triton.jit
 def _order_key(x):
     """Order-preserving uint32 key of fp32 ``x``: ``a < b`` iff ``key(a) < key(b)`` (NaN: callers mask it out)."""
@@ -90,7 +97,7 @@ def _vs_keys(scores, i, end, forced):
     return _order_key(x), m & (x >= 0.0), m & (x != x)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=_VS_SHAPES)
 def _vs_hist_kernel(Scores, Scratch, SeqK, Vertical, Slash, stride_pair, stride_b, stride_h, num_heads, num_rows,
                     forced_sink, forced_local, chunk, LEVEL: tl.constexpr, BLOCK: tl.constexpr):
     """Digit level ``LEVEL``: histogram of the next digit of this share's candidates, merged into the row's."""
@@ -138,7 +145,7 @@ def _vs_plan(scratch, other, budget):
     return nan, need, thresh, ties
 
 
-@triton.jit
+@triton.jit(do_not_specialize=_VS_SHAPES)
 def _vs_count_kernel(Scores, Scratch, Counts, SeqK, Vertical, Slash, stride_pair, stride_b, stride_h, num_heads,
                      num_rows, forced_sink, forced_local, chunk, BLOCK: tl.constexpr):
     """Keys above the threshold and keys equal to it in this share: ``Counts[pair, row, share] = (above, equal)``."""
@@ -162,7 +169,7 @@ def _vs_count_kernel(Scores, Scratch, Counts, SeqK, Vertical, Slash, stride_pair
     tl.store(out + 1, tl.sum(equal, 0))
 
 
-@triton.jit
+@triton.jit(do_not_specialize=_VS_SHAPES + _VS_WRITE_SHAPES)
 def _vs_write_kernel(Scores, Scratch, Counts, SeqK, Vertical, Slash, Columns, Offsets, NanCount,
                      stride_pair, stride_b, stride_h, num_heads, num_rows, forced_sink, forced_local, chunk,
                      width_cols, width_offs, sentinel, COUNT_NAN: tl.constexpr, BLOCK: tl.constexpr,
@@ -224,7 +231,7 @@ def _block_keys(row, kb, n_valid, diag_lo):
     return key, diag | (m & (x == x))
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["stride_ss", "stride_sg", "stride_sq", "num_heads", "width"])
 def _block_select_kernel(Scores, Table, Topk, CuQ, SeqK, QbReq, QbRow, BlockStart, BlockEnd, BlockCount,
                          FullCount, stride_ss, stride_sg, stride_sq, num_heads, width,
                          BLOCK: tl.constexpr, CHUNK: tl.constexpr):

@@ -2,12 +2,14 @@
 
 One program per (64-row query block, query head). It loads its query tile once and streams three kinds of
 key tiles through one online-softmax helper (:func:`_attend`): the layout's full ranges (no mask at all),
-its partial ranges (range / bounds / causal mask) and its gathered columns in tiles of 64 (causal / count
-mask). Keys and values are read in place from a packed tensor or from SGLang's paged pool
+its partial ranges (range / bounds / causal mask) and its gathered columns (causal / count mask); a key
+tile holds one or two 64-key layout ranges (``AttentionLaunch.block_n``). Keys and values are read in place from a packed tensor or from SGLang's paged pool
 (:func:`sgl_minference.kernels.kv_access.kv_rows`); K/V heads are shared by GQA groups, never repeated.
 """
 
 from __future__ import annotations
+
+from typing import NamedTuple
 
 import torch
 import triton
@@ -65,7 +67,16 @@ def _attend(acc, l_i, m_i, q, cols, valid, pos_m,
     return acc, l_i, m_new
 
 
-@triton.jit
+# The layout tensors' strides change with the batch (query blocks, heads, range/column capacities). Triton
+# compiles one variant per int specialisation (equal to 1, divisible by 16, 32/64 bits), so without this a new
+# chunk shape could compile inside a user's request; they address scalar loads, where the hints buy nothing.
+# The q/k/v/o strides keep theirs (vectorised tile loads; fixed per model).
+_LAYOUT_SHAPES = ["stride_bs_q", "stride_bs_h", "stride_be_q", "stride_be_h", "stride_bc_q", "stride_bc_h",
+                  "stride_fc_q", "stride_fc_h", "stride_ci_q", "stride_ci_h", "stride_cc_q", "stride_cc_h",
+                  "stride_lt", "stride_lh", "stride_tok"]
+
+
+@triton.jit(do_not_specialize=_LAYOUT_SHAPES)
 def _sparse_attention_fwd(
     Q, K, V, O, Lse,
     CuSeqlensQ, SeqLensK, PrefixLens, QbRequest, QbRow,
@@ -77,16 +88,20 @@ def _sparse_attention_fwd(
     stride_fc_q, stride_fc_h, stride_ci_q, stride_ci_h, stride_cc_q, stride_cc_h,
     qk_scale, group,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, PAGED: tl.constexpr,
+    HEADS_FIRST: tl.constexpr,
 ):
     """Program (qb, h): rows ``[qb_row, qb_row + 64)`` of request ``qb_request[qb]``, query head ``h``.
 
     Q / O [T, Hq, D], Lse [T, Hq] fp32; K / V [rows, Hk, D]; geometry vectors int32 ([B+1], [B], [NQB]);
     layout tensors int32 [NQB, Hq, MAXB | MAXC] and [NQB, Hq]; ``group`` = Hq // Hk.
     """
-    tl.static_assert(BLOCK_M == 64 and BLOCK_N == 64, "the layout is built for 64x64 tiles")
+    tl.static_assert(BLOCK_M == 64, "the layout is built for 64-row query blocks")
+    tl.static_assert(BLOCK_N == 64 or BLOCK_N == 128, "a key tile holds one or two 64-key layout ranges")
     tl.static_assert(BLOCK_D == 64 or BLOCK_D == 128 or BLOCK_D == 256, "head_dim must be 64, 128 or 256")
-    qb = tl.program_id(0)
-    h = tl.program_id(1)
+    # HEADS_FIRST: the heads of one query block are launched next to each other (a GQA group's heads read the
+    # same K/V rows close in time), else the query blocks of one head (neighbouring blocks read shifted keys).
+    qb = tl.program_id(1) if HEADS_FIRST else tl.program_id(0)
+    h = tl.program_id(0) if HEADS_FIRST else tl.program_id(1)
 
     # -- setup: which request, rows and positions this query block covers --
     r = tl.load(QbRequest + qb)
@@ -120,20 +135,31 @@ def _sparse_attention_fwd(
     col_base = ColIndex + qb64 * stride_ci_q + h64 * stride_ci_h
     n_cols = tl.load(ColCount + qb64 * stride_cc_q + h64 * stride_cc_h)
 
-    # -- phase 1: full ranges, 64 keys left of every row of the block: no mask at all --
-    for b in range(0, n_full):
-        cols = tl.load(range_start + b) + offs_n
+    # A key tile of BLOCK_N keys holds PER layout ranges of 64 keys each, side by side: lane n of the tile is key
+    # ``within[n]`` of the tile's range number ``part[n]`` (keys are gathered one by one, so the ranges of a tile
+    # need not touch).
+    PER: tl.constexpr = BLOCK_N // BLOCK_M
+    part = offs_n // BLOCK_M
+    within = offs_n % BLOCK_M
+
+    # -- phase 1: tiles of full ranges, 64 keys left of every row of the block: no mask at all --
+    full_tiles = n_full // PER
+    for t in range(0, full_tiles):
+        cols = tl.load(range_start + t * PER + part) + within
         acc, l_i, m_i = _attend(acc, l_i, m_i, q, cols, None, pos_m,
                                 K, V, KvStart, ReqToToken, PoolIdx, r, stride_tok,
                                 k_head, v_head, stride_kn, stride_vn, offs_d, qk_scale,
                                 MASKED=False, PAGED=PAGED)
 
-    # -- phase 2: partial ranges: clip to [max(start, 0), end) and to the context, then the causal cut --
-    for b in range(n_full, n_ranges):
-        start = tl.load(range_start + b)
-        end = tl.load(range_end + b)
-        cols = start + offs_n
-        valid = (cols >= 0) & (cols < end) & (cols < seq_k)
+    # -- phase 2: the other ranges (partial ones, and a full one left over from phase 1's pairs): clip to
+    # [max(start, 0), end) and to the context, then the causal cut --
+    for b in range(full_tiles * PER, n_ranges, PER):
+        idx = b + part
+        inside = idx < n_ranges
+        start = tl.load(range_start + idx, mask=inside, other=0)
+        end = tl.load(range_end + idx, mask=inside, other=0)
+        cols = start + within
+        valid = inside & (cols >= 0) & (cols < end) & (cols < seq_k)
         acc, l_i, m_i = _attend(acc, l_i, m_i, q, cols, valid, pos_m,
                                 K, V, KvStart, ReqToToken, PoolIdx, r, stride_tok,
                                 k_head, v_head, stride_kn, stride_vn, offs_d, qk_scale,
@@ -158,18 +184,30 @@ def _sparse_attention_fwd(
     tl.store(Lse + tok * stride_lt + h64 * stride_lh, lse, mask=row_valid)
 
 
-def _launch_config(head_dim: int, dtype: torch.dtype) -> tuple[int, int]:
-    """(num_warps, num_stages) per head_dim, from a sweep on the H100 (2026-11-24; an 8K-query chunk at 128K
-    keys, 32/8 heads, bf16; BENCHMARKS.md): 8 warps were about 2x slower at every head_dim; at 64, 4 stages
-    beat 3 by 18% (vertical-slash) and 21% (A-shape); at 128, 2 and 3 stages tie within 2%; at 256, 4 warps
-    and 2 stages beat 8 warps by 25%.
+class AttentionLaunch(NamedTuple):
+    """Launch configuration of the sparse attention kernel: keys per tile (64: one layout range, 128: two side by
+    side), warps, software-pipeline stages, and the program order (``heads_first``: a query block's heads are
+    neighbours in the grid)."""
 
-    fp32 (tests only) at head_dim 256 needs one stage: two stages of 64x256 fp32 K/V tiles exceed the H100's
-    228 KB of shared memory (measured: OutOfResources on H100, 2026-11-24).
-    """
-    if head_dim == 256:
-        return (8, 1) if dtype == torch.float32 else (4, 2)
-    return (4, 4) if head_dim == 64 else (4, 3)
+    block_n: int
+    num_warps: int
+    num_stages: int
+    heads_first: bool = False
+
+
+# bf16/fp16 launch per head_dim. H100 sweep (2026-11-24; an 8K-query chunk at 128K keys, 32/8 heads, bf16,
+# 64-key tiles; BENCHMARKS.md): 8 warps were about 2x slower at every head_dim; at 64, 4 stages beat 3 by 18%
+# (vertical-slash) and 21% (A-shape); at 128, 2 and 3 stages tie within 2%; at 256, 4 warps and 2 stages beat 8
+# warps by 25%.
+LAUNCHES = {64: AttentionLaunch(64, 4, 4), 128: AttentionLaunch(64, 4, 3), 256: AttentionLaunch(64, 4, 2)}
+
+
+def attention_launch(head_dim: int, dtype: torch.dtype) -> AttentionLaunch:
+    """The default launch (:data:`LAUNCHES`). fp32 (tests only) at head_dim 256 needs one stage and 8 warps: two
+    stages of 64x256 fp32 K/V tiles exceed the H100's 228 KB of shared memory (OutOfResources, 2026-11-24)."""
+    if head_dim == 256 and dtype == torch.float32:
+        return AttentionLaunch(BLOCK, 8, 1)
+    return LAUNCHES[head_dim]
 
 
 def _check_inputs(q, kv: KVSource, layout: SparseLayout, geom: BatchGeometry, out) -> None:
@@ -190,13 +228,15 @@ def _check_inputs(q, kv: KVSource, layout: SparseLayout, geom: BatchGeometry, ou
 
 
 def sparse_attention(q: torch.Tensor, kv: KVSource, layout: SparseLayout, geom: BatchGeometry, *,
-                     sm_scale: float, out: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                     sm_scale: float, out: torch.Tensor | None = None, launch: AttentionLaunch | None = None
+                     ) -> tuple[torch.Tensor, torch.Tensor]:
     """Attention of each chunk query over exactly the keys ``layout`` selects (see ``sgl_minference.layout``).
 
     q: ``[T, Hq, D]`` fp16/bf16 (fp32 accepted for testing), the chunk tokens packed by ``geom.cu_seqlens_q``;
     D in (64, 128, 256). kv: ``[rows, Hk, D]`` keys/values of ``q``'s dtype, ``Hq % Hk == 0``; query head
     ``h`` reads KV head ``h // (Hq // Hk)``. layout: int32 ``[NQB, Hq, ...]`` tensors on ``q``'s device.
-    out: optional ``[T, Hq, D]`` of ``q``'s dtype to write the output into.
+    out: optional ``[T, Hq, D]`` of ``q``'s dtype to write the output into. launch: the kernel's launch
+    configuration (default :func:`attention_launch`), for benchmarks.
     Returns ``o`` ``[T, Hq, D]`` (``q.dtype``) and ``lse`` ``[T, Hq]`` float32, the natural-log log-sum-exp of
     the scaled scores; a row that attends no key gets ``o = 0`` and ``lse = -inf``.
     """
@@ -208,8 +248,9 @@ def sparse_attention(q: torch.Tensor, kv: KVSource, layout: SparseLayout, geom: 
     kv_start, req_to_token, pool_idx, stride_tok, paged = kv_args(kv)
     bs, be, bc, fc, ci, cc = (layout.block_start, layout.block_end, layout.block_count, layout.full_count,
                               layout.col_index, layout.col_count)
-    num_warps, num_stages = _launch_config(head_dim, q.dtype)
-    grid = (geom.num_query_blocks, num_heads)
+    launch = launch or attention_launch(head_dim, q.dtype)
+    check(launch.block_n in (BLOCK, 2 * BLOCK), "launch", f"block_n {launch.block_n} is not {BLOCK} or {2 * BLOCK}")
+    grid = (num_heads, geom.num_query_blocks) if launch.heads_first else (geom.num_query_blocks, num_heads)
     _sparse_attention_fwd[grid](
         q, kv.k, kv.v, o, lse,
         geom.cu_seqlens_q, geom.seq_lens_k, geom.prefix_lens, geom.qb_request, geom.qb_row,
@@ -220,7 +261,7 @@ def sparse_attention(q: torch.Tensor, kv: KVSource, layout: SparseLayout, geom: 
         bs.stride(0), bs.stride(1), be.stride(0), be.stride(1), bc.stride(0), bc.stride(1),
         fc.stride(0), fc.stride(1), ci.stride(0), ci.stride(1), cc.stride(0), cc.stride(1),
         sm_scale * LOG2E, num_heads // kv.k.shape[1],
-        BLOCK_M=BLOCK, BLOCK_N=BLOCK, BLOCK_D=head_dim, PAGED=paged,
-        num_warps=num_warps, num_stages=num_stages,
+        BLOCK_M=BLOCK, BLOCK_N=launch.block_n, BLOCK_D=head_dim, PAGED=paged, HEADS_FIRST=bool(launch.heads_first),
+        num_warps=launch.num_warps, num_stages=launch.num_stages,
     )
     return o, lse

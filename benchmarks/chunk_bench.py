@@ -1,0 +1,240 @@
+"""The sparse path of one long prompt's chunked prefill, layer by layer, at the engine's shapes (no engine).
+
+Why: an end-to-end TTFT mixes the linear layers, SGLang's scheduling, first-use compiles and the attention
+path; this isolates what ``minference`` changes. For a prompt of ``--length`` tokens cut into ``--chunk``-token
+chunks it runs, for every chunk whose context reaches ``min_context``, exactly what the backend runs per layer:
+``planner.layer_layout`` (or the synthetic structure hook) on the *paged* KV source (``req_to_token``, page size
+1, the pool's slot layout) and ``sparse_attention``, against FA3 on the same chunk (the dense baseline
+SGLang uses on Hopper). Per chunk it records:
+
+* ``first_ms``: host wall time of the first call at that chunk's shape (synchronised before and after), and
+  ``compiles``: Triton kernels compiled by that call (new cache entries of the package's JIT functions). A
+  serving process meets each chunk shape for the first time inside a user's request, so a compile per shape
+  is paid in somebody's TTFT.
+* steady state (CUDA events, median of ``--reps``): ``index_ms`` (the layer's layout build), ``attn_ms`` (the
+  sparse kernel), ``fa3_ms`` (dense chunk attention);
+* what the layout did: attended and visited share of the chunk's causal pairs.
+
+Summed over the chunks (times the model's layer count) this is the attention part of a TTFT: the sum of
+``fa3_ms`` against the sum of ``index_ms + attn_ms`` bounds what an end-to-end run can show.
+
+Data (``--data``): ``planted`` (kernel_bench's random q/k with planted heavy columns and a rotary local band),
+``uniform`` (q = k = 0: every score ties, as SGLang's dummy weights make them, so ties decide the picks),
+``synthetic`` (the planted data, picks replaced by the structured synthetic distribution of
+``backend/synthetic.py``, as ``SGL_MINFERENCE_SYNTHETIC`` does in serving).
+
+    python -m benchmarks.chunk_bench --model llama3-8b --length 128K --chunk 8K --data planted,uniform,synthetic \
+        --out benchmarks/results/chunk_h200_8b_128k.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from functools import partial
+
+import torch
+
+from benchmarks.common import environment, median, parse_lengths
+from sgl_minference.backend import synthetic
+from sgl_minference.backend.attn_backend import build_layer_heads
+from sgl_minference.backend.planner import layer_layout, plan_batch
+from sgl_minference.backend.stats import causal_pairs, request_pairs
+from sgl_minference.cli import fail
+from sgl_minference.config import MInferenceConfig
+from sgl_minference.kernels import sparse_attention
+from sgl_minference.kernels.sparse_attention import AttentionLaunch
+
+# (query heads, KV heads, head_dim, layers) of the engine's model configs (sgl_minference/models)
+MODELS = {"llama3-8b": (32, 8, 128, 32), "llama3.2-1b": (32, 8, 64, 16), "tiny": (4, 1, 64, 2)}
+DATA = ("planted", "uniform", "synthetic")
+
+
+def jit_cache() -> dict[str, int]:
+    """Compiled variants held by each of the package's Triton JIT functions (every device), by name."""
+    import triton
+
+    from sgl_minference.kernels import estimate, materialise, select
+    from sgl_minference.kernels import sparse_attention as sa_module
+
+    sizes = {}
+    for module in (estimate, materialise, select, sys.modules[sa_module.__module__]):
+        for name, obj in vars(module).items():
+            if isinstance(obj, triton.runtime.jit.JITFunction):
+                sizes[name] = sum(len(entry[0]) for entry in obj.device_caches.values())
+    return sizes
+
+
+def parse_launches(text: str) -> list[AttentionLaunch]:
+    """``64x4x3,128x8x2h``: block_n x num_warps x num_stages per attention launch to time; a trailing ``h``
+    launches a query block's heads next to each other."""
+    try:
+        return [AttentionLaunch(*map(int, item.rstrip("h").split("x")), heads_first=item.endswith("h"))
+                for item in text.split(",") if item]
+    except (TypeError, ValueError):
+        fail(f"--launches: {text!r}, expected e.g. 64x4x3,128x8x2")
+
+
+def fa3_call(q, k, v, seq_q: int, seq_k: int, sm_scale: float):
+    """FA3's dense bottom-right causal chunk attention over contiguous keys, or None without FA3."""
+    try:
+        from sgl_kernel import flash_attn
+    except ImportError:
+        return None
+    if not q.is_cuda or not flash_attn.is_fa3_supported():
+        return None
+    cu_q = torch.tensor([0, seq_q], dtype=torch.int32, device=q.device)
+    cu_k = torch.tensor([0, seq_k], dtype=torch.int32, device=q.device)
+    return lambda: flash_attn.flash_attn_varlen_func(q, k, v, cu_q, cu_k, max_seqlen_q=seq_q, max_seqlen_k=seq_k,
+                                                     softmax_scale=sm_scale, causal=True)
+
+
+def timed(fn, reps: int, cuda: bool) -> float:
+    """Median ms of ``reps`` calls after one untimed call (CUDA events on a GPU)."""
+    fn()
+    times = []
+    for _ in range(reps):
+        if cuda:
+            a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            a.record()
+            fn()
+            b.record()
+            b.synchronize()
+            times.append(a.elapsed_time(b))
+        else:
+            t = time.perf_counter()
+            fn()
+            times.append(1e3 * (time.perf_counter() - t))
+    return median(times)
+
+
+def chunk_inputs(data: str, *, seq_q: int, seq_k: int, hq: int, hk: int, d: int, seed: int, device: str):
+    """``(q [Sq, Hq, D], k [Sk, Hk, D], v)`` bf16 on ``device`` (fp16 on a CPU, for the interpreter)."""
+    from benchmarks.kernel_bench import make_inputs
+
+    inp = make_inputs(seq_q=seq_q, seq_k=seq_k, num_q_heads=hq, num_kv_heads=hk, head_dim=d, seed=seed,
+                      device=device)
+    q, k, v = inp.q, inp.k, inp.v
+    if data == "uniform":
+        q, k = torch.zeros_like(q), torch.zeros_like(k)
+    if device == "cpu":
+        q, k, v = q.half(), k.half(), v.half()
+    return q.contiguous(), k.contiguous(), v.contiguous()
+
+
+def run_chunk(args, data: str, config: MInferenceConfig, seq_q: int, seq_k: int) -> dict:
+    hq, hk, d, num_layers = MODELS[args.model]
+    device = args.device
+    cuda = device.startswith("cuda")
+    q, k, v = chunk_inputs(data, seq_q=seq_q, seq_k=seq_k, hq=hq, hk=hk, d=d, seed=args.seed + seq_k, device=device)
+    # The pool's slot 0 is SGLang's padding slot: the request's keys sit at slots 1 .. Sk.
+    k_buffer = torch.cat([torch.zeros_like(k[:1]), k])
+    v_buffer = torch.cat([torch.zeros_like(v[:1]), v])
+    req_to_token = torch.arange(1, seq_k + 1, dtype=torch.int32, device=device)[None]
+    layers, all_heads = build_layer_heads(config, num_layers=1, num_q_heads=hq, num_kv_heads=hk, attn_tp_rank=0,
+                                          device=device)
+    plan = plan_batch(config, seq_lens_q=[seq_q], seq_lens_k=[seq_k], req_to_token=req_to_token,
+                      req_pool_indices=torch.zeros(1, dtype=torch.int64, device=device), all_heads=all_heads)
+    sm_scale = d ** -0.5
+    rec = {"data": data, "seq_q": seq_q, "seq_k": seq_k, "layers": num_layers}
+    fa3 = fa3_call(q, k, v, seq_q, seq_k, sm_scale) if cuda else None
+    if fa3 is not None:
+        rec["fa3_ms"] = timed(fa3, args.reps, cuda)
+    if plan is None:
+        rec["sparse"] = False
+        return rec
+    kv = plan.kv_source(k_buffer, v_buffer)
+    build = layer_layout
+    if data == "synthetic":
+        build = partial(synthetic.layer_layout, structure=synthetic.DEFAULT)
+
+    def index():
+        return build(q, kv, plan, layers[0], config, sm_scale=sm_scale)
+
+    before = jit_cache()
+    if cuda:
+        torch.cuda.synchronize()
+    t = time.perf_counter()
+    layout = index()
+    sparse_attention(q, kv, layout, plan.geom, sm_scale=sm_scale)
+    if cuda:
+        torch.cuda.synchronize()
+    rec["first_ms"] = 1e3 * (time.perf_counter() - t)
+    after = jit_cache()
+    rec["compiles"] = sum(after.values()) - sum(before.values())
+    rec["compiled"] = sorted(name for name in after if after[name] > before.get(name, 0))
+    rec["index_ms"] = timed(index, args.reps, cuda)
+    rec["attn_ms"] = timed(lambda: sparse_attention(q, kv, layout, plan.geom, sm_scale=sm_scale), args.reps, cuda)
+    if args.launches:
+        rec["attn_ms_by_launch"] = {
+            "x".join(map(str, launch[:3])) + ("h" if launch.heads_first else ""): timed(lambda: sparse_attention(q, kv, layout, plan.geom, sm_scale=sm_scale,
+                                                                       launch=launch), args.reps, cuda)
+            for launch in parse_launches(args.launches)}
+    attended, visited = request_pairs(layout, plan.geom)
+    causal = causal_pairs(seq_q, seq_k, hq)
+    rec |= {"sparse": True, "attended_share": int(attended.sum()) / causal, "visited_share": int(visited.sum()) / causal}
+    return rec
+
+
+def summarize(records: list[dict]) -> dict:
+    """Per data kind: summed ms over the prompt's chunks (one layer) and the attention-only ratio vs FA3."""
+    out = {}
+    for data in sorted({r["data"] for r in records}):
+        rows = [r for r in records if r["data"] == data]
+        fa3 = sum(r.get("fa3_ms", 0.0) for r in rows)
+        ours = sum(r["index_ms"] + r["attn_ms"] if r["sparse"] else r.get("fa3_ms", 0.0) for r in rows)
+        out[data] = {"fa3_ms": fa3, "minference_ms": ours, "attention_ratio": fa3 / ours if ours and fa3 else None,
+                     "index_ms": sum(r.get("index_ms", 0.0) for r in rows),
+                     "attn_ms": sum(r.get("attn_ms", 0.0) for r in rows),
+                     "first_call_extra_ms": sum(r["first_ms"] - r["index_ms"] - r["attn_ms"] for r in rows
+                                                if r["sparse"]),
+                     "compiles": sum(r.get("compiles", 0) for r in rows)}
+        launches = sorted({name for r in rows for name in r.get("attn_ms_by_launch", {})})
+        if launches:
+            out[data]["attn_ms_by_launch"] = {name: sum(r["attn_ms_by_launch"][name] for r in rows if r["sparse"])
+                                              for name in launches}
+    return out
+
+
+def main(argv: list[str] | None = None) -> dict:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--model", default="llama3-8b", choices=sorted(MODELS))
+    ap.add_argument("--length", default="128K", help="prompt tokens")
+    ap.add_argument("--chunk", default="8K", help="chunked_prefill_size")
+    ap.add_argument("--data", default="planted,uniform,synthetic", help=f"comma list of {','.join(DATA)}")
+    ap.add_argument("--min-context", type=int, default=None, help="override the default config's gate")
+    ap.add_argument("--launches", default="", help="also time these attention launches (e.g. 64x4x3,128x8x2)")
+    ap.add_argument("--reps", type=int, default=3)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--out", default=None, help="write the records and summary here (JSON)")
+    args = ap.parse_args(argv)
+    try:
+        (length,), (chunk,) = parse_lengths(args.length), parse_lengths(args.chunk)
+    except ValueError as e:
+        fail(f"--length/--chunk: {e}")
+    datas = [x for x in args.data.split(",") if x]
+    if not datas or any(x not in DATA for x in datas):
+        fail(f"--data: {args.data!r}, expected a comma list of {', '.join(DATA)}")
+    overrides = {} if args.min_context is None else {"min_context": args.min_context}
+    config = MInferenceConfig.model_validate(overrides)
+    records = []
+    for data in datas:
+        for end in range(chunk, length + 1, chunk):
+            rec = run_chunk(args, data, config, chunk, end)
+            records.append(rec)
+            print(json.dumps({k: round(v, 3) if isinstance(v, float) else v for k, v in rec.items()}), flush=True)
+    result = {"kind": "chunk", "command": "python -m benchmarks.chunk_bench " + " ".join(argv or sys.argv[1:]),
+              "environment": environment(), "model": args.model, "length": length, "chunk": chunk,
+              "records": records, "summary": summarize(records)}
+    print(json.dumps(result["summary"], indent=1))
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump(result, f, indent=1)
+    return result
+
+
+if __name__ == "__main__":
+    main()
