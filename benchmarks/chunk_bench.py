@@ -46,10 +46,12 @@ from sgl_minference.cli import fail
 from sgl_minference.config import MInferenceConfig
 from sgl_minference.kernels import sparse_attention
 from sgl_minference.kernels.sparse_attention import AttentionLaunch
+from sgl_minference.layout import KVSource
 
 # (query heads, KV heads, head_dim, layers) of the engine's model configs (sgl_minference/models)
 MODELS = {"llama3-8b": (32, 8, 128, 32), "llama3.2-1b": (32, 8, 64, 16), "tiny": (4, 1, 64, 2)}
 DATA = ("planted", "uniform", "synthetic")
+PROG = "python -m benchmarks.chunk_bench"
 
 
 def jit_cache() -> dict[str, int]:
@@ -74,7 +76,7 @@ def parse_launches(text: str) -> list[AttentionLaunch]:
         return [AttentionLaunch(*map(int, item.rstrip("h").split("x")), heads_first=item.endswith("h"))
                 for item in text.split(",") if item]
     except (TypeError, ValueError):
-        fail(f"--launches: {text!r}, expected e.g. 64x4x3,128x8x2")
+        fail(PROG, f"--launches: {text!r}, expected e.g. 64x4x3,128x8x2")
 
 
 def fa3_call(q, k, v, seq_q: int, seq_k: int, sm_scale: float):
@@ -138,14 +140,16 @@ def run_chunk(args, data: str, config: MInferenceConfig, seq_q: int, seq_k: int)
     plan = plan_batch(config, seq_lens_q=[seq_q], seq_lens_k=[seq_k], req_to_token=req_to_token,
                       req_pool_indices=torch.zeros(1, dtype=torch.int64, device=device), all_heads=all_heads)
     sm_scale = d ** -0.5
-    rec = {"data": data, "seq_q": seq_q, "seq_k": seq_k, "layers": num_layers}
+    rec = {"data": data, "seq_q": seq_q, "seq_k": seq_k, "layers": num_layers, "kv": args.kv}
     fa3 = fa3_call(q, k, v, seq_q, seq_k, sm_scale) if cuda else None
     if fa3 is not None:
         rec["fa3_ms"] = timed(fa3, args.reps, cuda)
     if plan is None:
         rec["sparse"] = False
         return rec
-    kv = plan.kv_source(k_buffer, v_buffer)
+    # paged: SGLang's pool read through req_to_token (what serving runs); contiguous: the same keys packed, read
+    # without the table (what the paged gather costs)
+    kv = plan.kv_source(k_buffer, v_buffer) if args.kv == "paged" else KVSource.packed(k, v, [seq_k])
     build = layer_layout
     if data == "synthetic":
         build = partial(synthetic.layer_layout, structure=synthetic.DEFAULT)
@@ -171,7 +175,7 @@ def run_chunk(args, data: str, config: MInferenceConfig, seq_q: int, seq_k: int)
         rec["attn_ms_by_launch"] = {
             "x".join(map(str, launch[:3])) + ("h" if launch.heads_first else ""): timed(lambda: sparse_attention(q, kv, layout, plan.geom, sm_scale=sm_scale,
                                                                        launch=launch), args.reps, cuda)
-            for launch in parse_launches(args.launches)}
+            for launch in args.launch_list}
     attended, visited = request_pairs(layout, plan.geom)
     causal = causal_pairs(seq_q, seq_k, hq)
     rec |= {"sparse": True, "attended_share": int(attended.sum()) / causal, "visited_share": int(visited.sum()) / causal}
@@ -205,6 +209,7 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--chunk", default="8K", help="chunked_prefill_size")
     ap.add_argument("--data", default="planted,uniform,synthetic", help=f"comma list of {','.join(DATA)}")
     ap.add_argument("--min-context", type=int, default=None, help="override the default config's gate")
+    ap.add_argument("--kv", choices=("paged", "contiguous"), default="paged", help="how the kernels read K/V")
     ap.add_argument("--launches", default="", help="also time these attention launches (e.g. 64x4x3,128x8x2)")
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--seed", type=int, default=0)
@@ -214,10 +219,11 @@ def main(argv: list[str] | None = None) -> dict:
     try:
         (length,), (chunk,) = parse_lengths(args.length), parse_lengths(args.chunk)
     except ValueError as e:
-        fail(f"--length/--chunk: {e}")
+        fail(PROG, f"--length/--chunk: {e}")
     datas = [x for x in args.data.split(",") if x]
     if not datas or any(x not in DATA for x in datas):
-        fail(f"--data: {args.data!r}, expected a comma list of {', '.join(DATA)}")
+        fail(PROG, f"--data: {args.data!r}, expected a comma list of {', '.join(DATA)}")
+    args.launch_list = parse_launches(args.launches)
     overrides = {} if args.min_context is None else {"min_context": args.min_context}
     config = MInferenceConfig.model_validate(overrides)
     records = []

@@ -81,12 +81,12 @@ CASES = [_attention_case(d, paged) for d in (64, 128, 256) for paged in (False, 
     ("estimate", "_head_slots_kernel", dict(HEADS=4, HS_P=32), 4, 3),
     ("estimate", "_pool_keys_kernel", dict(PAGED=True, BLOCK_N=64, HEAD_DIM=128), 4, 3),
     ("materialise", "_relative_kernel", dict(BLOCK=64, CH=256), 8, 3),
-    ("materialise", "_materialise_kernel", dict(BLOCK=64, CHUNK=256, LOG=13), 4, 3),
+    ("materialise", "_materialise_kernel", dict(BLOCK=64, CHUNK=256, LOG=16), 4, 3),
 ] + [("select", "_vs_hist_kernel", dict(LEVEL=level, BLOCK=4096), 8, 3) for level in range(4)] + [
     ("select", "_vs_count_kernel", dict(BLOCK=4096), 8, 3),
     ("select", "_block_select_kernel", dict(BLOCK=64, CHUNK=2048), 4, 3),
     ("estimate", "_pool_queries_kernel", dict(BLOCK_M=64, HEAD_DIM=128), 4, 3),
-    ("select", "_vs_write_kernel", dict(COUNT_NAN=True, BLOCK=4096, SHARES_P=8), 8, 3),
+    ("select", "_vs_write_kernel", dict(COUNT_NAN=True, BLOCK=4096, SHARES_P=512), 8, 3),
 ]
 
 

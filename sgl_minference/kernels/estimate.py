@@ -100,7 +100,7 @@ def _lse_tile(m_i, l_i, q, pos, row_ok, K, ReqToToken, key_base, kvh, u, p0, sk,
 
 # Ints that change with the batch's lengths are not specialised (one compile, not one per chunk shape: Triton
 # compiles a variant per int specialisation, = 1 / divisible by 16); they only bound loops and masks.
-@triton.jit(do_not_specialize=["tiles_per_split", "n_last", "num_heads"])
+@triton.jit(do_not_specialize=["tiles_per_split", "n_last", "num_heads", "stride_tok"])
 def _lastq_lse_kernel(Q, K, KvStart, ReqToToken, PoolIdx, CuQ, SeqK, QHead, KvHead, Slots, MaxOut, SumOut,
                       stride_qt, stride_qh, stride_kt, stride_kh, stride_tok, qk_scale, n_last, tiles_per_split,
                       num_heads, PAGED: tl.constexpr, HEADS: tl.constexpr, BLOCK: tl.constexpr,
@@ -196,7 +196,7 @@ def _scores_tile(qt, pos, lse, skew, lower, K, ReqToToken, key_base, kvh, u, p0,
 
 
 @triton.jit(do_not_specialize=["tiles_per_split", "n_last", "num_heads", "splits1", "stride_out_b",
-                                "stride_out_h"])
+                                "stride_out_h", "stride_tok"])
 def _lastq_scores_kernel(Q, K, KvStart, ReqToToken, PoolIdx, CuQ, SeqK, QHead, KvHead, Slots, MaxIn, SumIn,
                          ColOut, DiagOut, stride_qt, stride_qh, stride_kt, stride_kh, stride_tok, stride_out_b,
                          stride_out_h, qk_scale, n_last, tiles_per_split, num_heads, splits1,
@@ -409,7 +409,9 @@ def lastq_sums(q: torch.Tensor, kv: KVSource, geom: BatchGeometry, q_head: torch
 
     if launch.scores_heads != launch.lse_heads:
         slots = _head_slots(kv_head, Hk, group, launch.scores_heads)
-    sums = torch.empty(2, B, Hs, max_sk, device=q.device, dtype=torch.float32)
+    # Rows padded to 4 floats: the diagonal half then starts 16-byte aligned at every length (Triton compiles a
+    # variant per pointer alignment, so an odd length would compile the kernel again mid-request).
+    sums = torch.empty(2, B, Hs, triton.cdiv(max_sk, 4) * 4, device=q.device, dtype=torch.float32)[..., :max_sk]
     col, diag = sums[0], sums[1]
     splits2, per2 = _splits(num_tiles, B * slots.shape[0], sms, launch.waves)
     _lastq_scores_kernel[(B, slots.shape[0], splits2)](
@@ -421,7 +423,7 @@ def lastq_sums(q: torch.Tensor, kv: KVSource, geom: BatchGeometry, q_head: torch
     return sums
 
 
-@triton.jit(do_not_specialize=["stride_ob", "stride_oh", "stride_on"])
+@triton.jit(do_not_specialize=["stride_tok", "stride_ob", "stride_oh", "stride_on"])
 def _pool_keys_kernel(K, KvStart, ReqToToken, PoolIdx, SeqK, Out, stride_kt, stride_kh, stride_tok,
                       stride_ob, stride_oh, stride_on, PAGED: tl.constexpr, BLOCK_N: tl.constexpr,
                       HEAD_DIM: tl.constexpr):

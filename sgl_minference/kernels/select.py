@@ -306,7 +306,9 @@ def select_blocks(scores: torch.Tensor, table: torch.Tensor, topk: torch.Tensor,
     dev = scores.device
     block_start = torch.empty(nqb, num_heads, width, dtype=torch.int32, device=dev)
     block_end = torch.empty_like(block_start)
-    counts = torch.empty(2, nqb, num_heads, dtype=torch.int32, device=dev)
+    # Separate tensors: a slice of one [2, NQB, H] tensor would start unaligned for odd NQB x H, and Triton
+    # compiles a variant per pointer alignment.
+    counts = [torch.empty(nqb, num_heads, dtype=torch.int32, device=dev) for _ in range(2)]
     _block_select_kernel[(nqb, slots, group)](
         scores, table, topk, geom.cu_seqlens_q, geom.seq_lens_k, geom.qb_request, geom.qb_row, block_start,
         block_end, counts[0], counts[1], scores.stride(0), scores.stride(1), scores.stride(2), num_heads, width,
@@ -317,6 +319,13 @@ def select_blocks(scores: torch.Tensor, table: torch.Tensor, topk: torch.Tensor,
 def dense_band_width(max_seqlen_k: int) -> int:
     """Diagonal offsets ``w-1, w-65, ..., 0`` that cover every causal key of a context of ``max_seqlen_k`` keys."""
     return triton.cdiv(max_seqlen_k - 1, KEY_BLOCK) + 1
+
+
+def shares_lanes(device) -> int:
+    """Lanes of the write kernel's prefix sum over shares: a power of two above any share count on ``device``
+    (at most ``2 x SMs``), fixed per device so that no context length compiles another variant (on an H200 a
+    length-dependent width compiled ``_vs_write_kernel`` again at 40K and 72K keys, about 1.2 s each)."""
+    return triton.next_power_of_2(2 * sm_count(device))
 
 
 def select_vertical_slash(scores: torch.Tensor, seq_lens_k: torch.Tensor, vertical: torch.Tensor,
@@ -356,7 +365,7 @@ def select_vertical_slash(scores: torch.Tensor, seq_lens_k: torch.Tensor, vertic
     _vs_count_kernel[grid](scores, scratch, counts, *budgets, *rest, BLOCK=ROW_BLOCK, num_warps=8)
     _vs_write_kernel[grid](scores, scratch, counts, *budgets, columns, offsets,
                            nan_count if nan_count is not None else scratch, *rest, width_cols, width_offs, sentinel,
-                           COUNT_NAN=nan_count is not None, BLOCK=ROW_BLOCK, SHARES_P=triton.next_power_of_2(shares),
+                           COUNT_NAN=nan_count is not None, BLOCK=ROW_BLOCK, SHARES_P=shares_lanes(dev),
                            num_warps=8)
     return columns, offsets
 

@@ -195,11 +195,13 @@ class AttentionLaunch(NamedTuple):
     heads_first: bool = False
 
 
-# bf16/fp16 launch per head_dim. H100 sweep (2026-11-24; an 8K-query chunk at 128K keys, 32/8 heads, bf16,
-# 64-key tiles; BENCHMARKS.md): 8 warps were about 2x slower at every head_dim; at 64, 4 stages beat 3 by 18%
-# (vertical-slash) and 21% (A-shape); at 128, 2 and 3 stages tie within 2%; at 256, 4 warps and 2 stages beat 8
-# warps by 25%.
-LAUNCHES = {64: AttentionLaunch(64, 4, 4), 128: AttentionLaunch(64, 4, 3), 256: AttentionLaunch(64, 4, 2)}
+# bf16/fp16 launch per head_dim. H200 sweep (2026-12-02, `benchmarks.chunk_bench --launches`, every sparse chunk
+# of a 128K prompt in 8K chunks, paged KV, synthetic-structure layouts; attention ms summed over the chunks,
+# benchmarks/results/chunk_h200_{8b,1b}_128k_launch.json): head_dim 64 (Llama-3.2-1B shapes) with 128-key tiles
+# (two layout ranges each), 4 warps, 3 stages: 90 ms against 131 for 64-key tiles (4 stages), and 533 vs 779 ms
+# at 512K; head_dim 128 (Llama-3-8B): 64-key tiles stay fastest (726 ms; 128-key tiles 763-1073, heads-first
+# order 773). head_dim 256: H100 sweep (2026-11-24, 64-key tiles): 4 warps and 2 stages beat 8 warps by 25%.
+LAUNCHES = {64: AttentionLaunch(128, 4, 3), 128: AttentionLaunch(64, 4, 3), 256: AttentionLaunch(64, 4, 2)}
 
 
 def attention_launch(head_dim: int, dtype: torch.dtype) -> AttentionLaunch:

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import torch
 
-from ..kernels.materialise import _materialise_kernel, _relative_kernel
+from ..kernels.materialise import _materialise_kernel, _relative_kernel, search_steps
 from ..layout import BLOCK, BatchGeometry, SparseLayout
 
 
@@ -42,11 +42,12 @@ def indices_to_layout(columns: torch.Tensor, offsets: torch.Tensor, geom: BatchG
     block_start = torch.empty(nqb, H, n_off, dtype=torch.int32, device=dev)
     block_end = torch.empty_like(block_start)
     col_index = torch.empty(nqb, H, n_col, dtype=torch.int32, device=dev)
-    counts = torch.empty(3, nqb, H, dtype=torch.int32, device=dev)
+    # Separate tensors, each 16-byte aligned (slices of one would not be for odd NQB x H: a compile per alignment).
+    counts = [torch.empty(nqb, H, dtype=torch.int32, device=dev) for _ in range(3)]
     _materialise_kernel[(nqb, H)](
         rel, rel_counts, columns, cover, geom.qb_request, geom.qb_row, geom.cu_seqlens_q, geom.seq_lens_k,
         block_start, block_end, counts[0], counts[1], col_index, counts[2], n_off, n_col, cover_w, cover_lo,
-        B * H * n_off, BLOCK=BLOCK, CHUNK=256, LOG=max(1, (n_off + 1).bit_length()), num_warps=4)
+        B * H * n_off, BLOCK=BLOCK, CHUNK=256, LOG=search_steps(n_off), num_warps=4)
     return SparseLayout(block_start=block_start, block_end=block_end, block_count=counts[0], full_count=counts[1],
                         col_index=col_index, col_count=counts[2])
 

@@ -1,0 +1,34 @@
+"""benchmarks/chunk_bench.py on the CPU (interpreter, the tiny shapes): the records and the summary it writes."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from benchmarks import chunk_bench
+
+
+def test_records_and_summary(tmp_path):
+    out = tmp_path / "chunk.json"
+    result = chunk_bench.main(["--model", "tiny", "--length", "640", "--chunk", "320", "--min-context", "600",
+                               "--data", "planted,uniform", "--reps", "1", "--launches", "64x4x3,128x4x2h",
+                               "--device", "cpu", "--out", str(out)])
+    assert json.loads(out.read_text())["summary"] == result["summary"]
+    dense, sparse = [r for r in result["records"] if r["data"] == "planted"]
+    assert (dense["seq_k"], dense["sparse"]) == (320, False)  # below min_context: the dense backend's chunk
+    assert (sparse["seq_k"], sparse["sparse"], sparse["kv"]) == (640, True, "paged")
+    assert sparse["index_ms"] > 0 and sparse["attn_ms"] > 0 and sparse["compiles"] == 0  # nothing compiles here
+    assert set(sparse["attn_ms_by_launch"]) == {"64x4x3", "128x4x2h"}
+    # The default budgets cover a 640-key context whole: every causal pair is attended.
+    assert sparse["attended_share"] == pytest.approx(1.0) and sparse["visited_share"] >= 1.0
+    summary = result["summary"]["planted"]
+    assert summary["index_ms"] == pytest.approx(sparse["index_ms"])
+    assert summary["attention_ratio"] is None  # no FA3 on a CPU
+
+
+@pytest.mark.parametrize("bad", [["--data", "noise"], ["--launches", "64x4"], ["--length", "lots"]])
+def test_bad_arguments_are_one_line_errors(bad):
+    proc = subprocess.run([sys.executable, "-m", "benchmarks.chunk_bench", "--model", "tiny", "--device", "cpu",
+                           *bad], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and len(proc.stderr.strip().splitlines()) == 1, proc.stderr
