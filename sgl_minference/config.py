@@ -11,6 +11,7 @@ Own format ``sgl-minference/v1`` (a JSON object; every key but ``format`` is opt
       "forced_local": 100,       # diagonals vertical-slash always keeps (the local band)
       "block_size": 64,          # query rows / keys per block; only 64
       "dense_backend": "auto",   # fa3 on Hopper when FA3 is installed, else flashinfer; or "flashinfer", "fa3", "triton"
+      "dense_routing": true,     # a layer predicted to cost more sparse than dense runs dense (see "Choosing the dense side")
       "num_layers": 32, "num_heads": 32,   # the model shape the table was made for (optional)
       "default": {"type": "vertical_slash", "vertical": 1000, "slash": 6096},   # every head not listed
       "heads": {"0": {"5": {"type": "a_shape", "sink": 128, "local": 4096}}}    # layer -> query head -> spec
@@ -150,6 +151,10 @@ class MInferenceConfig(BaseModel):
     # Measured on the H100 (2026-11-24, Llama-3-8B dummy, TTFT): flashinfer dense is 0.89-0.95x of fa3 at
     # 8K-32K, so with it the length gate could not make short prompts free (BENCHMARKS.md).
     dense_backend: Literal["auto", "flashinfer", "fa3", "triton"] = "auto"
+    # Per layer and batch, run the dense backend instead when the sparse path is predicted to cost more, from the
+    # keys its layouts kept in earlier batches (backend/routing.py); false: every sparse-eligible layer runs the
+    # sparse kernel (tests of the kernel path, benchmarks of the kernel alone).
+    dense_routing: bool = True
     default: HeadSpec = VerticalSlashSpec(vertical=1000, slash=6096)
     num_layers: Budget | None = None
     num_heads: Budget | None = None

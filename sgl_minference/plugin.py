@@ -171,4 +171,5 @@ def create_backend(runner):
     logger.info("minference: sparse prefill from %s (min_context %d, min_chunk %d), dense backend %s",
                 config.source, config.min_context, config.min_chunk, dense_name)
     return MInferenceAttnBackend(dense=dense, config=config, layers=layers, all_heads=all_heads,
-                                 token_to_kv_pool=runner.token_to_kv_pool, req_to_token=req_to_token)
+                                 token_to_kv_pool=runner.token_to_kv_pool, req_to_token=req_to_token,
+                                 head_dim=model_config.head_dim)

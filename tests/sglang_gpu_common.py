@@ -19,7 +19,9 @@ SGLANG_GPU_SKIPS = [
                        reason="needs the sgl-minference entry point (pip install --no-deps -e .)"),
 ]
 
-DENSE_EQUIVALENT = {"min_context": 1, "min_chunk": 1,
+# Routing off: these layouts keep every key, so routing would send every chunk after the first to the dense
+# backend, and the point is to compare the sparse kernel's path with dense attention.
+DENSE_EQUIVALENT = {"min_context": 1, "min_chunk": 1, "dense_routing": False,
                     "default": {"type": "vertical_slash", "vertical": 65536, "slash": 65536}}
 LOSSY = {"min_context": 1, "min_chunk": 1, "default": {"type": "a_shape", "sink": 64, "local": 128}}
 

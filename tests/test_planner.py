@@ -204,7 +204,7 @@ def make_backend(cfg, pool, req_to_token, num_layers=2):
     layers, all_heads = build_layer_heads(cfg, num_layers=num_layers, num_q_heads=HQ, num_kv_heads=HK,
                                           attn_tp_rank=0, device=DEVICE)
     return MInferenceAttnBackend(dense=FakeDense(), config=cfg, layers=layers, all_heads=all_heads,
-                                 token_to_kv_pool=pool, req_to_token=req_to_token)
+                                 token_to_kv_pool=pool, req_to_token=req_to_token, head_dim=D)
 
 
 # Every pattern type with budgets covering the whole context: exact dense attention.

@@ -87,7 +87,7 @@ def backend_for(cfg, pool, req_to_token, environ, num_layers=2):
     layers, all_heads = build_layer_heads(cfg, num_layers=num_layers, num_q_heads=HQ, num_kv_heads=HK,
                                           attn_tp_rank=0, device=DEVICE)
     return MInferenceAttnBackend(dense=FakeDense(), config=cfg, layers=layers, all_heads=all_heads,
-                                 token_to_kv_pool=pool, req_to_token=req_to_token, environ=environ)
+                                 token_to_kv_pool=pool, req_to_token=req_to_token, head_dim=D, environ=environ)
 
 
 SPARSE = dict(default={"type": "a_shape", "sink": 16, "local": 64},

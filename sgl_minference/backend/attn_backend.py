@@ -28,11 +28,13 @@ import torch
 
 from ..config import MInferenceConfig
 from ..kernels import sparse_attention
+from ..kernels.sparse_attention import DENSE_COST_RATIO
 from ..layout import HEAD_DIMS
 from ..patterns import HeadSet
 from ..patterns.vertical_slash import NanFallbackLog
 from . import synthetic
 from .planner import LayerHeads, SparsePlan, layer_heads, layer_layout, plan_batch
+from .routing import DenseRouter
 from .stats import SparseStats
 
 logger = logging.getLogger(__name__)
@@ -53,15 +55,18 @@ class MInferenceAttnBackend:
         all_heads: every query head on this rank (dense layouts of a sparse batch's short requests).
         token_to_kv_pool: SGLang's KV pool (``set_kv_buffer`` / ``get_kv_buffer``, page size 1 addressing).
         req_to_token: ``[pool_size, max_context]`` int32, SGLang's ``req_to_token_pool.req_to_token``.
+        head_dim: the model's head_dim, one the kernel supports (it picks the routing's cost ratio,
+            ``kernels.sparse_attention.DENSE_COST_RATIO``).
         environ: where ``$SGL_MINFERENCE_STATS`` / ``$SGL_MINFERENCE_SYNTHETIC`` are read (default ``os.environ``).
     """
 
     # Attributes that live on this object; every other attribute read or write goes to the dense backend.
     _OWN = frozenset({"dense", "config", "layers", "all_heads", "token_to_kv_pool", "req_to_token", "_plan",
-                      "_plan_batch", "_logged", "_stats", "_layer_layout", "_nan_log"})
+                      "_plan_batch", "_logged", "_stats", "_layer_layout", "_nan_log", "_router", "_dense_layers"})
 
     def __init__(self, *, dense, config: MInferenceConfig, layers: dict[int, LayerHeads], all_heads: HeadSet,
-                 token_to_kv_pool, req_to_token: torch.Tensor, environ: Mapping[str, str] | None = None):
+                 token_to_kv_pool, req_to_token: torch.Tensor, head_dim: int,
+                 environ: Mapping[str, str] | None = None):
         self.dense = dense
         self.config = config
         self.layers = layers
@@ -76,8 +81,14 @@ class MInferenceAttnBackend:
         structure = synthetic.Structure.from_env(environ)
         self._layer_layout = layer_layout if structure is None else partial(synthetic.layer_layout,
                                                                             structure=structure)
+        sparse_layers = sorted(i for i, heads in layers.items() if not heads.all_dense)
+        self._router = None
+        if config.dense_routing and sparse_layers:
+            self._router = DenseRouter(sparse_layers, cost_ratio=DENSE_COST_RATIO[head_dim],
+                                       device=req_to_token.device)
+        self._dense_layers: set[int] = set()  # this batch's layers that the router sends to the dense backend
         # A batch's line is written after its last layer that can run sparse.
-        last = max((i for i, heads in layers.items() if not heads.all_dense), default=-1)
+        last = max(sparse_layers, default=-1)
         self._stats = SparseStats.from_env(environ, last_layer=last,
                                            structure="dummy" if structure is None else "synthetic")
 
@@ -112,8 +123,11 @@ class MInferenceAttnBackend:
             req_pool_indices=forward_batch.req_pool_indices,
             all_heads=self.all_heads,
         )
+        self._dense_layers = set()
         if self._plan is not None:
             self._plan_batch = forward_batch
+            if self._router is not None:
+                self._dense_layers = self._router.plan(self._plan.geom)
             self._nan_log.poll()  # logs NaN fallbacks of earlier batches, without a device sync
             if self._stats is not None:
                 self._stats.start_batch(self._plan.geom, self._plan.sparse_requests)
@@ -150,7 +164,7 @@ class MInferenceAttnBackend:
         if self._plan is None or self._plan_batch is not forward_batch:
             return False
         heads = self.layers.get(layer.layer_id)
-        if heads is not None and heads.all_dense:
+        if heads is not None and heads.all_dense or layer.layer_id in self._dense_layers:
             return False
         reason = self._dense_reason(layer, heads, kwargs)
         if reason is not None:
@@ -169,13 +183,17 @@ class MInferenceAttnBackend:
         kv = plan.kv_source(k_buffer, v_buffer)
         q3 = q.contiguous().view(-1, layer.tp_q_head_num, layer.head_dim)
         heads = self.layers[layer.layer_id]
-        if self._stats is None:
+        def build():
             layout = self._layer_layout(q3, kv, plan, heads, self.config, sm_scale=layer.scaling)
-            o, _ = sparse_attention(q3, kv, layout, plan.geom, sm_scale=layer.scaling)
+            if self._router is not None:
+                self._router.record(layer.layer_id, layout)
+            return layout
+
+        if self._stats is None:
+            o, _ = sparse_attention(q3, kv, build(), plan.geom, sm_scale=layer.scaling)
         else:
             o = self._stats.run_layer(
-                layer.layer_id, plan.geom,
-                build=lambda: self._layer_layout(q3, kv, plan, heads, self.config, sm_scale=layer.scaling),
+                layer.layer_id, plan.geom, build=build,
                 attend=lambda layout: sparse_attention(q3, kv, layout, plan.geom, sm_scale=layer.scaling)[0])
         return o.view(-1, layer.tp_q_head_num * layer.head_dim)
 

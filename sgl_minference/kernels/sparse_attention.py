@@ -204,6 +204,14 @@ class AttentionLaunch(NamedTuple):
 LAUNCHES = {64: AttentionLaunch(128, 4, 3), 128: AttentionLaunch(64, 4, 3), 256: AttentionLaunch(64, 4, 2)}
 
 
+# This kernel's time per attended key over FA3's (bf16, default launch), the routing's cost model
+# (backend/routing.py). H200, 2026-12-02, `benchmarks.chunk_bench` at engine shapes (8K chunks, paged KV):
+# head_dim 128, 128K keys: 59.7 ms at 0.923 of the causal keys vs FA3's 25.6 ms (2.53x per key; synthetic layouts
+# at 0.226: 2.71x); head_dim 64 (128-key tiles), 512K keys, synthetic at 0.065: 9.77 vs 72.5 ms (2.07x).
+# head_dim 256 is not measured: the head_dim 128 figure stands in.
+DENSE_COST_RATIO = {64: 2.1, 128: 2.6, 256: 2.6}
+
+
 def attention_launch(head_dim: int, dtype: torch.dtype) -> AttentionLaunch:
     """The default launch (:data:`LAUNCHES`). fp32 (tests only) at head_dim 256 needs one stage and 8 warps: two
     stages of 64x256 fp32 K/V tiles exceed the H100's 228 KB of shared memory (OutOfResources, 2026-11-24)."""
