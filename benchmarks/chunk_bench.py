@@ -21,7 +21,9 @@ Summed over the chunks (times the model's layer count) this is the attention par
 Data (``--data``): ``planted`` (kernel_bench's random q/k with planted heavy columns and a rotary local band),
 ``uniform`` (q = k = 0: every score ties, as SGLang's dummy weights make them, so ties decide the picks),
 ``synthetic`` (the planted data, picks replaced by the structured synthetic distribution of
-``backend/synthetic.py``, as ``SGL_MINFERENCE_SYNTHETIC`` does in serving).
+``backend/synthetic.py``, as ``SGL_MINFERENCE_SYNTHETIC`` does in serving), ``fixed`` (the published fixed-index
+case: the first 1000 keys and the 6096 nearest diagonals for every head, no estimation; ``index_ms`` is the
+conversion into the layout alone).
 
     python -m benchmarks.chunk_bench --model llama3-8b --length 128K --chunk 8K --data planted,uniform,synthetic \
         --out benchmarks/results/chunk_h200_8b_128k.json
@@ -47,10 +49,11 @@ from sgl_minference.config import MInferenceConfig
 from sgl_minference.kernels import sparse_attention
 from sgl_minference.kernels.sparse_attention import AttentionLaunch
 from sgl_minference.layout import KVSource
+from sgl_minference.patterns.convert import indices_to_layout
 
 # (query heads, KV heads, head_dim, layers) of the engine's model configs (sgl_minference/models)
 MODELS = {"llama3-8b": (32, 8, 128, 32), "llama3.2-1b": (32, 8, 64, 16), "tiny": (4, 1, 64, 2)}
-DATA = ("planted", "uniform", "synthetic")
+DATA = ("planted", "uniform", "synthetic", "fixed")
 PROG = "python -m benchmarks.chunk_bench"
 
 
@@ -126,6 +129,15 @@ def chunk_inputs(data: str, *, seq_q: int, seq_k: int, hq: int, hk: int, d: int,
     return q.contiguous(), k.contiguous(), v.contiguous()
 
 
+def fixed_indices(config: MInferenceConfig, heads: int, seq_k: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """The published fixed-index case: the first ``vertical`` keys as columns and the ``slash`` nearest diagonals,
+    the default budgets, every head: ``columns [1, H, V]`` ascending, ``offsets [1, H, S]`` descending (int32)."""
+    vertical, slash = min(config.default.vertical, seq_k), min(config.default.slash, seq_k)
+    columns = torch.arange(vertical, dtype=torch.int32, device=device).expand(1, heads, -1).contiguous()
+    offsets = torch.arange(slash - 1, -1, -1, dtype=torch.int32, device=device).expand(1, heads, -1).contiguous()
+    return columns, offsets
+
+
 def run_chunk(args, data: str, config: MInferenceConfig, seq_q: int, seq_k: int) -> dict:
     hq, hk, d, num_layers = MODELS[args.model]
     device = args.device
@@ -156,6 +168,12 @@ def run_chunk(args, data: str, config: MInferenceConfig, seq_q: int, seq_k: int)
 
     def index():
         return build(q, kv, plan, layers[0], config, sm_scale=sm_scale)
+
+    if data == "fixed":
+        columns, offsets = fixed_indices(config, hq, seq_k, device)
+
+        def index():  # no estimation: the conversion of fixed indices into the layout only
+            return indices_to_layout(columns, offsets, plan.geom)
 
     before = jit_cache()
     if cuda:

@@ -12,7 +12,7 @@ from benchmarks import chunk_bench
 def test_records_and_summary(tmp_path):
     out = tmp_path / "chunk.json"
     result = chunk_bench.main(["--model", "tiny", "--length", "640", "--chunk", "320", "--min-context", "600",
-                               "--data", "planted,uniform", "--reps", "1", "--launches", "64x4x3,128x4x2h",
+                               "--data", "planted,uniform,fixed", "--reps", "1", "--launches", "64x4x3,128x4x2h",
                                "--device", "cpu", "--out", str(out)])
     assert json.loads(out.read_text())["summary"] == result["summary"]
     dense, sparse = [r for r in result["records"] if r["data"] == "planted"]
@@ -22,6 +22,8 @@ def test_records_and_summary(tmp_path):
     assert set(sparse["attn_ms_by_launch"]) == {"64x4x3", "128x4x2h"}
     # The default budgets cover a 640-key context whole: every causal pair is attended.
     assert sparse["attended_share"] == pytest.approx(1.0) and sparse["visited_share"] >= 1.0
+    fixed = [r for r in result["records"] if r["data"] == "fixed" and r["sparse"]][0]
+    assert fixed["attended_share"] == pytest.approx(1.0)  # 1000 columns + 6096 diagonals cover 640 keys
     summary = result["summary"]["planted"]
     assert summary["index_ms"] == pytest.approx(sparse["index_ms"])
     assert summary["attention_ratio"] is None  # no FA3 on a CPU
