@@ -227,6 +227,9 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--chunk", default="8K", help="chunked_prefill_size")
     ap.add_argument("--data", default="planted,uniform,synthetic", help=f"comma list of {','.join(DATA)}")
     ap.add_argument("--min-context", type=int, default=None, help="override the default config's gate")
+    ap.add_argument("--config", default="{}",
+                    help='JSON object of config fields, e.g. \'{"default": {"type": "xattention", "threshold": 0.9, '
+                         '"stride": 8}}\' (index time of other patterns)')
     ap.add_argument("--kv", choices=("paged", "contiguous"), default="paged", help="how the kernels read K/V")
     ap.add_argument("--launches", default="", help="also time these attention launches (e.g. 64x4x3,128x8x2)")
     ap.add_argument("--reps", type=int, default=3)
@@ -242,8 +245,15 @@ def main(argv: list[str] | None = None) -> dict:
     if not datas or any(x not in DATA for x in datas):
         fail(PROG, f"--data: {args.data!r}, expected a comma list of {', '.join(DATA)}")
     args.launch_list = parse_launches(args.launches)
-    overrides = {} if args.min_context is None else {"min_context": args.min_context}
-    config = MInferenceConfig.model_validate(overrides)
+    try:
+        overrides = json.loads(args.config)
+        if args.min_context is not None:
+            overrides["min_context"] = args.min_context
+        config = MInferenceConfig.model_validate(overrides)
+    except (ValueError, TypeError) as e:  # JSON and pydantic errors
+        fail(PROG, f"--config: {str(e).splitlines()[0]}")
+    if "fixed" in datas and config.default.type != "vertical_slash":
+        fail(PROG, "--data fixed needs a vertical_slash default (its budgets give the fixed indices)")
     records = []
     for data in datas:
         for end in range(chunk, length + 1, chunk):
@@ -252,6 +262,7 @@ def main(argv: list[str] | None = None) -> dict:
             print(json.dumps({k: round(v, 3) if isinstance(v, float) else v for k, v in rec.items()}), flush=True)
     result = {"kind": "chunk", "command": "python -m benchmarks.chunk_bench " + " ".join(argv or sys.argv[1:]),
               "environment": environment(), "model": args.model, "length": length, "chunk": chunk,
+              "config": json.loads(args.config),
               "records": records, "summary": summarize(records)}
     print(json.dumps(result["summary"], indent=1))
     if args.out:

@@ -29,7 +29,19 @@ def test_records_and_summary(tmp_path):
     assert summary["attention_ratio"] is None  # no FA3 on a CPU
 
 
-@pytest.mark.parametrize("bad", [["--data", "noise"], ["--launches", "64x4"], ["--length", "lots"]])
+def test_other_patterns_through_config(tmp_path):
+    result = chunk_bench.main(["--model", "tiny", "--length", "640", "--chunk", "320", "--min-context", "600",
+                               "--data", "planted", "--reps", "1", "--device", "cpu", "--config",
+                               '{"default": {"type": "xattention", "threshold": 0.9, "stride": 8}}'])
+    sparse = result["records"][-1]
+    assert sparse["sparse"] and 0 < sparse["attended_share"] <= 1.0 and sparse["index_ms"] > 0
+    assert result["config"]["default"]["type"] == "xattention"
+
+
+@pytest.mark.parametrize("bad", [["--data", "noise"], ["--launches", "64x4"], ["--length", "lots"],
+                                 ["--config", "{not json"], ["--config", '{"default": {"type": "nope"}}'],
+                                 ["--config", '{"default": {"type": "a_shape", "sink": 1, "local": 1}}',
+                                  "--data", "fixed"]])
 def test_bad_arguments_are_one_line_errors(bad):
     proc = subprocess.run([sys.executable, "-m", "benchmarks.chunk_bench", "--model", "tiny", "--device", "cpu",
                            *bad], capture_output=True, text=True, timeout=120)
