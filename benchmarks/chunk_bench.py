@@ -42,7 +42,8 @@ import torch
 from benchmarks.common import environment, median, parse_lengths
 from sgl_minference.backend import synthetic
 from sgl_minference.backend.attn_backend import build_layer_heads
-from sgl_minference.backend.planner import layer_layout, plan_batch
+from sgl_minference.backend.layer_layout import layer_layout
+from sgl_minference.backend.planner import plan_batch
 from sgl_minference.backend.stats import causal_pairs, request_pairs
 from sgl_minference.cli import fail
 from sgl_minference.config import MInferenceConfig

@@ -47,7 +47,6 @@ import signal
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -55,6 +54,7 @@ from pathlib import Path
 from benchmarks.common import (E2ERecord, add_record, add_run, causal_pairs, done_keys, load_results, median,
                                parse_lengths, save_results)
 from sgl_minference.cli import fail
+from sgl_minference.gpu_memory import MemoryPeak, used_mib_reader
 
 REPO = Path(__file__).resolve().parents[1]
 MODELS_DIR = REPO / "launch" / "models"
@@ -93,46 +93,13 @@ class WorkerSpec:
 # ----------------------------------------------------------------------------------------------------------
 
 
-class GpuMemoryMonitor:
-    """Polls the used memory of one GPU (NVML, or nvidia-smi when NVML is missing) in a background thread."""
+class GpuMemoryMonitor(MemoryPeak):
+    """The package's peak poller on the first visible GPU (MiB, NVML or nvidia-smi), started when built."""
 
     def __init__(self, interval_s: float = 0.05):
         visible = os.environ.get("CUDA_VISIBLE_DEVICES", "0").split(",")[0].strip()
-        self.index = int(visible) if visible.isdigit() else 0
-        self.interval_s = interval_s
-        self.read = self._nvml_reader() or self._smi_reader
-        self.peak = self.read()
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._poll, daemon=True)
-        self._thread.start()
-
-    def _nvml_reader(self):
-        try:
-            import pynvml
-
-            pynvml.nvmlInit()
-            handle = pynvml.nvmlDeviceGetHandleByIndex(self.index)
-        except Exception:  # no NVML bindings or driver: fall back to nvidia-smi
-            return None
-        return lambda: pynvml.nvmlDeviceGetMemoryInfo(handle).used / 2**20
-
-    def _smi_reader(self) -> float:
-        out = subprocess.run(["nvidia-smi", "--query-gpu=memory.used", "--format=csv,noheader,nounits",
-                              f"--id={self.index}"], capture_output=True, text=True, check=True).stdout
-        return float(out.strip().splitlines()[0])
-
-    def _poll(self):
-        while not self._stop.wait(self.interval_s):
-            self.peak = max(self.peak, self.read())
-
-    def reset_peak(self) -> float:
-        """Restart the high-water mark from the current reading; returns that reading (MiB)."""
-        self.peak = self.read()
-        return self.peak
-
-    def stop(self):
-        self._stop.set()
-        self._thread.join()
+        super().__init__(used_mib_reader(int(visible) if visible.isdigit() else 0), interval_s=interval_s)
+        self.start()
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -310,7 +310,7 @@ def load_libraries() -> tuple[dict[str, object], dict[str, str]]:
     def ours():
         import sgl_minference.kernels as kernels
         import sgl_minference.patterns as patterns
-        from sgl_minference.kernels.materialise import SENTINEL
+        from sgl_minference.layout import SENTINEL
 
         return {"kernels": kernels, "patterns": patterns, "HeadSet": patterns.HeadSet, "SENTINEL": SENTINEL}
 

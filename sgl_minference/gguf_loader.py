@@ -29,7 +29,7 @@ from pathlib import Path
 
 from .cli import fail
 from .cpu_torch import allow_torchvision_import
-from .layout import check
+from .checks import check
 
 # llama.cpp token types (tokenizer.ggml.token_type)
 NORMAL, UNKNOWN, CONTROL, USER_DEFINED, UNUSED, BYTE = 1, 2, 3, 4, 5, 6

@@ -31,7 +31,12 @@ from dataclasses import dataclass
 
 import torch
 
+from .checks import check
+
 BLOCK = 64  # rows per query block and keys per range; the kernels' BLOCK_M / BLOCK_N
+# "No entry" in column lists (padding after a head's columns): right of every key position, and a block's first
+# row position + SENTINEL still fits int32. registry.MAX_BUDGET is the same number (that module has no torch).
+SENTINEL = 1 << 29
 CHECKED_ENV = "SGL_MINFERENCE_CHECKED"
 
 
@@ -42,12 +47,6 @@ def env_flag(value: str | None) -> bool:
 
 # Checked mode (see the module docstring): a debugging aid, each check costs a device sync per kernel call.
 CHECKED = env_flag(os.environ.get(CHECKED_ENV))
-
-
-def check(cond: bool, name: str, msg: str) -> None:
-    """Raise a ``ValueError`` naming the offending argument when ``cond`` is false."""
-    if not cond:
-        raise ValueError(f"{name}: {msg}")
 
 
 def check_tensor(t, name: str, *, ndim: int | None = None, dtypes=None, device=None) -> None:
@@ -67,23 +66,6 @@ def _require(bad: torch.Tensor, name: str, describe) -> None:
     hit = bad.nonzero()
     if hit.shape[0]:
         raise ValueError(f"{name}: {describe(*hit[0].tolist())}")
-
-
-HEAD_DIMS = (64, 128, 256)  # head sizes the kernels are built for
-DTYPES = (torch.float16, torch.bfloat16, torch.float32)  # fp32 for interpreter tests only
-
-
-def check_queries_and_kv(q: torch.Tensor, kv: "KVSource", geom: "BatchGeometry") -> None:
-    """The checks every kernel wrapper shares: ``q [T, Hq, D]`` against the geometry and the KV source."""
-    check_tensor(q, "q", ndim=3, dtypes=DTYPES)
-    tokens, num_heads, head_dim = q.shape
-    check(head_dim in HEAD_DIMS, "head_dim", f"{head_dim} not supported, expected one of {HEAD_DIMS}")
-    check(tokens == geom.num_tokens, "q", f"{tokens} tokens but geom packs {geom.num_tokens} chunk tokens")
-    kv.validate(geom)
-    check(kv.k.device == q.device, "k", f"on {kv.k.device}, q on {q.device}")
-    check(kv.k.dtype == q.dtype, "k", f"dtype {kv.k.dtype} != q dtype {q.dtype}")
-    check(kv.k.shape[2] == head_dim, "k", f"head_dim {kv.k.shape[2]} != q head_dim {head_dim}")
-    check(num_heads % kv.k.shape[1] == 0, "k", f"{kv.k.shape[1]} KV heads do not divide {num_heads} query heads")
 
 
 @dataclass(kw_only=True)
@@ -193,12 +175,13 @@ class KVSource:
     def validate(self, geom: BatchGeometry) -> None:
         """Check this source before a kernel reads it for ``geom``'s requests; ``ValueError`` names the tensor.
 
-        Always, from host metadata (no sync): ranks, dtypes, devices (everything on ``k``'s), one entry per
-        request, and the bounds the host lengths imply: paged, ``req_to_token`` holds ``max Sk`` slots per row;
+        Always, from host metadata (no sync): ranks, dtypes (``v``'s and the index tables'; which K dtypes a kernel
+        reads is the kernel's check, ``kernels.sparse_attention.check_kv``), devices (everything on ``k``'s), one
+        entry per request, and the bounds the host lengths imply: paged, ``req_to_token`` holds ``max Sk`` slots per row;
         contiguous, request ``r``'s rows ``[kv_start_cpu[r], kv_start_cpu[r] + Sk_r)`` lie in ``k`` (without
         host starts: ``max Sk <= rows``). In checked mode also the index contents (:meth:`check_contents`).
         """
-        check_tensor(self.k, "k", ndim=3, dtypes=DTYPES)
+        check_tensor(self.k, "k", ndim=3)
         check_tensor(self.v, "v", ndim=3, dtypes=(self.k.dtype,))
         check(self.v.shape == self.k.shape, "v", f"shape {tuple(self.v.shape)} != k {tuple(self.k.shape)}")
         device = self.k.device

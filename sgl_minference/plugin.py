@@ -109,11 +109,11 @@ def dense_only_reason(model_config) -> str | None:
     Decided once at start-up, so that such a model serves on the dense backend instead of failing mid-request,
     once a prompt first passes ``min_context``.
     """
-    from .layout import HEAD_DIMS
+    from .kernels.sparse_attention import SUPPORTED_HEAD_DIMS
 
     head_dim = model_config.head_dim
-    if head_dim not in HEAD_DIMS:
-        return f"head_dim {head_dim} is not supported by the sparse kernel (supported: {HEAD_DIMS})"
+    if head_dim not in SUPPORTED_HEAD_DIMS:
+        return f"head_dim {head_dim} is not supported by the sparse kernel (supported: {SUPPORTED_HEAD_DIMS})"
     v_head_dim = getattr(model_config, "v_head_dim", head_dim)
     if v_head_dim != head_dim:
         return f"the value head size {v_head_dim} differs from head_dim {head_dim}"

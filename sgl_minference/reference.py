@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import torch
 
-from sgl_minference.layout import BLOCK, BatchGeometry, KVSource, SparseLayout, check
+from sgl_minference.checks import check
+from sgl_minference.layout import BLOCK, BatchGeometry, KVSource, SparseLayout
 
 
 def causal_masks(geom: BatchGeometry, num_heads: int) -> list[torch.Tensor]:

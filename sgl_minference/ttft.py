@@ -33,35 +33,13 @@ from importlib.metadata import entry_points
 from pathlib import Path
 
 from .cli import fail
+from .gpu_memory import MemoryPeak
 
 PROG = "python -m sgl_minference.ttft"
 DEFAULT_MODEL = Path(__file__).resolve().parent / "models" / "llama3-8b"
 DENSE_CHOICES = ("auto", "fa3", "flashinfer", "triton")
 GIB = 1 << 30
 HEARTBEAT_S = 30.0
-
-
-class MemoryWatch:
-    """Polls device-wide used memory (``used()``, bytes) in a thread; ``peak`` is the highest use seen."""
-
-    def __init__(self, used: Callable[[], int], interval_s: float = 0.005):
-        self.used, self.interval_s = used, interval_s
-        self.peak, self._stop = 0, threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-
-    def _run(self):
-        while not self._stop.is_set():
-            self.peak = max(self.peak, self.used())
-            time.sleep(self.interval_s)
-
-    def __enter__(self):
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc):
-        self._stop.set()
-        self._thread.join()
-        self.peak = max(self.peak, self.used())
 
 
 class Progress:
@@ -128,7 +106,7 @@ def measure_backend(backend: str, args, vocab: int, *, engine_cls, used_memory: 
             for _ in range(args.repeats):
                 seed += 1
                 ids = random_ids(length, vocab, seed)
-                watch = MemoryWatch(used_memory)
+                watch = MemoryPeak(used_memory, interval_s=0.005)
                 before = used_memory()
                 with watch:
                     start = time.perf_counter()

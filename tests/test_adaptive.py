@@ -281,7 +281,8 @@ def test_kernel_on_adaptive_layouts_matches_masked_reference(seq_q, prefix, hq, 
 def test_planner_groups_adaptive_heads_and_the_backend_runs_them():
     from test_planner import HK, HQ, D, config, fake_batch, fake_layer, make_backend
 
-    from sgl_minference.backend.planner import layer_heads, layer_layout
+    from sgl_minference.backend.layer_layout import layer_layout
+    from sgl_minference.backend.planner import layer_heads
 
     cfg = config(default={"type": "flexprefill", "gamma": 0.8, "tau": 0.1, "min_budget": 64},
                  heads={"0": {"0": {"type": "xattention", "threshold": 0.9, "stride": 8},

@@ -2,62 +2,16 @@
 results files, the e2e bookkeeping, plots and the report tables."""
 
 import json
-import random
 import sys
 from pathlib import Path
 
 import pytest
 import torch
+from random_layouts import brute_visited, random_range_column_layout
 
 from benchmarks import common, e2e_ttft, kernel_bench, plot, report
 from benchmarks.common import E2ERecord, KernelRecord
 from sgl_minference.layout import BLOCK, BatchGeometry, SparseLayout
-
-
-def random_layout(geom: BatchGeometry, heads: int, seed: int) -> SparseLayout:
-    """Disjoint ranges (1..64 keys, anywhere, some past the diagonal) plus columns outside them."""
-    rng = random.Random(seed)
-    sk = geom.seq_lens_k_cpu[0]
-    nqb = geom.num_query_blocks
-    per = [[None] * heads for _ in range(nqb)]
-    for qb in range(nqb):
-        for h in range(heads):
-            taken, ranges = set(), []
-            for _ in range(rng.randint(0, 4)):
-                s = rng.randrange(sk)
-                e = min(sk, s + rng.randint(1, BLOCK))
-                if taken.isdisjoint(range(s, e)):
-                    taken.update(range(s, e))
-                    ranges.append((s, e))
-            cols = sorted(rng.sample([j for j in range(sk) if j not in taken], rng.randint(0, 5)))
-            per[qb][h] = (sorted(ranges), cols)
-    maxb = max(1, max(len(p[0]) for row in per for p in row))
-    maxc = max(1, max(len(p[1]) for row in per for p in row))
-    z = dict(dtype=torch.int32)
-    bs, be = torch.zeros(nqb, heads, maxb, **z), torch.zeros(nqb, heads, maxb, **z)
-    ci = torch.zeros(nqb, heads, maxc, **z)
-    bc, cc = torch.zeros(nqb, heads, **z), torch.zeros(nqb, heads, **z)
-    for qb in range(nqb):
-        for h in range(heads):
-            ranges, cols = per[qb][h]
-            bc[qb, h], cc[qb, h] = len(ranges), len(cols)
-            for b, (s, e) in enumerate(ranges):
-                bs[qb, h, b], be[qb, h, b] = s, e
-            ci[qb, h, : len(cols)] = torch.tensor(cols, dtype=torch.int32)
-    return SparseLayout(block_start=bs, block_end=be, block_count=bc, full_count=torch.zeros_like(bc),
-                        col_index=ci, col_count=cc)
-
-
-def brute_visited(layout: SparseLayout, geom: BatchGeometry) -> int:
-    sq = geom.seq_lens_q_cpu[0]
-    total = 0
-    for qb, row in enumerate(geom.qb_row.tolist()):
-        rows = min(BLOCK, sq - row)
-        for h in range(layout.num_heads):
-            n = int(layout.block_count[qb, h])
-            keys = int((layout.block_end[qb, h, :n] - layout.block_start[qb, h, :n]).sum())
-            total += rows * (keys + int(layout.col_count[qb, h]))
-    return total
 
 
 GEOMETRIES = [(200, 200), (130, 300), (64, 64), (1, 97)]  # full prefill, chunk with a prefix, odd tails
@@ -67,10 +21,10 @@ GEOMETRIES = [(200, 200), (130, 300), (64, 64), (1, 97)]  # full prefill, chunk 
 @pytest.mark.parametrize("seed", [0, 1])
 def test_layout_pairs_match_brute_force(seq_q, seq_k, seed):
     geom = BatchGeometry.build([seq_q], [seq_k], "cpu")
-    layout = random_layout(geom, heads=3, seed=seed)
+    layout = random_range_column_layout(geom, heads=3, seed=seed)
     counted = common.layout_pairs(layout, geom)
     assert counted.attended == int(layout.to_dense(geom)[0].sum())
-    assert counted.visited == brute_visited(layout, geom)
+    assert [counted.visited] == brute_visited(layout, geom)
 
 
 def causal_block_mask(geom: BatchGeometry, heads: int) -> torch.Tensor:

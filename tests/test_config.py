@@ -201,7 +201,7 @@ def test_unreadable_files(tmp_path, text, needle):
 
 
 def test_budgets_up_to_the_cap_are_accepted(tmp_path):
-    from sgl_minference.kernels.materialise import SENTINEL
+    from sgl_minference.layout import SENTINEL
 
     assert MAX_BUDGET == SENTINEL  # the cap is the kernels' "no entry" mark: no position reaches it
     data = _minference_with(0, 1, VAS, MAX_BUDGET, MAX_BUDGET, 0.5)

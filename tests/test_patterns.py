@@ -11,8 +11,7 @@ if not torch.cuda.is_available():
 
 from sgl_minference.kernels import estimate, select  # noqa: E402
 from sgl_minference.kernels.estimate import LastqLaunch, _head_slots, lastq_scores, pool_keys  # noqa: E402
-from sgl_minference.kernels.materialise import SENTINEL  # noqa: E402
-from sgl_minference.layout import BLOCK, BatchGeometry, KVSource  # noqa: E402
+from sgl_minference.layout import BLOCK, SENTINEL, BatchGeometry, KVSource  # noqa: E402
 from sgl_minference.patterns import (HeadSet, build_a_shape, build_block_sparse, build_dense,  # noqa: E402
                                      build_vertical_slash, concat_heads, estimate_vertical_slash)
 from sgl_minference.patterns.convert import indices_to_layout  # noqa: E402

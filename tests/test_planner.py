@@ -1,4 +1,4 @@
-"""The minference backend's planning and routing on fake SGLang batches (no SGLang needed).
+"""The minference backend's planning and routing on fake SGLang batches (SGLang imported for its base class only).
 
 Planner: which requests, layers and heads go sparse, the batch geometry, TP head slicing. Backend: the
 sparse ``forward_extend`` on a fake paged KV pool (Triton interpreter on CPU) writes the chunk's KV first and,
@@ -6,6 +6,7 @@ with a dense-equivalent config, equals dense attention; everything else reaches 
 """
 
 import enum
+import inspect
 import math
 from types import SimpleNamespace
 
@@ -14,10 +15,14 @@ import torch
 from conftest import DEVICE, make_geometry, make_qkv, paged_kv
 
 from sgl_minference.backend.attn_backend import MInferenceAttnBackend, build_layer_heads
-from sgl_minference.backend.planner import layer_heads, overlay_query_blocks, plan_batch
+from sgl_minference.backend.layer_layout import overlay_query_blocks
+from sgl_minference.backend.planner import layer_heads, plan_batch
 from sgl_minference.config import MInferenceConfig
 from sgl_minference.patterns import HeadSet, build_a_shape, build_dense
 from sgl_minference.reference import dense_attention
+
+# After the backend module: it makes SGLang importable next to a CPU-only torch.
+from sglang.srt.layers.attention.base_attn_backend import AttentionBackend  # noqa: E402  (isort: skip)
 
 HQ, HK, D = 4, 2, 64
 
@@ -282,7 +287,7 @@ def test_dense_routing_for_short_batches_dense_layers_and_other_modes():
     assert pool.writes == []
 
 
-def test_unknown_attributes_are_the_dense_backends():
+def test_the_attributes_sglang_uses_are_the_dense_backends():
     pool = FakePool(torch.zeros(1, HK, D), torch.zeros(1, HK, D))
     backend = make_backend(config(), pool, torch.zeros(1, 8, dtype=torch.int32, device=DEVICE))
     assert backend.forward_metadata == "dense-metadata" and backend.needs_cpu_seq_lens
@@ -290,3 +295,39 @@ def test_unknown_attributes_are_the_dense_backends():
     assert backend.dense.prefill_attention_backend_str == "minference"
     with pytest.raises(AttributeError):
         backend.no_such_attribute
+    backend.forward_metadata = None  # SGLang's eager runner resets it after a forward
+    assert backend.dense.forward_metadata is None
+
+
+def test_other_attributes_are_not_forwarded_to_the_dense_backend():
+    pool = FakePool(torch.zeros(1, HK, D), torch.zeros(1, HK, D))
+    backend = make_backend(config(), pool, torch.zeros(1, 8, dtype=torch.int32, device=DEVICE))
+    with pytest.raises(AttributeError):
+        backend.calls  # the dense backend has it; this class does not name it
+    backend.scratch = 1
+    assert backend.scratch == 1 and not hasattr(backend.dense, "scratch")
+
+
+class FullDense(FakeDense):
+    """Every method of SGLang's base class, each recording its name and arguments."""
+
+    def __getattr__(self, name):
+        if not hasattr(AttentionBackend, name) or name.startswith("_"):
+            raise AttributeError(name)
+        return lambda *args, **kwargs: self.calls.append((name, args, kwargs)) or name
+
+
+def test_every_base_class_method_reaches_the_dense_backend():
+    pool = FakePool(torch.zeros(1, HK, D), torch.zeros(1, HK, D))
+    backend = make_backend(config(), pool, torch.zeros(1, 8, dtype=torch.int32, device=DEVICE))
+    backend.dense = FullDense()
+    own = {"init_forward_metadata", "forward", "forward_extend", "forward_decode"}  # tested above
+    methods = [n for n, f in vars(AttentionBackend).items() if callable(f) and not n.startswith("_") and n not in own]
+    assert methods  # the base class of SGLang 0.5.17 has a dozen
+    for name in methods:
+        params = [p for p in inspect.signature(getattr(AttentionBackend, name)).parameters.values()][1:]
+        args = [f"arg-{p.name}" for p in params if p.kind is p.POSITIONAL_OR_KEYWORD and p.default is p.empty]
+        kwargs = {p.name: f"kw-{p.name}" for p in params if p.kind is p.KEYWORD_ONLY}
+        assert getattr(backend, name)(*args, **kwargs) == name, name
+        called, got_args, got_kwargs = backend.dense.calls[-1]
+        assert called == name and set(got_args) | set(got_kwargs.values()) >= set(args) | set(kwargs.values()), name

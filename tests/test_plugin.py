@@ -175,9 +175,9 @@ def test_models_the_kernel_cannot_serve_get_the_dense_backend_at_startup(dense_a
 
 
 def test_supported_head_dims_keep_the_sparse_path(dense_and_tp):
-    from sgl_minference.layout import HEAD_DIMS
+    from sgl_minference.kernels.sparse_attention import SUPPORTED_HEAD_DIMS
 
-    for head_dim in HEAD_DIMS:
+    for head_dim in SUPPORTED_HEAD_DIMS:
         runner = fake_runner()
         runner.model_config.head_dim = runner.model_config.v_head_dim = head_dim
         assert plugin.dense_only_reason(runner.model_config) is None

@@ -17,7 +17,8 @@ import torch
 from conftest import DEVICE, INTERPRET, make_geometry, make_qkv, paged_kv
 
 from sgl_minference.backend.attn_backend import build_layer_heads
-from sgl_minference.backend.planner import layer_layout, plan_batch
+from sgl_minference.backend.layer_layout import layer_layout
+from sgl_minference.backend.planner import plan_batch
 from sgl_minference.config import MInferenceConfig
 from sgl_minference.kernels import sparse_attention
 

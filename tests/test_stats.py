@@ -6,18 +6,17 @@ reach the layout the kernel runs; both off by default."""
 import dataclasses
 import json
 import math
-import random
 
 import pytest
 import torch
 from conftest import DEVICE
+from random_layouts import brute_visited, random_range_column_layout
 from test_planner import DENSE_EQUIVALENT, HK, HQ, D, FakeDense, config, fake_batch, fake_layer
 
 from sgl_minference.backend import stats, synthetic
 from sgl_minference.backend.attn_backend import MInferenceAttnBackend, build_layer_heads
-from sgl_minference.backend.planner import layer_layout
-from sgl_minference.kernels.materialise import SENTINEL
-from sgl_minference.layout import BLOCK, BatchGeometry, SparseLayout
+from sgl_minference.backend.layer_layout import layer_layout
+from sgl_minference.layout import SENTINEL, BatchGeometry
 from sgl_minference.patterns import HeadSet
 from sgl_minference.patterns.convert import indices_to_layout
 from sgl_minference.reference import masked_attention
@@ -25,54 +24,14 @@ from sgl_minference.reference import masked_attention
 # ---- pair counting --------------------------------------------------------------------------------------------
 
 
-def random_batch_layout(geom: BatchGeometry, heads: int, seed: int) -> SparseLayout:
-    """Per (query block, head) disjoint ranges of 1..64 keys (some past the diagonal) and columns outside them."""
-    rng = random.Random(seed)
-    per = []
-    for r in geom.qb_request.tolist():
-        sk = geom.seq_lens_k_cpu[r]
-        row = []
-        for _ in range(heads):
-            taken, ranges = set(), []
-            for _ in range(rng.randint(0, 4)):
-                s = rng.randrange(sk)
-                e = min(sk, s + rng.randint(1, BLOCK))
-                if taken.isdisjoint(range(s, e)):
-                    taken.update(range(s, e))
-                    ranges.append((s, e))
-            free = [j for j in range(sk) if j not in taken]
-            row.append((sorted(ranges), sorted(rng.sample(free, min(len(free), rng.randint(0, 5))))))
-        per.append(row)
-    nqb = len(per)
-    maxb = max(1, max(len(p[0]) for row in per for p in row))
-    maxc = max(1, max(len(p[1]) for row in per for p in row))
-    bs, be = torch.zeros(nqb, heads, maxb, dtype=torch.int32), torch.zeros(nqb, heads, maxb, dtype=torch.int32)
-    ci = torch.zeros(nqb, heads, maxc, dtype=torch.int32)
-    bc, cc = torch.zeros(nqb, heads, dtype=torch.int32), torch.zeros(nqb, heads, dtype=torch.int32)
-    for qb, row in enumerate(per):
-        for h, (ranges, cols) in enumerate(row):
-            bc[qb, h], cc[qb, h] = len(ranges), len(cols)
-            for b, (s, e) in enumerate(ranges):
-                bs[qb, h, b], be[qb, h, b] = s, e
-            ci[qb, h, : len(cols)] = torch.tensor(cols, dtype=torch.int32)
-    return SparseLayout(block_start=bs, block_end=be, block_count=bc, full_count=torch.zeros_like(bc),
-                        col_index=ci, col_count=cc)
-
-
 @pytest.mark.parametrize("seq_q,prefix", [([130, 64, 1], [170, 0, 96]), ([200], [0]), ([7, 65], [300, 2])])
 @pytest.mark.parametrize("seed", [0, 1])
 def test_request_pairs_match_the_dense_mask(seq_q, prefix, seed):
     geom = BatchGeometry.build(seq_q, [p + s for p, s in zip(prefix, seq_q)], "cpu")
-    layout = random_batch_layout(geom, heads=3, seed=seed)
+    layout = random_range_column_layout(geom, heads=3, seed=seed)
     attended, visited = stats.request_pairs(layout, geom)
     assert attended.tolist() == [int(m.sum()) for m in layout.to_dense(geom)]
-    expect = [0] * len(seq_q)
-    for qb, (r, row) in enumerate(zip(geom.qb_request.tolist(), geom.qb_row.tolist())):
-        rows = min(BLOCK, seq_q[r] - row)
-        keys = sum(int(layout.block_end[qb, h, b] - layout.block_start[qb, h, b]) + 0
-                   for h in range(3) for b in range(int(layout.block_count[qb, h])))
-        expect[r] += rows * (keys + int(layout.col_count[qb].sum()))
-    assert visited.tolist() == expect
+    assert visited.tolist() == brute_visited(layout, geom)
 
 
 def test_causal_pairs_count_the_bottom_right_triangle():

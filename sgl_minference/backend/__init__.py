@@ -1,3 +1,3 @@
-"""The SGLang ``minference`` attention backend: per-batch planning (:mod:`.planner`) and the backend class
-(:mod:`.attn_backend`). Importing this package does not import SGLang; :mod:`.attn_backend` needs it only
-through the objects SGLang hands over."""
+"""The SGLang ``minference`` attention backend: per-batch planning (:mod:`.planner`), per-layer layouts
+(:mod:`.layer_layout`) and the backend class (:mod:`.attn_backend`, which subclasses SGLang's
+``AttentionBackend``, so importing it imports SGLang). Importing this package imports no SGLang."""

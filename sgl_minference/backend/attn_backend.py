@@ -1,10 +1,13 @@
 """The ``minference`` attention backend: SGLang's own dense backend, plus a sparse path for long prefills.
 
-Composition, not inheritance: the dense backend named by ``config.dense_backend`` (``auto``: ``fa3`` on Hopper
-when FA3 is installed, else ``flashinfer``; or ``flashinfer``, ``fa3``, ``triton`` explicitly) is built through
-SGLang's registry with the same ModelRunner and does everything that stays dense, untouched: decode and its CUDA graphs, target-verify, draft extends, batches
-without a long request, and the layers the sparse kernel cannot serve. Every attribute this class does not
-define is read from, and written to, the dense backend, so SGLang sees one backend.
+An SGLang ``AttentionBackend`` that composes a dense one: the dense backend named by ``config.dense_backend``
+(``auto``: ``fa3`` on Hopper when FA3 is installed, else ``flashinfer``; or ``flashinfer``, ``fa3``, ``triton``
+explicitly) is built through SGLang's registry with the same ModelRunner and does everything that stays dense,
+untouched: decode and its CUDA graphs, target-verify, draft extends, batches without a long request, and the
+layers the sparse kernel cannot serve. Every method of SGLang's base class is delegated to it by name, and so are
+the attributes SGLang reads or writes on an attention backend (its forward metadata, the capability flags, the
+per-mode backend names it stamps, ``max_context_len``); any other attribute is this object's own, so a new one
+never lands on the dense backend by accident.
 
 A layer runs sparse only when the batch has a plan (see :mod:`.planner`) and the layer has a non-dense head;
 otherwise, or for a layer with a logit cap, a sliding window, cross/encoder attention, a separate value head
@@ -27,17 +30,33 @@ from functools import partial
 import torch
 
 from ..config import MInferenceConfig
-from ..kernels import sparse_attention
-from ..kernels.sparse_attention import DENSE_COST_RATIO
-from ..layout import HEAD_DIMS
+from ..cpu_torch import allow_torchvision_import
+from ..kernels.sparse_attention import DENSE_COST_RATIO, SUPPORTED_HEAD_DIMS, sparse_attention
 from ..patterns import HeadSet
 from ..patterns.vertical_slash import NanFallbackLog
 from . import synthetic
-from .planner import LayerHeads, SparsePlan, layer_heads, layer_layout, plan_batch
+from .layer_layout import layer_layout
+from .planner import LayerHeads, SparsePlan, layer_heads, plan_batch
 from .routing import DenseRouter
 from .stats import SparseStats
 
+allow_torchvision_import()  # CPU-only torch (tests, CI): SGLang's import of torchvision fails without it
+
+from sglang.srt.layers.attention.base_attn_backend import AttentionBackend  # noqa: E402
+
 logger = logging.getLogger(__name__)
+
+
+def _on_dense(name: str, doc: str) -> property:
+    """An attribute of the dense backend, read and written there (SGLang's view of one backend's state)."""
+
+    def get(self):
+        return getattr(self.dense, name)
+
+    def put(self, value):
+        setattr(self.dense, name, value)
+
+    return property(get, put, doc=f"The dense backend's ``{name}``: {doc}.")
 
 
 def _is_sparse_mode(forward_mode) -> bool:
@@ -45,7 +64,7 @@ def _is_sparse_mode(forward_mode) -> bool:
     return forward_mode.name in ("EXTEND", "MIXED")
 
 
-class MInferenceAttnBackend:
+class MInferenceAttnBackend(AttentionBackend):
     """Sparse prefill over a dense SGLang attention backend.
 
     Args:
@@ -60,9 +79,8 @@ class MInferenceAttnBackend:
         environ: where ``$SGL_MINFERENCE_STATS`` / ``$SGL_MINFERENCE_SYNTHETIC`` are read (default ``os.environ``).
     """
 
-    # Attributes that live on this object; every other attribute read or write goes to the dense backend.
-    _OWN = frozenset({"dense", "config", "layers", "all_heads", "token_to_kv_pool", "req_to_token", "_plan",
-                      "_plan_batch", "_logged", "_stats", "_layer_layout", "_nan_log", "_router", "_dense_layers"})
+    # The sparse plan reads the host context lengths (ForwardBatch.seq_lens_cpu) of every extend batch.
+    needs_cpu_seq_lens = True
 
     def __init__(self, *, dense, config: MInferenceConfig, layers: dict[int, LayerHeads], all_heads: HeadSet,
                  token_to_kv_pool, req_to_token: torch.Tensor, head_dim: int,
@@ -91,19 +109,6 @@ class MInferenceAttnBackend:
         last = max(sparse_layers, default=-1)
         self._stats = SparseStats.from_env(environ, last_layer=last,
                                            structure="dummy" if structure is None else "synthetic")
-
-    def __getattr__(self, name):
-        # Only called for names not found on this object: the dense backend's state and methods.
-        dense = self.__dict__.get("dense")
-        if dense is None:
-            raise AttributeError(name)
-        return getattr(dense, name)
-
-    def __setattr__(self, name, value):
-        if name in self._OWN:
-            object.__setattr__(self, name, value)
-        else:
-            setattr(self.dense, name, value)
 
     # ---- per batch -------------------------------------------------------------------------------------------
 
@@ -151,8 +156,9 @@ class MInferenceAttnBackend:
             return f"layer {layer.layer_id} is cross or encoder attention"
         if layer.qk_head_dim != layer.v_head_dim:
             return f"layer {layer.layer_id} has different query/key and value head sizes"
-        if layer.head_dim not in HEAD_DIMS:
-            return f"layer {layer.layer_id} has head_dim {layer.head_dim}, the sparse kernel supports {HEAD_DIMS}"
+        if layer.head_dim not in SUPPORTED_HEAD_DIMS:
+            return (f"layer {layer.layer_id} has head_dim {layer.head_dim}, the sparse kernel supports "
+                    f"{SUPPORTED_HEAD_DIMS}")
         if kwargs:
             return f"layer {layer.layer_id} passes extra attention inputs {sorted(kwargs)}"
         if layer.tp_q_head_num != heads.num_q_heads:
@@ -209,6 +215,62 @@ class MInferenceAttnBackend:
 
     def forward_decode(self, q, k, v, layer, forward_batch, save_kv_cache: bool = True, **kwargs):
         return self.dense.forward_decode(q, k, v, layer, forward_batch, save_kv_cache, **kwargs)
+
+    # ---- everything else SGLang calls or reads on an attention backend: the dense backend's ------------------
+
+    forward_metadata = _on_dense("forward_metadata", "the dense backend's per-batch metadata (SGLang resets it)")
+    prefill_attention_backend_str = _on_dense("prefill_attention_backend_str", "stamped by SGLang after start-up")
+    decode_attention_backend_str = _on_dense("decode_attention_backend_str", "stamped by SGLang after start-up")
+    max_context_len = _on_dense("max_context_len", "read by speculative decoding")
+    supports_ragged_verify_graph = _on_dense("supports_ragged_verify_graph", "a capability flag")
+    use_captured_forward_metadata_for_breakable_cuda_graph = _on_dense(
+        "use_captured_forward_metadata_for_breakable_cuda_graph", "a capability flag")
+    supports_full_cuda_graph_chunked_prefix = _on_dense("supports_full_cuda_graph_chunked_prefix", "a capability flag")
+
+    @property
+    def verify_mask(self):
+        return self.dense.verify_mask
+
+    def forward_mixed(self, q, k, v, layer, forward_batch, save_kv_cache: bool = True):
+        return self.dense.forward_mixed(q, k, v, layer, forward_batch, save_kv_cache)
+
+    def init_forward_metadata_out_graph(self, forward_batch, in_capture: bool = False):
+        return self.dense.init_forward_metadata_out_graph(forward_batch, in_capture)
+
+    def init_forward_metadata_in_graph(self, forward_batch):
+        return self.dense.init_forward_metadata_in_graph(forward_batch)
+
+    def draft_extend_metadata_captured_in_graph(self) -> bool:
+        return self.dense.draft_extend_metadata_captured_in_graph()
+
+    def prepare_full_cuda_graph_chunked_prefix(self, forward_batch, *, in_capture: bool) -> None:
+        return self.dense.prepare_full_cuda_graph_chunked_prefix(forward_batch, in_capture=in_capture)
+
+    def init_cuda_graph_state(self, max_bs: int, max_num_tokens: int):
+        return self.dense.init_cuda_graph_state(max_bs, max_num_tokens)
+
+    def init_forward_metadata_for_breakable_cuda_graph_capture(self, forward_batch):
+        return self.dense.init_forward_metadata_for_breakable_cuda_graph_capture(forward_batch)
+
+    def prepare_forward_metadata_for_breakable_cuda_graph_replay(self, capture_metadata, forward_batch, *,
+                                                                 static_forward_batch=None) -> None:
+        return self.dense.prepare_forward_metadata_for_breakable_cuda_graph_replay(
+            capture_metadata, forward_batch, static_forward_batch=static_forward_batch)
+
+    def get_cuda_graph_seq_len_fill_value(self):
+        return self.dense.get_cuda_graph_seq_len_fill_value()
+
+    def on_after_cuda_graph_warmup(self):
+        return self.dense.on_after_cuda_graph_warmup()
+
+    def update_verify_buffers_to_fill_after_draft(self, spec_info, cuda_graph_bs):
+        return self.dense.update_verify_buffers_to_fill_after_draft(spec_info, cuda_graph_bs)
+
+    def support_triton(self):
+        return self.dense.support_triton()
+
+    def get_indexer_metadata(self, layer_id: int, forward_batch):
+        return self.dense.get_indexer_metadata(layer_id, forward_batch)
 
 
 def build_layer_heads(config: MInferenceConfig, *, num_layers: int, num_q_heads: int, num_kv_heads: int,

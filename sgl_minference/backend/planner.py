@@ -7,8 +7,7 @@
   chunk has at least ``min_chunk`` new tokens. If no request is sparse the dense backend runs the whole batch;
   otherwise the sparse kernel runs every request of the batch, and the requests that are not sparse get exact
   dense layouts (:func:`~sgl_minference.patterns.build_dense`), so their output equals dense attention.
-* Per layer, :func:`layer_layout` is builder launches (each group's builder looked up in
-  :data:`~sgl_minference.registry.PATTERNS`) plus the head/request merges, nothing else.
+* Per layer, :mod:`.layer_layout` builds the layout from what is decided here.
 """
 
 from __future__ import annotations
@@ -16,12 +15,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 
 from ..config import MInferenceConfig
-from ..layout import BLOCK, BatchGeometry, KVSource, SparseLayout, check, check_tensor
-from ..patterns import HeadSet, build_dense, concat_heads
-from ..registry import PATTERNS, group_key, head_budgets
+from ..checks import check
+from ..layout import BLOCK, BatchGeometry, KVSource, SparseLayout, check_tensor
+from ..patterns import HeadSet, build_dense
+from ..registry import group_key, head_budgets
 
 
 @dataclass(kw_only=True)
@@ -117,42 +116,3 @@ def plan_batch(config: MInferenceConfig, *, seq_lens_q: list[int], seq_lens_k: l
         dense_blocks = torch.tensor(blocks, dtype=torch.int64, device=device)
     return SparsePlan(geom=geom, req_to_token=req_to_token, req_pool_indices=req_pool_indices, sparse_requests=flags,
                       dense_blocks=dense_blocks, dense_layout=dense_layout)
-
-
-def _pad_last(t: torch.Tensor, size: int) -> torch.Tensor:
-    return t if t.shape[-1] == size else F.pad(t, (0, size - t.shape[-1]))
-
-
-def overlay_query_blocks(base: SparseLayout, rows: torch.Tensor, part: SparseLayout) -> SparseLayout:
-    """``base`` with query blocks ``rows`` replaced by ``part`` (``part``'s block ``i`` goes to ``rows[i]``).
-
-    ``rows``: ``[NQB_part]`` int64 on the layouts' device. Range/column capacities are padded to the larger;
-    padded slots lie beyond the counts, where the kernels never read.
-    """
-    maxb = max(base.block_start.shape[2], part.block_start.shape[2])
-    maxc = max(base.col_index.shape[2], part.col_index.shape[2])
-
-    def merged(name: str, cap: int | None) -> torch.Tensor:
-        a, b = getattr(base, name), getattr(part, name)
-        if cap is not None:
-            a, b = _pad_last(a, cap), _pad_last(b, cap)
-        return a.index_copy(0, rows, b)
-
-    return SparseLayout(block_start=merged("block_start", maxb), block_end=merged("block_end", maxb),
-                        block_count=merged("block_count", None), full_count=merged("full_count", None),
-                        col_index=merged("col_index", maxc), col_count=merged("col_count", None))
-
-
-def layer_layout(q: torch.Tensor, kv: KVSource, plan: SparsePlan, heads: LayerHeads, config: MInferenceConfig, *,
-                 sm_scale: float) -> SparseLayout:
-    """The layout of one layer over all of ``q``'s heads and all requests of the plan.
-
-    q: ``[T, Hq, D]`` fp16/bf16 chunk queries of the batch (RoPE applied); kv: the layer's paged KV source, the
-    chunk's keys already written. Returns a layout ``[NQB, Hq, ...]`` for ``plan.geom``.
-    """
-    est = config.estimation
-    parts = [PATTERNS[g.kind].build(q, kv, plan.geom, g.heads, sm_scale=sm_scale, est=est) for g in heads.groups]
-    layout = concat_heads(parts, [g.heads.heads for g in heads.groups], heads.num_q_heads)
-    if plan.dense_layout is not None:
-        layout = overlay_query_blocks(layout, plan.dense_blocks, plan.dense_layout)
-    return layout

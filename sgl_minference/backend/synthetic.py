@@ -41,17 +41,18 @@ import logging
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import torch
 
-from ..config import MInferenceConfig
-from ..kernels.materialise import SENTINEL
-from ..layout import BatchGeometry, KVSource, SparseLayout, check
-from ..patterns import HeadSet, concat_heads, estimate_vertical_slash
+from ..checks import check
+from ..config import Estimation, MInferenceConfig
+from ..layout import SENTINEL, BatchGeometry, KVSource, SparseLayout
+from ..patterns import HeadSet, estimate_vertical_slash
 from ..patterns.convert import indices_to_layout
-from ..registry import PATTERNS
-from .planner import LayerHeads, SparsePlan, overlay_query_blocks
+from . import layer_layout as per_layer
+from .planner import HeadGroup, LayerHeads, SparsePlan
 
 logger = logging.getLogger(__name__)
 
@@ -176,30 +177,27 @@ def _first_unique(x: torch.Tensor, limit: torch.Tensor, capacity: int, *, descen
     return out[..., :capacity].to(torch.int32)
 
 
-def layer_layout(q: torch.Tensor, kv: KVSource, plan: SparsePlan, heads: LayerHeads, config: MInferenceConfig, *,
-                 sm_scale: float, structure: Structure) -> SparseLayout:
-    """:func:`~sgl_minference.backend.planner.layer_layout` with vertical-slash indices from ``structure``.
+def build_group(q: torch.Tensor, kv: KVSource, geom: BatchGeometry, group: HeadGroup, *, sm_scale: float,
+                est: Estimation, layer_id: int, structure: Structure) -> SparseLayout:
+    """A :data:`~sgl_minference.backend.layer_layout.GroupBuilder` with vertical-slash indices from ``structure``.
 
     The estimator runs as usual (its cost is paid); its indices are discarded for :meth:`Structure.draw`'s.
-    Other head groups go through the planner's own builder.
+    Other head groups go through their registered builder.
     """
-    est = config.estimation
-    parts = []
-    for group in heads.groups:
-        if group.kind != "vertical_slash":
-            parts.append(PATTERNS[group.kind].build(q, kv, plan.geom, group.heads, sm_scale=sm_scale, est=est))
-            continue
-        columns, offsets = estimate_vertical_slash(q, kv, plan.geom, group.heads, sm_scale=sm_scale,
-                                                   last_q=est.last_q, forced_sink=est.forced_sink,
-                                                   forced_local=est.forced_local)
-        columns, offsets = structure.draw(tuple(columns.shape), tuple(offsets.shape), plan.geom, group.heads,
-                                          layer_id=heads.layer_id, forced_sink=est.forced_sink,
-                                          forced_local=est.forced_local)
-        parts.append(indices_to_layout(columns, offsets, plan.geom))
-    layout = concat_heads(parts, [g.heads.heads for g in heads.groups], heads.num_q_heads)
-    if plan.dense_layout is not None:
-        layout = overlay_query_blocks(layout, plan.dense_blocks, plan.dense_layout)
-    return layout
+    if group.kind != "vertical_slash":
+        return per_layer.build_group(q, kv, geom, group, sm_scale=sm_scale, est=est, layer_id=layer_id)
+    columns, offsets = estimate_vertical_slash(q, kv, geom, group.heads, sm_scale=sm_scale, last_q=est.last_q,
+                                               forced_sink=est.forced_sink, forced_local=est.forced_local)
+    columns, offsets = structure.draw(tuple(columns.shape), tuple(offsets.shape), geom, group.heads,
+                                      layer_id=layer_id, forced_sink=est.forced_sink, forced_local=est.forced_local)
+    return indices_to_layout(columns, offsets, geom)
+
+
+def layer_layout(q: torch.Tensor, kv: KVSource, plan: SparsePlan, heads: LayerHeads, config: MInferenceConfig, *,
+                 sm_scale: float, structure: Structure) -> SparseLayout:
+    """:func:`~sgl_minference.backend.layer_layout.layer_layout` with :func:`build_group` as its group builder."""
+    return per_layer.layer_layout(q, kv, plan, heads, config, sm_scale=sm_scale,
+                                  build=partial(build_group, structure=structure))
 
 
 # Fitted from real attention: medians over the 540 heads (30 layers x 9 heads x 2 prompts) of SmolLM2-135M at 8K

@@ -12,8 +12,8 @@ import json
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
+from ..checks import check
 from ..config import MInferenceConfig
-from ..layout import check
 from ..registry import nominal_cost, scaled
 from .scoring import accuracy_table, answer_recall, first_token_top, top_logprob_kl
 from .tasks import Sample

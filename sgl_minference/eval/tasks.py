@@ -24,7 +24,7 @@ import string
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
-from ..layout import check
+from ..checks import check
 
 # Filler for the haystacks: plain statements without digits, so no number but a needle's can be the answer.
 FILLER = (

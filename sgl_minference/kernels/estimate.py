@@ -16,10 +16,11 @@ import torch
 import triton
 import triton.language as tl
 
-from ..layout import BLOCK, BatchGeometry, KVSource, check, check_queries_and_kv, check_tensor
+from ..checks import check
+from ..layout import BLOCK, BatchGeometry, KVSource, check_tensor
 from .interpreter import refuse_bf16
 from .kv_access import kv_args, kv_rows
-from .sparse_attention import LOG2E
+from .sparse_attention import LOG2E, check_kv, check_queries_and_kv
 
 
 @triton.jit
@@ -448,7 +449,7 @@ def pool_keys(kv: KVSource, geom: BatchGeometry) -> torch.Tensor:
 
     Blocks past a request's end are 0; the last partial block averages only its valid keys (padding excluded).
     """
-    kv.validate(geom)
+    check_kv(kv, geom)
     B, Hk, D = geom.num_requests, kv.k.shape[1], kv.k.shape[2]
     nkb = triton.cdiv(geom.max_seqlen_k, BLOCK)
     out = torch.zeros(B, Hk, nkb, D, device=kv.k.device, dtype=torch.float32)

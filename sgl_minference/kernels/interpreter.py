@@ -16,7 +16,7 @@ from __future__ import annotations
 import torch
 import triton
 
-from sgl_minference.layout import check
+from sgl_minference.checks import check
 
 ACTIVE = bool(triton.knobs.runtime.interpret)
 

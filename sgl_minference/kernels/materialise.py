@@ -14,8 +14,14 @@ relative lists, found by binary search and copied with a shift: no per-block sca
 are kept when causal for the block's last row and not on the coverage map.
 """
 
+from __future__ import annotations
+
+import torch
 import triton
 import triton.language as tl
+
+from ..layout import BLOCK, SENTINEL, BatchGeometry, SparseLayout
+
 
 def search_steps(n_off: int) -> int:
     """Binary-search steps of :func:`_materialise_kernel` over lists of up to ``n_off`` ranges, in two sizes only:
@@ -24,7 +30,6 @@ def search_steps(n_off: int) -> int:
     return 16 if n_off + 1 < (1 << 16) else 30
 
 
-SENTINEL = 1 << 29  # "no entry" in column lists; far right of every position, r0 + SENTINEL fits int32
 _SENTINEL: tl.constexpr = tl.constexpr(SENTINEL)
 
 
@@ -193,3 +198,43 @@ def _materialise_kernel(Rel, RelCounts, Cols, Cover, QbReq, QbRow, CuQ, SeqK,
         tl.store(ColIndex + col_out + kept + tl.cumsum(keep.to(tl.int32), 0) - 1, c, mask=keep)
         kept += tl.sum(keep.to(tl.int32), 0)
     tl.store(ColCount + qb * H + h, kept)
+
+
+def materialise_layout(columns: torch.Tensor, offsets: torch.Tensor, geom: BatchGeometry) -> SparseLayout:
+    """Layout of every query block of the batch from per-request columns and diagonals: both launches.
+
+    Args:
+        columns: ``[B, H, V]`` int32 key columns sorted ascending, unused entries ``SENTINEL`` at the end.
+        offsets: ``[B, H, S]`` int32 diagonal offsets sorted descending, unused entries ``-1`` at the end
+            (duplicates allowed).
+        geom: batch geometry (``B`` requests).
+    Returns:
+        ``SparseLayout`` over ``H`` heads with ``MAXB = S`` and ``MAXC = V`` (an interval merged from ``m``
+        diagonals needs at most ``m`` ranges, so no capacity beyond the slash budget).
+    """
+    B, H, n_off = offsets.shape
+    n_col = columns.shape[-1]
+    nqb, dev = geom.num_query_blocks, columns.device
+    offsets, columns = offsets.contiguous(), columns.contiguous()
+    max_sk = geom.max_seqlen_k
+    cover_lo, cover_w = -max_sk, max_sk + BLOCK + 1  # relative positions [-max Sk, 64]: every causal key
+    rel = torch.empty(6, B * H, n_off, dtype=torch.int32, device=dev)
+    rel_counts = torch.empty(B * H, 2, dtype=torch.int32, device=dev)
+    cover = torch.zeros(B * H, cover_w, dtype=torch.int8, device=dev)
+    # 8 warps: with 4 the [256, 64] coverage store spills (sm_90 ptxas, 32 bytes)
+    _relative_kernel[(B * H,)](offsets, rel, rel_counts, cover, n_off, cover_w, cover_lo, BLOCK=BLOCK, CH=256,
+                               num_warps=8)
+    block_start = torch.empty(nqb, H, n_off, dtype=torch.int32, device=dev)
+    block_end = torch.empty_like(block_start)
+    col_index = torch.empty(nqb, H, n_col, dtype=torch.int32, device=dev)
+    # Separate tensors, each 16-byte aligned (slices of one would not be for odd NQB x H: a compile per alignment).
+    counts = [torch.empty(nqb, H, dtype=torch.int32, device=dev) for _ in range(3)]
+    _materialise_kernel[(nqb, H)](
+        rel, rel_counts, columns, cover, geom.qb_request, geom.qb_row, geom.cu_seqlens_q, geom.seq_lens_k,
+        block_start, block_end, counts[0], counts[1], col_index, counts[2], n_off, n_col, cover_w, cover_lo,
+        B * H * n_off, BLOCK=BLOCK, CHUNK=256, LOG=search_steps(n_off), num_warps=4)
+    return SparseLayout(block_start=block_start, block_end=block_end, block_count=counts[0], full_count=counts[1],
+                        col_index=col_index, col_count=counts[2])
+
+
+__all__ = ["materialise_layout"]

@@ -17,7 +17,14 @@ import triton.language as tl
 
 from sgl_minference.kernels.interpreter import refuse_bf16
 from sgl_minference.kernels.kv_access import kv_args, kv_rows
-from sgl_minference.layout import BLOCK, BatchGeometry, KVSource, SparseLayout, check, check_queries_and_kv, check_tensor
+from sgl_minference.checks import check
+from sgl_minference.layout import BLOCK, BatchGeometry, KVSource, SparseLayout, check_tensor
+
+# What the kernel serves, asked by the backend and the plugin before they route a layer or a model here (and
+# checked by every kernel wrapper): head sizes it is compiled for (one LAUNCHES entry each) and q/K/V dtypes
+# (fp32 for the interpreter tests only).
+SUPPORTED_HEAD_DIMS = (64, 128, 256)
+SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 LOG2E = 1.4426950408889634  # scores are kept in base 2 so the softmax can use exp2
 LN2: tl.constexpr = tl.constexpr(0.6931471805599453)  # converts the base-2 lse back to the natural log
@@ -218,6 +225,27 @@ def attention_launch(head_dim: int, dtype: torch.dtype) -> AttentionLaunch:
     if head_dim == 256 and dtype == torch.float32:
         return AttentionLaunch(BLOCK, 8, 1)
     return LAUNCHES[head_dim]
+
+
+def check_kv(kv: KVSource, geom: BatchGeometry) -> None:
+    """Host checks of a K/V source before a kernel reads it for ``geom``: a supported dtype, then
+    :meth:`KVSource.validate`; ``ValueError`` names the tensor."""
+    check_tensor(kv.k, "k", ndim=3, dtypes=SUPPORTED_DTYPES)
+    kv.validate(geom)
+
+
+def check_queries_and_kv(q: torch.Tensor, kv: KVSource, geom: BatchGeometry) -> None:
+    """The checks every kernel wrapper shares: ``q [T, Hq, D]`` against the geometry and the KV source."""
+    check_tensor(q, "q", ndim=3, dtypes=SUPPORTED_DTYPES)
+    tokens, num_heads, head_dim = q.shape
+    check(head_dim in SUPPORTED_HEAD_DIMS, "head_dim",
+          f"{head_dim} not supported, expected one of {SUPPORTED_HEAD_DIMS}")
+    check(tokens == geom.num_tokens, "q", f"{tokens} tokens but geom packs {geom.num_tokens} chunk tokens")
+    check_kv(kv, geom)
+    check(kv.k.device == q.device, "k", f"on {kv.k.device}, q on {q.device}")
+    check(kv.k.dtype == q.dtype, "k", f"dtype {kv.k.dtype} != q dtype {q.dtype}")
+    check(kv.k.shape[2] == head_dim, "k", f"head_dim {kv.k.shape[2]} != q head_dim {head_dim}")
+    check(num_heads % kv.k.shape[1] == 0, "k", f"{kv.k.shape[1]} KV heads do not divide {num_heads} query heads")
 
 
 def _check_inputs(q, kv: KVSource, layout: SparseLayout, geom: BatchGeometry, out) -> None:

@@ -6,7 +6,8 @@ import torch
 
 from ..kernels.estimate import _head_slots, pool_keys, pool_queries
 from ..kernels.select import select_blocks
-from ..layout import BLOCK, BatchGeometry, KVSource, SparseLayout, check, check_tensor
+from ..checks import check
+from ..layout import BLOCK, BatchGeometry, KVSource, SparseLayout, check_tensor
 from .heads import HeadSet
 
 

@@ -12,8 +12,7 @@ from __future__ import annotations
 
 import torch
 
-from ..kernels.materialise import SENTINEL
-from ..layout import BLOCK, BatchGeometry, SparseLayout
+from ..layout import BLOCK, SENTINEL, BatchGeometry, SparseLayout
 
 
 def block_rows(geom: BatchGeometry) -> tuple[torch.Tensor, torch.Tensor]:

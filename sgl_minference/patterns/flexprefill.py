@@ -27,10 +27,11 @@ from __future__ import annotations
 
 import torch
 
+from ..checks import check
 from ..config import Estimation
 from ..kernels.estimate import lastq_scores, pool_keys
-from ..kernels.materialise import SENTINEL
-from ..layout import BLOCK, BatchGeometry, KVSource, SparseLayout, check, check_queries_and_kv
+from ..kernels.sparse_attention import check_queries_and_kv
+from ..layout import BLOCK, SENTINEL, BatchGeometry, KVSource, SparseLayout
 from ..search import recall
 from .blocks import block_candidates, keep_by_mass, layout_from_blocks, pad_last, pooled_query_blocks, select_heads
 from .convert import indices_to_layout

@@ -7,7 +7,8 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ..layout import SparseLayout, check
+from ..checks import check
+from ..layout import SparseLayout
 
 
 @dataclass(kw_only=True)

@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import torch
 
-from ..kernels.materialise import SENTINEL
-from ..layout import BLOCK, BatchGeometry, SparseLayout, check
+from ..checks import check
+from ..layout import BLOCK, SENTINEL, BatchGeometry, SparseLayout
 from .convert import indices_to_layout
 from .heads import HeadSet
 

@@ -8,9 +8,9 @@ import torch
 
 from ..config import DEFAULT_ESTIMATION as _EST  # the estimation settings' one home
 from ..kernels.estimate import LastqLaunch, lastq_sums
-from ..kernels.materialise import SENTINEL
 from ..kernels.select import dense_band_width, select_vertical_slash
-from ..layout import BatchGeometry, KVSource, SparseLayout, check
+from ..checks import check
+from ..layout import SENTINEL, BatchGeometry, KVSource, SparseLayout
 from .convert import indices_to_layout
 from .heads import HeadSet
 

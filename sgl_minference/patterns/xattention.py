@@ -27,8 +27,10 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from ..checks import check
 from ..config import Estimation
-from ..layout import BLOCK, BatchGeometry, KVSource, SparseLayout, check, check_queries_and_kv
+from ..kernels.sparse_attention import check_queries_and_kv
+from ..layout import BLOCK, BatchGeometry, KVSource, SparseLayout
 from ..registry import XATTENTION_STRIDES
 from ..search.recall import Selection, block_keys
 from .blocks import block_candidates, keep_by_mass, layout_from_blocks

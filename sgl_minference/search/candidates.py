@@ -37,8 +37,9 @@ from collections.abc import Sequence
 
 import torch
 
+from ..checks import check
 from ..config import DEFAULT_ESTIMATION, Estimation, VerticalSlashSpec
-from ..layout import BLOCK, check
+from ..layout import BLOCK
 from ..registry import PATTERNS, nominal_cost, search_candidates  # noqa: F401 (nominal_cost: the search's model)
 from .recall import Selection, lastq_scores, selection_keys
 

@@ -22,8 +22,9 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from ..checks import check
 from ..config import DEFAULT_ESTIMATION, Estimation
-from ..layout import BLOCK, check, check_tensor
+from ..layout import BLOCK, check_tensor
 from ..registry import pattern_of
 
 

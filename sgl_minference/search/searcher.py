@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import torch
 
 from ..config import DEFAULT_ESTIMATION, DenseSpec, Estimation, MInferenceConfig
-from ..layout import check
+from ..checks import check
 from .candidates import choose, fit, nominal_cost
 from .capture import LayerQK, capture_qk
 from .recall import head_recall, realise
