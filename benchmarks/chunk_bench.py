@@ -39,7 +39,8 @@ from functools import partial
 
 import torch
 
-from benchmarks.common import environment, median, parse_lengths
+from benchmarks.common import environment, parse_lengths
+from benchmarks.timing import time_ms
 from sgl_minference.backend import synthetic
 from sgl_minference.backend.attn_backend import build_layer_heads
 from sgl_minference.backend.layer_layout import layer_layout
@@ -97,25 +98,6 @@ def fa3_call(q, k, v, seq_q: int, seq_k: int, sm_scale: float):
                                                      softmax_scale=sm_scale, causal=True)
 
 
-def timed(fn, reps: int, cuda: bool) -> float:
-    """Median ms of ``reps`` calls after one untimed call (CUDA events on a GPU)."""
-    fn()
-    times = []
-    for _ in range(reps):
-        if cuda:
-            a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            a.record()
-            fn()
-            b.record()
-            b.synchronize()
-            times.append(a.elapsed_time(b))
-        else:
-            t = time.perf_counter()
-            fn()
-            times.append(1e3 * (time.perf_counter() - t))
-    return median(times)
-
-
 def chunk_inputs(data: str, *, seq_q: int, seq_k: int, hq: int, hk: int, d: int, seed: int, device: str):
     """``(q [Sq, Hq, D], k [Sk, Hk, D], v)`` bf16 on ``device`` (fp16 on a CPU, for the interpreter)."""
     from benchmarks.kernel_bench import make_inputs
@@ -156,7 +138,7 @@ def run_chunk(args, data: str, config: MInferenceConfig, seq_q: int, seq_k: int)
     rec = {"data": data, "seq_q": seq_q, "seq_k": seq_k, "layers": num_layers, "kv": args.kv}
     fa3 = fa3_call(q, k, v, seq_q, seq_k, sm_scale) if cuda else None
     if fa3 is not None:
-        rec["fa3_ms"] = timed(fa3, args.reps, cuda)
+        rec["fa3_ms"] = time_ms(fa3, args.reps, cuda=cuda)
     if plan is None:
         rec["sparse"] = False
         return rec
@@ -188,13 +170,15 @@ def run_chunk(args, data: str, config: MInferenceConfig, seq_q: int, seq_k: int)
     after = jit_cache()
     rec["compiles"] = sum(after.values()) - sum(before.values())
     rec["compiled"] = sorted(name for name in after if after[name] > before.get(name, 0))
-    rec["index_ms"] = timed(index, args.reps, cuda)
-    rec["attn_ms"] = timed(lambda: sparse_attention(q, kv, layout, plan.geom, sm_scale=sm_scale), args.reps, cuda)
+    rec["index_ms"] = time_ms(index, args.reps, cuda=cuda)
+    rec["attn_ms"] = time_ms(lambda: sparse_attention(q, kv, layout, plan.geom, sm_scale=sm_scale), args.reps,
+                             cuda=cuda)
     if args.launches:
-        rec["attn_ms_by_launch"] = {
-            "x".join(map(str, launch[:3])) + ("h" if launch.heads_first else ""): timed(lambda: sparse_attention(q, kv, layout, plan.geom, sm_scale=sm_scale,
-                                                                       launch=launch), args.reps, cuda)
-            for launch in args.launch_list}
+        def attend(launch):
+            return lambda: sparse_attention(q, kv, layout, plan.geom, sm_scale=sm_scale, launch=launch)
+
+        rec["attn_ms_by_launch"] = {"x".join(map(str, launch[:3])) + ("h" if launch.heads_first else ""):
+                                    time_ms(attend(launch), args.reps, cuda=cuda) for launch in args.launch_list}
     attended, visited = request_pairs(layout, plan.geom)
     causal = causal_pairs(seq_q, seq_k, hq)
     rec |= {"sparse": True, "attended_share": int(attended.sum()) / causal, "visited_share": int(visited.sum()) / causal}

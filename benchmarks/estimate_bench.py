@@ -29,12 +29,12 @@ from __future__ import annotations
 import argparse
 import importlib
 import json
-import statistics
 import sys
-import time
 from pathlib import Path
 
 import torch
+
+from benchmarks.timing import time_ms
 
 SCHEMA = "sgl-minference-estimate-bench/1"
 MODELS = {  # name -> (query heads, KV heads, head_dim)
@@ -47,25 +47,6 @@ MODELS = {  # name -> (query heads, KV heads, head_dim)
 # ----------------------------------------------------------------------------------------------------------
 # Timing and profiling
 # ----------------------------------------------------------------------------------------------------------
-
-
-def time_ms(fn, reps: int) -> float:
-    """Median time of ``fn()`` over ``reps`` calls after one warm-up (CUDA events; wall clock off the GPU)."""
-    fn()
-    times = []
-    for _ in range(reps):
-        if torch.cuda.is_available():
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            fn()
-            end.record()
-            end.synchronize()
-            times.append(start.elapsed_time(end))
-        else:
-            t0 = time.perf_counter()
-            fn()
-            times.append((time.perf_counter() - t0) * 1e3)
-    return float(statistics.median(times))
 
 
 def kernel_times(fn, calls: int) -> dict[str, float]:
