@@ -292,3 +292,49 @@ def test_eval_cli_with_stand_in_engine(tiny_gemma, tmp_path, monkeypatch):
     assert MInferenceConfig.load(override["config_path"]).min_context == 1000
     # (64 + 100 + 63) keys of the (n + 1) / 2 an average row has, on the one full-attention layer
     assert res["nominal_density"] == {600: pytest.approx(227 / 300.5), 1000: pytest.approx(227 / 500.5)}
+
+
+def test_eval_resumes_from_the_stored_outputs(tiny_gemma, tmp_path, monkeypatch):
+    """A run cut off mid-way generates only what is missing with --resume; other settings or no --resume start
+    afresh; the results equal an uninterrupted run's."""
+    import sys
+    import types
+
+    from sgl_minference.eval import __main__ as eval_main
+
+    monkeypatch.setitem(sys.modules, "sglang", types.SimpleNamespace(Engine=EchoEngine))
+    monkeypatch.setattr(eval_main, "gpu_problem", lambda: None)
+    out = tmp_path / "res.json"
+    argv = [str(tiny_gemma), "--quick", "--lengths", "600", "1000", "--min-context", "1000", "--no-recall",
+            "--batch", "4", "--out", str(out)]
+    generated = []
+    real_generate = EchoEngine.generate
+
+    def counting(self, **kw):
+        generated.append(len(kw["input_ids"]))
+        return real_generate(self, **kw)
+
+    monkeypatch.setattr(EchoEngine, "generate", counting)
+    full = eval_main.main(argv)
+    store = out.with_suffix(".outputs.jsonl")
+    lines = store.read_text().splitlines()
+    assert len(lines) == 2 * 18 and sum(generated) == 2 * 18  # 18 prompts per mode
+    # Cut off after 10 dense outputs (and half a line): the rerun makes the 8 + 18 missing, two engines.
+    store.write_text("\n".join(lines[:10]) + "\n" + lines[10][:20])
+    generated.clear()
+    EchoEngine.instances.clear()
+    resumed = eval_main.main(argv + ["--resume"])
+    assert sum(generated) == 8 + 18 and len(EchoEngine.instances) == 2
+    assert resumed["records"] == full["records"] and resumed["accuracy"] == full["accuracy"]
+    # Everything stored: no engine at all.
+    generated.clear()
+    EchoEngine.instances.clear()
+    again = eval_main.main(argv + ["--resume"])
+    assert generated == [] and EchoEngine.instances == [] and again["accuracy"] == full["accuracy"]
+    # Other sparse settings: the dense outputs stay, the sparse ones are made again.
+    eval_main.main(argv + ["--resume", "--budget-scale", "0.5"])
+    assert sum(generated) == 18
+    # Without --resume the file starts afresh.
+    generated.clear()
+    eval_main.main(argv)
+    assert sum(generated) == 2 * 18

@@ -29,6 +29,7 @@ from pathlib import Path
 from ..cli import fail
 from ..config import ConfigError, MInferenceConfig
 from ..cpu_torch import allow_torchvision_import
+from .checkpoint import OutputStore, digest
 from .runner import MODES, EngineSettings, engine_kwargs, evaluate, nominal_density, run_mode, scale_config
 from .tasks import DEPTHLESS, TASKS, depth_grid, make_sample, make_suite
 
@@ -60,6 +61,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--engine-args", default="{}", help="further sglang.Engine keyword arguments as JSON")
     p.add_argument("--no-recall", action="store_true", help="skip the per-layer attention recall")
     p.add_argument("--recall-length", type=int, default=None, help="recall prompt tokens (default: longest length)")
+    p.add_argument("--resume", action="store_true",
+                   help="keep the outputs an earlier run with the same settings stored beside --out (the file "
+                        "<out>.outputs.jsonl) and generate only the prompts still missing")
     p.add_argument("--out", default=None, help="results JSON (default ~/.cache/sgl_minference/eval/eval_<model>[_quick].json)")
     p.add_argument("--heatmap", default=None, help="NIAH heatmap PNG (default: the results path with .png)")
     return p.parse_args(argv)
@@ -166,18 +170,31 @@ def main(argv=None) -> dict:
             extra[key] = getattr(args, key)
     settings = EngineSettings(model_path=str(folder), sparse_overrides={"config_path": str(config_path.resolve())},
                               context_length=min(max_len, max(lengths) + HEADROOM), extra=extra)
+    common = {"model": folder.name, "context_length": settings.context_length, "extra": extra,
+              "top_logprobs": args.top_logprobs}
+    store = OutputStore(out.with_suffix(".outputs.jsonl"), {
+        mode: digest({**common, "mode": mode, **({"config": json.loads(config_path.read_text())}
+                                                   if mode == "sparse" else {})}) for mode in args.modes},
+        resume=args.resume)
     outputs, seconds = {}, {}
     import sglang
 
     for mode in args.modes:
+        todo = store.missing(mode, samples)
         t0 = time.time()
-        engine = sglang.Engine(**engine_kwargs(mode, settings))
-        try:
-            with tqdm(total=len(samples), desc=f"{mode} prompts") as bar:
-                outputs[mode] = run_mode(engine, samples, top_logprobs=args.top_logprobs, batch=args.batch,
-                                         progress=bar.update)
-        finally:
-            engine.shutdown()
+        if todo:
+            print(f"{mode}: {len(samples) - len(todo)} of {len(samples)} prompts already answered in "
+                  f"{store.path}" if len(todo) < len(samples) else f"{mode}: {len(todo)} prompts", flush=True)
+            engine = sglang.Engine(**engine_kwargs(mode, settings))
+            try:
+                with tqdm(total=len(todo), desc=f"{mode} prompts") as bar:
+                    for start in range(0, len(todo), args.batch):  # stored batch by batch: a cut-off run resumes
+                        part = todo[start: start + args.batch]
+                        store.add(mode, part, run_mode(engine, part, top_logprobs=args.top_logprobs,
+                                                       batch=args.batch, progress=bar.update))
+            finally:
+                engine.shutdown()
+        outputs[mode] = store.outputs(mode, samples)
         seconds[mode] = round(time.time() - t0, 1)
 
     results = evaluate(samples, outputs, min_context=config.min_context)
