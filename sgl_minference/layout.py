@@ -177,9 +177,9 @@ class KVSource:
 
         Always, from host metadata (no sync): ranks, dtypes (``v``'s and the index tables'; which K dtypes a kernel
         reads is the kernel's check, ``kernels.sparse_attention.check_kv``), devices (everything on ``k``'s), one
-        entry per request, and the bounds the host lengths imply: paged, ``req_to_token`` holds ``max Sk`` slots per row;
-        contiguous, request ``r``'s rows ``[kv_start_cpu[r], kv_start_cpu[r] + Sk_r)`` lie in ``k`` (without
-        host starts: ``max Sk <= rows``). In checked mode also the index contents (:meth:`check_contents`).
+        entry per request, and the bounds the host lengths imply: paged, ``req_to_token`` holds ``max Sk`` slots
+        per row; contiguous, request ``r``'s rows ``[kv_start_cpu[r], kv_start_cpu[r] + Sk_r)`` lie in ``k``
+        (without host starts: ``max Sk <= rows``). In checked mode also the index contents (:meth:`check_contents`).
         """
         check_tensor(self.k, "k", ndim=3)
         check_tensor(self.v, "v", ndim=3, dtypes=(self.k.dtype,))

@@ -33,11 +33,11 @@ from typing import Annotated, Any, Literal, Union
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator
 
 BLOCK = 64  # query rows / keys per block: sgl_minference.layout.BLOCK (that module needs torch)
-# Key positions, budgets and the kernels' position arithmetic are int32, with SENTINEL = 2**29
-# (sgl_minference/layout.py, which needs torch: the same number, not imported) as the "no entry" mark right of every position and r0 + SENTINEL within int32. So no
-# context reaches 2**29 keys, a larger budget could never be used, and a budget up to 2**29 leaves int32 headroom
-# for position + budget sums. Checked when the config is read: a larger value would overflow the int32 budget
-# tensors built at start-up, after the weights load.
+# Key positions, budgets and the kernels' position arithmetic are int32, with SENTINEL = 2**29 (layout.py; the
+# same number, not imported: that module needs torch) as the "no entry" mark right of every position and
+# r0 + SENTINEL within int32. So no context reaches 2**29 keys, a larger budget could never be used, and a budget
+# up to 2**29 leaves int32 headroom for position + budget sums. Checked when the config is read: a larger value
+# would overflow the int32 budget tensors built at start-up, after the weights load.
 MAX_BUDGET = 1 << 29
 
 

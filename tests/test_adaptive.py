@@ -417,3 +417,12 @@ def test_recall_curves_script(tiny_gemma, tmp_path):
         assert len(pts) == 2 and all(0 < p["recall"] <= 1 + 1e-6 and 0 < p["density"] <= 1 + 1e-6 for p in pts), pat
     for pat in ("xattention", "flexprefill"):  # a larger share keeps more
         assert res["curves"][pat][1]["density"] >= res["curves"][pat][0]["density"]
+
+
+def test_the_share_fit_bisects_to_the_budget():
+    from sgl_minference.patterns.share_fit import MIN_SHARE, largest_share_within
+
+    assert largest_share_within(lambda s: 10 * s, 20, steps=5) == 1.0  # the whole mass fits
+    assert largest_share_within(lambda s: 10.0, 5, steps=5) == MIN_SHARE  # nothing fits: the floor
+    got = largest_share_within(lambda s: 100 * s, 30, steps=30)
+    assert 100 * got <= 30 < 100 * (got + 1e-6)

@@ -229,6 +229,7 @@ class MInferenceAttnBackend(AttentionBackend):
 
     @property
     def verify_mask(self):
+        """The dense backend's (speculative decoding's draft stage fills it)."""
         return self.dense.verify_mask
 
     def forward_mixed(self, q, k, v, layer, forward_batch, save_kv_cache: bool = True):

@@ -16,8 +16,8 @@ from dataclasses import dataclass
 
 import torch
 
-from ..config import MInferenceConfig
 from ..checks import check
+from ..config import MInferenceConfig
 from ..layout import BLOCK, BatchGeometry, KVSource, SparseLayout, check_tensor
 from ..patterns import HeadSet, build_dense
 from ..registry import group_key, head_budgets

@@ -36,9 +36,9 @@ from ..search import recall
 from .blocks import block_candidates, keep_by_mass, layout_from_blocks, pad_last, pooled_query_blocks, select_heads
 from .convert import indices_to_layout
 from .heads import HeadSet
+from .share_fit import largest_share_within
 
 VS_CAP = 8192  # columns (and diagonals) the vertical-slash branch can keep per head: the layout's capacity
-MIN_SHARE = 1e-4  # the smallest gamma the search's fit tries
 
 
 def js_distance(p: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
@@ -170,17 +170,12 @@ def realise_flexprefill(spec, q: torch.Tensor, k: torch.Tensor, *, sm_scale: flo
 
 def fit_flexprefill(spec, q: torch.Tensor, k: torch.Tensor, budget: int, *, sm_scale: float, est: Estimation,
                     softcap: float | None, row_block: int, skip_rows: int):
-    """``spec`` with the largest ``gamma`` (bisected, at least ``MIN_SHARE``) whose selection on this head costs at
-    most ``budget`` keys per row over rows ``skip_rows .. n-1``; the branch and the scores are computed once."""
+    """``spec`` with the largest ``gamma`` (bisected, at least ``share_fit.MIN_SHARE``) whose selection on this
+    head costs at most ``budget`` keys per row over rows ``skip_rows .. n-1``; the branch and the scores are
+    computed once."""
     inputs = _head_inputs(q, k, sm_scale, est, softcap)
 
     def keys(gamma: float) -> float:
         return recall.selection_keys(_selection(spec, inputs, gamma, est), row_block=row_block, skip_rows=skip_rows)
 
-    lo, hi = MIN_SHARE, 1.0
-    if keys(hi) <= budget:
-        return spec.model_copy(update={"gamma": hi})
-    for _ in range(14):  # invariant: keys(hi) > budget; lo is the best gamma found within the budget (or the floor)
-        mid = (lo + hi) / 2
-        lo, hi = (mid, hi) if keys(mid) <= budget else (lo, mid)
-    return spec.model_copy(update={"gamma": lo})
+    return spec.model_copy(update={"gamma": largest_share_within(keys, budget, steps=14)})

@@ -6,10 +6,10 @@ import logging
 
 import torch
 
+from ..checks import check
 from ..config import DEFAULT_ESTIMATION as _EST  # the estimation settings' one home
 from ..kernels.estimate import LastqLaunch, lastq_sums
 from ..kernels.select import dense_band_width, select_vertical_slash
-from ..checks import check
 from ..layout import SENTINEL, BatchGeometry, KVSource, SparseLayout
 from .convert import indices_to_layout
 from .heads import HeadSet

@@ -35,9 +35,9 @@ from ..registry import XATTENTION_STRIDES
 from ..search.recall import Selection, block_keys
 from .blocks import block_candidates, keep_by_mass, layout_from_blocks
 from .heads import HeadSet
+from .share_fit import largest_share_within
 
 SCORE_ELEMENTS = 1 << 27  # strided logits per chunk: 512 MiB in fp32 (the softmax makes one more of them)
-MIN_SHARE = 1e-4  # the smallest threshold the search's fit tries (keeps only the forced blocks and the top one)
 
 
 def forced_blocks(diagonal: torch.Tensor) -> torch.Tensor:
@@ -166,8 +166,8 @@ def realise_xattention(spec, q: torch.Tensor, k: torch.Tensor, *, sm_scale: floa
 
 def fit_xattention(spec, q: torch.Tensor, k: torch.Tensor, budget: int, *, sm_scale: float, est: Estimation,
                    softcap: float | None, row_block: int, skip_rows: int):
-    """``spec`` with the largest threshold (bisected, at least ``MIN_SHARE``) whose kept blocks on this head cost at
-    most ``budget`` keys per row over rows ``skip_rows .. n-1``; scores computed once."""
+    """``spec`` with the largest threshold (bisected, at least ``share_fit.MIN_SHARE``) whose kept blocks on this
+    head cost at most ``budget`` keys per row over rows ``skip_rows .. n-1``; scores computed once."""
     mass, candidate, forced = _head_mass(spec, q, k, sm_scale)
     n = q.shape[0]
 
@@ -175,10 +175,4 @@ def fit_xattention(spec, q: torch.Tensor, k: torch.Tensor, budget: int, *, sm_sc
         keep = keep_by_mass(mass, candidate, torch.tensor([share], device=q.device), forced=forced)
         return block_keys(keep[:, 0], n, skip_rows)
 
-    lo, hi = MIN_SHARE, 1.0
-    if keys(hi) <= budget:
-        return spec.model_copy(update={"threshold": hi})
-    for _ in range(20):  # invariant: keys(hi) > budget; lo is the best share found within the budget (or the floor)
-        mid = (lo + hi) / 2
-        lo, hi = (mid, hi) if keys(mid) <= budget else (lo, mid)
-    return spec.model_copy(update={"threshold": lo})
+    return spec.model_copy(update={"threshold": largest_share_within(keys, budget, steps=20)})

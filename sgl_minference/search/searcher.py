@@ -13,8 +13,8 @@ from dataclasses import dataclass
 
 import torch
 
-from ..config import DEFAULT_ESTIMATION, DenseSpec, Estimation, MInferenceConfig
 from ..checks import check
+from ..config import DEFAULT_ESTIMATION, DenseSpec, Estimation, MInferenceConfig
 from .candidates import choose, fit, nominal_cost
 from .capture import LayerQK, capture_qk
 from .recall import head_recall, realise
