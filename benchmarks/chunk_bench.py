@@ -3,7 +3,7 @@
 Why: an end-to-end TTFT mixes the linear layers, SGLang's scheduling, first-use compiles and the attention
 path; this isolates what ``minference`` changes. For a prompt of ``--length`` tokens cut into ``--chunk``-token
 chunks it runs, for every chunk whose context reaches ``min_context``, exactly what the backend runs per layer:
-``planner.layer_layout`` (or the synthetic structure hook) on the *paged* KV source (``req_to_token``, page size
+``layer_layout.layer_layout`` (or the synthetic structure hook) on the *paged* KV source (``req_to_token``, page size
 1, the pool's slot layout) and ``sparse_attention``, against FA3 on the same chunk (the dense baseline
 SGLang uses on Hopper). Per chunk it records:
 
