@@ -405,6 +405,8 @@ def test_e2e_worker_records(tmp_path, monkeypatch, crash_at):
 
     monkeypatch.setitem(sys.modules, "sglang", types.SimpleNamespace(Engine=FakeEngine))
     monkeypatch.setenv("SGLANG_ALLOW_OVERWRITE_LONGER_CONTEXT_LEN", "1")  # restored afterwards
+    for name in ("SGL_MINFERENCE_STATS", "SGL_MINFERENCE_SYNTHETIC"):
+        monkeypatch.setenv(name, "")  # the worker sets them: restored (unset) after the test, not leaked
     monkeypatch.setattr(e2e_ttft, "GpuMemoryMonitor", FakeMonitor)
     monkeypatch.setattr(FakeEngine, "crash_at", crash_at)
     monkeypatch.setattr(FakeEngine, "prompts", [])

@@ -1,6 +1,7 @@
 """benchmarks/chunk_bench.py on the CPU (interpreter, the tiny shapes): the records and the summary it writes."""
 
 import json
+import os
 import subprocess
 import sys
 
@@ -43,6 +44,8 @@ def test_other_patterns_through_config(tmp_path):
                                  ["--config", '{"default": {"type": "a_shape", "sink": 1, "local": 1}}',
                                   "--data", "fixed"]])
 def test_bad_arguments_are_one_line_errors(bad):
+    # Without the package's SGL_* variables (another test may leave one set): SGLang warns about SGL_* names.
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SGL_")}
     proc = subprocess.run([sys.executable, "-m", "benchmarks.chunk_bench", "--model", "tiny", "--device", "cpu",
-                           *bad], capture_output=True, text=True, timeout=120)
+                           *bad], capture_output=True, text=True, timeout=120, env=env)
     assert proc.returncode == 2 and len(proc.stderr.strip().splitlines()) == 1, proc.stderr
