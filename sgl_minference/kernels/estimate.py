@@ -62,10 +62,10 @@ def _lastq_setup(Q, KvStart, PoolIdx, CuQ, SeqK, QHead, KvHead, Slots, stride_qt
 
 
 @triton.jit
-def _key_tile_dot(q, K, ReqToToken, key_base, kvh, j, sk, stride_kt, stride_kh,
-                  HEAD_DIM: tl.constexpr, PAGED: tl.constexpr, MASKED: tl.constexpr):
-    """Raw scores ``q @ k^T`` of the stacked rows against key positions ``j`` ([BLOCK] int32): one K tile load,
-    one dot. With ``MASKED`` keys outside ``[0, sk)`` are not read (their scores are 0: the caller masks them)."""
+def _key_tile(K, ReqToToken, key_base, kvh, j, sk, stride_kt, stride_kh,
+              HEAD_DIM: tl.constexpr, PAGED: tl.constexpr, MASKED: tl.constexpr):
+    """The K tile ``[BLOCK, HEAD_DIM]`` of key positions ``j`` ([BLOCK] int32), contiguous or through the pool's
+    table. With ``MASKED`` keys outside ``[0, sk)`` are not read (they load as 0: the caller masks their scores)."""
     offs_d = tl.arange(0, HEAD_DIM)
     if MASKED:
         kmask = (j >= 0) & (j < sk)
@@ -76,10 +76,16 @@ def _key_tile_dot(q, K, ReqToToken, key_base, kvh, j, sk, stride_kt, stride_kh,
         rows = key_base + j
     ptrs = K + rows[:, None] * stride_kt + kvh * stride_kh + offs_d[None, :]
     if MASKED:
-        k = tl.load(ptrs, mask=kmask[:, None], other=0.0)
-    else:
-        k = tl.load(ptrs)
-    return tl.dot(q, tl.trans(k))
+        return tl.load(ptrs, mask=kmask[:, None], other=0.0)
+    return tl.load(ptrs)
+
+
+@triton.jit
+def _key_tile_dot(q, K, ReqToToken, key_base, kvh, j, sk, stride_kt, stride_kh,
+                  HEAD_DIM: tl.constexpr, PAGED: tl.constexpr, MASKED: tl.constexpr):
+    """Raw scores ``q @ k^T`` of the stacked rows against key positions ``j``: one K tile load, one dot."""
+    return tl.dot(q, tl.trans(_key_tile(K, ReqToToken, key_base, kvh, j, sk, stride_kt, stride_kh, HEAD_DIM, PAGED,
+                                        MASKED)))
 
 
 @triton.jit
@@ -171,21 +177,7 @@ def _scores_tile(qt, pos, lse, skew, lower, K, ReqToToken, key_base, kvh, u, p0,
     ``[64, HEADS]``: column sums, diagonal-tile-``u`` sums, diagonal-tile-``u - 1`` sums.
     """
     j = p0 - BLOCK * u + tl.arange(0, BLOCK)
-    offs_d = tl.arange(0, HEAD_DIM)
-    if MASKED:
-        kmask = (j >= 0) & (j < sk)
-        jj = tl.where(kmask, j, 0)
-    else:
-        jj = j
-    if PAGED:
-        rows = tl.load(ReqToToken + key_base + jj).to(tl.int64)
-    else:
-        rows = key_base + jj
-    ptrs = K + rows[:, None] * stride_kt + kvh * stride_kh + offs_d[None, :]
-    if MASKED:
-        k = tl.load(ptrs, mask=kmask[:, None], other=0.0)
-    else:
-        k = tl.load(ptrs)
+    k = _key_tile(K, ReqToToken, key_base, kvh, j, sk, stride_kt, stride_kh, HEAD_DIM, PAGED, MASKED)
     p = tl.exp2(tl.dot(k, qt) * qk_scale - lse[None, :])  # [64 keys, 64 * HEADS rows]
     if MASKED:
         p = tl.where((j[:, None] >= 0) & (j[:, None] <= pos[None, :]), p, 0.0)

@@ -145,15 +145,26 @@ def _vs_plan(scratch, other, budget):
     return nan, need, thresh, ties
 
 
-@triton.jit(do_not_specialize=_VS_SHAPES)
-def _vs_count_kernel(Scores, Scratch, Counts, SeqK, Vertical, Slash, stride_pair, stride_b, stride_h, num_heads,
-                     num_rows, forced_sink, forced_local, chunk, BLOCK: tl.constexpr):
-    """Keys above the threshold and keys equal to it in this share: ``Counts[pair, row, share] = (above, equal)``."""
+@triton.jit
+def _vs_planned_row(Scores, Scratch, SeqK, Vertical, Slash, stride_pair, stride_b, stride_h, num_heads, num_rows,
+                    forced_sink, forced_local):
+    """:func:`_vs_row` and :func:`_vs_plan` of this program's row, for the passes after the 4 digit levels:
+    ``(row, pair, sk, forced, scores, nan, need, thresh, ties)``."""
     row, pair, sk, budget, forced, scores, scratch = _vs_row(
         Scores, Scratch, SeqK, Vertical, Slash, stride_pair, stride_b, stride_h, num_heads, num_rows, forced_sink,
         forced_local)
     other = Scratch + ((1 - pair) * num_rows + row).to(tl.int64) * (4 * BINS + 1)
     nan, need, thresh, ties = _vs_plan(scratch, other, budget)
+    return row, pair, sk, forced, scores, nan, need, thresh, ties
+
+
+@triton.jit(do_not_specialize=_VS_SHAPES)
+def _vs_count_kernel(Scores, Scratch, Counts, SeqK, Vertical, Slash, stride_pair, stride_b, stride_h, num_heads,
+                     num_rows, forced_sink, forced_local, chunk, BLOCK: tl.constexpr):
+    """Keys above the threshold and keys equal to it in this share: ``Counts[pair, row, share] = (above, equal)``."""
+    row, pair, sk, forced, scores, nan, need, thresh, ties = _vs_planned_row(
+        Scores, Scratch, SeqK, Vertical, Slash, stride_pair, stride_b, stride_h, num_heads, num_rows, forced_sink,
+        forced_local)
     p = tl.program_id(1)
     start = p * chunk
     end = tl.minimum(start + chunk, sk)
@@ -176,11 +187,9 @@ def _vs_write_kernel(Scores, Scratch, Counts, SeqK, Vertical, Slash, Columns, Of
                      SHARES_P: tl.constexpr):
     """Write the kept positions: columns ascending (pair 0), diagonal offsets descending (pair 1); unused entries
     ``sentinel`` / -1. A (row, head) with a NaN keeps no column and every diagonal (dense), and is counted."""
-    row, pair, sk, budget, forced, scores, scratch = _vs_row(
+    row, pair, sk, forced, scores, nan, need, thresh, ties = _vs_planned_row(
         Scores, Scratch, SeqK, Vertical, Slash, stride_pair, stride_b, stride_h, num_heads, num_rows, forced_sink,
         forced_local)
-    other = Scratch + ((1 - pair) * num_rows + row).to(tl.int64) * (4 * BINS + 1)
-    nan, need, thresh, ties = _vs_plan(scratch, other, budget)
     p = tl.program_id(1)
     shares = tl.num_programs(1)
     width = tl.where(pair == 0, width_cols, width_offs)
