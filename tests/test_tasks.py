@@ -9,6 +9,7 @@ from collections import Counter
 
 import pytest
 
+from sgl_minference import plugin
 from sgl_minference.eval import scoring, tasks
 from test_search import tiny_gemma  # noqa: F401  (fixture: a random 3-layer Gemma-3 model folder)
 
@@ -126,8 +127,9 @@ def test_suite_cells(tok):
     suite = tasks.make_suite(tok, tasks=["passkey", "common_words"], lengths=[800, 1200],
                              depths=tasks.depth_grid(3), samples=2, seed=0)
     cells = Counter((s.task, s.length, s.depth) for s in suite)
-    assert cells[("passkey", 800, 0.5)] == 2 and cells[("common_words", 1200, None)] == 2
-    assert len(suite) == 2 * (2 * 3 + 2)
+    assert cells[("passkey", 800, 0.5)] == 2 and cells[("common_words", 1200, None)] == 2 * 3  # as many per length
+    assert len(suite) == 2 * (2 * 3 + 2 * 3)
+    assert len({tuple(s.input_ids) for s in suite if s.task == "common_words" and s.length == 800}) == 6  # distinct
     assert tasks.depth_grid(5) == [0.0, 0.25, 0.5, 0.75, 1.0]
 
 
@@ -185,7 +187,7 @@ class EchoEngine:
         from transformers import AutoTokenizer
 
         self.tok = AutoTokenizer.from_pretrained(model_path)
-        self.dense = attention_backend == "flashinfer"
+        self.dense = attention_backend != "minference"
         self.kwargs = {"attention_backend": attention_backend, **kwargs}
         EchoEngine.instances.append(self)
 
@@ -204,9 +206,9 @@ def test_engine_kwargs():
     from sgl_minference.eval.runner import EngineSettings, engine_kwargs
 
     settings = EngineSettings(model_path="/m", sparse_overrides={"config_path": "/c.json"}, context_length=4096,
-                              extra={"mem_fraction_static": 0.5})
+                              dense_backend="fa3", extra={"mem_fraction_static": 0.5})
     dense, sparse = engine_kwargs("dense", settings), engine_kwargs("sparse", settings)
-    assert dense["attention_backend"] == "flashinfer" and "json_model_override_args" not in dense
+    assert dense["attention_backend"] == "fa3" and "json_model_override_args" not in dense
     assert sparse["attention_backend"] == "minference" and dense["disable_radix_cache"]
     assert json.loads(sparse["json_model_override_args"]) == {"minference": {"config_path": "/c.json"}}
     assert sparse["mem_fraction_static"] == 0.5 and sparse["context_length"] == 4096
@@ -238,7 +240,7 @@ def test_evaluate_tables(tok):
     dense.tok, dense.dense, sparse.tok, sparse.dense = tok, True, tok, False
     calls = []
     outs = {"dense": run_mode(dense, suite, batch=4, progress=calls.append), "sparse": run_mode(sparse, suite)}
-    assert calls == [4, 2] and outs["dense"][0]["top"] == [(math.log(0.6), 5), (math.log(0.3), 6)]
+    assert calls == [4, 4] and outs["dense"][0]["top"] == [(math.log(0.6), 5), (math.log(0.3), 6)]
     res = evaluate(suite, outs, min_context=800)
     assert res["accuracy"]["dense"] == {"common_words": {600: 1.0, 900: 1.0}, "passkey": {600: 1.0, 900: 1.0}}
     assert res["accuracy"]["sparse"]["passkey"] == {600: 0.0, 900: 0.0}
@@ -273,6 +275,7 @@ def test_eval_cli_with_stand_in_engine(tiny_gemma, tmp_path, monkeypatch):
 
     monkeypatch.setitem(sys.modules, "sglang", types.SimpleNamespace(Engine=EchoEngine))
     monkeypatch.setattr(eval_main, "gpu_problem", lambda: None)  # the stand-in engine needs no GPU
+    monkeypatch.setattr(plugin, "resolve_dense_backend", lambda name: {"auto": "fa3"}.get(name, name))
     EchoEngine.instances.clear()
     cfg_path = tmp_path / "searched.json"
     MInferenceConfig(heads={2: {h: VerticalSlashSpec(vertical=100, slash=200) for h in range(4)}}).save(cfg_path)
@@ -287,6 +290,7 @@ def test_eval_cli_with_stand_in_engine(tiny_gemma, tmp_path, monkeypatch):
     assert set(saved["attention_recall"]["per_layer"]) == {"2"}  # only the full-attention layer
     assert 0.0 < saved["attention_recall"]["per_layer"]["2"] <= 1.0 + 1e-6
     assert out.with_suffix(".png").is_file() and out.with_suffix(".sparse_config.json").is_file()
+    assert EchoEngine.instances[0].kwargs["attention_backend"] == saved["dense_backend"] == "fa3"  # minference's own
     sparse_engine = EchoEngine.instances[1]
     override = json.loads(sparse_engine.kwargs["json_model_override_args"])["minference"]
     assert MInferenceConfig.load(override["config_path"]).min_context == 1000
@@ -304,6 +308,7 @@ def test_eval_resumes_from_the_stored_outputs(tiny_gemma, tmp_path, monkeypatch)
 
     monkeypatch.setitem(sys.modules, "sglang", types.SimpleNamespace(Engine=EchoEngine))
     monkeypatch.setattr(eval_main, "gpu_problem", lambda: None)
+    monkeypatch.setattr(plugin, "resolve_dense_backend", lambda name: {"auto": "fa3"}.get(name, name))
     out = tmp_path / "res.json"
     argv = [str(tiny_gemma), "--quick", "--lengths", "600", "1000", "--min-context", "1000", "--no-recall",
             "--batch", "4", "--out", str(out)]

@@ -1,7 +1,8 @@
 """``python -m sgl_minference.eval MODEL --config CONFIG.json``: dense vs sparse accuracy on RULER-style tasks.
 
 Generates the task suite offline (exact token lengths, needle depths spread 0-100%), runs it through SGLang's
-Engine twice (``flashinfer`` dense, then ``minference`` sparse with CONFIG), greedy, and writes one results JSON:
+Engine twice (dense on the backend ``minference`` delegates to, fa3 on Hopper else flashinfer; then ``minference``
+sparse with CONFIG), greedy, and writes one results JSON:
 accuracy per task x length for each mode, next-token KL(dense || sparse) from top log-probabilities, agreement
 rates, the nominal density per length, and the attention recall per full-attention layer of the sparse config
 (measured with transformers on a fresh key-value prompt). Also a NIAH heatmap PNG (length x depth, dense and
@@ -51,13 +52,18 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--lengths", nargs="+", type=int, default=None,
                    help="prompt tokens (default: powers of two from 4K to the model's maximum)")
     p.add_argument("--depths", type=int, default=None, help="needle depths spread over 0..1 (default 5, quick 3)")
-    p.add_argument("--samples", type=int, default=None, help="prompts per cell (default 2, quick 1)")
+    p.add_argument("--samples", type=int, default=None,
+                   help="prompts per task x length x depth (default 2, quick 1); a depthless task gets samples x "
+                        "depths prompts per length, so every task x length cell has the same count")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--modes", nargs="+", choices=MODES, default=list(MODES))
     p.add_argument("--top-logprobs", type=int, default=20)
     p.add_argument("--batch", type=int, default=16, help="prompts per Engine.generate call")
     p.add_argument("--mem-fraction-static", type=float, default=None)
     p.add_argument("--chunked-prefill-size", type=int, default=None)
+    p.add_argument("--dense-backend", default=None,
+                   help="the dense mode's SGLang attention backend (default: the one minference delegates to, "
+                        "from the config's dense_backend: fa3 on Hopper, else flashinfer)")
     p.add_argument("--engine-args", default="{}", help="further sglang.Engine keyword arguments as JSON")
     p.add_argument("--no-recall", action="store_true", help="skip the per-layer attention recall")
     p.add_argument("--recall-length", type=int, default=None, help="recall prompt tokens (default: longest length)")
@@ -168,13 +174,18 @@ def main(argv=None) -> dict:
     for key in ("mem_fraction_static", "chunked_prefill_size"):
         if getattr(args, key) is not None:
             extra[key] = getattr(args, key)
+    from ..plugin import resolve_dense_backend
+
     settings = EngineSettings(model_path=str(folder), sparse_overrides={"config_path": str(config_path.resolve())},
-                              context_length=min(max_len, max(lengths) + HEADROOM), extra=extra)
+                              context_length=min(max_len, max(lengths) + HEADROOM),
+                              dense_backend=args.dense_backend or resolve_dense_backend(config.dense_backend),
+                              extra=extra)
     common = {"model": folder.name, "context_length": settings.context_length, "extra": extra,
               "top_logprobs": args.top_logprobs}
     store = OutputStore(out.with_suffix(".outputs.jsonl"), {
         mode: digest({**common, "mode": mode, **({"config": json.loads(config_path.read_text())}
-                                                   if mode == "sparse" else {})}) for mode in args.modes},
+                                                   if mode == "sparse" else {"backend": settings.dense_backend})})
+        for mode in args.modes},
         resume=args.resume)
     outputs, seconds = {}, {}
     import sglang
@@ -205,7 +216,7 @@ def main(argv=None) -> dict:
         "command": "python -m sgl_minference.eval " + " ".join(argv if argv is not None else sys.argv[1:]),
         "model": str(args.model), "model_folder": folder.name, "host": platform.node(), "versions": versions(),
         "tasks": tasks, "lengths": lengths, "depths": depths, "depthless_tasks": sorted(DEPTHLESS & set(tasks)),
-        "seconds": seconds, "config_source": args.config, "budget_scale": args.budget_scale,
+        "seconds": seconds, "dense_backend": settings.dense_backend, "config_source": args.config, "budget_scale": args.budget_scale,
         "config": json.loads(config_path.read_text()),
         "nominal_density": {n: nominal_density(config, n, layers, text_cfg.num_attention_heads) for n in lengths},
     })

@@ -1,8 +1,10 @@
 """Dense vs sparse runs of the task suite through SGLang's offline ``Engine``, and the results they make.
 
 Both modes get the same prompts as token ids, greedy decoding, and the first generated position's top-k
-log-probabilities (for the next-token KL). The dense mode runs ``attention_backend="flashinfer"``, the sparse
-mode ``"minference"`` with the config passed through ``json_model_override_args``. The radix cache is off, so
+log-probabilities (for the next-token KL). The dense mode runs the dense backend that ``minference`` itself
+delegates to (``EngineSettings.dense_backend``: fa3 on Hopper, else flashinfer, as the plugin resolves the
+config's ``dense_backend``), so the two modes differ only by the sparse path; the sparse mode runs
+``"minference"`` with the config passed through ``json_model_override_args``. The radix cache is off, so
 every prompt is prefilled whole in both modes (chunked prefill stays as configured).
 """
 
@@ -29,6 +31,7 @@ class EngineSettings:
     model_path: str
     sparse_overrides: dict  # the "minference" object of --json-model-override-args
     context_length: int  # engine context: longest prompt + its new tokens
+    dense_backend: str  # the dense mode's attention backend: the one minference delegates to
     extra: dict = field(default_factory=dict)  # further sglang.Engine keyword arguments
 
 
@@ -38,7 +41,7 @@ def engine_kwargs(mode: str, settings: EngineSettings) -> dict:
     kwargs = dict(model_path=settings.model_path, context_length=settings.context_length,
                   disable_radix_cache=True, log_level="error", **settings.extra)
     if mode == "dense":
-        kwargs["attention_backend"] = "flashinfer"
+        kwargs["attention_backend"] = settings.dense_backend
     else:
         kwargs["attention_backend"] = "minference"
         kwargs["json_model_override_args"] = json.dumps({"minference": settings.sparse_overrides})

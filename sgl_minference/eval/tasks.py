@@ -366,13 +366,15 @@ def make_sample(task: str, tokenizer_or_encoder, *, length: int, depth: float | 
 
 def make_suite(tokenizer, *, tasks: Sequence[str], lengths: Sequence[int], depths: Sequence[float],
                samples: int = 1, seed: int = 0) -> list[Sample]:
-    """Every (task, length, depth, sample) cell; a depthless task gets ``samples`` prompts per length."""
+    """Every (task, length, depth, sample) cell; a depthless task gets ``samples * len(depths)`` prompts per
+    length (seeds ``seed ..``), so every task x length cell is scored on the same number of prompts."""
     enc = PieceEncoder(tokenizer)
     out = []
     for task in tasks:
         for length in lengths:
-            for depth in ([None] if task in DEPTHLESS else depths):
-                out.extend(make_sample(task, enc, length=length, depth=depth, seed=seed + s) for s in range(samples))
+            cells = [(None, samples * len(depths))] if task in DEPTHLESS else [(d, samples) for d in depths]
+            for depth, count in cells:
+                out.extend(make_sample(task, enc, length=length, depth=depth, seed=seed + s) for s in range(count))
     return out
 
 
