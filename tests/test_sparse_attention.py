@@ -14,7 +14,7 @@ from conftest import DEVICE, INTERPRET, make_geometry, make_qkv, paged_kv, requi
 
 from sgl_minference.kernels.sparse_attention import AttentionLaunch, sparse_attention
 from sgl_minference.layout import BLOCK, BatchGeometry, KVSource, SparseLayout
-from sgl_minference.reference import causal_masks, dense_attention, full_layout, masked_attention
+from sgl_minference.testing import causal_masks, dense_attention, full_layout, masked_attention
 
 # (o atol/rtol, lse atol); fp32 on a GPU goes through tf32 tensor cores.
 TOLERANCES = {
@@ -161,8 +161,9 @@ def test_full_layout_split_follows_invariants():
             is_full = end[b] - start[b] == BLOCK and start[b] >= 0 and end[b] - 1 <= first[qb]
             assert is_full == (b < nf), (qb, b, start[b], end[b])
         assert start[:nf] == sorted(start[:nf]) and start[nf:] == sorted(start[nf:])
-    # the single query at position 64 is covered by one unmasked range [1, 65) and the partial [-63, 1)
-    assert layout.block_start[-1, 0, :2].tolist() == [1, -63] and int(layout.full_count[-1, 0]) == 1
+    # the single query at position 64 (keys 0..64) is covered by two partial ranges, [0, 20) and [20, 84): the
+    # dense builder's 64-key diagonal tiles, laid out for the batch's longest context (237 keys)
+    assert layout.block_start[-1, 0, :2].tolist() == [0, 20] and int(layout.full_count[-1, 0]) == 0
 
 
 @pytest.mark.parametrize("dtype", INTERPRETER_DTYPES, ids=str)

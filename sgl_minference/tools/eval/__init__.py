@@ -1,2 +1,2 @@
-"""Accuracy evaluation: RULER-style synthetic tasks (``tasks``), their scoring (``scoring``) and the dense vs
-sparse SGLang runner (``python -m sgl_minference.eval``)."""
+"""Accuracy evaluation: scoring of the synthetic tasks (``scoring``, tasks in ``sgl_minference.tools.prompts``)
+and the dense vs sparse SGLang runner (``python -m sgl_minference.tools.eval``)."""
