@@ -1,8 +1,11 @@
-"""Test references (the tests and the benchmark checks import them; the serving core never does): exact masked
-attention in plain torch, and dense causal attention as a ``SparseLayout``.
+"""Test references (only the tests import them; the serving core never does): exact masked attention in plain
+torch, and dense causal attention as a ``SparseLayout``.
 
 ``masked_attention(q, kv, geom, layout.to_dense(geom))`` is the oracle every kernel test compares against;
-``full_layout`` is the core's dense layout for a head count, so the sparse kernel can stand in for dense attention.
+``full_layout`` expresses dense causal attention as a ``SparseLayout`` so the sparse kernel can stand in for it.
+It is built here in plain torch, on purpose not by the core's dense builder (``patterns.build_dense``, which goes
+through the conversion kernel and tiles keys differently): the kernel tests then do not depend on the conversion
+kernel, and the broken-layout tests corrupt its known entries.
 """
 
 from __future__ import annotations
@@ -10,8 +13,7 @@ from __future__ import annotations
 import torch
 
 from sgl_minference.checks import check
-from sgl_minference.layout import BatchGeometry, KVSource, SparseLayout
-from sgl_minference.patterns import HeadSet, build_dense
+from sgl_minference.layout import BLOCK, BatchGeometry, KVSource, SparseLayout
 
 
 def causal_masks(geom: BatchGeometry, num_heads: int) -> list[torch.Tensor]:
@@ -66,8 +68,43 @@ def dense_attention(q: torch.Tensor, kv: KVSource, geom: BatchGeometry, *,
 
 
 def full_layout(geom: BatchGeometry, num_heads: int, device) -> SparseLayout:
-    """The layout that visits every causal key for ``num_heads`` heads on ``device``: the serving core's dense
-    builder (:func:`~sgl_minference.patterns.build_dense`), so the sparse kernel can stand in for dense
-    attention."""
-    return build_dense(geom, HeadSet.build(list(range(num_heads)), num_q_heads=num_heads, num_kv_heads=num_heads,
-                                           device=device))
+    """The layout that visits every causal key: dense causal attention through the sparse kernel.
+
+    Each query block's keys ``[0, p_last]`` (``p_last`` the position of its last row) are tiled by 64-wide
+    ranges aligned to end at ``p_last + 1``; the leftmost may start below 0. A range is full when it lies
+    entirely left of the block's first row, else partial (at most the diagonal one and the leftmost one).
+    Vectorised on ``device``; the range capacity comes from host lengths. ``num_heads`` copies of it,
+    no columns (``col_index`` is ``[NQB, Hq, 0]``).
+    """
+    qb_request = geom.qb_request.to(device).long()
+    cu = geom.cu_seqlens_q.to(device).long()
+    seq_q = (cu[1:] - cu[:-1])[qb_request]
+    row = geom.qb_row.to(device).long()
+    first = geom.prefix_lens.to(device).long()[qb_request] + row  # [NQB] position of the block's first row
+    last = first + torch.clamp(seq_q - row, max=BLOCK) - 1  # [NQB] position of its last valid row
+    max_ranges = -(-geom.max_seqlen_k // BLOCK)
+    k = torch.arange(max_ranges, device=device)
+    end = last[:, None] + 1 - BLOCK * k[None, :]  # [NQB, MAXB] descending from the diagonal
+    start = end - BLOCK
+    exists = end > 0
+    full = exists & (start >= 0) & (end - 1 <= first[:, None])
+    # Order: full ranges ascending, then partial ranges ascending, then unused slots.
+    big = geom.max_seqlen_k + 2 * BLOCK
+    key = torch.where(full, start, start + big)
+    key = torch.where(exists, key, 3 * big)
+    order = torch.argsort(key, dim=1)
+    start = torch.gather(start, 1, order)
+    end = torch.gather(end, 1, order)
+    nqb = geom.num_query_blocks
+
+    def per_head(t: torch.Tensor) -> torch.Tensor:
+        return t.to(torch.int32).unsqueeze(1).expand(nqb, num_heads, *t.shape[1:]).contiguous()
+
+    return SparseLayout(
+        block_start=per_head(start),
+        block_end=per_head(end),
+        block_count=per_head(exists.sum(1)),
+        full_count=per_head(full.sum(1)),
+        col_index=torch.zeros(nqb, num_heads, 0, dtype=torch.int32, device=device),
+        col_count=torch.zeros(nqb, num_heads, dtype=torch.int32, device=device),
+    )

@@ -161,9 +161,8 @@ def test_full_layout_split_follows_invariants():
             is_full = end[b] - start[b] == BLOCK and start[b] >= 0 and end[b] - 1 <= first[qb]
             assert is_full == (b < nf), (qb, b, start[b], end[b])
         assert start[:nf] == sorted(start[:nf]) and start[nf:] == sorted(start[nf:])
-    # the single query at position 64 (keys 0..64) is covered by two partial ranges, [0, 20) and [20, 84): the
-    # dense builder's 64-key diagonal tiles, laid out for the batch's longest context (237 keys)
-    assert layout.block_start[-1, 0, :2].tolist() == [0, 20] and int(layout.full_count[-1, 0]) == 0
+    # the single query at position 64 is covered by one unmasked range [1, 65) and the partial [-63, 1)
+    assert layout.block_start[-1, 0, :2].tolist() == [1, -63] and int(layout.full_count[-1, 0]) == 1
 
 
 @pytest.mark.parametrize("dtype", INTERPRETER_DTYPES, ids=str)
