@@ -45,12 +45,12 @@ from sgl_minference.backend import synthetic
 from sgl_minference.backend.attn_backend import build_layer_heads
 from sgl_minference.backend.layer_layout import layer_layout
 from sgl_minference.backend.planner import plan_batch
-from sgl_minference.backend.stats import causal_pairs, request_pairs
+from sgl_minference.backend.stats import request_pairs
 from sgl_minference.cli import fail
 from sgl_minference.config import MInferenceConfig
 from sgl_minference.kernels import sparse_attention
 from sgl_minference.kernels.sparse_attention import AttentionLaunch
-from sgl_minference.layout import KVSource
+from sgl_minference.layout import KVSource, causal_pairs
 from sgl_minference.patterns.convert import indices_to_layout
 
 # (query heads, KV heads, head_dim, layers) of the engine's model configs (sgl_minference/models)

@@ -26,8 +26,6 @@ from typing import Callable
 import torch
 
 from benchmarks.multiturn.results import library_versions  # one reader of the library versions
-from sgl_minference.backend import stats
-from sgl_minference.backend.stats import causal_pairs, range_column_pairs  # noqa: F401 (causal_pairs re-exported)
 
 SCHEMA = "sgl-minference-bench/1"
 STATUSES = ("ok", "skipped", "error", "oom", "timeout")
@@ -298,19 +296,11 @@ class PairCount:
     visited: int  # rows x (range lengths + columns): what the kernel loads, causal cut not applied
 
 
-def count_pairs(*, starts: torch.Tensor, ends: torch.Tensor, counts: torch.Tensor, cols: torch.Tensor,
-                col_counts: torch.Tensor, row_pos: torch.Tensor, rows: torch.Tensor, seq_k: int) -> PairCount:
-    """Totals of :func:`sgl_minference.backend.stats.range_column_pairs` (same arguments), one request."""
-    attended, visited = range_column_pairs(starts=starts, ends=ends, counts=counts, cols=cols,
-                                           col_counts=col_counts, row_pos=row_pos, rows=rows, seq_k=seq_k)
-    return PairCount(attended=int(attended.sum()), visited=int(visited.sum()))
-
-
 def layout_pairs(layout, geom) -> PairCount:
-    """Totals of :func:`sgl_minference.backend.stats.layout_pairs` for a one-request ``BatchGeometry``."""
+    """Totals of :meth:`sgl_minference.layout.SparseLayout.pairs` for a one-request ``BatchGeometry``."""
     if geom.num_requests != 1:
         raise ValueError(f"geom: layout_pairs counts one request, got {geom.num_requests}")
-    attended, visited = stats.layout_pairs(layout, geom)
+    attended, visited = layout.pairs(geom)
     return PairCount(attended=int(attended.sum()), visited=int(visited.sum()))
 
 

@@ -51,10 +51,11 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from benchmarks.common import (E2ERecord, add_record, add_run, causal_pairs, done_keys, load_results, median,
-                               parse_lengths, save_results)
+from benchmarks.common import (E2ERecord, add_record, add_run, done_keys, load_results, median, parse_lengths,
+                               save_results)
 from sgl_minference.cli import fail
 from sgl_minference.gpu_memory import MemoryPeak, used_mib_reader
+from sgl_minference.layout import causal_pairs
 
 REPO = Path(__file__).resolve().parents[1]
 MODELS_DIR = REPO / "launch" / "models"

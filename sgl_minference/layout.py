@@ -362,10 +362,70 @@ class SparseLayout:
             m &= torch.arange(sk).view(1, -1) <= pos
         return masks
 
+    def pairs(self, geom: BatchGeometry) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(attended, visited)`` (query, key) pairs per (query block, head), ``[NQB, Hq]`` int64 on the layout's
+        device, no host sync: :func:`_range_column_pairs` of the layout's ranges and columns over ``geom``. Exact
+        for a layout that keeps the invariants (a key in two entries would count twice)."""
+        req = geom.qb_request.long()
+        row = geom.qb_row.long()
+        seq_q = (geom.cu_seqlens_q[1:] - geom.cu_seqlens_q[:-1]).long()[req]  # device-side: no host copy per layer
+        return _range_column_pairs(starts=self.block_start, ends=self.block_end, counts=self.block_count,
+                                   cols=self.col_index, col_counts=self.col_count,
+                                   row_pos=row + geom.prefix_lens.long()[req], rows=(seq_q - row).clamp(max=BLOCK),
+                                   seq_k=geom.seq_lens_k.long()[req])
+
     def sparsity(self, geom: BatchGeometry) -> float:
-        """Share of causal (query, key) pairs the layout skips, over the whole batch (1.0 = all skipped)."""
-        kept = total = 0
-        for m, sq, sk in zip(self.to_dense(geom), geom.seq_lens_q_cpu, geom.seq_lens_k_cpu):
-            kept += int(m.sum())
-            total += self.num_heads * (sq * (sk - sq) + sq * (sq + 1) // 2)
-        return 1.0 - kept / total
+        """Share of causal (query, key) pairs the layout skips, over the whole batch (1.0 = all skipped); syncs."""
+        total = sum(causal_pairs(sq, sk, self.num_heads) for sq, sk in zip(geom.seq_lens_q_cpu, geom.seq_lens_k_cpu))
+        return 1.0 - int(self.pairs(geom)[0].sum()) / total
+
+
+# ---- pair counting: closed form per key range, so 256K-token layouts are counted without expanding them ----
+
+
+def causal_pairs(seq_q: int, seq_k: int, heads: int) -> int:
+    """(query, key, head) triples of bottom-right causal attention: chunk rows at the last ``seq_q`` positions."""
+    prefix = seq_k - seq_q
+    return heads * (seq_q * prefix + seq_q * (seq_q + 1) // 2)
+
+
+def _clamped_ramp_sum(m: torch.Tensor, length: torch.Tensor) -> torch.Tensor:
+    """``sum_{t=0}^{m-1} clamp(t, 0, length)`` for ``m >= 0`` (elementwise, int64)."""
+    inside = m * (m - 1) // 2
+    beyond = length * (length + 1) // 2 + (m - length - 1) * length
+    return torch.where(m <= length + 1, inside, beyond)
+
+
+def _range_column_pairs(*, starts: torch.Tensor, ends: torch.Tensor, counts: torch.Tensor, cols: torch.Tensor,
+                       col_counts: torch.Tensor, row_pos: torch.Tensor, rows: torch.Tensor,
+                       seq_k: torch.Tensor | int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Attended and visited (query, key) pairs of key ranges plus gathered columns, per (query block, head).
+
+    starts, ends: [NQB, H, MAXB] int   key range [start, end) of each entry (ends clamped to ``seq_k``)
+    counts:       [NQB, H] int         valid ranges
+    cols:         [NQB, H, MAXC] int   gathered key columns
+    col_counts:   [NQB, H] int         valid columns
+    row_pos:      [NQB] int            absolute position of each block's first query row
+    rows:         [NQB] int            valid query rows of each block (64, less in the last)
+    seq_k:        [NQB] int or an int  keys of each block's request
+
+    Returns ``(attended, visited)``, ``[NQB, H]`` int64 on the inputs' device (no host sync): a row at position
+    ``p`` attends range key ``j`` when ``j <= p``, summed in closed form per range; visited = rows x (range
+    lengths + columns), the causal cut not applied.
+    """
+    starts, ends, cols = starts.long(), ends.long(), cols.long()
+    p0 = row_pos.long().view(-1, 1, 1)
+    n = rows.long().view(-1, 1, 1)
+    sk = seq_k.long().view(-1, 1, 1) if isinstance(seq_k, torch.Tensor) else torch.tensor(seq_k, device=p0.device)
+    valid_b = torch.arange(starts.shape[-1], device=starts.device) < counts.long().unsqueeze(-1)
+    s = starts.clamp(min=0).minimum(sk)
+    length = ends.minimum(sk).maximum(s) - s
+    length = torch.where(valid_b, length, torch.zeros_like(length))
+    # Row p sees clamp(p + 1 - s, 0, length) keys of the range; rows p0 .. p0+n-1 give a clamped ramp.
+    a = p0 + 1 - s
+    ramp = _clamped_ramp_sum((a + n).clamp(min=0), length) - _clamped_ramp_sum(a.clamp(min=0), length)
+    valid_c = torch.arange(cols.shape[-1], device=cols.device) < col_counts.long().unsqueeze(-1)
+    col_rows = (p0 + n - cols).clamp(min=0).minimum(n)  # rows at or after the column's position
+    attended = ramp.sum(-1) + torch.where(valid_c, col_rows, 0).sum(-1)
+    visited = (length * n).sum(-1) + (valid_c.long() * n).sum(-1)
+    return attended, visited

@@ -15,7 +15,7 @@ Adding a pattern type: a module ``sgl_minference/patterns/<name>.py`` with its b
 (optionally) fit in the signatures below, its spec class here, and one ``PatternType`` line in ``PATTERNS``::
 
     build(q, kv, geom, heads, *, sm_scale, est) -> SparseLayout          # online, per layer, no host sync
-    realise(spec, q, k, *, sm_scale, est, softcap) -> search.recall.Selection   # one head, [n, D] q/k
+    realise(spec, q, k, *, sm_scale, est, softcap) -> patterns.selection.Selection   # one head, [n, D] q/k
     fit(spec, q, k, budget, *, sm_scale, est, softcap, row_block, skip_rows) -> spec   # to `budget` keys/row
 
 ``est`` is the config's :class:`~sgl_minference.config.Estimation` (last_q, forced sink / local). The four
@@ -173,7 +173,7 @@ def _tiles(n: int) -> int:
     return -(-n // BLOCK) * BLOCK
 
 
-# -- the search's candidates for a budget of B keys per row (see search/candidates.py for the cost model) --
+# -- the search's candidates for a budget of B keys per row (see tools/search/candidates.py for the cost model) --
 VERTICAL_SHARES = (0.03, 0.12, 0.4, 0.95)  # share of the budget spent on key columns, one candidate each
 SINK = BLOCK  # A-shape sink columns: one key tile
 
@@ -230,23 +230,23 @@ class PatternType:
 
 
 _UNIFORM = "sgl_minference.patterns.uniform"
-_RECALL = "sgl_minference.search.recall"
+_SELECTION = "sgl_minference.patterns.selection"
 
 PATTERNS: dict[str, PatternType] = {p.name: p for p in (
-    PatternType(spec=DenseSpec, build=Ref(f"{_UNIFORM}:dense"), realise=Ref(f"{_RECALL}:realise_dense"),
+    PatternType(spec=DenseSpec, build=Ref(f"{_UNIFORM}:dense"), realise=Ref(f"{_SELECTION}:realise_dense"),
                 cost=lambda s: -1),
     PatternType(spec=AShapeSpec, budgets=("sink", "local"), build=Ref(f"{_UNIFORM}:a_shape"),
-                realise=Ref(f"{_RECALL}:realise_a_shape"), cost=lambda s: _tiles(s.sink) + s.local + BLOCK - 1,
+                realise=Ref(f"{_SELECTION}:realise_a_shape"), cost=lambda s: _tiles(s.sink) + s.local + BLOCK - 1,
                 scale=_times("sink", "local"), candidates=_a_shape_candidates, minference="stream_llm",
                 from_minference=lambda v, s: {"type": "a_shape", "sink": v, "local": s}),
     PatternType(spec=VerticalSlashSpec, budgets=("vertical", "slash"), build=Ref(f"{_UNIFORM}:vertical_slash"),
-                realise=Ref(f"{_RECALL}:realise_vertical_slash"),
+                realise=Ref(f"{_SELECTION}:realise_vertical_slash"),
                 cost=lambda s: _tiles(s.vertical) + s.slash + BLOCK - 1, scale=_times("vertical", "slash"),
-                candidates=_vertical_slash_candidates, fit=Ref("sgl_minference.search.candidates:fit_slash"),
+                candidates=_vertical_slash_candidates, fit=Ref(f"{_SELECTION}:fit_slash"),
                 minference="vertical_and_slash",
                 from_minference=lambda v, s: {"type": "vertical_slash", "vertical": v, "slash": s}),
     PatternType(spec=BlockSparseSpec, budgets=("topk",), build=Ref(f"{_UNIFORM}:block_sparse"),
-                realise=Ref(f"{_RECALL}:realise_block_sparse"), cost=lambda s: BLOCK * s.topk,
+                realise=Ref(f"{_SELECTION}:realise_block_sparse"), cost=lambda s: BLOCK * s.topk,
                 scale=_times("topk"), candidates=_block_sparse_candidates, minference="block_sparse",
                 # MInference's runtime ignores both numbers and always keeps 100 blocks (its search writes a
                 # block *ratio* there, not a count), so we keep 100 too.

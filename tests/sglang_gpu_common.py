@@ -52,6 +52,17 @@ def mean_gap(a, b):
     return sum(gaps) / len(gaps)
 
 
+def assert_dense_equivalent(dense, equivalent, yardstick, lossy):
+    """The dense-equivalent config's gap to ``dense`` (one scenario's runs) is within 1.5x the gap of a second
+    dense kernel (``yardstick``), and the lossy config's gap is non-zero (the sparse path ran) and above twice it."""
+    equivalent = mean_gap(dense, equivalent)
+    yardstick = mean_gap(dense, yardstick)
+    lossy = mean_gap(dense, lossy)
+    assert lossy > 0, "the lossy config changed nothing: the sparse path did not run"
+    assert equivalent <= 1.5 * yardstick + 1e-3, f"dense-equivalent gap {equivalent:.3g} vs triton {yardstick:.3g}"
+    assert lossy > 2 * equivalent, f"lossy gap {lossy:.3g} not above dense-equivalent gap {equivalent:.3g}"
+
+
 def run_scenarios(prompts: dict, *, attention_backend: str, override: dict | None = None, **engine_args) -> dict:
     """One engine: the tail log-probabilities of ``prompts["single"]``, ``["ragged"]``, ``["chunked"]`` and of the
     radix second turn ``["turn2"]`` after ``["turn1"]`` (``override``: the ``minference`` config object)."""

@@ -22,7 +22,7 @@ from sgl_minference.patterns import HeadSet
 from sgl_minference.patterns.blocks import keep_by_mass
 from sgl_minference.patterns.flexprefill import build_flexprefill, js_distance, realise_flexprefill
 from sgl_minference.patterns.xattention import build_xattention, realise_xattention
-from sgl_minference.reference import masked_attention
+from sgl_minference.testing import masked_attention
 from sgl_minference.registry import FlexPrefillSpec, XAttentionSpec
 
 CASES = [  # (chunk lengths, prefixes, Hq, Hk, D, paged)
@@ -326,8 +326,8 @@ def varying_blocks_head(n=1024, d=64, seed=7):
 @pytest.mark.parametrize("spec", [XAttentionSpec(threshold=0.9, stride=8),
                                   FlexPrefillSpec(gamma=0.9, tau=0.1, min_budget=64)])
 def test_fit_meets_the_budget(spec):
-    from sgl_minference.search import candidates as cand
-    from sgl_minference.search.recall import realise, selection_keys
+    from sgl_minference.tools.search import candidates as cand
+    from sgl_minference.patterns.selection import realise, selection_keys
 
     q, k = varying_blocks_head()
     budget, skip = 150, 256
@@ -342,9 +342,9 @@ def test_fit_meets_the_budget(spec):
 
 
 def test_search_can_choose_an_adaptive_pattern():
-    from sgl_minference.search import candidates as cand
-    from sgl_minference.search.capture import LayerQK
-    from sgl_minference.search.searcher import ScoreSettings, score_layer
+    from sgl_minference.tools.search import candidates as cand
+    from sgl_minference.tools.search.capture import LayerQK
+    from sgl_minference.tools.search.searcher import ScoreSettings, score_layer
 
     q, k = varying_blocks_head()
     budget = 192
@@ -387,7 +387,8 @@ CASE_PATTERN = {"ours_xattn": "xattention", "ours_flex": "flexprefill"}
 def test_streamed_recall_of_adaptive_selections_equals_full_matrix():
     from test_search import full_matrix_recall
 
-    from sgl_minference.search.recall import head_recall, realise
+    from sgl_minference.patterns.selection import realise
+    from sgl_minference.tools.search.recall import head_recall
 
     n = 450
     gen = torch.Generator().manual_seed(8)

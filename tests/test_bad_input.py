@@ -25,7 +25,7 @@ from sgl_minference.kernels.estimate import lastq_scores, pool_keys
 from sgl_minference.layout import BLOCK, CHECKED_ENV, KVSource, SparseLayout, env_flag
 from sgl_minference.patterns import (HeadSet, build_a_shape, build_block_sparse, build_dense, build_vertical_slash,
                                      concat_heads)
-from sgl_minference.reference import full_layout
+from sgl_minference.testing import full_layout
 
 attention_mod = importlib.import_module("sgl_minference.kernels.sparse_attention")
 estimate_mod = importlib.import_module("sgl_minference.kernels.estimate")

@@ -11,7 +11,7 @@ from random_layouts import brute_visited, random_range_column_layout
 
 from benchmarks import common, e2e_ttft, kernel_bench, plot, report
 from benchmarks.common import E2ERecord, KernelRecord
-from sgl_minference.layout import BLOCK, BatchGeometry, SparseLayout
+from sgl_minference.layout import BLOCK, BatchGeometry, SparseLayout, causal_pairs
 
 
 GEOMETRIES = [(200, 200), (130, 300), (64, 64), (1, 97)]  # full prefill, chunk with a prefix, odd tails
@@ -41,8 +41,8 @@ def test_dense_layout_counts_causal_pairs(seq_q, seq_k):
     layout = kernel_bench.layout_from_block_mask(causal_block_mask(geom, 2), geom)
     causal = torch.ones(seq_q, seq_k, dtype=torch.bool).tril(seq_k - seq_q)
     assert torch.equal(layout.to_dense(geom)[0], causal.expand(2, -1, -1))
-    assert common.layout_pairs(layout, geom).attended == common.causal_pairs(seq_q, seq_k, 2)
-    assert common.causal_pairs(seq_q, seq_k, 2) == 2 * int(causal.sum())
+    assert common.layout_pairs(layout, geom).attended == causal_pairs(seq_q, seq_k, 2)
+    assert causal_pairs(seq_q, seq_k, 2) == 2 * int(causal.sum())
 
 
 @pytest.mark.parametrize("seq_q,seq_k", [(256, 256), (130, 300)])
@@ -112,7 +112,7 @@ def test_our_kernel_on_the_sgl_converter_layout_attends_its_key_set():
     """layout_from_sgl: our kernel over sgl_kernel's block offsets and columns = attention over exactly those keys."""
     from sgl_minference.kernels import sparse_attention
     from sgl_minference.layout import KVSource
-    from sgl_minference.reference import masked_attention
+    from sgl_minference.testing import masked_attention
 
     seq_q, seq_k, d = 128, 320, 64
     geom = BatchGeometry.build([seq_q], [seq_k], "cpu")
@@ -297,11 +297,11 @@ def test_e2e_bookkeeping():
 
 def test_count_pairs_closed_form_is_exact_on_long_ranges():
     # One 64-wide range placed across the diagonal of a 64-row block at position 1000: rows see 1..64 keys.
-    starts = torch.tensor([[[1000, 500]]])
-    ends = torch.tensor([[[1064, 510]]])
-    counted = common.count_pairs(starts=starts, ends=ends, counts=torch.tensor([[2]]), cols=torch.tensor([[[1050]]]),
-                                 col_counts=torch.tensor([[1]]), row_pos=torch.tensor([1000]),
-                                 rows=torch.tensor([64]), seq_k=4096)
+    i32 = lambda x: torch.tensor(x, dtype=torch.int32)  # noqa: E731
+    geom = BatchGeometry.build([64], [1064], "cpu")  # one 64-row block at positions 1000..1063
+    layout = SparseLayout(block_start=i32([[[1000, 500]]]), block_end=i32([[[1064, 510]]]), block_count=i32([[2]]),
+                          full_count=i32([[0]]), col_index=i32([[[1050]]]), col_count=i32([[1]]))
+    counted = common.layout_pairs(layout, geom)
     assert counted.attended == 64 * 65 // 2 + 64 * 10 + (1064 - 1050)
     assert counted.visited == 64 * 64 + 64 * 10 + 64
     assert common.attention_tflops(10**12, 128, 1000.0) == pytest.approx(512.0)  # 4 * 128e12 flops in 1 s
@@ -342,7 +342,7 @@ def test_run_case_plumbing(monkeypatch):
     plan = common.TimingPlan()
     got = {case: kernel_bench.run_case(case, inp, libs, budgets, plan, refs)
            for case in ("ours_dense", "ours_vs", "ours_bs", "ours_bs_union", "ours_ashape")}
-    total = common.causal_pairs(192, 320, 4)
+    total = causal_pairs(192, 320, 4)
     assert got["ours_dense"]["pairs"] == total and got["ours_dense"]["density"] == 1.0
     assert got["ours_dense"]["params"]["check"]["max_abs_diff"] < 2e-2
     for case, rec in got.items():

@@ -46,11 +46,11 @@ def test_help(tool, tmp_path):
 def test_bad_paths_are_one_line_and_exit_2(tmp_path):
     not_gguf = tmp_path / "notes.txt"
     not_gguf.write_text("hello")
-    assert_usage_error(run_tool(["-m", "sgl_minference.gguf_loader", str(tmp_path / "missing.gguf"),
+    assert_usage_error(run_tool(["-m", "sgl_minference.tools.gguf_loader", str(tmp_path / "missing.gguf"),
                                  str(tmp_path / "out")], tmp_path), "source:", "missing.gguf")
-    assert_usage_error(run_tool(["-m", "sgl_minference.gguf_loader", str(not_gguf), str(tmp_path / "out")],
+    assert_usage_error(run_tool(["-m", "sgl_minference.tools.gguf_loader", str(not_gguf), str(tmp_path / "out")],
                                 tmp_path), "not a GGUF file")
-    assert_usage_error(run_tool(["-m", "sgl_minference.search", str(tmp_path), "-o", "cfg.json"], tmp_path),
+    assert_usage_error(run_tool(["-m", "sgl_minference.tools.search", str(tmp_path), "-o", "cfg.json"], tmp_path),
                        "model:", "without a config.json")
     assert_usage_error(run_tool(["-m", "sgl_minference.ttft", "--model", str(tmp_path)], tmp_path),
                        "--model: no config.json")
@@ -62,9 +62,9 @@ def test_bad_config_is_the_config_error_on_one_line(tmp_path):
     bad.write_text(json.dumps({"format": "sgl-minference/v1", "default": {"type": "vertical_slash", "vertical": 0,
                                                                           "slash": 10}}))
     model = str(REPO / "sgl_minference" / "models" / "llama3-8b")
-    assert_usage_error(run_tool(["-m", "sgl_minference.eval", model, "--config", str(bad)], tmp_path),
+    assert_usage_error(run_tool(["-m", "sgl_minference.tools.eval", model, "--config", str(bad)], tmp_path),
                        "--config:", "vertical")
-    assert_usage_error(run_tool(["-m", "sgl_minference.eval", model, "--config", str(tmp_path / "no.json")],
+    assert_usage_error(run_tool(["-m", "sgl_minference.tools.eval", model, "--config", str(tmp_path / "no.json")],
                                 tmp_path), "cannot read")
     assert_usage_error(run_tool(["-m", "sgl_minference.ttft", "--config", str(bad)], tmp_path), "vertical")
     assert_usage_error(run_tool(["-m", "sgl_minference.ttft", "--config", '{"heads": {"40": {}}}'], tmp_path),
@@ -75,13 +75,13 @@ def test_bad_config_is_the_config_error_on_one_line(tmp_path):
 @no_gpu
 def test_eval_says_it_needs_a_gpu_before_loading_anything(tmp_path):
     model = str(REPO / "sgl_minference" / "models" / "llama3-8b")  # a config only: loading it would fail
-    done = run_tool(["-m", "sgl_minference.eval", model, "--quick"], tmp_path)
+    done = run_tool(["-m", "sgl_minference.tools.eval", model, "--quick"], tmp_path)
     assert_usage_error(done, "needs a CUDA GPU", "nothing was loaded")
     assert list(tmp_path.iterdir()) == []
 
 
 def test_eval_writes_outside_the_working_directory_by_default():
-    from sgl_minference.eval import __main__ as eval_main
+    from sgl_minference.tools.eval import __main__ as eval_main
 
     assert eval_main.RESULTS_DIR.is_absolute() and eval_main.RESULTS_DIR.parts[-3:] == (".cache", "sgl_minference",
                                                                                          "eval")

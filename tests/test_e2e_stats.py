@@ -12,7 +12,7 @@ from test_benchmarks import FakeEngine, FakeMonitor
 
 from benchmarks import common, e2e_ttft, plot, report
 from benchmarks.common import E2ERecord
-from sgl_minference.backend.stats import causal_pairs
+from sgl_minference.layout import causal_pairs
 
 
 def stats_line(seq_q, seq_k, attended, index_ms=1.0, attn_ms=2.0, heads=2, structure="dummy"):

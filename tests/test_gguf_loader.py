@@ -13,9 +13,8 @@ import json
 import pytest
 import torch
 
-from sgl_minference import gguf_loader
-from sgl_minference.eval import tasks
-from sgl_minference.gguf_loader import BYTE, CONTROL, NORMAL, USER_DEFINED
+from sgl_minference.tools import gguf_loader, prompts
+from sgl_minference.tools.gguf_loader import BYTE, CONTROL, NORMAL, USER_DEFINED
 from test_search import transformers_importable
 
 transformers_importable()
@@ -105,12 +104,12 @@ def test_smollm2_folder_answers_paris(smollm2_dir):
 
 
 @needs_smollm2
-@pytest.mark.parametrize("task", sorted(tasks.TASKS))
+@pytest.mark.parametrize("task", sorted(prompts.TASKS))
 def test_tasks_exact_with_real_tokenizer(smollm2_dir, task):
     from transformers import AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(smollm2_dir)
-    s = tasks.make_sample(task, tok, length=1500, depth=0.5, seed=0)
+    s = prompts.make_sample(task, tok, length=1500, depth=0.5, seed=0)
     assert len(s.input_ids) == 1500
     text = tok.decode(s.input_ids)
     assert s.question in text
@@ -148,7 +147,7 @@ def test_gemma3_folder(tmp_path, capsys):
     assert json.loads((out / "gguf_source.json").read_text())["tokenizer"] == "sentencepiece"
     tok = AutoTokenizer.from_pretrained(out)
     model = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32)
-    s = tasks.make_sample("passkey", tok, length=512, depth=0.4, seed=0)
+    s = prompts.make_sample("passkey", tok, length=512, depth=0.4, seed=0)
     assert s.input_ids[0] == 2
     ids = torch.tensor([s.input_ids])
     gen = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=8, do_sample=False)

@@ -31,7 +31,7 @@ def test_kernels_run_in_a_plain_interpreter_process(tmp_path):
         from sgl_minference.kernels import interpreter, sparse_attention
         from sgl_minference.layout import BatchGeometry, KVSource
         from sgl_minference.patterns import HeadSet, build_dense
-        from sgl_minference.reference import dense_attention
+        from sgl_minference.testing import dense_attention
 
         assert interpreter.ACTIVE
         geom = BatchGeometry.build([70, 3], [100, 67], "cpu")

@@ -361,7 +361,7 @@ def test_nan_estimate_falls_back_to_dense(where):
     the fallback is counted on the device."""
     from sgl_minference.kernels import sparse_attention
     from sgl_minference.patterns.vertical_slash import nan_fallback_counter
-    from sgl_minference.reference import dense_attention
+    from sgl_minference.testing import dense_attention
 
     seq_q, seq_k, hq, hk, d = [100, 40], [400, 40], 4, 2, 64
     geom, q, kv = make_batch(seq_q, seq_k, hq, hk, d, seed=5)

@@ -10,7 +10,7 @@ from sgl_minference.kernels import sparse_attention
 from sgl_minference.layout import KVSource
 from sgl_minference.patterns import (HeadSet, build_a_shape, build_block_sparse, build_dense, build_vertical_slash,
                                      concat_heads)
-from sgl_minference.reference import dense_attention, masked_attention
+from sgl_minference.testing import dense_attention, masked_attention
 
 HQ, HK, D = 8, 2, 64
 

@@ -19,7 +19,7 @@ from sgl_minference.backend.layer_layout import overlay_query_blocks
 from sgl_minference.backend.planner import layer_heads, plan_batch
 from sgl_minference.config import MInferenceConfig
 from sgl_minference.patterns import HeadSet, build_a_shape, build_dense
-from sgl_minference.reference import dense_attention
+from sgl_minference.testing import dense_attention
 
 # After the backend module: it makes SGLang importable next to a CPU-only torch.
 from sglang.srt.layers.attention.base_attn_backend import AttentionBackend  # noqa: E402  (isort: skip)

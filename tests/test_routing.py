@@ -8,7 +8,7 @@ from test_planner import DENSE_EQUIVALENT, HQ, config, fake_batch, fake_layer, m
 
 from sgl_minference.backend.routing import DenseRouter, causal_keys_per_block
 from sgl_minference.patterns import HeadSet, build_a_shape
-from sgl_minference.reference import causal_masks, full_layout
+from sgl_minference.testing import causal_masks, full_layout
 
 
 @pytest.mark.parametrize("seq_q,prefix", [([64], [0]), ([70, 1, 130], [130, 64, 5]), ([200], [1000])])

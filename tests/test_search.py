@@ -10,10 +10,11 @@ import torch
 
 from sgl_minference.config import (AShapeSpec, BlockSparseSpec, DenseSpec, Estimation, MInferenceConfig,
                                    VerticalSlashSpec)
-from sgl_minference.search import candidates as cand
-from sgl_minference.search.capture import LayerQK, full_attention_layers
-from sgl_minference.search.recall import Selection, head_recall, lastq_indices, realise
-from sgl_minference.search.searcher import ScoreSettings, score_layer
+from sgl_minference.tools.search import candidates as cand
+from sgl_minference.tools.search.capture import LayerQK, full_attention_layers
+from sgl_minference.patterns.selection import Selection, lastq_indices, realise
+from sgl_minference.tools.search.recall import head_recall
+from sgl_minference.tools.search.searcher import ScoreSettings, score_layer
 from sgl_minference.cpu_torch import allow_torchvision_import
 
 B = 64
@@ -207,7 +208,7 @@ def tiny_gemma(tmp_path_factory):
 
 
 def test_search_cli_end_to_end(tiny_gemma, tmp_path):
-    from sgl_minference.search.__main__ import main
+    from sgl_minference.tools.search.__main__ import main
 
     out = tmp_path / "cfg.json"
     report = main([str(tiny_gemma), "--output", str(out), "--length", "2048", "--budget", "512",
@@ -227,7 +228,7 @@ def test_search_cli_end_to_end(tiny_gemma, tmp_path):
 def test_config_recall_dense_is_lossless(tiny_gemma):
     from transformers import AutoModelForCausalLM
 
-    from sgl_minference.search.searcher import config_recall
+    from sgl_minference.tools.search.searcher import config_recall
 
     model = AutoModelForCausalLM.from_pretrained(tiny_gemma, dtype=torch.float32, attn_implementation="sdpa")
     ids = torch.randint(2, 200, (300,), generator=torch.Generator().manual_seed(0))
@@ -242,14 +243,14 @@ def test_config_recall_dense_is_lossless(tiny_gemma):
 
 
 def test_fit_slash_meets_budget():
-    from sgl_minference.search.recall import Selection, lastq_indices, selection_keys
+    from sgl_minference.patterns.selection import Selection, fit_slash, lastq_indices, selection_keys
 
     n, d = 1024, 16
     gen = torch.Generator().manual_seed(5)
     q, k = torch.randn(n, d, generator=gen) * 2.0, torch.randn(n, d, generator=gen)  # diffuse: scattered diagonals
     nominal = VerticalSlashSpec(vertical=30, slash=385)
     budget = 300
-    fitted = cand.fit_slash(nominal, q, k, budget, sm_scale=1.0, row_block=256, skip_rows=256)
+    fitted = fit_slash(nominal, q, k, budget, sm_scale=1.0, row_block=256, skip_rows=256)
     assert 100 <= fitted.slash < nominal.slash and fitted.vertical == 30
 
     def keys(spec):
@@ -263,13 +264,13 @@ def test_fit_slash_meets_budget():
     theta = math.pi / n
     ql = torch.stack([torch.cos(theta * pos), torch.sin(theta * pos)], -1).float() * 2000.0
     kl = torch.stack([torch.cos(theta * pos), torch.sin(theta * pos)], -1).float()
-    grown = cand.fit_slash(VerticalSlashSpec(vertical=30, slash=100), ql, kl, budget, sm_scale=1.0,
-                           row_block=256, skip_rows=256)
+    grown = fit_slash(VerticalSlashSpec(vertical=30, slash=100), ql, kl, budget, sm_scale=1.0,
+                      row_block=256, skip_rows=256)
     assert grown.slash > 150
 
 
 def test_dense_below_keeps_poor_heads_dense():
-    from sgl_minference.search.searcher import HeadResult, to_config
+    from sgl_minference.tools.search.searcher import HeadResult, to_config
 
     specs = [AShapeSpec(sink=64, local=100), VerticalSlashSpec(vertical=30, slash=100)]
     results = [HeadResult(layer=1, head=0, specs=specs, recall=[0.3, 0.4], keys=[100, 100], best=1),

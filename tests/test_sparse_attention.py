@@ -14,7 +14,7 @@ from conftest import DEVICE, INTERPRET, make_geometry, make_qkv, paged_kv, requi
 
 from sgl_minference.kernels.sparse_attention import AttentionLaunch, sparse_attention
 from sgl_minference.layout import BLOCK, BatchGeometry, KVSource, SparseLayout
-from sgl_minference.reference import causal_masks, dense_attention, full_layout, masked_attention
+from sgl_minference.testing import causal_masks, dense_attention, full_layout, masked_attention
 
 # (o atol/rtol, lse atol); fp32 on a GPU goes through tf32 tensor cores.
 TOLERANCES = {

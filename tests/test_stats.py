@@ -16,10 +16,10 @@ from test_planner import DENSE_EQUIVALENT, HK, HQ, D, FakeDense, config, fake_ba
 from sgl_minference.backend import stats, synthetic
 from sgl_minference.backend.attn_backend import MInferenceAttnBackend, build_layer_heads
 from sgl_minference.backend.layer_layout import layer_layout
-from sgl_minference.layout import SENTINEL, BatchGeometry
+from sgl_minference.layout import SENTINEL, BatchGeometry, causal_pairs
 from sgl_minference.patterns import HeadSet
 from sgl_minference.patterns.convert import indices_to_layout
-from sgl_minference.reference import masked_attention
+from sgl_minference.testing import masked_attention
 
 # ---- pair counting --------------------------------------------------------------------------------------------
 
@@ -36,7 +36,7 @@ def test_request_pairs_match_the_dense_mask(seq_q, prefix, seed):
 
 def test_causal_pairs_count_the_bottom_right_triangle():
     mask = torch.ones(70, 100, dtype=torch.bool).tril(30)
-    assert stats.causal_pairs(70, 100, 3) == 3 * int(mask.sum())
+    assert causal_pairs(70, 100, 3) == 3 * int(mask.sum())
 
 
 # ---- the statistics file ----------------------------------------------------------------------------------------
@@ -78,7 +78,7 @@ def test_stats_file_has_one_line_per_sparse_batch(tmp_path):
     line = json.loads(path.read_text())
     assert line["seq_lens_q"] == [130, 30] and line["seq_lens_k"] == [280, 30] and line["sparse"] == [True, False]
     assert line["structure"] == "dummy" and line["num_q_heads"] == HQ
-    assert line["causal_pairs"] == [stats.causal_pairs(130, 280, HQ), stats.causal_pairs(30, 30, HQ)]
+    assert line["causal_pairs"] == [causal_pairs(130, 280, HQ), causal_pairs(30, 30, HQ)]
     assert [e["layer"] for e in line["layers"]] == [0, 1]
     plan = backend._plan
     kv = plan.kv_source(pool.k, pool.v)
@@ -193,7 +193,7 @@ def test_synthetic_indices_cost_fewer_ranges_than_scattered_picks():
     clustered = indices_to_layout(cols, offs, geom)
     noisy = indices_to_layout(cols, scattered, geom)
     assert clustered.block_count.sum() * 3 < noisy.block_count.sum()
-    share = lambda lay: int(stats.request_pairs(lay, geom)[0].sum()) / stats.causal_pairs(128, 16384, 2)  # noqa: E731
+    share = lambda lay: int(stats.request_pairs(lay, geom)[0].sum()) / causal_pairs(128, 16384, 2)  # noqa: E731
     assert share(clustered) * 3 < share(noisy)
 
 

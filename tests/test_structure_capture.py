@@ -8,9 +8,9 @@ import torch
 from conftest import make_geometry, make_qkv
 
 from benchmarks import structure_capture as sc
-from sgl_minference.backend.stats import causal_pairs, request_pairs
+from sgl_minference.backend.stats import request_pairs
 from sgl_minference.kernels.estimate import lastq_scores
-from sgl_minference.layout import BatchGeometry, KVSource
+from sgl_minference.layout import BatchGeometry, KVSource, causal_pairs
 from sgl_minference.patterns.convert import indices_to_layout
 
 

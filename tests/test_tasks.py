@@ -10,7 +10,8 @@ from collections import Counter
 import pytest
 
 from sgl_minference import plugin
-from sgl_minference.eval import scoring, tasks
+from sgl_minference.tools import prompts
+from sgl_minference.tools.eval import scoring
 from test_search import tiny_gemma  # noqa: F401  (fixture: a random 3-layer Gemma-3 model folder)
 
 BOS = 1
@@ -42,10 +43,10 @@ def tok():
     return WordTokenizer()
 
 
-@pytest.mark.parametrize("task", sorted(tasks.TASKS))
+@pytest.mark.parametrize("task", sorted(prompts.TASKS))
 @pytest.mark.parametrize("length", [700, 2048, 5001])
 def test_exact_length_and_prefix(tok, task, length):
-    s = tasks.make_sample(task, tok, length=length, depth=0.37, seed=3)
+    s = prompts.make_sample(task, tok, length=length, depth=0.37, seed=3)
     assert len(s.input_ids) == s.length == length
     assert s.input_ids[0] == BOS and BOS not in s.input_ids[1:]
     text = tok.decode(s.input_ids)
@@ -55,11 +56,11 @@ def test_exact_length_and_prefix(tok, task, length):
     assert s.max_new_tokens > 0
 
 
-@pytest.mark.parametrize("task", sorted(tasks.TASKS))
+@pytest.mark.parametrize("task", sorted(prompts.TASKS))
 def test_deterministic_per_seed(tok, task):
-    a = tasks.make_sample(task, tok, length=1500, depth=0.5, seed=7)
-    b = tasks.make_sample(task, tasks.PieceEncoder(tok), length=1500, depth=0.5, seed=7)
-    c = tasks.make_sample(task, tok, length=1500, depth=0.5, seed=8)
+    a = prompts.make_sample(task, tok, length=1500, depth=0.5, seed=7)
+    b = prompts.make_sample(task, prompts.PieceEncoder(tok), length=1500, depth=0.5, seed=7)
+    c = prompts.make_sample(task, tok, length=1500, depth=0.5, seed=8)
     assert a.input_ids == b.input_ids and a.answers == b.answers
     assert a.input_ids != c.input_ids
 
@@ -69,7 +70,7 @@ def test_needle_follows_depth(tok, task):
     length = 4000
     where = []
     for depth in (0.0, 0.25, 0.5, 0.75, 1.0):
-        s = tasks.make_sample(task, tok, length=length, depth=depth, seed=0)
+        s = prompts.make_sample(task, tok, length=length, depth=depth, seed=0)
         text = tok.decode(s.input_ids)
         first = text.index(s.answers[0])
         where.append(len(tok.encode(text[:first], add_special_tokens=False)) / length)
@@ -79,7 +80,7 @@ def test_needle_follows_depth(tok, task):
 
 
 def test_multikey_asks_one_of_several_keys(tok):
-    s = tasks.make_sample("niah_multikey", tok, length=3000, depth=0.2, seed=1)
+    s = prompts.make_sample("niah_multikey", tok, length=3000, depth=0.2, seed=1)
     text = tok.decode(s.input_ids)
     needles = re.findall(r"magic numbers for (\S+) is: (\d+)\.", text)
     assert len(needles) == 4 and len({k for k, _ in needles}) == 4
@@ -89,13 +90,13 @@ def test_multikey_asks_one_of_several_keys(tok):
 
 
 def test_multivalue_returns_all_values(tok):
-    s = tasks.make_sample("niah_multivalue", tok, length=3000, depth=0.6, seed=2)
+    s = prompts.make_sample("niah_multivalue", tok, length=3000, depth=0.6, seed=2)
     values = re.findall(r"magic numbers for \S+ is: (\d+)\.", tok.decode(s.input_ids))
     assert sorted(values) == sorted(s.answers) and len(set(values)) == 4
 
 
 def test_variable_chain_in_order(tok):
-    s = tasks.make_sample("variable_tracking", tok, length=3000, depth=0.1, seed=4)
+    s = prompts.make_sample("variable_tracking", tok, length=3000, depth=0.1, seed=4)
     text = tok.decode(s.input_ids)
     value = re.search(r"the value (\d+),", s.question).group(1)
     assert f"VAR {s.answers[0]} = {value}." in text
@@ -105,7 +106,7 @@ def test_variable_chain_in_order(tok):
 
 @pytest.mark.parametrize("length", [900, 6000])
 def test_common_words_are_most_frequent(tok, length):
-    s = tasks.make_sample("common_words", tok, length=length, seed=5)
+    s = prompts.make_sample("common_words", tok, length=length, seed=5)
     assert s.depth is None
     counts = Counter(re.findall(r"\n\d+\. (\w+)", tok.decode(s.input_ids)))
     assert len(s.answers) == 10
@@ -116,21 +117,21 @@ def test_common_words_are_most_frequent(tok, length):
 
 def test_too_short_length_names_argument(tok):
     with pytest.raises(ValueError, match="length"):
-        tasks.make_sample("niah_multikey", tok, length=40, depth=0.5)
+        prompts.make_sample("niah_multikey", tok, length=40, depth=0.5)
     with pytest.raises(ValueError, match="depth"):
-        tasks.make_sample("passkey", tok, length=500, depth=1.5)
+        prompts.make_sample("passkey", tok, length=500, depth=1.5)
     with pytest.raises(ValueError, match="task"):
-        tasks.make_sample("nope", tok, length=500)
+        prompts.make_sample("nope", tok, length=500)
 
 
 def test_suite_cells(tok):
-    suite = tasks.make_suite(tok, tasks=["passkey", "common_words"], lengths=[800, 1200],
-                             depths=tasks.depth_grid(3), samples=2, seed=0)
+    suite = prompts.make_suite(tok, tasks=["passkey", "common_words"], lengths=[800, 1200],
+                               depths=prompts.depth_grid(3), samples=2, seed=0)
     cells = Counter((s.task, s.length, s.depth) for s in suite)
     assert cells[("passkey", 800, 0.5)] == 2 and cells[("common_words", 1200, None)] == 2 * 3  # as many per length
     assert len(suite) == 2 * (2 * 3 + 2 * 3)
     assert len({tuple(s.input_ids) for s in suite if s.task == "common_words" and s.length == 800}) == 6  # distinct
-    assert tasks.depth_grid(5) == [0.0, 0.25, 0.5, 0.75, 1.0]
+    assert prompts.depth_grid(5) == [0.0, 0.25, 0.5, 0.75, 1.0]
 
 
 def test_answer_recall():
@@ -203,7 +204,7 @@ class EchoEngine:
 
 
 def test_engine_kwargs():
-    from sgl_minference.eval.runner import EngineSettings, engine_kwargs
+    from sgl_minference.tools.eval.runner import EngineSettings, engine_kwargs
 
     settings = EngineSettings(model_path="/m", sparse_overrides={"config_path": "/c.json"}, context_length=4096,
                               dense_backend="fa3", extra={"mem_fraction_static": 0.5})
@@ -218,7 +219,7 @@ def test_engine_kwargs():
 
 def test_scale_config_and_density():
     from sgl_minference.config import AShapeSpec, BlockSparseSpec, DenseSpec, MInferenceConfig, VerticalSlashSpec
-    from sgl_minference.eval.runner import nominal_density, scale_config
+    from sgl_minference.tools.eval.runner import nominal_density, scale_config
 
     cfg = MInferenceConfig(default=DenseSpec(), heads={1: {0: VerticalSlashSpec(vertical=1000, slash=2000),
                                                            1: AShapeSpec(sink=64, local=3),
@@ -233,9 +234,9 @@ def test_scale_config_and_density():
 
 
 def test_evaluate_tables(tok):
-    from sgl_minference.eval.runner import evaluate, run_mode
+    from sgl_minference.tools.eval.runner import evaluate, run_mode
 
-    suite = tasks.make_suite(tok, tasks=["passkey", "common_words"], lengths=[600, 900], depths=[0.0, 1.0], seed=1)
+    suite = prompts.make_suite(tok, tasks=["passkey", "common_words"], lengths=[600, 900], depths=[0.0, 1.0], seed=1)
     dense, sparse = EchoEngine.__new__(EchoEngine), EchoEngine.__new__(EchoEngine)
     dense.tok, dense.dense, sparse.tok, sparse.dense = tok, True, tok, False
     calls = []
@@ -254,7 +255,7 @@ def test_evaluate_tables(tok):
 
 def test_niah_heatmap(tmp_path):
     pytest.importorskip("matplotlib")
-    from sgl_minference.eval.plots import niah_heatmap
+    from sgl_minference.tools.eval.plots import niah_heatmap
 
     niah = {"dense": {4096: {0.0: 1.0, 0.5: 1.0}, 8192: {0.0: 1.0, 0.5: 0.5}},
             "sparse": {4096: {0.0: 1.0, 0.5: 0.0}, 8192: {0.0: 0.5}}}
@@ -269,9 +270,9 @@ def test_eval_cli_with_stand_in_engine(tiny_gemma, tmp_path, monkeypatch):
     import types
 
     from sgl_minference.config import MInferenceConfig, VerticalSlashSpec
-    from sgl_minference.eval.__main__ import main
+    from sgl_minference.tools.eval.__main__ import main
 
-    from sgl_minference.eval import __main__ as eval_main
+    from sgl_minference.tools.eval import __main__ as eval_main
 
     monkeypatch.setitem(sys.modules, "sglang", types.SimpleNamespace(Engine=EchoEngine))
     monkeypatch.setattr(eval_main, "gpu_problem", lambda: None)  # the stand-in engine needs no GPU
@@ -304,7 +305,7 @@ def test_eval_resumes_from_the_stored_outputs(tiny_gemma, tmp_path, monkeypatch)
     import sys
     import types
 
-    from sgl_minference.eval import __main__ as eval_main
+    from sgl_minference.tools.eval import __main__ as eval_main
 
     monkeypatch.setitem(sys.modules, "sglang", types.SimpleNamespace(Engine=EchoEngine))
     monkeypatch.setattr(eval_main, "gpu_problem", lambda: None)

@@ -1,16 +1,12 @@
-"""Argument checks and parsing for the HTTP side of the benchmarks, without torch.
+"""Length arguments of the HTTP side of the benchmarks (``8K,16K``, ``64K-128K``), without torch.
 
-The client and the harness run on the host that drives a server and must not pay for (or need) torch;
-``check`` raises the same ``ValueError("<argument>: <problem>")`` as ``sgl_minference.layout.check``.
+The client and the harness run on the host that drives a server and must not pay for (or need) torch; the
+checks are the package's torch-free ``sgl_minference.checks.check``.
 """
 
 from __future__ import annotations
 
-
-def check(cond: bool, name: str, msg: str) -> None:
-    """Raise a ``ValueError`` naming the offending argument when ``cond`` is false."""
-    if not cond:
-        raise ValueError(f"{name}: {msg}")
+from sgl_minference.checks import check
 
 
 def parse_lengths(text: str) -> list[int]:

@@ -13,7 +13,7 @@ import re
 from collections import Counter
 from dataclasses import dataclass
 
-from benchmarks.multiturn.argcheck import check
+from sgl_minference.checks import check
 
 VERDICTS = ("exact", "drift", "cross", "error")
 

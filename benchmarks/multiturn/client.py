@@ -35,7 +35,7 @@ import urllib.parse
 import uuid
 from dataclasses import dataclass, field
 
-from benchmarks.multiturn.argcheck import check
+from sgl_minference.checks import check
 
 LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1")
 

@@ -28,11 +28,11 @@ import time
 from benchmarks.multiturn import probes
 from benchmarks.multiturn.argcheck import parse_range
 from benchmarks.multiturn.checklist import Checks
-from benchmarks.multiturn.gpu_memory import MemoryPoller
 from benchmarks.multiturn.harness import (back_to_idle, dummy_weights, idle_memory, limits, log_path, server_failed,
                                           vocab_size)
 from benchmarks.multiturn.server import ServerStartError, log_problems, log_size, server_for
 from benchmarks.multiturn.stats import latency_summary
+from sgl_minference.gpu_memory import MemoryPoller
 
 
 def add_arguments(sp: argparse.ArgumentParser) -> None:

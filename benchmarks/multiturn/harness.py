@@ -9,10 +9,10 @@ import statistics
 import time
 from pathlib import Path
 
-from benchmarks.multiturn import gpu_memory
 from benchmarks.multiturn.checklist import Checks
 from benchmarks.multiturn.client import SGLangClient
 from benchmarks.multiturn.server import ServerStartError, model_config
+from sgl_minference import gpu_memory
 
 
 def server_failed(checks: Checks, name: str, err: ServerStartError) -> None:

@@ -15,10 +15,10 @@ import random
 import time
 from dataclasses import dataclass, field
 
-from benchmarks.multiturn.argcheck import check
 from benchmarks.multiturn.checks import (CrossCheck, attribute, attribute_logprobs, cross_check, logprob_check)
 from benchmarks.multiturn.client import SGLangClient, new_rid
 from benchmarks.multiturn.workload import token_id_range
+from sgl_minference.checks import check
 
 COMPARE_MODES = ("logprobs", "tokens")
 

@@ -13,9 +13,9 @@ from __future__ import annotations
 
 from typing import Protocol
 
-from benchmarks.multiturn.argcheck import check
 from benchmarks.multiturn.tokenization import Tokenizer
 from benchmarks.multiturn.workload import Query, SharedContext
+from sgl_minference.checks import check
 
 FORMATS = ("plain", "chat")
 

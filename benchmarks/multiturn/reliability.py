@@ -35,16 +35,17 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from benchmarks.multiturn import cold, serving, soak
-from benchmarks.multiturn.argcheck import check
 from benchmarks.multiturn.checklist import Checks
 from benchmarks.multiturn.checks import attribute, cross_check
 from benchmarks.multiturn.client import Reply, SGLangClient
-from benchmarks.multiturn.gpu_memory import MemoryPoller, bounded_memory
 from benchmarks.multiturn.harness import log_path, server_failed, vocab_size
 from benchmarks.multiturn.results import envelope, write_json
 from benchmarks.multiturn.server import (ServerStartError, add_server_arguments, attempt_startup, log_problems,
                                          log_size, log_tail, model_config, server_for, spec_from_args)
+from benchmarks.multiturn.stats import bounded_memory
 from benchmarks.multiturn.workload import token_id_range
+from sgl_minference.checks import check
+from sgl_minference.gpu_memory import MemoryPoller
 
 
 # ----------------------------------------------------------------------------------------------------------

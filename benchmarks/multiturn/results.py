@@ -12,7 +12,7 @@ import shlex
 import sys
 from pathlib import Path
 
-from benchmarks.multiturn.gpu_memory import device_description
+from sgl_minference.gpu_memory import device_description
 
 # reported name -> distribution names to try, first found wins (the names benchmarks/common.py reports)
 DISTRIBUTIONS = {"torch": ("torch",), "triton": ("triton",), "sglang": ("sglang",),

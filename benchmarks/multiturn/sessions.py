@@ -12,11 +12,11 @@ import statistics
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
-from benchmarks.multiturn.argcheck import check
 from benchmarks.multiturn.checks import score_reply
 from benchmarks.multiturn.client import Reply, SGLangClient
 from benchmarks.multiturn.prompts import PromptFormat, multiturn_prompt
 from benchmarks.multiturn.workload import Query, SharedContext
+from sgl_minference.checks import check
 
 MODES = ("multiturn", "multirequest")
 

@@ -38,11 +38,11 @@ from benchmarks.multiturn import probes
 from benchmarks.multiturn.argcheck import parse_range
 from benchmarks.multiturn.checklist import Checks
 from benchmarks.multiturn.cold import add_comparison_arguments, add_memory_arguments
-from benchmarks.multiturn.gpu_memory import MemoryPoller, memory_trend
 from benchmarks.multiturn.harness import (back_to_idle, dummy_weights, idle_memory, limits, log_path, server_failed,
                                           vocab_size)
 from benchmarks.multiturn.server import ServerStartError, log_problems, log_size, server_for
-from benchmarks.multiturn.stats import latency_summary
+from benchmarks.multiturn.stats import latency_summary, memory_trend
+from sgl_minference.gpu_memory import MemoryPoller
 
 BUCKETS = ((0, 8192, "<=8K"), (8192, 32768, "8K-32K"), (32768, 1 << 40, ">32K"))
 

@@ -12,7 +12,8 @@ the target length and random question ids; accuracy is meaningless there, cachin
 
 Every context carries :data:`QUERIES_PER_CONTEXT` queries whose needles sit at spread depths. How the
 queries are sent (one multi-turn session, or several requests sharing the context) is decided by the
-prompt format and the runner, not here. Everything is a pure function of the seed (and the tokenizer).
+prompt format and the runner, not here. Everything is a pure function of the seed (and the tokenizer). The pieces
+the accuracy eval's tasks use too (numbers, variable names and assignments) come from ``sgl_minference.tools.prompts``.
 """
 
 from __future__ import annotations
@@ -22,8 +23,9 @@ import uuid
 from dataclasses import dataclass, field
 from typing import Callable
 
-from benchmarks.multiturn.argcheck import check
 from benchmarks.multiturn.tokenization import Tokenizer
+from sgl_minference.checks import check
+from sgl_minference.tools.prompts import assignment, unique_number, variable_name
 
 QUERIES_PER_CONTEXT = 5
 TEXT_TASKS = ("kv", "passkey", "vt")
@@ -142,14 +144,6 @@ def _spread_depths(rng: random.Random, count: int) -> list[float]:
     return depths
 
 
-def _digits(rng: random.Random, n: int, taken: set[str]) -> str:
-    while True:
-        s = str(rng.randrange(10 ** (n - 1), 10**n))
-        if s not in taken:
-            taken.add(s)
-            return s
-
-
 class _KeyValueTask:
     header = (
         "Below is a JSON object whose keys and values are UUIDs. After it come questions, each naming one key; "
@@ -192,7 +186,7 @@ class _PasskeyTask:
         self._filler = _Filler(rng)
         taken: set[str] = set()
         self._vaults = rng.sample(_VAULTS, QUERIES_PER_CONTEXT)
-        self._keys = [_digits(rng, 6, taken) for _ in self._vaults]
+        self._keys = [unique_number(rng, 6, taken) for _ in self._vaults]
         self._depths = _spread_depths(rng, QUERIES_PER_CONTEXT)
 
     def min_units(self) -> int:
@@ -225,10 +219,10 @@ class _VariableTrackingTask:
         names: set[str] = set()
         self._chains: list[tuple[str, list[str], list[float]]] = []  # value, names in order, depths ascending
         for _ in range(QUERIES_PER_CONTEXT):
-            value = _digits(rng, 5, taken_values)
+            value = unique_number(rng, 5, taken_values)
             chain = []
             while len(chain) < VT_HOPS:
-                name = "".join(rng.choice("ABCDEFGHIJKLMNOPQRSTUVWXYZ") for _ in range(5))
+                name = variable_name(rng)
                 if name not in names:
                     names.add(name)
                     chain.append(name)
@@ -241,7 +235,7 @@ class _VariableTrackingTask:
         inserts = []
         for value, chain, depths in self._chains:
             rhs = [value] + [f"VAR {name}" for name in chain[:-1]]
-            inserts += [(d, f"VAR {name} = {r}.") for d, name, r in zip(depths, chain, rhs)]
+            inserts += [(d, assignment(name, r)) for d, name, r in zip(depths, chain, rhs)]
         inserts.sort(key=lambda item: item[0])  # a chain's statements keep their order at equal places
         return self.header + self._filler.render(n, inserts)
 

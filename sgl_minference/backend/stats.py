@@ -1,9 +1,7 @@
 """What the sparse path actually did: attended pairs per layer and request, index and attention time (opt-in).
 
-Pair counting (always available, used by the benchmarks too): :func:`layout_pairs` counts, on the layout's
-device and in closed form per key range, the (query, key, head) triples a :class:`~sgl_minference.layout.SparseLayout`
-attends after the causal cut and the triples its kernel loads (rows x (range lengths + columns)), per query block,
-for any batch geometry, so 256K-token layouts are counted without expanding them.
+Pair counting is the layout's own (:meth:`~sgl_minference.layout.SparseLayout.pairs`, closed form per key range
+on the layout's device, used by the benchmarks too); :func:`request_pairs` sums it per request.
 
 Recording (off unless ``$SGL_MINFERENCE_STATS`` names a file, read once when the backend is built): the backend
 hands each sparse layer forward to :meth:`SparseStats.run_layer`, which times the layout build and the attention
@@ -38,78 +36,17 @@ from pathlib import Path
 
 import torch
 
-from ..layout import BLOCK, BatchGeometry, SparseLayout
+from ..layout import BatchGeometry, SparseLayout, causal_pairs
 
 logger = logging.getLogger(__name__)
 
 ENV_VAR = "SGL_MINFERENCE_STATS"
 
 
-# ---- pair counting ------------------------------------------------------------------------------------------
-
-
-def causal_pairs(seq_q: int, seq_k: int, heads: int) -> int:
-    """(query, key, head) triples of bottom-right causal attention: chunk rows at the last ``seq_q`` positions."""
-    prefix = seq_k - seq_q
-    return heads * (seq_q * prefix + seq_q * (seq_q + 1) // 2)
-
-
-def _clamped_ramp_sum(m: torch.Tensor, length: torch.Tensor) -> torch.Tensor:
-    """``sum_{t=0}^{m-1} clamp(t, 0, length)`` for ``m >= 0`` (elementwise, int64)."""
-    inside = m * (m - 1) // 2
-    beyond = length * (length + 1) // 2 + (m - length - 1) * length
-    return torch.where(m <= length + 1, inside, beyond)
-
-
-def range_column_pairs(*, starts: torch.Tensor, ends: torch.Tensor, counts: torch.Tensor, cols: torch.Tensor,
-                       col_counts: torch.Tensor, row_pos: torch.Tensor, rows: torch.Tensor,
-                       seq_k: torch.Tensor | int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Attended and visited (query, key) pairs of key ranges plus gathered columns, per (query block, head).
-
-    starts, ends: [NQB, H, MAXB] int   key range [start, end) of each entry (ends clamped to ``seq_k``)
-    counts:       [NQB, H] int         valid ranges
-    cols:         [NQB, H, MAXC] int   gathered key columns
-    col_counts:   [NQB, H] int         valid columns
-    row_pos:      [NQB] int            absolute position of each block's first query row
-    rows:         [NQB] int            valid query rows of each block (64, less in the last)
-    seq_k:        [NQB] int or an int  keys of each block's request
-
-    Returns ``(attended, visited)``, ``[NQB, H]`` int64 on the inputs' device (no host sync): a row at position
-    ``p`` attends range key ``j`` when ``j <= p``, summed in closed form per range; visited = rows x (range
-    lengths + columns), the causal cut not applied.
-    """
-    starts, ends, cols = starts.long(), ends.long(), cols.long()
-    p0 = row_pos.long().view(-1, 1, 1)
-    n = rows.long().view(-1, 1, 1)
-    sk = seq_k.long().view(-1, 1, 1) if isinstance(seq_k, torch.Tensor) else torch.tensor(seq_k, device=p0.device)
-    valid_b = torch.arange(starts.shape[-1], device=starts.device) < counts.long().unsqueeze(-1)
-    s = starts.clamp(min=0).minimum(sk)
-    length = ends.minimum(sk).maximum(s) - s
-    length = torch.where(valid_b, length, torch.zeros_like(length))
-    # Row p sees clamp(p + 1 - s, 0, length) keys of the range; rows p0 .. p0+n-1 give a clamped ramp.
-    a = p0 + 1 - s
-    ramp = _clamped_ramp_sum((a + n).clamp(min=0), length) - _clamped_ramp_sum(a.clamp(min=0), length)
-    valid_c = torch.arange(cols.shape[-1], device=cols.device) < col_counts.long().unsqueeze(-1)
-    col_rows = (p0 + n - cols).clamp(min=0).minimum(n)  # rows at or after the column's position
-    attended = ramp.sum(-1) + torch.where(valid_c, col_rows, 0).sum(-1)
-    visited = (length * n).sum(-1) + (valid_c.long() * n).sum(-1)
-    return attended, visited
-
-
-def layout_pairs(layout: SparseLayout, geom: BatchGeometry) -> tuple[torch.Tensor, torch.Tensor]:
-    """:func:`range_column_pairs` of a layout over ``geom``: ``(attended, visited)``, ``[NQB, Hq]`` int64."""
-    req = geom.qb_request.long()
-    row = geom.qb_row.long()
-    seq_q = (geom.cu_seqlens_q[1:] - geom.cu_seqlens_q[:-1]).long()[req]  # device-side: no host copy per layer
-    return range_column_pairs(starts=layout.block_start, ends=layout.block_end, counts=layout.block_count,
-                              cols=layout.col_index, col_counts=layout.col_count,
-                              row_pos=row + geom.prefix_lens.long()[req], rows=(seq_q - row).clamp(max=BLOCK),
-                              seq_k=geom.seq_lens_k.long()[req])
-
-
 def request_pairs(layout: SparseLayout, geom: BatchGeometry) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(attended, visited)`` summed over heads and query blocks per request: ``[B]`` int64 each, on the device."""
-    attended, visited = layout_pairs(layout, geom)
+    """``(attended, visited)`` of :meth:`SparseLayout.pairs` summed over heads and query blocks per request: ``[B]``
+    int64 each, on the device."""
+    attended, visited = layout.pairs(geom)
     req = geom.qb_request.long()
     zeros = torch.zeros(geom.num_requests, dtype=torch.int64, device=attended.device)
     return zeros.index_add(0, req, attended.sum(1)), zeros.index_add(0, req, visited.sum(1))

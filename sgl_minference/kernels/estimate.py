@@ -18,15 +18,18 @@ import triton.language as tl
 
 from ..checks import check
 from ..layout import BLOCK, BatchGeometry, KVSource, check_tensor
+from .constants import LOG2E
 from .interpreter import refuse_bf16
 from .kv_access import kv_args, kv_rows
-from .sparse_attention import LOG2E, check_kv, check_queries_and_kv
+from .sparse_attention import check_kv, check_queries_and_kv
 
 
 @triton.jit
 def _lastq_setup(Q, KvStart, PoolIdx, CuQ, SeqK, QHead, KvHead, Slots, stride_qt, stride_qh, stride_tok, n_last,
-                 PAGED: tl.constexpr, HEADS: tl.constexpr, BLOCK: tl.constexpr, HEAD_DIM: tl.constexpr):
-    """Program (request r, slot g, split s): up to HEADS scored heads of one KV head, their q tiles stacked.
+                 tiles_per_split, PAGED: tl.constexpr, HEADS: tl.constexpr, BLOCK: tl.constexpr,
+                 HEAD_DIM: tl.constexpr):
+    """Program (request r, slot g, split s): up to HEADS scored heads of one KV head, their q tiles stacked, and
+    the split's key tiles ``[u_s, u_e)``.
 
     Row ``m`` of the ``[BLOCK * HEADS]`` tile is estimation row ``a = m // HEADS`` (position ``p0 + a``) of scored
     head ``head[m] = Slots[g, m % HEADS]``; ``head`` is -1 on padding lanes (rows masked: no load, no store).
@@ -36,6 +39,8 @@ def _lastq_setup(Q, KvStart, PoolIdx, CuQ, SeqK, QHead, KvHead, Slots, stride_qt
     ``n_tiles`` is 0 for an all-padding slot, which then scans nothing. ``key_base`` is the request's first K
     row (contiguous) or the offset of its token-table row (paged), loaded once, not per tile.
     """
+    tl.static_assert(BLOCK == 64)
+    tl.static_assert((HEADS & (HEADS - 1)) == 0)
     r = tl.program_id(0)
     g = tl.program_id(1)
     sk = tl.load(SeqK + r)
@@ -58,7 +63,10 @@ def _lastq_setup(Q, KvStart, PoolIdx, CuQ, SeqK, QHead, KvHead, Slots, stride_qt
         key_base = tl.load(PoolIdx + r).to(tl.int64) * stride_tok
     else:
         key_base = tl.load(KvStart + r).to(tl.int64)
-    return r, g, sk, p0, p0 + rows, rows, head, row_ok, n_tiles, kvh, q, key_base
+    s = tl.program_id(2)
+    u_s = s * tiles_per_split
+    u_e = tl.minimum(u_s + tiles_per_split, n_tiles)
+    return r, g, s, u_s, u_e, sk, p0, p0 + rows, rows, head, row_ok, n_tiles, kvh, q, key_base
 
 
 @triton.jit
@@ -117,14 +125,9 @@ def _lastq_lse_kernel(Q, K, KvStart, ReqToToken, PoolIdx, CuQ, SeqK, QHead, KvHe
     Rows are independent, so the stacked heads share only the K tile and the dot; each keeps its own row state.
     Tiles 0 and ``n_tiles - 1`` are masked, every other tile runs without a single mask.
     """
-    tl.static_assert(BLOCK == 64)
-    tl.static_assert((HEADS & (HEADS - 1)) == 0)
-    r, g, sk, p0, pos, rows, head, row_ok, n_tiles, kvh, q, key_base = _lastq_setup(
+    r, g, s, u_s, u_e, sk, p0, pos, rows, head, row_ok, n_tiles, kvh, q, key_base = _lastq_setup(
         Q, KvStart, PoolIdx, CuQ, SeqK, QHead, KvHead, Slots, stride_qt, stride_qh, stride_tok, n_last,
-        PAGED, HEADS, BLOCK, HEAD_DIM)
-    s = tl.program_id(2)
-    u_s = s * tiles_per_split
-    u_e = tl.minimum(u_s + tiles_per_split, n_tiles)
+        tiles_per_split, PAGED, HEADS, BLOCK, HEAD_DIM)
     m_i = tl.full([BLOCK * HEADS], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK * HEADS], tl.float32)
     if u_s == 0 and u_e > 0:  # -- tile 0: the causal triangle
@@ -188,6 +191,21 @@ def _scores_tile(qt, pos, lse, skew, lower, K, ReqToToken, key_base, kvh, u, p0,
     return col, d_lo, d_hi
 
 
+@triton.jit
+def _scores_step(carry, qt, pos, lse, skew, lower, K, ReqToToken, key_base, kvh, u, p0, sk, stride_kt, stride_kh,
+                 qk_scale, ColOut, DiagOut, out_base, lane_ok, o, HEADS: tl.constexpr, BLOCK: tl.constexpr,
+                 HEAD_DIM: tl.constexpr, PAGED: tl.constexpr, MASKED: tl.constexpr):
+    """Key tile ``u`` after a split's first: stores its columns and diagonal tile ``u - 1`` (``carry``, the lower
+    half kept from tile ``u - 1``, plus this tile's upper half); returns the lower half of diagonal tile ``u``."""
+    col, d_lo, d_hi = _scores_tile(qt, pos, lse, skew, lower, K, ReqToToken, key_base, kvh, u, p0, sk, stride_kt,
+                                   stride_kh, qk_scale, HEADS, BLOCK, HEAD_DIM, PAGED, MASKED)
+    j = p0 - BLOCK * u + o
+    tl.store(ColOut + out_base + j[:, None], col, mask=lane_ok & (j >= 0)[:, None])
+    off = BLOCK * (u - 1) + o
+    tl.store(DiagOut + out_base + off[:, None], carry + d_hi, mask=lane_ok & (off < sk)[:, None])
+    return d_lo
+
+
 @triton.jit(do_not_specialize=["tiles_per_split", "n_last", "num_heads", "splits1", "stride_out_b",
                                 "stride_out_h", "stride_tok"])
 def _lastq_scores_kernel(Q, K, KvStart, ReqToToken, PoolIdx, CuQ, SeqK, QHead, KvHead, Slots, MaxIn, SumIn,
@@ -203,14 +221,9 @@ def _lastq_scores_kernel(Q, K, KvStart, ReqToToken, PoolIdx, CuQ, SeqK, QHead, K
     before). The upper half of diagonal tile ``u_e - 1`` comes from key tile ``u_e``, the next split's first:
     the program computes that one tile too, so splits never write the same entry (no atomics, deterministic).
     """
-    tl.static_assert(BLOCK == 64)
-    tl.static_assert((HEADS & (HEADS - 1)) == 0)
-    r, g, sk, p0, pos, rows, head, row_ok, n_tiles, kvh, q, key_base = _lastq_setup(
+    r, g, s, u_s, u_e, sk, p0, pos, rows, head, row_ok, n_tiles, kvh, q, key_base = _lastq_setup(
         Q, KvStart, PoolIdx, CuQ, SeqK, QHead, KvHead, Slots, stride_qt, stride_qh, stride_tok, n_last,
-        PAGED, HEADS, BLOCK, HEAD_DIM)
-    s = tl.program_id(2)
-    u_s = s * tiles_per_split
-    u_e = tl.minimum(u_s + tiles_per_split, n_tiles)
+        tiles_per_split, PAGED, HEADS, BLOCK, HEAD_DIM)
     if u_s < u_e:
         lse = _merged_lse(MaxIn, SumIn, r, head, rows, row_ok, num_heads, splits1, HEADS, BLOCK, SPLIT_CHUNK)
         qt = tl.trans(q)  # [D, 64 * HEADS], loop invariant
@@ -229,22 +242,14 @@ def _lastq_scores_kernel(Q, K, KvStart, ReqToToken, PoolIdx, CuQ, SeqK, QHead, K
         last = n_tiles - 1
         inner_end = tl.where(u_e == n_tiles, last, u_e)
         for u in range(u_s + 1, inner_end):
-            col, d_lo, d_hi = _scores_tile(qt, pos, lse, skew, lower, K, ReqToToken, key_base, kvh, u, p0, sk,
-                                           stride_kt, stride_kh, qk_scale, HEADS, BLOCK, HEAD_DIM, PAGED, False)
-            j = p0 - BLOCK * u + o
-            tl.store(ColOut + out_base + j[:, None], col, mask=lane_ok & (j >= 0)[:, None])
-            off = BLOCK * (u - 1) + o
-            tl.store(DiagOut + out_base + off[:, None], carry + d_hi, mask=lane_ok & (off < sk)[:, None])
-            carry = d_lo
+            carry = _scores_step(carry, qt, pos, lse, skew, lower, K, ReqToToken, key_base, kvh, u, p0, sk,
+                                 stride_kt, stride_kh, qk_scale, ColOut, DiagOut, out_base, lane_ok, o, HEADS,
+                                 BLOCK, HEAD_DIM, PAGED, False)
         # -- the request's last tile (may reach below key 0), when it is in this split and not its first
         if inner_end < u_e and inner_end > u_s:
-            col, d_lo, d_hi = _scores_tile(qt, pos, lse, skew, lower, K, ReqToToken, key_base, kvh, last, p0, sk,
-                                           stride_kt, stride_kh, qk_scale, HEADS, BLOCK, HEAD_DIM, PAGED, True)
-            j = p0 - BLOCK * last + o
-            tl.store(ColOut + out_base + j[:, None], col, mask=lane_ok & (j >= 0)[:, None])
-            off = BLOCK * (last - 1) + o
-            tl.store(DiagOut + out_base + off[:, None], carry + d_hi, mask=lane_ok & (off < sk)[:, None])
-            carry = d_lo
+            carry = _scores_step(carry, qt, pos, lse, skew, lower, K, ReqToToken, key_base, kvh, last, p0, sk,
+                                 stride_kt, stride_kh, qk_scale, ColOut, DiagOut, out_base, lane_ok, o, HEADS,
+                                 BLOCK, HEAD_DIM, PAGED, True)
         # -- diagonal tile u_e - 1: its upper half from key tile u_e (all keys below 0 past the last tile: 0)
         col, d_lo, d_hi = _scores_tile(qt, pos, lse, skew, lower, K, ReqToToken, key_base, kvh, u_e, p0, sk,
                                        stride_kt, stride_kh, qk_scale, HEADS, BLOCK, HEAD_DIM, PAGED, True)
@@ -311,6 +316,16 @@ def _head_slots_kernel(KvHead, Table, hs, HEADS: tl.constexpr, HS_P: tl.constexp
     below = (kv_col < kv[:, None]) & first_col & ok_col
     base = tl.sum(tl.where(below, tl.reshape(slots_of, [1, HS_P]), 0), 1)
     tl.store(Table + (base + rank // HEADS) * HEADS + rank % HEADS, i, mask=ok)
+
+
+@triton.jit
+def slot_program(Table):
+    """The (query block, slot, lane) of a program on a ``(NQB, slots, G)`` grid over the slot table
+    (:func:`_head_slots`), and the scored head in that lane (``-1``: a padding lane, nothing to do)."""
+    qb = tl.program_id(0)
+    s = tl.program_id(1)
+    g = tl.program_id(2)
+    return qb, s, g, tl.load(Table + s * tl.num_programs(2) + g)
 
 
 def _head_slots(kv_head: torch.Tensor, num_kv_heads: int, group: int, heads: int) -> torch.Tensor:
@@ -456,10 +471,7 @@ def pool_keys(kv: KVSource, geom: BatchGeometry) -> torch.Tensor:
 def _pool_queries_kernel(Q, CuQ, QbReq, QbRow, QHead, Table, Out, stride_qt, stride_qh, stride_os, stride_og,
                          stride_oq, BLOCK_M: tl.constexpr, HEAD_DIM: tl.constexpr):
     """Mean of the valid rows of query block ``qb`` for the scored head in lane ``g`` of slot ``s`` (fp32)."""
-    qb = tl.program_id(0)
-    s = tl.program_id(1)
-    g = tl.program_id(2)
-    h = tl.load(Table + s * tl.num_programs(2) + g)
+    qb, s, g, h = slot_program(Table)
     if h >= 0:
         r = tl.load(QbReq + qb)
         start = tl.load(CuQ + r) + tl.load(QbRow + qb)

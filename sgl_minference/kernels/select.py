@@ -21,7 +21,7 @@ import triton
 import triton.language as tl
 
 from ..layout import BLOCK as KEY_BLOCK
-from .estimate import sm_count
+from .estimate import slot_program, sm_count
 
 DIGIT_BITS: tl.constexpr = tl.constexpr(8)
 BINS: tl.constexpr = tl.constexpr(256)
@@ -250,10 +250,7 @@ def _block_select_kernel(Scores, Table, Topk, CuQ, SeqK, QbReq, QbRow, BlockStar
     are always kept; of the rest the highest scores fill ``Topk[h]`` (ties towards lower blocks). Ascending
     blocks are also "full ranges first": a block is full exactly when it ends at or before the block's first row.
     """
-    qb = tl.program_id(0)
-    s = tl.program_id(1)
-    g = tl.program_id(2)
-    h = tl.load(Table + s * tl.num_programs(2) + g)
+    qb, s, g, h = slot_program(Table)
     if h >= 0:
         r = tl.load(QbReq + qb)
         row = tl.load(QbRow + qb)

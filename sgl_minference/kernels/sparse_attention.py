@@ -15,6 +15,7 @@ import torch
 import triton
 import triton.language as tl
 
+from sgl_minference.kernels.constants import LOG2E
 from sgl_minference.kernels.interpreter import refuse_bf16
 from sgl_minference.kernels.kv_access import kv_args, kv_rows
 from sgl_minference.checks import check
@@ -26,7 +27,6 @@ from sgl_minference.layout import BLOCK, BatchGeometry, KVSource, SparseLayout, 
 SUPPORTED_HEAD_DIMS = (64, 128, 256)
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
-LOG2E = 1.4426950408889634  # scores are kept in base 2 so the softmax can use exp2
 LN2: tl.constexpr = tl.constexpr(0.6931471805599453)  # converts the base-2 lse back to the natural log
 
 

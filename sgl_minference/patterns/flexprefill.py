@@ -32,10 +32,11 @@ from ..config import Estimation
 from ..kernels.estimate import lastq_scores, pool_keys
 from ..kernels.sparse_attention import check_queries_and_kv
 from ..layout import BLOCK, SENTINEL, BatchGeometry, KVSource, SparseLayout
-from ..search import recall
 from .blocks import block_candidates, keep_by_mass, layout_from_blocks, pad_last, pooled_query_blocks, select_heads
 from .convert import indices_to_layout
 from .heads import HeadSet
+from .selection import Selection, block_means, selection_keys
+from .selection import lastq_scores as exact_lastq_scores
 from .share_fit import largest_share_within
 
 VS_CAP = 8192  # columns (and diagonals) the vertical-slash branch can keep per head: the layout's capacity
@@ -130,18 +131,18 @@ def _head_inputs(q: torch.Tensor, k: torch.Tensor, sm_scale: float, est: Estimat
     nb = -(-n // BLOCK)
     rows = min(est.last_q, n)
     raw = Estimation(last_q=est.last_q, forced_sink=0, forced_local=0)  # unforced sums
-    col, diag = recall.lastq_scores(q, k, sm_scale=sm_scale, est=raw, softcap=softcap)
+    col, diag = exact_lastq_scores(q, k, sm_scale=sm_scale, est=raw, softcap=softcap)
     col_mass, diag_mass = col / rows, diag / rows
     true_blocks = pad_last(col_mass, nb * BLOCK).view(nb, BLOCK).sum(-1)
-    pk = recall.block_means(k)
+    pk = block_means(k)
     pooled = torch.softmax(pk @ q[n - rows:].float().mean(0) * sm_scale, dim=-1)
     geom = BatchGeometry.build([n], [n], q.device)
     candidate, diagonal = block_candidates(geom, nb)
-    p = (recall.block_means(q) @ pk.T * sm_scale)[:, None].masked_fill(~candidate, float("-inf")).softmax(-1)
+    p = (block_means(q) @ pk.T * sm_scale)[:, None].masked_fill(~candidate, float("-inf")).softmax(-1)
     return float(js_distance(true_blocks, pooled)), col_mass, diag_mass, p, candidate, diagonal
 
 
-def _selection(spec, inputs, gamma: float, est: Estimation) -> recall.Selection:
+def _selection(spec, inputs, gamma: float, est: Estimation) -> Selection:
     js, col_mass, diag_mass, p, candidate, diagonal = inputs
     n, dev = col_mass.shape[0], col_mass.device
     share = torch.tensor([gamma], device=dev)
@@ -149,7 +150,7 @@ def _selection(spec, inputs, gamma: float, est: Estimation) -> recall.Selection:
     if js < spec.tau:
         keep = keep_by_mass(p, candidate, share, forced=diagonal,
                             min_count=torch.tensor([-(-spec.min_budget // BLOCK)], device=dev))
-        return recall.Selection(n=n, columns=none, offsets=none, blocks=keep[:, 0])
+        return Selection(n=n, columns=none, offsets=none, blocks=keep[:, 0])
     cap, pos = min(n, max(VS_CAP, spec.min_budget)), torch.arange(n, device=dev)
     valid = torch.ones(n, dtype=torch.bool, device=dev)
     count = torch.tensor([spec.min_budget], device=dev)
@@ -158,12 +159,12 @@ def _selection(spec, inputs, gamma: float, est: Estimation) -> recall.Selection:
         idx = top_by_mass(mass.view(1, 1, -1), valid, share, count, forced, cap, unused, descending)[0, 0].long()
         return idx[idx != unused]
 
-    return recall.Selection(n=n, columns=top(col_mass, pos < est.forced_sink, SENTINEL, False),
+    return Selection(n=n, columns=top(col_mass, pos < est.forced_sink, SENTINEL, False),
                             offsets=top(diag_mass, pos < est.forced_local, -1, True))
 
 
 def realise_flexprefill(spec, q: torch.Tensor, k: torch.Tensor, *, sm_scale: float, est: Estimation,
-                        softcap: float | None) -> recall.Selection:
+                        softcap: float | None) -> Selection:
     """The keys the online builder keeps for one head of ``n`` tokens (q, k: ``[n, D]``)."""
     return _selection(spec, _head_inputs(q, k, sm_scale, est, softcap), spec.gamma, est)
 
@@ -176,6 +177,6 @@ def fit_flexprefill(spec, q: torch.Tensor, k: torch.Tensor, budget: int, *, sm_s
     inputs = _head_inputs(q, k, sm_scale, est, softcap)
 
     def keys(gamma: float) -> float:
-        return recall.selection_keys(_selection(spec, inputs, gamma, est), row_block=row_block, skip_rows=skip_rows)
+        return selection_keys(_selection(spec, inputs, gamma, est), row_block=row_block, skip_rows=skip_rows)
 
     return spec.model_copy(update={"gamma": largest_share_within(keys, budget, steps=14)})

@@ -32,9 +32,9 @@ from ..config import Estimation
 from ..kernels.sparse_attention import check_queries_and_kv
 from ..layout import BLOCK, BatchGeometry, KVSource, SparseLayout
 from ..registry import XATTENTION_STRIDES
-from ..search.recall import Selection, block_keys
 from .blocks import block_candidates, keep_by_mass, layout_from_blocks
 from .heads import HeadSet
+from .selection import Selection, block_keys
 from .share_fit import largest_share_within
 
 SCORE_ELEMENTS = 1 << 27  # strided logits per chunk: 512 MiB in fp32 (the softmax makes one more of them)

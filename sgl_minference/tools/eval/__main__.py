@@ -1,4 +1,5 @@
-"""``python -m sgl_minference.eval MODEL --config CONFIG.json``: dense vs sparse accuracy on RULER-style tasks.
+"""``python -m sgl_minference.tools.eval MODEL --config CONFIG.json``: dense vs sparse accuracy on RULER-style
+tasks (``sgl_minference.tools.prompts``).
 
 Generates the task suite offline (exact token lengths, needle depths spread 0-100%), runs it through SGLang's
 Engine twice (dense on the backend ``minference`` delegates to, fa3 on Hopper else flashinfer; then ``minference``
@@ -27,13 +28,15 @@ import sys
 import time
 from pathlib import Path
 
-from ..cli import fail
-from ..config import ConfigError, MInferenceConfig
-from ..cpu_torch import allow_torchvision_import
+from ...cli import fail
+from ...config import ConfigError, MInferenceConfig
+from ...cpu_torch import allow_torchvision_import
 from .checkpoint import OutputStore, digest
 from .runner import MODES, EngineSettings, engine_kwargs, evaluate, nominal_density, run_mode, scale_config
-from .tasks import DEPTHLESS, TASKS, depth_grid, make_sample, make_suite
+from ..gguf_loader import check_model, resolve_model
+from ..prompts import DEPTHLESS, TASKS, depth_grid, make_sample, make_suite
 
+PROG = "python -m sgl_minference.tools.eval"
 RULER_TASKS = ("passkey", "niah_single", "niah_multikey", "niah_multivalue", "variable_tracking", "common_words")
 QUICK_TASKS = ("passkey", "niah_single", "niah_multikey")
 RESULTS_DIR = Path.home() / ".cache" / "sgl_minference" / "eval"  # default for --out: not the working directory
@@ -41,7 +44,7 @@ HEADROOM = 256  # context tokens kept free for generated tokens
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m sgl_minference.eval", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog=PROG, description=__doc__.split("\n\n")[0])
     p.add_argument("model", help="HF model folder, .gguf file, or pip package holding a GGUF")
     p.add_argument("--config", default=None, help="sparse config (any format sgl_minference.config reads); "
                    "default: the backend's own resolution (model folder, defaults)")
@@ -128,22 +131,19 @@ def gpu_problem() -> str | None:
 
 def main(argv=None) -> dict:
     args = parse_args(argv)
-    prog = "python -m sgl_minference.eval"
     # the arguments first, then the machine, and only then anything heavy (tokenizer, GGUF conversion, engines)
     try:
         base = MInferenceConfig.load(args.config) if args.config else MInferenceConfig()
     except ConfigError as e:
-        fail(prog, f"--config: {e}")
+        fail(PROG, f"--config: {e}")
     try:
         extra = json.loads(args.engine_args)
     except json.JSONDecodeError as e:
-        fail(prog, f"--engine-args: not JSON ({e})")
-    from ..search.__main__ import check_model, resolve_model
-
-    check_model(prog, args.model)
+        fail(PROG, f"--engine-args: not JSON ({e})")
+    check_model(PROG, args.model)
     problem = gpu_problem()
     if problem:
-        fail(prog, problem)
+        fail(PROG, problem)
     allow_torchvision_import()
     from tqdm.auto import tqdm
     from transformers import AutoConfig, AutoTokenizer
@@ -213,7 +213,7 @@ def main(argv=None) -> dict:
     results.update({
         "schema": "sgl-minference-eval/1",
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "command": "python -m sgl_minference.eval " + " ".join(argv if argv is not None else sys.argv[1:]),
+        "command": f"{PROG} " + " ".join(argv if argv is not None else sys.argv[1:]),
         "model": str(args.model), "model_folder": folder.name, "host": platform.node(), "versions": versions(),
         "tasks": tasks, "lengths": lengths, "depths": depths, "depthless_tasks": sorted(DEPTHLESS & set(tasks)),
         "seconds": seconds, "dense_backend": settings.dense_backend, "config_source": args.config, "budget_scale": args.budget_scale,

@@ -13,8 +13,8 @@ from dataclasses import dataclass
 
 import torch
 
-from ..checks import check
-from ..layout import check_tensor
+from ...checks import check
+from ...layout import check_tensor
 
 
 @dataclass(kw_only=True)

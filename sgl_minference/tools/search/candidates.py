@@ -18,9 +18,9 @@ one A-shape (a 64-key sink, the rest local), vertical-slash with ``VERTICAL_SHAR
 with ``B / 64`` blocks (``SEARCHED``; the registry's ``VERTICAL_SHARES``). :func:`budget_for` turns a density
 (share of the causal attention computed) into ``B``.
 Diagonals are the one cost the nominal model cannot know in advance: a scattered diagonal costs up to 64 keys
-per row. So the search fits each vertical-slash candidate to the head (:func:`fit`, by :func:`fit_slash`): its
-vertical count stays, its slash count becomes the largest whose realised keys per row on the calibration prompt
-stay within the budget.
+per row. So the search fits each vertical-slash candidate to the head (:func:`fit`, by
+``sgl_minference.patterns.selection.fit_slash``): its vertical count stays, its slash count becomes the largest
+whose realised keys per row on the calibration prompt stay within the budget.
 The search measures every candidate's *realised* cost too (``head_recall``'s keys per row) and only picks among
 those within ``slack`` times the budget (:func:`choose`), so a pattern whose diagonals scatter cannot win by
 spending more; among candidates of equal recall (within ``tol``) the cheapest wins.
@@ -37,11 +37,10 @@ from collections.abc import Sequence
 
 import torch
 
-from ..checks import check
-from ..config import DEFAULT_ESTIMATION, Estimation, VerticalSlashSpec
-from ..layout import BLOCK
-from ..registry import PATTERNS, nominal_cost, search_candidates  # noqa: F401 (nominal_cost: the search's model)
-from .recall import Selection, lastq_scores, selection_keys
+from ...checks import check
+from ...config import DEFAULT_ESTIMATION, Estimation
+from ...layout import BLOCK
+from ...registry import PATTERNS, nominal_cost, search_candidates  # noqa: F401 (nominal_cost: the search's model)
 
 MIN_BUDGET = 8 * BLOCK  # below this the splits collapse into one another
 SEARCHED = ("a_shape", "vertical_slash", "block_sparse")  # the pattern types searched unless asked otherwise
@@ -87,33 +86,3 @@ def choose(recall: Sequence[float], keys: Sequence[float], budget: int, slack: f
         return min(range(len(keys)), key=lambda i: keys[i])
     best = max(recall[i] for i in within)
     return min((i for i in within if recall[i] >= best - tol), key=lambda i: (keys[i], -recall[i]))
-
-
-def fit_slash(spec: VerticalSlashSpec, q: torch.Tensor, k: torch.Tensor, budget: int, *, sm_scale: float,
-              est: Estimation = DEFAULT_ESTIMATION, softcap: float | None = None, row_block: int = 1024,
-              skip_rows: int = 0) -> VerticalSlashSpec:
-    """``spec`` with the largest slash count (at most ``max(spec.slash, budget)``) whose realised keys per row on
-    this head (rows ``skip_rows..n-1``) are at most ``budget``; never below ``est.forced_local`` (the diagonals
-    always kept). The count grows past the nominal one when the columns leave budget unused.
-
-    q, k: ``[n, D]`` the head's queries and keys. Bisects over prefixes of the online ranking of diagonals
-    (realised keys grow with the slash count); each step counts kept keys without computing softmax.
-    """
-    n = q.shape[0]
-    col, diag = lastq_scores(q, k, sm_scale=sm_scale, est=est, softcap=softcap)
-    columns = col.topk(min(spec.vertical, n)).indices.sort().values
-    ranked = diag.topk(min(max(spec.slash, budget), n)).indices  # best first: a prefix is the online top-S
-
-    def keys(slash: int) -> float:
-        sel = Selection(n=n, columns=columns, offsets=ranked[:slash])
-        return selection_keys(sel, row_block=row_block, skip_rows=skip_rows)
-
-    lo, hi = min(max(est.forced_local, 1), ranked.numel()), ranked.numel()
-    if keys(hi) <= budget:
-        return spec.model_copy(update={"slash": hi})
-    if keys(lo) > budget:
-        return spec.model_copy(update={"slash": lo})
-    while hi - lo > 1:  # invariant: keys(lo) <= budget < keys(hi)
-        mid = (lo + hi) // 2
-        lo, hi = (mid, hi) if keys(mid) <= budget else (lo, mid)
-    return spec.model_copy(update={"slash": lo})

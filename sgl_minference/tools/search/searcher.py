@@ -2,7 +2,7 @@
 
 For every query head of every searched layer, each candidate spec is realised on the calibration sequence
 (dynamic indices estimated as online), scored by streamed attention recall, and the best one within the cost
-budget is kept (:func:`~sgl_minference.search.candidates.choose`). The same scoring measures the recall of a
+budget is kept (:func:`~sgl_minference.tools.search.candidates.choose`). The same scoring measures the recall of a
 given config's specs (:func:`config_recall`), which the eval reports per layer.
 """
 
@@ -13,11 +13,12 @@ from dataclasses import dataclass
 
 import torch
 
-from ..checks import check
-from ..config import DEFAULT_ESTIMATION, DenseSpec, Estimation, MInferenceConfig
+from ...checks import check
+from ...config import DEFAULT_ESTIMATION, DenseSpec, Estimation, MInferenceConfig
+from ...patterns.selection import realise
 from .candidates import choose, fit, nominal_cost
 from .capture import LayerQK, capture_qk
-from .recall import head_recall, realise
+from .recall import head_recall
 
 
 @dataclass(kw_only=True)
@@ -51,7 +52,7 @@ def score_layer(qk: LayerQK, specs_for: Callable[[int, int], Sequence], settings
     """Score ``specs_for(layer, head)`` on every query head of one captured layer (GQA: head ``h`` reads KV head
     ``h // (Hq / Hk)``). With ``fit_budget``, specs whose pattern has a fit (vertical-slash: the slash count;
     the adaptive patterns: their mass threshold) are first fitted to that many keys per row on the head
-    (:func:`~sgl_minference.search.candidates.fit`)."""
+    (:func:`~sgl_minference.tools.search.candidates.fit`)."""
     num_heads, num_kv = qk.q.shape[0], qk.k.shape[0]
     check(num_heads % num_kv == 0, "qk", f"{num_kv} KV heads do not divide {num_heads} query heads")
     group = num_heads // num_kv

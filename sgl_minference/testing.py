@@ -1,7 +1,11 @@
-"""Plain-torch references for the sparse attention kernel: exact masked attention and the dense-causal layout.
+"""Test references (only the tests import them; the serving core never does): exact masked attention in plain
+torch, and dense causal attention as a ``SparseLayout``.
 
 ``masked_attention(q, kv, geom, layout.to_dense(geom))`` is the oracle every kernel test compares against;
 ``full_layout`` expresses dense causal attention as a ``SparseLayout`` so the sparse kernel can stand in for it.
+It is built here in plain torch, on purpose not by the core's dense builder (``patterns.build_dense``, which goes
+through the conversion kernel and tiles keys differently): the kernel tests then do not depend on the conversion
+kernel, and the broken-layout tests corrupt its known entries.
 """
 
 from __future__ import annotations

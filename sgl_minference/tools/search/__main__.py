@@ -1,10 +1,10 @@
-"""``python -m sgl_minference.search MODEL --output CONFIG.json``: offline kernel-aware pattern search.
+"""``python -m sgl_minference.tools.search MODEL --output CONFIG.json``: offline kernel-aware pattern search.
 
 MODEL is a Hugging Face model folder, a ``.gguf`` file or a pip package shipping one (converted once with
-``sgl_minference.gguf_loader``). A synthetic key-value retrieval prompt of ``--length`` tokens (default: the
-model's maximum context, at most 32768) is run through the model with transformers; every query head of every
-full-attention layer gets the candidate (``sgl_minference.search.candidates``) with the best attention recall
-within the budget. Sliding-window layers are not searched and stay dense. Writes the config
+``sgl_minference.tools.gguf_loader``). A synthetic key-value retrieval prompt of ``--length`` tokens (default:
+the model's maximum context, at most 32768) is run through the model with transformers; every query head of
+every full-attention layer gets the candidate (``sgl_minference.tools.search.candidates``) with the best
+attention recall within the budget. Sliding-window layers are not searched and stay dense. Writes the config
 (``sgl-minference/v1``) and a report of every candidate's recall and cost next to it.
 """
 
@@ -17,15 +17,16 @@ from pathlib import Path
 
 import torch
 
-from ..cli import fail
-from ..cpu_torch import allow_torchvision_import
-from ..eval.tasks import make_sample
+from ...cli import fail
+from ...cpu_torch import allow_torchvision_import
+from ..gguf_loader import check_model, resolve_model
+from ..prompts import make_sample
 from .candidates import ADAPTIVE, SEARCHED, budget_for, candidate_space
 from .capture import full_attention_layers
 from .searcher import ScoreSettings, layer_summary, search_model, to_config
 
 DEFAULT_MAX_LENGTH = 32768
-PROG = "python -m sgl_minference.search"
+PROG = "python -m sgl_minference.tools.search"
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -56,32 +57,6 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--report", default=None, help="report JSON (default: OUTPUT with .report.json)")
     p.add_argument("--no-progress", action="store_true")
     return p.parse_args(argv)
-
-
-def resolve_model(source: str, cache_dir: str | None = None) -> Path:
-    """A model folder for ``source``: itself when it holds a config.json, else its GGUF converted once."""
-    path = Path(source)
-    if path.is_dir() and (path / "config.json").is_file():
-        return path
-    from ..gguf_loader import convert_cached
-
-    return convert_cached(source, cache_dir)
-
-
-def check_model(prog: str, source: str) -> None:
-    """Exit with one line on stderr (status 2) unless ``source`` names a model folder or a GGUF (cheap: reads no
-    weights)."""
-    path = Path(source)
-    if path.is_dir():
-        if not (path / "config.json").is_file():
-            fail(prog, f"model: {path} is a folder without a config.json")
-        return
-    from ..gguf_loader import locate_gguf
-
-    try:
-        locate_gguf(source)
-    except ValueError as e:
-        fail(prog, str(e).replace("source: ", "model: ", 1))
 
 
 def main(argv=None) -> dict:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 
-from ..checks import check
+from ...checks import check
 
 
 def niah_heatmap(niah: dict, path: str | os.PathLike, *, title: str = "") -> None:

@@ -13,7 +13,7 @@ import math
 from collections import defaultdict
 from collections.abc import Iterable, Mapping, Sequence
 
-from ..checks import check
+from ...checks import check
 
 
 def answer_recall(output: str, answers: Sequence[str]) -> float:

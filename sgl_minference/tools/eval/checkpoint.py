@@ -14,7 +14,7 @@ import json
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
-from .tasks import Sample
+from ..prompts import Sample
 
 
 def digest(value) -> str:

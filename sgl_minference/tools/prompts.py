@@ -13,6 +13,11 @@ key with several numbers, all to be returned), ``variable_tracking`` (a chain of
 every name bound to the value), ``common_words`` (the most frequent words of a long list), ``kv_retrieval`` (a
 long table of random keys and values; also the search's calibration text). ``depth`` in ``[0, 1]`` places the
 asked needle (0: right after the instruction, 1: right before the question).
+
+The one home of the project's synthetic prompts: the eval scores these tasks, the search calibrates on
+``kv_retrieval``, and the multi-turn benchmark's shared contexts (``benchmarks/multiturn/workload.py``) draw their
+numbers, variable names and assignments from the pieces here. Standard library only (the benchmark's HTTP side
+imports it without torch).
 """
 
 from __future__ import annotations
@@ -196,8 +201,31 @@ def _noise() -> str:
     return NOISE
 
 
-def _number(rng: random.Random, digits: int = 7) -> str:
+# -- pieces both generators use (this module's tasks and benchmarks/multiturn/workload.py's shared contexts) --
+
+
+def number(rng: random.Random, digits: int = 7) -> str:
+    """A random ``digits``-digit decimal number (no leading zero): a needle's value or a pass key."""
     return str(rng.randrange(10 ** (digits - 1), 10 ** digits))
+
+
+def unique_number(rng: random.Random, digits: int, taken: set[str]) -> str:
+    """:func:`number` drawn again until it is not in ``taken``; it is added to it."""
+    while True:
+        value = number(rng, digits)
+        if value not in taken:
+            taken.add(value)
+            return value
+
+
+def variable_name(rng: random.Random, letters: int = 5) -> str:
+    """A random upper-case variable name for the variable-tracking tasks."""
+    return "".join(rng.choice(string.ascii_uppercase) for _ in range(letters))
+
+
+def assignment(name: str, value: str) -> str:
+    """One variable-tracking statement: ``VAR name = value.`` (``value`` a number or ``VAR other``)."""
+    return f"VAR {name} = {value}."
 
 
 def _keys(rng: random.Random, n: int) -> list[str]:
@@ -231,7 +259,7 @@ _NIAH_HEAD = ("Some special magic numbers are hidden in the following text. Read
 
 def _niah(enc, rng, length, depth, *, keys: int, values: int):
     names = _keys(rng, keys)
-    numbers = [[_number(rng) for _ in range(values)] for _ in names]
+    numbers = [[number(rng) for _ in range(values)] for _ in names]
     asked = names[0]
     needles = []
     depths = _spread(rng, keys * values, depth)
@@ -247,7 +275,7 @@ def _niah(enc, rng, length, depth, *, keys: int, values: int):
 
 
 def passkey(enc, rng, length, depth):
-    key = _number(rng, 5)
+    key = number(rng, 5)
     head = ("There is a pass key hidden inside a lot of irrelevant text. Find it and remember it; "
             "you will be asked for it afterwards.\n")
     needle = Needle(text=f" The pass key is {key}. Remember it. {key} is the pass key.", depth=depth)
@@ -270,9 +298,10 @@ def niah_multivalue(enc, rng, length, depth):
 
 
 def variable_tracking(enc, rng, length, depth, *, hops: int = 4):
-    names = ["".join(rng.choice(string.ascii_uppercase) for _ in range(5)) for _ in range(hops + 1)]
-    value = _number(rng, 5)
-    statements = [f" VAR {names[0]} = {value}."] + [f" VAR {b} = VAR {a}." for a, b in zip(names, names[1:])]
+    names = [variable_name(rng) for _ in range(hops + 1)]
+    value = number(rng, 5)
+    statements = [" " + assignment(names[0], value)]
+    statements += [" " + assignment(b, f"VAR {a}") for a, b in zip(names, names[1:])]
     later = sorted(depth + (1.0 - depth) * rng.random() for _ in range(hops))
     needles = [Needle(text=s, depth=d) for s, d in zip(statements, [depth] + later)]
     head = ("Memorize every variable assignment in the text below; the rest is noise. "

@@ -1,3 +1,0 @@
-"""Offline kernel-aware pattern search (``python -m sgl_minference.search``): ``capture`` takes per-layer
-queries and keys from a transformers forward, ``recall`` scores patterns by streamed attention recall,
-``candidates`` holds the candidate space and cost model, ``searcher`` ties them into a config."""
