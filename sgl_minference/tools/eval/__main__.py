@@ -174,7 +174,7 @@ def main(argv=None) -> dict:
     for key in ("mem_fraction_static", "chunked_prefill_size"):
         if getattr(args, key) is not None:
             extra[key] = getattr(args, key)
-    from ..plugin import resolve_dense_backend
+    from ...plugin import resolve_dense_backend
 
     settings = EngineSettings(model_path=str(folder), sparse_overrides={"config_path": str(config_path.resolve())},
                               context_length=min(max_len, max(lengths) + HEADROOM),
