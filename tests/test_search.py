@@ -223,6 +223,8 @@ def test_search_cli_end_to_end(tiny_gemma, tmp_path):
         assert len(head["candidates"]) == len(cand.candidate_space(512))
         assert all(0.0 <= c["recall"] <= 1.0 + 1e-6 for c in head["candidates"])
     assert json.loads(out.with_suffix(".report.json").read_text())["budget"] == 512
+    assert report["budgets"] == [512] and report["target_recall"] is None
+    assert all(isinstance(h["best"], int) for h in report["heads"])  # one budget, no target: every head sparse
 
 
 def test_config_recall_dense_is_lossless(tiny_gemma):
@@ -278,3 +280,103 @@ def test_dense_below_keeps_poor_heads_dense():
     cfg = to_config(results, num_layers=2, num_heads=2, dense_below=0.5, min_context=4096)
     assert cfg.head_spec(1, 0) == DenseSpec() and cfg.head_spec(1, 1) == specs[0]
     assert cfg.head_spec(0, 0) == DenseSpec() and cfg.min_context == 4096
+
+
+def test_target_recall_takes_the_cheapest_candidate_meeting_it():
+    from sgl_minference.tools.search.searcher import HeadResult, layer_summary, to_config
+
+    # the costlier candidate has the higher recall, the cheapest misses: the middle one is the cheapest meeting it
+    assert cand.cheapest_meeting([0.99, 0.96, 0.80], [1000, 400, 100], [1000, 400, 100], target=0.95) == 1
+    assert cand.cheapest_meeting([0.99, 0.96, 0.80], [1000, 400, 100], [1000, 400, 100], target=0.97) == 0
+    assert cand.cheapest_meeting([0.96, 0.97], [400, 400], [400, 400], target=0.95) == 1  # equal keys: recall
+    assert cand.cheapest_meeting([0.90, 0.94], [100, 400], [100, 400], target=0.95) is None  # none: dense
+    # slack: 300 keys on a 100-key budget is over 1.5 x its own budget, though cheaper than the 400-key one
+    assert cand.cheapest_meeting([0.97, 0.96], [300, 450], [100, 400], target=0.95, slack=1.5) == 1
+    assert cand.cheapest_meeting([0.97, 0.96], [300, 450], [100, 400], target=0.95, slack=3.0) == 0
+    assert cand.cheapest_meeting([0.97], [601], [400], target=0.95, slack=1.5) is None
+
+    specs = [AShapeSpec(sink=64, local=100), VerticalSlashSpec(vertical=30, slash=400)]
+    results = [HeadResult(layer=1, head=0, specs=specs, recall=[0.3, 0.4], keys=[100, 400], budgets=[100, 400],
+                          best=None),
+               HeadResult(layer=1, head=1, specs=specs, recall=[0.9, 0.99], keys=[100, 400], budgets=[100, 400],
+                          best=1)]
+    cfg = to_config(results, num_layers=2, num_heads=2)
+    assert cfg.head_spec(1, 0) == DenseSpec() and cfg.head_spec(1, 1) == specs[1]
+    assert layer_summary(results) == {1: pytest.approx((1.0 + 0.99) / 2)}  # the dense head is exact
+    d = results[0].as_dict()
+    assert d["best"] is None and d["dense"] is True and [c["budget"] for c in d["candidates"]] == [100, 400]
+    assert results[1].as_dict()["dense"] is False
+
+
+def test_score_layer_fits_each_candidate_to_its_own_budget():
+    n, d = 1024, 16
+    gen = torch.Generator().manual_seed(5)
+    q, k = torch.randn(n, d, generator=gen) * 2.0, torch.randn(n, d, generator=gen)  # diffuse: scattered diagonals
+    qk = LayerQK(layer=0, q=q[None], k=k[None], sm_scale=1.0, softcap=None)
+    nominal, budgets = VerticalSlashSpec(vertical=30, slash=385), [300, 450]
+    res = score_layer(qk, lambda _l, _h: [nominal, nominal], ScoreSettings(row_block=256, skip_rows=256),
+                      fit_budget=budgets)[0]
+    assert res.budgets == budgets and res.specs[0].slash < res.specs[1].slash
+    assert all(keys <= b for keys, b in zip(res.keys, budgets)) and res.keys[1] > budgets[0]
+    assert res.recall[0] < res.recall[1]
+
+
+def _ladder_search(model, out, target):
+    from sgl_minference.tools.search.__main__ import main
+
+    return main([str(model), "--output", str(out), "--length", "2048", "--density", "0.75", "0.5",
+                 "--target-recall", str(target),
+                 "--row-block", "512", "--device", "cpu", "--dtype", "float32", "--no-progress"])
+
+
+@pytest.mark.parametrize("target", [0.5, 0.9999])
+def test_search_cli_target_over_a_ladder(tiny_gemma, tmp_path, capsys, target):
+    out, slack = tmp_path / "cfg.json", 1.5
+    report = _ladder_search(tiny_gemma, out, target)
+    printed = capsys.readouterr().out
+    cfg = MInferenceConfig.load(out)
+    assert json.loads(out.with_suffix(".report.json").read_text()) == json.loads(json.dumps(report))
+    assert report["budgets"] == [512, 768] and report["budget"] == 768 and report["target_recall"] == target
+    assert report["densities"] == pytest.approx([512 * 2 / 2049, 768 * 2 / 2049])
+    n_cands = {b: len(cand.candidate_space(b)) for b in (512, 768)}
+    cheaper_won = 0
+    for head in report["heads"]:
+        cands = head["candidates"]
+        assert [c["budget"] for c in cands] == [512] * n_cands[512] + [768] * n_cands[768]
+        ok = [i for i, c in enumerate(cands) if c["recall"] >= target and c["keys"] <= slack * c["budget"]]
+        spec = cfg.head_spec(2, head["head"])
+        if head["best"] is None:
+            assert not ok and head["dense"] and spec == DenseSpec()
+        else:
+            assert head["best"] in ok and not head["dense"]
+            assert cands[head["best"]]["keys"] == min(cands[i]["keys"] for i in ok)
+            assert spec.model_dump() == cands[head["best"]]["spec"]
+            cheaper_won += cands[head["best"]]["recall"] < max(cands[i]["recall"] for i in ok)
+        assert all(c["recall"] < 0.99 for c in cands)  # a random tiny model's attention is diffuse
+    recalls = [1.0 if h["best"] is None else h["candidates"][h["best"]]["recall"] for h in report["heads"]]
+    assert report["layer_recall"][2] == pytest.approx(sum(recalls) / 4)
+    assert report["dense_heads"] == sum(h["dense"] for h in report["heads"])
+    assert report["dense_heads"] / 4 <= report["key_share"] <= 1.0
+    assert f"{report['dense_heads']} of 4 searched heads dense" in printed and "of causal" in printed
+    if target > 0.99:  # unreachable: every head dense, the result costs the causal keys
+        assert report["dense_heads"] == 4 and report["key_share"] == 1.0 and set(recalls) == {1.0}
+    else:  # every head meets it at some rung; somewhere a cheaper candidate beats a higher-recall one
+        assert report["dense_heads"] == 0 and cheaper_won >= 1 and report["key_share"] < 0.75
+
+
+@pytest.mark.parametrize("extra,words", [
+    (["--density", "0.2", "0.4"], ["--density: 2 values need --target-recall"]),
+    (["--budget", "512", "1024"], ["--budget: 2 values need --target-recall"]),
+    (["--density", "0.2", "0.4", "--target-recall", "0.95", "--dense-below", "0.5"],
+     ["--target-recall and --dense-below"]),
+    (["--target-recall", "1.5"], ["--target-recall: 1.5 is not in (0, 1]"]),
+])
+def test_search_cli_ladder_errors(tmp_path, capsys, extra, words):
+    from sgl_minference.tools.search.__main__ import main
+
+    with pytest.raises(SystemExit) as exc:
+        main([str(tmp_path / "no-model"), "-o", str(tmp_path / "cfg.json"), *extra])
+    err = capsys.readouterr().err
+    assert exc.value.code == 2 and len(err.strip().splitlines()) == 1, err
+    assert err.startswith("python -m sgl_minference.tools.search: error: ") and all(w in err for w in words), err
+    assert not (tmp_path / "cfg.json").exists()

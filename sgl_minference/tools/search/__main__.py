@@ -6,6 +6,19 @@ the model's maximum context, at most 32768) is run through the model with transf
 every full-attention layer gets the candidate (``sgl_minference.tools.search.candidates``) with the best
 attention recall within the budget. Sliding-window layers are not searched and stay dense. Writes the config
 (``sgl-minference/v1``) and a report of every candidate's recall and cost next to it.
+
+With ``--target-recall R``, ``--density`` / ``--budget`` may be a ladder of several values: every head's
+candidates are fitted and scored at every budget (the layer's Q/K captured once), and the head gets the candidate
+with the fewest realised keys per row among those with recall >= R and keys within ``--slack`` x their own
+budget; a head where none reaches R stays dense. Without it exactly one density / budget is allowed (and
+``--dense-below``, the other answer to a head that misses, is refused with it).
+
+The report lists the ladder (``budgets``, ``densities``, ascending), ``target_recall`` and each candidate's
+``budget``; ``best`` indexes the head's candidate list (all budgets together), ``null`` where no candidate met the
+target (such a head counts as recall 1.0 in ``layer_recall``: dense is exact). ``"dense": true`` marks every head
+the config leaves dense (``--dense-below`` ones included); ``dense_heads`` counts them and ``key_share`` is the
+mean realised keys per scored row over the searched heads as a share of the causal keys (dense heads 1.0).
+``budget`` / ``density`` are the largest rung (the one budget of a one-budget run).
 """
 
 from __future__ import annotations
@@ -18,6 +31,7 @@ from pathlib import Path
 import torch
 
 from ...cli import fail
+from ...config import DenseSpec
 from ...cpu_torch import allow_torchvision_import
 from ..gguf_loader import check_model, resolve_model
 from ..prompts import make_sample
@@ -36,9 +50,14 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--length", type=int, default=None,
                    help=f"calibration prompt tokens (default: the model's maximum, at most {DEFAULT_MAX_LENGTH})")
     budget = p.add_mutually_exclusive_group()
-    budget.add_argument("--density", type=float, default=0.1,
-                        help="share of the causal attention each candidate computes (default 0.1)")
-    budget.add_argument("--budget", type=int, default=None, help="keys per query row instead of --density")
+    budget.add_argument("--density", type=float, nargs="+", default=None,
+                        help="share of the causal attention each candidate computes (default 0.1); several values "
+                             "(a ladder) with --target-recall")
+    budget.add_argument("--budget", type=int, nargs="+", default=None,
+                        help="keys per query row instead of --density; several values with --target-recall")
+    p.add_argument("--target-recall", type=float, default=None,
+                   help="each head gets its cheapest candidate (fewest realised keys per row, over the whole "
+                        "ladder) with at least this recall, or stays dense when none reaches it")
     p.add_argument("--patterns", nargs="+", choices=SEARCHED + ADAPTIVE, default=list(SEARCHED),
                    help=f"pattern types to search (default {' '.join(SEARCHED)}; the adaptive ones are fitted to "
                         "the budget per head)")
@@ -61,6 +80,14 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def main(argv=None) -> dict:
     args = parse_args(argv)
+    rungs = args.budget or args.density or [0.1]
+    if args.target_recall is None and len(rungs) > 1:
+        fail(PROG, f"--{'budget' if args.budget else 'density'}: {len(rungs)} values need --target-recall "
+                   "(without a recall target the search takes one budget)")
+    if args.target_recall is not None and args.dense_below:
+        fail(PROG, "--target-recall and --dense-below both decide which heads stay dense: pass one of them")
+    if args.target_recall is not None and not 0.0 < args.target_recall <= 1.0:
+        fail(PROG, f"--target-recall: {args.target_recall} is not in (0, 1]")
     check_model(PROG, args.model)
     allow_torchvision_import()
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
@@ -74,10 +101,11 @@ def main(argv=None) -> dict:
     if not layers:
         fail(PROG, f"model: {folder} has no full-attention layer to search")
     try:
-        budget = args.budget or budget_for(length, args.density)
-        candidates = candidate_space(budget, types=args.patterns)
+        budgets = sorted(set(args.budget or [budget_for(length, d) for d in rungs]))
+        ladder = [candidate_space(b, types=args.patterns) for b in budgets]
     except ValueError as e:
         fail(PROG, f"--budget / --density: {e}")
+    budget, candidates = budgets[-1], [c for cands in ladder for c in cands]
     tokenizer = AutoTokenizer.from_pretrained(folder)
     model = AutoModelForCausalLM.from_pretrained(folder, dtype=getattr(torch, args.dtype),
                                                  attn_implementation="sdpa").to(args.device).eval()
@@ -85,22 +113,30 @@ def main(argv=None) -> dict:
                              skip_rows=min(4096, length // 4) if args.skip_rows is None else args.skip_rows)
     sample = make_sample("kv_retrieval", tokenizer, length=length, depth=0.5, seed=args.seed)
     ids = torch.tensor(sample.input_ids, dtype=torch.int64)
-    print(f"search: {folder.name}, {length} tokens, layers {layers}, budget {budget} keys/row, "
-          f"{len(candidates)} candidates", flush=True)
+    target = "" if args.target_recall is None else f", target recall {args.target_recall}"
+    print(f"search: {folder.name}, {length} tokens, layers {layers}, budget {'/'.join(map(str, budgets))} "
+          f"keys/row{target}, {len(candidates)} candidates", flush=True)
     t0 = time.time()
-    results = search_model(model, ids, layers=layers, candidates=candidates, budget=budget, settings=settings,
-                           slack=args.slack, progress=not args.no_progress)
+    results = search_model(model, ids, layers=layers, candidates=ladder, budget=budgets, settings=settings,
+                           slack=args.slack, target_recall=args.target_recall, progress=not args.no_progress)
     extra = {} if args.min_context is None else {"min_context": args.min_context}
     config = to_config(results, num_layers=text_cfg.num_hidden_layers, num_heads=text_cfg.num_attention_heads,
                        dense_below=args.dense_below, **extra)
     out = Path(args.output)
     out.parent.mkdir(parents=True, exist_ok=True)
     config.save(out)
+    n = ids.numel()
+    causal = (min(settings.skip_rows, n - 1) + n + 1) / 2  # mean causal keys per scored row (what keys average)
+    dense = [config.head_spec(r.layer, r.head) == DenseSpec() for r in results]
+    key_share = sum(1.0 if d else r.keys[r.best] / causal for r, d in zip(results, dense)) / len(results)
     report = {
         "model": str(args.model), "length": length, "budget": budget, "density": budget * 2 / (length + 1),
+        "budgets": budgets, "densities": [b * 2 / (length + 1) for b in budgets],
+        "target_recall": args.target_recall,
         "layers": layers, "patterns": args.patterns, "dense_below": args.dense_below, "skip_rows": settings.skip_rows, "row_block": settings.row_block, "slack": args.slack,
         "seconds": round(time.time() - t0, 2), "layer_recall": layer_summary(results),
-        "heads": [r.as_dict() for r in results],
+        "dense_heads": sum(dense), "key_share": key_share,
+        "heads": [{**r.as_dict(), "dense": d} for r, d in zip(results, dense)],  # dense: in the config
     }
     report_path = Path(args.report) if args.report else out.with_suffix(".report.json")
     report_path.write_text(json.dumps(report, indent=1) + "\n")
@@ -108,7 +144,8 @@ def main(argv=None) -> dict:
     for per_head in config.heads.values():
         for spec in per_head.values():
             chosen[spec.type] = chosen.get(spec.type, 0) + 1
-    print(f"wrote {out} ({chosen}) and {report_path}; mean recall per layer "
+    print(f"wrote {out} ({chosen}) and {report_path}; {sum(dense)} of {len(results)} searched heads dense, "
+          f"realised keys {key_share:.3f} of causal; mean recall per layer "
           + ", ".join(f"{k}: {v:.3f}" for k, v in report["layer_recall"].items()), flush=True)
     return report
 

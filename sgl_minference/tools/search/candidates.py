@@ -24,6 +24,9 @@ whose realised keys per row on the calibration prompt stay within the budget.
 The search measures every candidate's *realised* cost too (``head_recall``'s keys per row) and only picks among
 those within ``slack`` times the budget (:func:`choose`), so a pattern whose diagonals scatter cannot win by
 spending more; among candidates of equal recall (within ``tol``) the cheapest wins.
+With a recall target over a ladder of budgets (:func:`cheapest_meeting`), the candidates of every budget compete:
+the one with the fewest realised keys per row among those reaching the target (each within ``slack`` times its
+own budget) wins, and a head where none reaches it stays dense.
 
 The adaptive patterns (``ADAPTIVE``: xattention, flexprefill; searched on request) have no nominal cost: their
 budgets follow the input (``nominal_cost`` -1). Their cost is modelled the same way as the diagonals': each
@@ -86,3 +89,16 @@ def choose(recall: Sequence[float], keys: Sequence[float], budget: int, slack: f
         return min(range(len(keys)), key=lambda i: keys[i])
     best = max(recall[i] for i in within)
     return min((i for i in within if recall[i] >= best - tol), key=lambda i: (keys[i], -recall[i]))
+
+
+def cheapest_meeting(recall: Sequence[float], keys: Sequence[float], budgets: Sequence[int], target: float,
+                     slack: float = 1.5) -> int | None:
+    """Index of the candidate with the fewest realised keys per row among those whose recall is at least
+    ``target`` and whose keys are at most ``slack`` times their own budget (``budgets[i]``, the budget candidate
+    ``i`` was sized and fitted for); ties go to the higher recall, then the lower index. ``None`` when no
+    candidate qualifies: the head stays dense."""
+    check(len(recall) == len(keys) == len(budgets) and len(recall) > 0, "recall",
+          "need one recall, one cost and one budget per candidate")
+    ok = [i for i in range(len(recall)) if recall[i] >= target and keys[i] <= slack * budgets[i]]
+    return min(ok, key=lambda i: (keys[i], -recall[i], i)) if ok else None
+

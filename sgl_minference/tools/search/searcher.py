@@ -1,9 +1,14 @@
 """Kernel-aware pattern search over a model's full-attention heads, and the config it produces.
 
 For every query head of every searched layer, each candidate spec is realised on the calibration sequence
-(dynamic indices estimated as online), scored by streamed attention recall, and the best one within the cost
-budget is kept (:func:`~sgl_minference.tools.search.candidates.choose`). The same scoring measures the recall of a
-given config's specs (:func:`config_recall`), which the eval reports per layer.
+(dynamic indices estimated as online), scored by streamed attention recall, and one is kept. With one budget,
+the best recall within the cost budget (:func:`~sgl_minference.tools.search.candidates.choose`). With a recall target
+and a ladder of budgets (``search_model(budget=[...], target_recall=R)``), the candidates of every budget are
+fitted to their own budget and scored together on the layer's Q/K (captured once), and the head gets the one
+with the fewest realised keys per row among those whose recall is at least ``R`` and whose keys are within
+``slack`` times their budget (:func:`~sgl_minference.tools.search.candidates.cheapest_meeting`); where none reaches
+``R`` the head stays dense (``HeadResult.best`` ``None``; counted as recall 1.0, it is exact). The same scoring
+measures the recall of a given config's specs (:func:`config_recall`), which the eval reports per layer.
 """
 
 from __future__ import annotations
@@ -16,7 +21,7 @@ import torch
 from ...checks import check
 from ...config import DEFAULT_ESTIMATION, DenseSpec, Estimation, MInferenceConfig
 from ...patterns.selection import realise
-from .candidates import choose, fit, nominal_cost
+from .candidates import cheapest_meeting, choose, fit, nominal_cost
 from .capture import LayerQK, capture_qk
 from .recall import head_recall
 
@@ -39,20 +44,25 @@ class HeadResult:
     specs: list  # candidate head specs (config classes)
     recall: list[float]  # mean kept softmax mass per scored row, per candidate
     keys: list[float]  # mean causal keys visited per scored row, per candidate
-    best: int = 0  # index of the chosen candidate
+    best: int | None = 0  # index of the chosen candidate; None: the head stays dense (no candidate met the target)
+    budgets: list[int] | None = None  # per candidate, the budget (keys per row) it was fitted to, when fitted
 
     def as_dict(self) -> dict:
-        return {"layer": self.layer, "head": self.head, "best": self.best,
-                "candidates": [{"spec": s.model_dump(), "nominal_keys": nominal_cost(s), "recall": r, "keys": k}
-                               for s, r, k in zip(self.specs, self.recall, self.keys)]}
+        budgets = self.budgets or [None] * len(self.specs)
+        return {"layer": self.layer, "head": self.head, "best": self.best, "dense": self.best is None,
+                "candidates": [{"spec": s.model_dump(), "nominal_keys": nominal_cost(s), "recall": r, "keys": k,
+                                **({} if b is None else {"budget": b})}
+                               for s, r, k, b in zip(self.specs, self.recall, self.keys, budgets)]}
 
 
 def score_layer(qk: LayerQK, specs_for: Callable[[int, int], Sequence], settings: ScoreSettings,
-                on_head: Callable[[HeadResult], None] | None = None, fit_budget: int | None = None) -> list[HeadResult]:
+                on_head: Callable[[HeadResult], None] | None = None,
+                fit_budget: int | Sequence[int] | None = None) -> list[HeadResult]:
     """Score ``specs_for(layer, head)`` on every query head of one captured layer (GQA: head ``h`` reads KV head
     ``h // (Hq / Hk)``). With ``fit_budget``, specs whose pattern has a fit (vertical-slash: the slash count;
     the adaptive patterns: their mass threshold) are first fitted to that many keys per row on the head
-    (:func:`~sgl_minference.tools.search.candidates.fit`)."""
+    (:func:`~sgl_minference.tools.search.candidates.fit`); a sequence gives each spec its own budget (recorded in
+    ``HeadResult.budgets``)."""
     num_heads, num_kv = qk.q.shape[0], qk.k.shape[0]
     check(num_heads % num_kv == 0, "qk", f"{num_kv} KV heads do not divide {num_heads} query heads")
     group = num_heads // num_kv
@@ -63,12 +73,17 @@ def score_layer(qk: LayerQK, specs_for: Callable[[int, int], Sequence], settings
         q, k = qk.q[h], qk.k[h // group]
         est = dict(sm_scale=qk.sm_scale, est=settings.est, softcap=qk.softcap)
         specs = list(specs_for(qk.layer, h))
+        budgets = None
         if fit_budget is not None:
-            specs = [fit(s, q, k, fit_budget, row_block=settings.row_block, skip_rows=skip, **est) for s in specs]
+            budgets = [fit_budget] * len(specs) if isinstance(fit_budget, int) else list(fit_budget)
+            check(len(budgets) == len(specs), "fit_budget", f"{len(budgets)} budgets for {len(specs)} specs")
+            specs = [fit(s, q, k, b, row_block=settings.row_block, skip_rows=skip, **est)
+                     for s, b in zip(specs, budgets)]
         sels = [realise(s, q, k, **est) for s in specs]
         recall, keys = head_recall(q, k, sels, sm_scale=qk.sm_scale, row_block=settings.row_block, skip_rows=skip,
                                    softcap=qk.softcap)
-        res = HeadResult(layer=qk.layer, head=h, specs=specs, recall=recall.tolist(), keys=keys.tolist())
+        res = HeadResult(layer=qk.layer, head=h, specs=specs, recall=recall.tolist(), keys=keys.tolist(),
+                         budgets=budgets)
         out.append(res)
         if on_head is not None:
             on_head(res)
@@ -79,26 +94,40 @@ def _num_heads(model) -> int:
     return model.config.get_text_config().num_attention_heads
 
 
-def search_model(model, input_ids: torch.Tensor, *, layers: Sequence[int], candidates: Sequence, budget: int,
-                 settings: ScoreSettings, slack: float = 1.5, progress: bool = True) -> list[HeadResult]:
-    """Score ``candidates`` on every query head of ``layers`` and choose the best of each (``HeadResult.best``);
-    candidates with a fit (vertical-slash, the adaptive patterns) are fitted to ``budget`` per head first.
+def search_model(model, input_ids: torch.Tensor, *, layers: Sequence[int], candidates: Sequence,
+                 budget: int | Sequence[int], settings: ScoreSettings, slack: float = 1.5,
+                 target_recall: float | None = None, progress: bool = True) -> list[HeadResult]:
+    """Score ``candidates`` on every query head of ``layers`` and choose one per head (``HeadResult.best``);
+    candidates with a fit (vertical-slash, the adaptive patterns) are fitted to their budget per head first.
 
     ``model``: a transformers causal LM loaded with ``attn_implementation="sdpa"``; ``input_ids``: ``[N]`` int64,
-    the calibration prompt; ``budget``: keys per row the candidates were sized for.
+    the calibration prompt; ``budget``: keys per row the candidates were sized for. One budget: the best recall
+    within it (:func:`~sgl_minference.tools.search.candidates.choose`). A ladder: ``budget`` a sequence of budgets and
+    ``candidates`` one candidate list per budget, scored together on each layer's Q/K; needs ``target_recall``,
+    and each head gets the cheapest candidate reaching it, or ``best`` ``None`` (dense) when none does
+    (:func:`~sgl_minference.tools.search.candidates.cheapest_meeting`). ``target_recall`` applies to one budget too.
     """
     from tqdm.auto import tqdm
 
+    ladder = [(budget, candidates)] if isinstance(budget, int) else list(zip(budget, candidates, strict=True))
+    check(len(ladder) > 0, "budget", "no budget to search")
+    check(target_recall is not None or len(ladder) == 1, "target_recall",
+          f"a ladder of {len(ladder)} budgets needs a recall target to choose among them")
+    specs = [s for _b, cands in ladder for s in cands]
+    fit_budgets = [b for b, cands in ladder for _s in cands]
     bar = tqdm(total=len(layers) * _num_heads(model), desc="heads searched", disable=not progress)
     results: list[HeadResult] = []
 
     def on_head(res: HeadResult) -> None:
-        res.best = choose(res.recall, res.keys, budget, slack)
+        if target_recall is None:
+            res.best = choose(res.recall, res.keys, ladder[0][0], slack)
+        else:
+            res.best = cheapest_meeting(res.recall, res.keys, res.budgets, target_recall, slack)
         bar.update(1)
-        bar.set_postfix(layer=res.layer, recall=f"{res.recall[res.best]:.3f}")
+        bar.set_postfix(layer=res.layer, recall="dense" if res.best is None else f"{res.recall[res.best]:.3f}")
 
     capture_qk(model, input_ids, layers,
-               lambda qk: results.extend(score_layer(qk, lambda _l, _h: candidates, settings, on_head, budget)))
+               lambda qk: results.extend(score_layer(qk, lambda _l, _h: specs, settings, on_head, fit_budgets)))
     bar.close()
     return results
 
@@ -121,18 +150,20 @@ def to_config(results: Sequence[HeadResult], *, num_layers: int, num_heads: int,
               **globals_) -> MInferenceConfig:
     """The config listing each searched head's chosen spec; every other head (sliding-window layers) dense.
 
-    ``dense_below``: a head whose chosen recall is lower stays dense too (no pattern fits it within the budget).
+    ``dense_below``: a head whose chosen recall is lower stays dense too (no pattern fits it within the budget);
+    so does a head without a chosen candidate (``best`` ``None``: none met the search's recall target).
     ``globals_``: further ``MInferenceConfig`` fields (e.g. ``min_context``, ``last_q``).
     """
     heads: dict[int, dict[int, object]] = {}
     for r in results:
-        heads.setdefault(r.layer, {})[r.head] = r.specs[r.best] if r.recall[r.best] >= dense_below else DenseSpec()
+        sparse = r.best is not None and r.recall[r.best] >= dense_below
+        heads.setdefault(r.layer, {})[r.head] = r.specs[r.best] if sparse else DenseSpec()
     return MInferenceConfig(num_layers=num_layers, num_heads=num_heads, default=DenseSpec(), heads=heads, **globals_)
 
 
 def layer_summary(results: Sequence[HeadResult]) -> dict[int, float]:
-    """Mean recall of the chosen candidates per layer."""
+    """Mean recall of the chosen candidates per layer; a head left dense (``best`` ``None``) counts 1.0 (exact)."""
     per: dict[int, list[float]] = {}
     for r in results:
-        per.setdefault(r.layer, []).append(r.recall[r.best])
+        per.setdefault(r.layer, []).append(1.0 if r.best is None else r.recall[r.best])
     return {layer: sum(v) / len(v) for layer, v in sorted(per.items())}
