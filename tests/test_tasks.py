@@ -286,6 +286,7 @@ def test_eval_cli_with_stand_in_engine(tiny_gemma, tmp_path, monkeypatch):
     saved = json.loads(out.read_text())
     assert saved["schema"] == "sgl-minference-eval/1" and saved["lengths"] == [600, 1000]
     assert saved["config"]["min_context"] == 1000 and saved["config"]["heads"]["2"]["0"]["vertical"] == 50
+    assert saved["config"]["dense_routing"] is False  # every sparse-eligible layer runs sparse unless --routing
     assert saved["accuracy"]["dense"]["passkey"] == {"600": 1.0, "1000": 1.0}
     assert len(saved["records"]) == 3 * 2 * 3
     assert set(saved["attention_recall"]["per_layer"]) == {"2"}  # only the full-attention layer
@@ -340,6 +341,12 @@ def test_eval_resumes_from_the_stored_outputs(tiny_gemma, tmp_path, monkeypatch)
     # Other sparse settings: the dense outputs stay, the sparse ones are made again.
     eval_main.main(argv + ["--resume", "--budget-scale", "0.5"])
     assert sum(generated) == 18
+    # Keeping the routing is another sparse setting too, and the config it hands the engine says so.
+    generated.clear()
+    EchoEngine.instances.clear()
+    routed = eval_main.main(argv + ["--resume", "--routing"])
+    assert sum(generated) == 18 and routed["config"]["dense_routing"] is True
+    assert json.loads(out.with_suffix(".sparse_config.json").read_text())["dense_routing"] is True
     # Without --resume the file starts afresh.
     generated.clear()
     eval_main.main(argv)

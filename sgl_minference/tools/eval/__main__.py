@@ -49,6 +49,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--config", default=None, help="sparse config (any format sgl_minference.config reads); "
                    "default: the backend's own resolution (model folder, defaults)")
     p.add_argument("--min-context", type=int, default=None, help="sparse length gate (config's min_context)")
+    p.add_argument("--routing", action="store_true",
+                   help="keep the config's per-layer dense routing (default: off, so every layer past the gate runs "
+                        "the sparse path and the accuracy is that of the patterns, not of the speed heuristic)")
     p.add_argument("--budget-scale", type=float, default=1.0, help="multiply every budget of the config")
     p.add_argument("--quick", action="store_true", help="3 needle tasks, 2 lengths, 3 depths, 1 sample")
     p.add_argument("--tasks", nargs="+", choices=sorted(TASKS), default=None)
@@ -164,6 +167,8 @@ def main(argv=None) -> dict:
     config = scale_config(base, args.budget_scale)
     if args.min_context is not None:
         config = config.model_copy(update={"min_context": args.min_context})
+    if not args.routing:  # routing sends a layer dense from earlier batches' figures: the eval would then mix both
+        config = config.model_copy(update={"dense_routing": False})
     stem = f"eval_{folder.name}" + ("_quick" if args.quick else "")
     out = Path(args.out) if args.out else RESULTS_DIR / f"{stem}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
