@@ -124,10 +124,13 @@ def summarize_stats(lines: list[dict], input_lens: list[int], ttft_ms: float | N
 
     Per layer, the attended share of the causal (query, key, head) triples of the whole prompt(s): pairs the
     sparse layouts kept, plus every pair of the chunks the dense backend ran (no line: below the length
-    gates); also the share over the sparse-run chunks alone. Times are sums over chunks and layers.
+    gates, or the layers the per-layer routing sent dense); also the share over the sparse-run chunks alone. Times
+    are sums over chunks and layers. ``routed_dense_layer_chunks``: the (layer, chunk) pairs routing sent dense.
     """
+    routed = sum(len(line.get("routed_dense", ())) for line in lines)  # layer-chunks sent to the dense backend
+    lines = [line for line in lines if line["layers"]]
     if not lines:
-        return {"batches": 0}
+        return {"batches": 0, "routed_dense_layer_chunks": routed}
     heads = lines[0]["num_q_heads"]
     whole = sum(causal_pairs(n, n, heads) for n in input_lens)  # one layer, every request
     attended: dict[int, int] = {}
@@ -147,7 +150,8 @@ def summarize_stats(lines: list[dict], input_lens: list[int], ttft_ms: float | N
     share = {lid: (attended[lid] + whole - covered[lid]) / whole for lid in sorted(attended)}
     sparse_share = [attended[lid] / covered[lid] for lid in sorted(attended)]
     shares = list(share.values())
-    return {"batches": len(lines), "structure": lines[0]["structure"], "layers": len(share),
+    return {"batches": len(lines), "routed_dense_layer_chunks": routed, "structure": lines[0]["structure"],
+            "layers": len(share),
             "share_mean": sum(shares) / len(shares), "share_min": min(shares), "share_max": max(shares),
             "share_per_layer": [round(x, 5) for x in shares],
             "sparse_chunk_share_mean": sum(sparse_share) / len(sparse_share),

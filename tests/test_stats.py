@@ -91,6 +91,26 @@ def test_stats_file_has_one_line_per_sparse_batch(tmp_path):
         assert all(vis >= att for vis, att in zip(entry["visited"], entry["attended"]))
 
 
+def test_layers_the_routing_sends_dense_are_recorded(tmp_path):
+    """A batch whose layers the per-layer routing sent to the dense backend is written with ``routed_dense`` and no
+    layer entries, and the e2e summary counts those layer-chunks (and only the sparse-run lines' pairs)."""
+    from benchmarks.e2e_ttft import summarize_stats
+
+    path = tmp_path / "stats.jsonl"
+    batch, _, q, k, v, pool, full = fake_batch([70], [200])
+    backend = backend_for(config(**DENSE_EQUIVALENT), pool, full.req_to_token, environ={stats.ENV_VAR: str(path)})
+    for _ in range(2):  # dense-equivalent budgets keep every key: the second batch routes both layers dense
+        backend.init_forward_metadata(batch)
+        for layer_id in (0, 1):
+            backend.forward_extend(q.reshape(q.shape[0], -1), k, v, fake_layer(layer_id), batch)
+    backend.init_forward_metadata(batch)  # the second batch never reached a sparse last layer: written now
+    first, second = [json.loads(x) for x in path.read_text().splitlines()]
+    assert first["routed_dense"] == [] and [e["layer"] for e in first["layers"]] == [0, 1]
+    assert second["routed_dense"] == [0, 1] and second["layers"] == [] and second["num_q_heads"] is None
+    summary = summarize_stats([first, second], [270], ttft_ms=None)
+    assert summary["routed_dense_layer_chunks"] == 2 and summary["batches"] == 1 and summary["layers"] == 2
+
+
 def test_a_batch_that_stops_before_the_last_layer_is_written_at_the_next_batch(tmp_path):
     path = tmp_path / "stats.jsonl"
     batch, _, q, k, v, pool, full = fake_batch([70], [200])

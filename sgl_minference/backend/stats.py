@@ -16,6 +16,7 @@ One line (``json.loads``-able, keys sorted by meaning, every number per forward 
 
     {"pid": 1234, "structure": "dummy" | "synthetic", "num_q_heads": 32,
      "seq_lens_q": [8192], "seq_lens_k": [131072], "sparse": [true],    # per request of the batch
+     "routed_dense": [3, 7],                                            # layers the routing sent dense
      "causal_pairs": [..],                                              # per request, all heads, one layer
      "layers": [{"layer": 0, "attended": [..], "visited": [..],        # per request, all heads
                  "index_ms": 4.1, "attn_ms": 6.0}, ...]}
@@ -23,6 +24,9 @@ One line (``json.loads``-able, keys sorted by meaning, every number per forward 
 ``attended / causal_pairs`` is the share of causal (query, key) pairs the layer's layout kept for a request
 (1.0 for requests the plan gave exact dense layouts); ``index_ms`` covers everything ``layer_layout`` does
 (estimation kernels, top-k, conversion, head/request merges), ``attn_ms`` the sparse attention kernel.
+``routed_dense``: the sparse-eligible layers the per-layer routing (``backend/routing.py``) sent to the dense
+backend in this batch; they have no ``layers`` entry. A batch whose every layer was routed is written too (with
+``"layers": []`` and ``num_q_heads`` null), so routing never makes a batch disappear from the record.
 """
 
 from __future__ import annotations
@@ -96,11 +100,12 @@ class SparseStats:
                        ENV_VAR)
         return cls(path, last_layer=last_layer, structure=structure)
 
-    def start_batch(self, geom: BatchGeometry, sparse: list[bool]) -> None:
-        """A new sparse batch: writes the previous one if it did not reach ``last_layer``."""
+    def start_batch(self, geom: BatchGeometry, sparse: list[bool], routed_dense=()) -> None:
+        """A new sparse batch (``routed_dense``: the layer ids routed to the dense backend): writes the previous one
+        if it did not reach ``last_layer``."""
         self.flush()
         self._batch = {"seq_lens_q": list(geom.seq_lens_q_cpu), "seq_lens_k": list(geom.seq_lens_k_cpu),
-                       "sparse": list(sparse)}
+                       "sparse": list(sparse), "routed_dense": sorted(routed_dense)}
 
     def run_layer(self, layer_id: int, geom: BatchGeometry, build: Callable[[], SparseLayout],
                   attend: Callable[[SparseLayout], torch.Tensor]) -> torch.Tensor:
@@ -119,15 +124,15 @@ class SparseStats:
         return out
 
     def flush(self) -> None:
-        """Write the batch recorded so far (one device sync); nothing when no layer was recorded."""
-        if self._batch is None or not self._layers:
+        """Write the batch recorded so far (one device sync); nothing when no layer was recorded or routed."""
+        if self._batch is None or not (self._layers or self._batch["routed_dense"]):
             self._batch, self._layers = None, []
             return
-        if self._clock.cuda:
+        if self._layers and self._clock.cuda:
             self._layers[-1][-1].synchronize()
-        heads = self._layers[0][1]
+        heads = self._layers[0][1] if self._layers else None
         line = {"pid": os.getpid(), "structure": self.structure, "num_q_heads": heads, **self._batch,
-                "causal_pairs": [causal_pairs(sq, sk, heads)
+                "causal_pairs": [causal_pairs(sq, sk, heads) if heads else None
                                  for sq, sk in zip(self._batch["seq_lens_q"], self._batch["seq_lens_k"])],
                 "layers": [{"layer": layer_id, "attended": attended.tolist(), "visited": visited.tolist(),
                             "index_ms": self._clock.ms(t0, t1), "attn_ms": self._clock.ms(t1, t2)}
