@@ -75,13 +75,26 @@ def jit_cache() -> dict[str, int]:
 
 
 def parse_launches(text: str) -> list[AttentionLaunch]:
-    """``64x4x3,128x8x2h``: block_n x num_warps x num_stages per attention launch to time; a trailing ``h``
-    launches a query block's heads next to each other."""
+    """``64x4x3,128x8x2h,64x8x3p``: block_n x num_warps x num_stages per attention launch to time; a trailing
+    ``h`` launches a query block's heads next to each other, ``p`` serves two query blocks per program (both:
+    ``hp``)."""
     try:
-        return [AttentionLaunch(*map(int, item.rstrip("h").split("x")), heads_first=item.endswith("h"))
-                for item in text.split(",") if item]
+        launches = []
+        for item in filter(None, text.split(",")):
+            numbers = item.rstrip("hp")
+            flags = item[len(numbers):]
+            if flags not in ("", "h", "p", "hp"):
+                raise ValueError(item)
+            launches.append(AttentionLaunch(*map(int, numbers.split("x")), heads_first="h" in flags,
+                                            pair_blocks="p" in flags))
+        return launches
     except (TypeError, ValueError):
-        fail(PROG, f"--launches: {text!r}, expected e.g. 64x4x3,128x8x2")
+        fail(PROG, f"--launches: {text!r}, expected e.g. 64x4x3,128x8x2h,64x8x3p")
+
+
+def launch_name(launch: AttentionLaunch) -> str:
+    """The ``--launches`` spelling of ``launch`` (the key of ``attn_ms_by_launch``)."""
+    return "x".join(map(str, launch[:3])) + "h" * launch.heads_first + "p" * launch.pair_blocks
 
 
 def fa3_call(q, k, v, seq_q: int, seq_k: int, sm_scale: float):
@@ -177,8 +190,8 @@ def run_chunk(args, data: str, config: MInferenceConfig, seq_q: int, seq_k: int)
         def attend(launch):
             return lambda: sparse_attention(q, kv, layout, plan.geom, sm_scale=sm_scale, launch=launch)
 
-        rec["attn_ms_by_launch"] = {"x".join(map(str, launch[:3])) + ("h" if launch.heads_first else ""):
-                                    time_ms(attend(launch), args.reps, cuda=cuda) for launch in args.launch_list}
+        rec["attn_ms_by_launch"] = {launch_name(launch): time_ms(attend(launch), args.reps, cuda=cuda)
+                                    for launch in args.launch_list}
     attended, visited = request_pairs(layout, plan.geom)
     causal = causal_pairs(seq_q, seq_k, hq)
     rec |= {"sparse": True, "attended_share": int(attended.sum()) / causal, "visited_share": int(visited.sum()) / causal}
@@ -216,7 +229,9 @@ def main(argv: list[str] | None = None) -> dict:
                     help='JSON object of config fields, e.g. \'{"default": {"type": "xattention", "threshold": 0.9, '
                          '"stride": 8}}\' (index time of other patterns)')
     ap.add_argument("--kv", choices=("paged", "contiguous"), default="paged", help="how the kernels read K/V")
-    ap.add_argument("--launches", default="", help="also time these attention launches (e.g. 64x4x3,128x8x2)")
+    ap.add_argument("--launches", default="",
+                    help="also time these attention launches (e.g. 64x4x3,128x8x2h,64x8x3p; h: heads first, "
+                         "p: two query blocks per program)")
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")

@@ -51,11 +51,12 @@ def kernel(module: str, name: str):
 def _attention_case(d: int, paged: bool, launch=None):
     import torch
 
-    from sgl_minference.kernels.sparse_attention import attention_launch
+    from sgl_minference.kernels.sparse_attention import AttentionLaunch, attention_launch
 
-    block_n, warps, stages, heads_first = launch or attention_launch(d, torch.bfloat16)
-    return ("sparse_attention", "_sparse_attention_fwd",
-            dict(BLOCK_M=64, BLOCK_N=block_n, BLOCK_D=d, PAGED=paged, HEADS_FIRST=heads_first), warps, stages)
+    launch = AttentionLaunch(*launch) if launch else attention_launch(d, torch.bfloat16)
+    name, block_m = ("_paired_attention_fwd", 128) if launch.pair_blocks else ("_sparse_attention_fwd", 64)
+    return ("sparse_attention", name, dict(BLOCK_M=block_m, BLOCK_N=launch.block_n, BLOCK_D=d, PAGED=paged,
+                                           HEADS_FIRST=launch.heads_first), launch.num_warps, launch.num_stages)
 
 
 def _estimate_case(name: str, d: int, paged: bool):
@@ -73,6 +74,10 @@ def _estimate_case(name: str, d: int, paged: bool):
 CASES = [_attention_case(d, paged) for d in (64, 128, 256) for paged in (False, True)] + [
     # two layout ranges per key tile (the benchmark's launch sweep)
     _attention_case(d, True, (128, warps, stages, True)) for d in (64, 128) for warps in (4, 8) for stages in (2, 3)
+] + [
+    # two query blocks per program (8 warps: two warpgroups), the candidate launch the H200 measures
+    _attention_case(d, paged, (64, 8, 2 if d == 256 else 3, False, True)) for d in (64, 128, 256)
+    for paged in (False, True)
 ] + [
     _estimate_case(name, d, paged)
     for name in ("_lastq_lse_kernel", "_lastq_scores_kernel") for d in (64, 128, 256) for paged in (False, True)

@@ -12,8 +12,8 @@ import pytest
 import torch
 from conftest import DEVICE, INTERPRET, make_geometry, make_qkv, paged_kv, requires_cuda
 
-from sgl_minference.kernels.sparse_attention import AttentionLaunch, sparse_attention
-from sgl_minference.layout import BLOCK, BatchGeometry, KVSource, SparseLayout
+from sgl_minference.kernels.sparse_attention import IN_A, IN_B, AttentionLaunch, pair_plan, sparse_attention
+from sgl_minference.layout import BLOCK, SENTINEL, BatchGeometry, KVSource, SparseLayout
 from sgl_minference.testing import causal_masks, dense_attention, full_layout, masked_attention
 
 # (o atol/rtol, lse atol); fp32 on a GPU goes through tf32 tensor cores.
@@ -131,12 +131,126 @@ def test_two_ranges_per_key_tile_match_masked_reference(case):
                  launch=AttentionLaunch(block_n=128, num_warps=4, num_stages=2, heads_first=layout_seed == 2))
 
 
+PAIRED = AttentionLaunch(block_n=64, num_warps=8, num_stages=3, pair_blocks=True)
+
+PAIR_CASES = {  # name: (seq_lens_q, prefix_lens, Hq, Hk, head_dim)
+    # blocks per request 4 (even), 1, 3 (odd: the last pairs with nothing), 1 (a chunk shorter than 64)
+    "ragged-gqa2": ([256, 1, 150, 30], [40, 200, 0, 70], 4, 2, 64),
+    "unaligned-gqa4-d128": ([200], [237], 4, 1, 128),
+    "d256": ([130], [70], 2, 1, 256),
+}
+
+
+def share_with_next(layout: SparseLayout, geom: BatchGeometry) -> SparseLayout:
+    """Block B of every pair takes block A's ranges and columns (valid for B: its rows lie later), less the last
+    partial range and the last column, and in odd heads one key off the end of its new last partial range: the
+    pair then shares most entries, and in odd heads has a range of the same start and another end in each block."""
+    req = geom.qb_request.tolist()
+    for a in range(geom.num_query_blocks - 1):
+        if req[a] != req[a + 1] or geom.qb_row[a] % (2 * BLOCK):
+            continue
+        b = a + 1
+        for name in ("block_start", "block_end", "col_index", "full_count"):
+            getattr(layout, name)[b] = getattr(layout, name)[a]
+        for h in range(layout.num_heads):
+            n, nf = int(layout.block_count[a, h]), int(layout.full_count[a, h])
+            n = max(nf, n - 1)
+            if h % 2 and n > nf and layout.block_end[b, h, n - 1] - layout.block_start[b, h, n - 1] > 1:
+                layout.block_end[b, h, n - 1] -= 1
+            layout.block_count[b, h] = n
+            layout.col_count[b, h] = max(0, int(layout.col_count[a, h]) - 1)
+    return layout
+
+
 def test_launch_with_other_tile_widths_is_refused():
     geom = make_geometry([64], [0])
     q, k, v = make_qkv(geom, 2, 1, 64, torch.float16)
     with pytest.raises(ValueError, match="launch"):
         sparse_attention(q, KVSource.packed(k, v, geom.seq_lens_k_cpu), full_layout(geom, 2, DEVICE), geom,
                          sm_scale=0.125, launch=AttentionLaunch(block_n=96, num_warps=4, num_stages=2))
+
+
+@pytest.mark.parametrize("dtype", INTERPRETER_DTYPES, ids=str)
+@pytest.mark.parametrize("case", list(PAIR_CASES), ids=str)
+def test_paired_blocks_match_masked_reference(case, dtype):
+    """One program per two query blocks: layouts whose pairs share no range (random), most ranges (B copies A), and
+    where one block of a pair has nothing at all; packed and paged K/V."""
+    seq_lens_q, prefix_lens, hq, hk, d = PAIR_CASES[case]
+    geom = make_geometry(seq_lens_q, prefix_lens)
+    q, k, v = make_qkv(geom, hq, hk, d, dtype)
+    sm_scale = d ** -0.5
+    for layout_seed, kv in ((1, KVSource.packed(k, v, geom.seq_lens_k_cpu)), (2, paged_kv(k, v, geom.seq_lens_k_cpu))):
+        for shared in (False, True):
+            layout = random_layout(geom, hq, seed=layout_seed, empty=0.0)
+            layout = share_with_next(layout, geom) if shared else layout
+            if geom.num_query_blocks > 1:  # nothing at all in block A (head 0), in block B (head 1)
+                for qb, h in ((0, 0), (1, 1 % hq)):
+                    layout.block_count[qb, h] = layout.full_count[qb, h] = layout.col_count[qb, h] = 0
+            got = sparse_attention(q, kv, layout, geom, sm_scale=sm_scale, launch=PAIRED)
+            assert_matches(got, masked_attention(q, kv, geom, layout.to_dense(geom), sm_scale=sm_scale), dtype)
+
+
+def test_paired_dense_layout_shares_full_ranges():
+    """Dense causal attention in pairs: block B's full ranges include all of A's, so most merged ranges are read
+    unmasked by both blocks."""
+    geom = make_geometry([256, 100], [130, 0])
+    layout = full_layout(geom, 2, DEVICE)
+    pl = pair_plan(layout, geom)
+    # pair 0 (keys [-62, 258)): [2, 66) and [66, 130) full in both blocks; A's diagonal range (full for B) and the
+    # leftmost (partial in both) once each, masked; B's diagonal range
+    assert pl.full_count[0, 0] == 2 and pl.range_count[0, 0] == 5
+    q, k, v = make_qkv(geom, 2, 1, 64, torch.float16)
+    kv = KVSource.packed(k, v, geom.seq_lens_k_cpu)
+    assert_matches(sparse_attention(q, kv, layout, geom, sm_scale=0.125, launch=PAIRED),
+                   dense_attention(q, kv, geom, sm_scale=0.125), torch.float16)
+
+
+def test_pair_plan_merges_lists_with_flags():
+    """Request 0: two blocks (rows at positions 128..191 and 192..255), request 1: one block (no B)."""
+    geom = make_geometry([128, 10], [128, 100])
+    J = JUNK
+    ranges = [  # per query block: (full, partial) as (start, end), then columns
+        ([(0, 64), (64, 128)], [(128, 192)], [230, 240]),
+        ([(0, 64)], [(128, 160), (192, 230)], [69, 240]),
+        ([(0, 64)], [(64, 110)], []),
+    ]
+    bs = torch.full((3, 1, 3), J, dtype=torch.int32)
+    be, ci = torch.full_like(bs, J + 1), torch.full((3, 1, 2), J, dtype=torch.int32)
+    counts = torch.zeros(3, 1, dtype=torch.int32)
+    bc, fc, cc = counts.clone(), counts.clone(), counts.clone()
+    for qb, (full, partial, cols) in enumerate(ranges):
+        for i, (s, e) in enumerate(full + partial):
+            bs[qb, 0, i], be[qb, 0, i] = s, e
+        ci[qb, 0, : len(cols)] = torch.tensor(cols, dtype=torch.int32)
+        bc[qb, 0], fc[qb, 0], cc[qb, 0] = len(full) + len(partial), len(full), len(cols)
+    layout = SparseLayout(block_start=bs.to(DEVICE), block_end=be.to(DEVICE), block_count=bc.to(DEVICE),
+                          full_count=fc.to(DEVICE), col_index=ci.to(DEVICE), col_count=cc.to(DEVICE))
+    pl = pair_plan(layout, geom)
+    S, AB = SENTINEL, IN_A | IN_B
+    assert pl.pair_qb.tolist() == [0, 2] and pl.has_b.tolist() == [True, False]
+    assert pl.range_count[:, 0].tolist() == [5, 2] and pl.full_count[:, 0].tolist() == [1, 1]
+    assert pl.range_start.shape == (2, 1, 6)
+    # [0, 64) is full in both blocks: once, unmasked; A's [64, 128) is masked (B's rows do not attend it);
+    # [128, 192) and [128, 160) share a start only: two entries. Request 1's full range needs no mask (no B).
+    assert pl.range_start[0, 0].tolist() == [0, 64, 128, 128, 192, S]
+    assert pl.range_end[0, 0].tolist() == [64, 128, 192, 160, 230, S]
+    assert pl.range_flag[0, 0].tolist() == [AB, IN_A, IN_A, IN_B, IN_B, 0]
+    assert pl.range_start[1, 0, :2].tolist() == [0, 64] and pl.range_flag[1, 0, :3].tolist() == [IN_A, IN_A, 0]
+    assert pl.col_count[:, 0].tolist() == [3, 0]
+    assert pl.col_index[0, 0].tolist() == [69, 230, 240, S] and pl.col_flag[0, 0].tolist() == [IN_B, IN_A, AB, 0]
+    assert pl.col_index[1, 0].tolist() == [S] * 4
+    q, k, v = make_qkv(geom, 1, 1, 64, torch.float32)
+    kv = KVSource.packed(k, v, geom.seq_lens_k_cpu)
+    assert_matches(sparse_attention(q, kv, layout, geom, sm_scale=0.125, launch=PAIRED),
+                   masked_attention(q, kv, geom, layout.to_dense(geom), sm_scale=0.125), torch.float32)
+
+
+def test_paired_launch_with_wide_tiles_is_refused():
+    geom = make_geometry([128], [0])
+    q, k, v = make_qkv(geom, 2, 1, 64, torch.float16)
+    with pytest.raises(ValueError, match="^launch: a paired launch"):
+        sparse_attention(q, KVSource.packed(k, v, geom.seq_lens_k_cpu), full_layout(geom, 2, DEVICE), geom,
+                         sm_scale=0.125, launch=PAIRED._replace(block_n=128))
 
 
 @pytest.mark.parametrize("dtype", INTERPRETER_DTYPES, ids=str)
@@ -165,8 +279,9 @@ def test_full_layout_split_follows_invariants():
     assert layout.block_start[-1, 0, :2].tolist() == [1, -63] and int(layout.full_count[-1, 0]) == 1
 
 
+@pytest.mark.parametrize("launch", [None, PAIRED], ids=["blocks", "pairs"])
 @pytest.mark.parametrize("dtype", INTERPRETER_DTYPES, ids=str)
-def test_rows_attending_nothing_give_zero_and_minus_inf(dtype):
+def test_rows_attending_nothing_give_zero_and_minus_inf(dtype, launch):
     geom = make_geometry([100, 64], [0, 30])
     q, k, v = make_qkv(geom, 2, 1, 64, dtype)
     kv = KVSource.packed(k, v, geom.seq_lens_k_cpu)
@@ -177,7 +292,7 @@ def test_rows_attending_nothing_give_zero_and_minus_inf(dtype):
     layout.block_start[0, 1, 0], layout.block_end[0, 1, 0] = 64, 90
     layout.col_index[0, 1, 0] = 95
     layout.block_count[0, 1], layout.full_count[0, 1], layout.col_count[0, 1] = 1, 0, 1
-    o, lse = sparse_attention(q, kv, layout, geom, sm_scale=0.125)
+    o, lse = sparse_attention(q, kv, layout, geom, sm_scale=0.125, launch=launch)
     assert torch.isneginf(lse[:64]).all() and (o[:64] == 0).all()
     assert torch.isfinite(lse[64:]).all()
     assert_matches((o, lse), masked_attention(q, kv, geom, layout.to_dense(geom), sm_scale=0.125), dtype)

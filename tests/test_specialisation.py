@@ -21,10 +21,12 @@ from sgl_minference.backend.layer_layout import layer_layout
 from sgl_minference.backend.planner import plan_batch
 from sgl_minference.config import MInferenceConfig
 from sgl_minference.kernels import sparse_attention
+from sgl_minference.kernels.sparse_attention import AttentionLaunch
 
 pytestmark = pytest.mark.skipif(not INTERPRET, reason="records launches through the Triton interpreter")
 
 HQ, HK, D = 8, 2, 64
+PAIRED = AttentionLaunch(64, 8, 3, pair_blocks=True)  # the paired launch's kernel is checked too
 # Budgets below every context, as the defaults are below every context the gate lets through in serving.
 CONFIG = {"min_context": 512, "min_chunk": 16, "last_q": 64, "forced_sink": 4, "forced_local": 16,
           "default": {"type": "vertical_slash", "vertical": 40, "slash": 20},
@@ -89,11 +91,12 @@ def test_one_specialisation_per_kernel_across_batches(launches):
         assert plan is not None and all(plan.sparse_requests)
         layout = layer_layout(q, plan.kv_source(kv.k, kv.v), plan, layers[0], config, sm_scale=D ** -0.5)
         sparse_attention(q, plan.kv_source(kv.k, kv.v), layout, plan.geom, sm_scale=D ** -0.5)
+        sparse_attention(q, plan.kv_source(kv.k, kv.v), layout, plan.geom, sm_scale=D ** -0.5, launch=PAIRED)
         launches.append({})
     batches = launches[:-1]
     first = batches[0]
     assert {"_lastq_lse_kernel", "_vs_write_kernel", "_materialise_kernel", "_block_select_kernel",
-            "_sparse_attention_fwd"} <= set(first), sorted(first)
+            "_sparse_attention_fwd", "_paired_attention_fwd"} <= set(first), sorted(first)
     varying = {}
     for i, batch in enumerate(batches[1:], start=1):
         assert set(batch) == set(first), f"batch {i} launched other kernels"

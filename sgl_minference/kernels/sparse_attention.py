@@ -1,14 +1,25 @@
-"""Sparse prefill attention forward: one Triton kernel that visits exactly the keys a ``SparseLayout`` names.
+"""Sparse prefill attention forward: a Triton kernel that visits exactly the keys a ``SparseLayout`` names.
 
 One program per (64-row query block, query head). It loads its query tile once and streams three kinds of
 key tiles through one online-softmax helper (:func:`_attend`): the layout's full ranges (no mask at all),
 its partial ranges (range / bounds / causal mask) and its gathered columns (causal / count mask); a key
 tile holds one or two 64-key layout ranges (``AttentionLaunch.block_n``). Keys and values are read in place from a packed tensor or from SGLang's paged pool
 (:func:`sgl_minference.kernels.kv_access.kv_rows`); K/V heads are shared by GQA groups, never repeated.
+
+Paired launch (``AttentionLaunch.pair_blocks``, not the default): one program per two consecutive query blocks
+A, B of a request (128 rows, meant for 8 warps: two warpgroups), over the two blocks' layouts merged by
+:func:`pair_plan` (a range or column both name is listed once, flagged for both). Each 64-key tile is read once
+and scored for all 128 rows, each row attending exactly the keys its own block's layout names; so a key tile
+both blocks visit (vertical-slash, A-shape and band layouts put block B's ranges at A's grid shifted by one
+range, and their columns are nearly equal) feeds twice the rows per byte read. Hypothesis (H200, 2026-12-02:
+the 64-row kernel runs at ~0.35-0.4x FA3's speed per attended key, gather and pipelining ruled out): at 64 rows
+per K/V tile (~64 flop per byte) L2-to-SM bandwidth caps the kernel near the ~350 TFLOP/s measured; FA3 and
+Triton's tutorial use 128 rows per tile. Not measured yet: ``benchmarks.chunk_bench --launches ...,64x8x3p``.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import NamedTuple
 
 import torch
@@ -19,7 +30,7 @@ from sgl_minference.kernels.constants import LOG2E
 from sgl_minference.kernels.interpreter import refuse_bf16
 from sgl_minference.kernels.kv_access import kv_args, kv_rows
 from sgl_minference.checks import check
-from sgl_minference.layout import BLOCK, BatchGeometry, KVSource, SparseLayout, check_tensor
+from sgl_minference.layout import BLOCK, SENTINEL, BatchGeometry, KVSource, SparseLayout, check_tensor
 
 # What the kernel serves, asked by the backend and the plugin before they route a layer or a model here (and
 # checked by every kernel wrapper): head sizes it is compiled for (one LAUNCHES entry each) and q/K/V dtypes
@@ -31,15 +42,17 @@ LN2: tl.constexpr = tl.constexpr(0.6931471805599453)  # converts the base-2 lse 
 
 
 @triton.jit
-def _attend(acc, l_i, m_i, q, cols, valid, pos_m,
+def _attend(acc, l_i, m_i, q, cols, valid, select, pos_m,
             K, V, KvStart, ReqToToken, PoolIdx, r, stride_tok,
             k_head, v_head, stride_kn, stride_vn, offs_d, qk_scale,
             MASKED: tl.constexpr, PAGED: tl.constexpr):
     """Fold one tile of ``BLOCK_N`` keys (request-local positions ``cols``) into the running softmax state.
 
-    With ``MASKED``, ``valid`` ([BLOCK_N] bool) marks the keys the caller may read (range / bounds / count)
-    and the causal cut ``cols <= pos_m`` is applied on top; without it (``valid`` is None) every key of the
-    tile is read and attended by every row.
+    With ``MASKED``, ``valid`` ([BLOCK_N] bool) marks the keys the caller may read (range / bounds / count),
+    ``select`` ([BLOCK_M, BLOCK_N] or [1, BLOCK_N] bool, false wherever ``valid`` is) the (row, key) pairs
+    among them that the layout names (``valid[None, :]`` when every row of the tile shares the keys; the
+    paired kernel's two blocks differ), and the causal cut ``cols <= pos_m`` is applied on top; without it
+    (``valid`` and ``select`` are None) every key of the tile is read and attended by every row.
     State: ``acc`` [BLOCK_M, BLOCK_D] fp32, ``l_i`` / ``m_i`` [BLOCK_M] fp32 (running sum and max, base-2
     units); ``q`` [BLOCK_M, BLOCK_D] input dtype; ``cols`` [BLOCK_N] int32; ``pos_m`` [BLOCK_M] int32 query
     positions; ``k_head`` / ``v_head`` int64 element offsets of the KV head.
@@ -58,7 +71,7 @@ def _attend(acc, l_i, m_i, q, cols, valid, pos_m,
         v = tl.load(v_ptrs)
     qk = tl.dot(q, k) * qk_scale
     if MASKED:
-        keep = valid[None, :] & (cols[None, :] <= pos_m[:, None])
+        keep = select & (cols[None, :] <= pos_m[:, None])
         qk = tl.where(keep, qk, float("-inf"))
     m_new = tl.maximum(m_i, tl.max(qk, 1))
     if MASKED:
@@ -72,6 +85,23 @@ def _attend(acc, l_i, m_i, q, cols, valid, pos_m,
     acc = acc * alpha[:, None]
     acc = tl.dot(p.to(v.dtype), v, acc)
     return acc, l_i, m_new
+
+
+@triton.jit
+def _store_rows(acc, l_i, m_i, O, Lse, tok, h64, row_valid, offs_d, stride_ot, stride_oh, stride_lt, stride_lh):
+    """Normalise the softmax state and store ``o`` / ``lse`` of the rows ``row_valid`` marks; a row that
+    attended nothing has ``l = 0`` and is stored as 0 with ``lse = -inf``.
+
+    ``acc`` [BLOCK_M, BLOCK_D] fp32, ``l_i`` / ``m_i`` [BLOCK_M] fp32 (base 2); ``tok`` [BLOCK_M] int64 packed
+    token rows; ``h64`` int64 query head; ``row_valid`` [BLOCK_M] bool.
+    """
+    attended = l_i > 0.0
+    o = acc / tl.where(attended, l_i, 1.0)[:, None]
+    lse = tl.where(attended, (m_i + tl.math.log2(tl.where(attended, l_i, 1.0))) * LN2,
+                   float("-inf"))
+    tl.store(O + tok[:, None] * stride_ot + h64 * stride_oh + offs_d[None, :], o.to(O.dtype.element_ty),
+             mask=row_valid[:, None])
+    tl.store(Lse + tok * stride_lt + h64 * stride_lh, lse, mask=row_valid)
 
 
 # The layout tensors' strides change with the batch (query blocks, heads, range/column capacities). Triton
@@ -153,7 +183,7 @@ def _sparse_attention_fwd(
     full_tiles = n_full // PER
     for t in range(0, full_tiles):
         cols = tl.load(range_start + t * PER + part) + within
-        acc, l_i, m_i = _attend(acc, l_i, m_i, q, cols, None, pos_m,
+        acc, l_i, m_i = _attend(acc, l_i, m_i, q, cols, None, None, pos_m,
                                 K, V, KvStart, ReqToToken, PoolIdx, r, stride_tok,
                                 k_head, v_head, stride_kn, stride_vn, offs_d, qk_scale,
                                 MASKED=False, PAGED=PAGED)
@@ -167,7 +197,7 @@ def _sparse_attention_fwd(
         end = tl.load(range_end + idx, mask=inside, other=0)
         cols = start + within
         valid = inside & (cols >= 0) & (cols < end) & (cols < seq_k)
-        acc, l_i, m_i = _attend(acc, l_i, m_i, q, cols, valid, pos_m,
+        acc, l_i, m_i = _attend(acc, l_i, m_i, q, cols, valid, valid[None, :], pos_m,
                                 K, V, KvStart, ReqToToken, PoolIdx, r, stride_tok,
                                 k_head, v_head, stride_kn, stride_vn, offs_d, qk_scale,
                                 MASKED=True, PAGED=PAGED)
@@ -176,30 +206,130 @@ def _sparse_attention_fwd(
     for c in range(0, n_cols, BLOCK_N):
         valid = c + offs_n < n_cols
         cols = tl.load(col_base + c + offs_n, mask=valid, other=0)
-        acc, l_i, m_i = _attend(acc, l_i, m_i, q, cols, valid, pos_m,
+        acc, l_i, m_i = _attend(acc, l_i, m_i, q, cols, valid, valid[None, :], pos_m,
                                 K, V, KvStart, ReqToToken, PoolIdx, r, stride_tok,
                                 k_head, v_head, stride_kn, stride_vn, offs_d, qk_scale,
                                 MASKED=True, PAGED=PAGED)
 
-    # -- epilogue: normalise; a row that attended nothing has l = 0 and is stored as 0 with lse = -inf --
-    attended = l_i > 0.0
-    o = acc / tl.where(attended, l_i, 1.0)[:, None]
-    lse = tl.where(attended, (m_i + tl.math.log2(tl.where(attended, l_i, 1.0))) * LN2,
-                   float("-inf"))
-    tl.store(O + tok[:, None] * stride_ot + h64 * stride_oh + offs_d[None, :], o.to(O.dtype.element_ty),
-             mask=row_valid[:, None])
-    tl.store(Lse + tok * stride_lt + h64 * stride_lh, lse, mask=row_valid)
+    # -- epilogue: normalise and store the block's valid rows --
+    _store_rows(acc, l_i, m_i, O, Lse, tok, h64, row_valid, offs_d, stride_ot, stride_oh, stride_lt, stride_lh)
+
+
+# The paired layout's strides change with the batch like the layout's (pairs, heads, merged capacities).
+_PAIRED_SHAPES = ["stride_pr_p", "stride_pr_h", "stride_pc_p", "stride_pc_h", "stride_pn_p", "stride_pn_h",
+                  "stride_lt", "stride_lh", "stride_tok"]
+
+
+@triton.jit(do_not_specialize=_PAIRED_SHAPES)
+def _paired_attention_fwd(
+    Q, K, V, O, Lse,
+    CuSeqlensQ, SeqLensK, PrefixLens, QbRequest, QbRow, PairQb,
+    KvStart, ReqToToken, PoolIdx, stride_tok,
+    RangeStart, RangeEnd, RangeFlag, RangeCount, FullCount, ColIndex, ColFlag, ColCount,
+    stride_qt, stride_qh, stride_kn, stride_kh, stride_vn, stride_vh,
+    stride_ot, stride_oh, stride_lt, stride_lh,
+    stride_pr_p, stride_pr_h, stride_pc_p, stride_pc_h, stride_pn_p, stride_pn_h,
+    qk_scale, group,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, PAGED: tl.constexpr,
+    HEADS_FIRST: tl.constexpr,
+):
+    """Program (p, h): query blocks A = ``pair_qb[p]`` and B = A + 1 of one request, query head ``h``: the 128
+    rows ``[qb_row[A], qb_row[A] + 128)`` (B's half is past the chunk's end when A is the request's last block).
+
+    Q / O [T, Hq, D], Lse [T, Hq] fp32; K / V [rows, Hk, D]; geometry vectors int32 ([B+1], [B], [NQB]),
+    PairQb int32 [NP]; the :class:`PairedLayout`'s tensors int32: RangeStart / RangeEnd / RangeFlag
+    [NP, Hq, MAXR] (strides ``stride_pr_*``), ColIndex / ColFlag [NP, Hq, MAXC] (``stride_pc_*``), RangeCount /
+    FullCount / ColCount [NP, Hq] (``stride_pn_*``); ``group`` = Hq // Hk.
+    """
+    tl.static_assert(BLOCK_M == 128, "a pair is two 64-row query blocks")
+    tl.static_assert(BLOCK_N == 64, "a key tile holds one 64-key merged range")
+    tl.static_assert(BLOCK_D == 64 or BLOCK_D == 128 or BLOCK_D == 256, "head_dim must be 64, 128 or 256")
+    p = tl.program_id(1) if HEADS_FIRST else tl.program_id(0)
+    h = tl.program_id(0) if HEADS_FIRST else tl.program_id(1)
+
+    # -- setup: the pair's request, rows (block A's 64, then block B's 64) and positions --
+    qb = tl.load(PairQb + p)
+    r = tl.load(QbRequest + qb)
+    row = tl.load(QbRow + qb)
+    q_start = tl.load(CuSeqlensQ + r)
+    seq_q = tl.load(CuSeqlensQ + r + 1) - q_start
+    seq_k = tl.load(SeqLensK + r)
+    prefix = tl.load(PrefixLens + r)
+    offs_m = tl.arange(0, BLOCK_M)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    in_a = offs_m < BLOCK_M // 2
+    row_valid = row + offs_m < seq_q
+    pos_m = prefix + row + offs_m  # bottom-right causal: chunk row i sits at position prefix + i
+    tok = (q_start + row + offs_m).to(tl.int64)
+    h64 = h.to(tl.int64)
+    kv_h64 = (h // group).to(tl.int64)
+
+    q = tl.load(Q + tok[:, None] * stride_qt + h64 * stride_qh + offs_d[None, :], mask=row_valid[:, None],
+                other=0.0)
+    k_head = kv_h64 * stride_kh
+    v_head = kv_h64 * stride_vh
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+
+    p64 = p.to(tl.int64)
+    range_at = p64 * stride_pr_p + h64 * stride_pr_h
+    col_at = p64 * stride_pc_p + h64 * stride_pc_h
+    count_at = p64 * stride_pn_p + h64 * stride_pn_h
+    n_ranges = tl.load(RangeCount + count_at)
+    n_full = tl.load(FullCount + count_at)
+    n_cols = tl.load(ColCount + count_at)
+
+    # -- phase 1: merged ranges full for every row of the pair (both blocks' full ranges): no mask at all --
+    for t in range(0, n_full):
+        cols = tl.load(RangeStart + range_at + t) + offs_n
+        acc, l_i, m_i = _attend(acc, l_i, m_i, q, cols, None, None, pos_m,
+                                K, V, KvStart, ReqToToken, PoolIdx, r, stride_tok,
+                                k_head, v_head, stride_kn, stride_vn, offs_d, qk_scale,
+                                MASKED=False, PAGED=PAGED)
+
+    # -- phase 2: the other merged ranges, each tile read once for both blocks: clip to [max(start, 0), end)
+    # and to the context; block A's rows attend it when it is A's range, B's rows when it is B's; causal cut --
+    for t in range(n_full, n_ranges):
+        start = tl.load(RangeStart + range_at + t)
+        end = tl.load(RangeEnd + range_at + t)
+        flag = tl.load(RangeFlag + range_at + t)
+        cols = start + offs_n
+        valid = (cols >= 0) & (cols < end) & (cols < seq_k)
+        mine = tl.where(in_a, flag & 1, flag & 2) != 0  # flag bits IN_A = 1, IN_B = 2
+        acc, l_i, m_i = _attend(acc, l_i, m_i, q, cols, valid, mine[:, None] & valid[None, :], pos_m,
+                                K, V, KvStart, ReqToToken, PoolIdx, r, stride_tok,
+                                k_head, v_head, stride_kn, stride_vn, offs_d, qk_scale,
+                                MASKED=True, PAGED=PAGED)
+
+    # -- phase 3: merged columns, BLOCK_N at a time: each column read once, attended by the rows of the
+    # blocks whose flag it carries (padding has flag 0), then the causal cut --
+    for c in range(0, n_cols, BLOCK_N):
+        inside = c + offs_n < n_cols
+        cols = tl.load(ColIndex + col_at + c + offs_n, mask=inside, other=0)
+        flag = tl.load(ColFlag + col_at + c + offs_n, mask=inside, other=0)
+        select = tl.where(in_a[:, None], (flag & 1)[None, :], (flag & 2)[None, :]) != 0
+        acc, l_i, m_i = _attend(acc, l_i, m_i, q, cols, flag != 0, select, pos_m,
+                                K, V, KvStart, ReqToToken, PoolIdx, r, stride_tok,
+                                k_head, v_head, stride_kn, stride_vn, offs_d, qk_scale,
+                                MASKED=True, PAGED=PAGED)
+
+    # -- epilogue: normalise and store both blocks' valid rows (none past the request's chunk end) --
+    _store_rows(acc, l_i, m_i, O, Lse, tok, h64, row_valid, offs_d, stride_ot, stride_oh, stride_lt, stride_lh)
 
 
 class AttentionLaunch(NamedTuple):
     """Launch configuration of the sparse attention kernel: keys per tile (64: one layout range, 128: two side by
-    side), warps, software-pipeline stages, and the program order (``heads_first``: a query block's heads are
-    neighbours in the grid)."""
+    side), warps, software-pipeline stages, the program order (``heads_first``: a query block's heads are
+    neighbours in the grid) and ``pair_blocks``: one program per two consecutive query blocks of a request
+    (:func:`pair_plan`, ``_paired_attention_fwd``; 64-key tiles only, meant for 8 warps)."""
 
     block_n: int
     num_warps: int
     num_stages: int
     heads_first: bool = False
+    pair_blocks: bool = False
 
 
 # bf16/fp16 launch per head_dim. H200 sweep (2026-12-02, `benchmarks.chunk_bench --launches`, every sparse chunk
@@ -225,6 +355,117 @@ def attention_launch(head_dim: int, dtype: torch.dtype) -> AttentionLaunch:
     if head_dim == 256 and dtype == torch.float32:
         return AttentionLaunch(BLOCK, 8, 1)
     return LAUNCHES[head_dim]
+
+
+# ---- the paired launch's plan: two consecutive query blocks' layouts merged into one list per (pair, head) ----
+
+IN_A, IN_B = 1, 2  # flag bits of a merged entry: named by block A's layout, by block B's
+
+
+@dataclass(kw_only=True)
+class PairedLayout:
+    """A :class:`SparseLayout` regrouped for the paired kernel: per (pair, head) one merged range list and one
+    merged column list for the pair's blocks A = ``pair_qb[p]`` and B = A + 1 (same request; absent when A is
+    the request's last block, ``has_b`` false: then nothing carries ``IN_B``).
+
+    A range named by both blocks (same start, same end) appears once with flags ``IN_A | IN_B``, every other range
+    once with its block's flag; likewise columns (same position). Ranges ``[0, full_count)`` are the ones every
+    row of the pair attends whole (full ranges of A that are full ranges of B too, or of A alone when there is
+    no B), ascending by start; the rest follow, ascending by start. Columns are ascending. Slots past the counts
+    hold ``SENTINEL`` (start, end and column) and flag 0. Built on the layout's device, no host sync.
+    """
+
+    pair_qb: torch.Tensor  # [NP] int32: block A (the first query block) of each pair
+    has_b: torch.Tensor  # [NP] bool: block B = pair_qb + 1 exists (same request)
+    range_start: torch.Tensor  # [NP, Hq, 2 * MAXB] int32: merged ranges' first keys (request-local)
+    range_end: torch.Tensor  # [NP, Hq, 2 * MAXB] int32: one past their last keys
+    range_flag: torch.Tensor  # [NP, Hq, 2 * MAXB] int32: IN_A / IN_B bits
+    range_count: torch.Tensor  # [NP, Hq] int32: valid merged ranges
+    full_count: torch.Tensor  # [NP, Hq] int32: ranges [0, full_count) need no mask for any row of the pair
+    col_index: torch.Tensor  # [NP, Hq, 2 * MAXC] int32: merged columns, ascending
+    col_flag: torch.Tensor  # [NP, Hq, 2 * MAXC] int32: IN_A / IN_B bits
+    col_count: torch.Tensor  # [NP, Hq] int32: valid merged columns
+
+
+def num_pairs(geom: BatchGeometry) -> int:
+    """Pairs of the batch, from host lengths: ``ceil(blocks_r / 2)`` per request."""
+    return sum((-(-sq // BLOCK) + 1) // 2 for sq in geom.seq_lens_q_cpu)
+
+
+def _sorted_by(key: torch.Tensor, *tensors: torch.Tensor) -> list[torch.Tensor]:
+    """``tensors`` (each shaped like ``key``) reordered along the last dim by ascending ``key``, ties in order."""
+    order = torch.argsort(key, dim=-1, stable=True)
+    return [t.gather(-1, order) for t in tensors]
+
+
+def _dedupe(same: torch.Tensor, flag: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Entry ``i`` and ``i + 1`` are one key set named by A and by B where ``same[..., i]`` ([..., W-1] bool):
+    the first keeps both flags, the second is dropped (flag 0). Returns ``(flag, merged)``, ``merged`` [..., W]
+    bool marking the entries that absorbed their neighbour."""
+    no = torch.zeros_like(same[..., :1])
+    merged, absorbed = torch.cat([same, no], -1), torch.cat([no, same], -1)
+    flag = torch.where(merged, IN_A | IN_B, torch.where(absorbed, 0, flag))
+    return flag, merged
+
+
+def pair_plan(layout: SparseLayout, geom: BatchGeometry) -> PairedLayout:
+    """Merge each pair of consecutive query blocks' ranges and columns (see :class:`PairedLayout`).
+
+    layout: ``[NQB, Hq, ...]`` int32 (the invariants of ``sgl_minference.layout``; slots past the counts are never
+    read); geom: its batch, ``num_pairs(geom)`` pairs from the host lengths. Torch ops on the layout's device, no
+    host sync; two stable sorts per list.
+    """
+    device = layout.block_count.device
+    nqb = geom.num_query_blocks
+    # Pair geometry: block b of a request (qb_row = 64 b) is A when b is even; its pair index counts the A blocks.
+    is_a = (geom.qb_row // BLOCK) % 2 == 0
+    pair_of = torch.cumsum(is_a.long(), 0) - 1
+    blocks = torch.arange(nqb, device=device)
+    n = num_pairs(geom)
+    a = torch.zeros(n, dtype=torch.long, device=device).scatter_reduce_(0, pair_of, blocks, "amin",
+                                                                        include_self=False)
+    has_b = torch.zeros(n, dtype=torch.long, device=device).scatter_add_(0, pair_of, torch.ones_like(blocks)) == 2
+    b = (a + 1).clamp(max=nqb - 1)  # has_b false: B's entries are masked off below
+    b_on = has_b.view(-1, 1, 1)
+
+    # Ranges: both blocks' lists side by side, sorted by start (A's entry before B's on a tie).
+    slot = torch.arange(layout.block_start.shape[2], device=device)
+    used_a, used_b = slot < layout.block_count[a].unsqueeze(-1), (slot < layout.block_count[b].unsqueeze(-1)) & b_on
+    used = torch.cat([used_a, used_b], -1)
+    start = torch.where(used, torch.cat([layout.block_start[a], layout.block_start[b]], -1), SENTINEL)
+    end = torch.where(used, torch.cat([layout.block_end[a], layout.block_end[b]], -1), SENTINEL)
+    flag = torch.cat([used_a * IN_A, used_b * IN_B], -1)
+    full = torch.cat([slot < layout.full_count[a].unsqueeze(-1), slot < layout.full_count[b].unsqueeze(-1)], -1)
+    start, end, flag, full = _sorted_by(start, start, end, flag, full)
+    same = (start[..., 1:] == start[..., :-1]) & (end[..., 1:] == end[..., :-1]) & (flag[..., 1:] != 0)
+    flag, merged = _dedupe(same, flag)
+    full_next = torch.cat([full[..., 1:], torch.zeros_like(full[..., :1])], -1)
+    unmasked = torch.where(merged, full & full_next, full & (flag == IN_A) & ~b_on)
+    # Compact: unmasked ranges first, then the others, each ascending by start; dropped and unused slots last.
+    key = torch.where(flag == 0, 1 << 62, start.long() + torch.where(unmasked, 0, 1 << 31))
+    start, end, flag = _sorted_by(key, start, end, flag)
+    kept = flag != 0
+
+    # Columns: the same merge by position (a column is unique within a block).
+    slot = torch.arange(layout.col_index.shape[2], device=device)
+    used_a, used_b = slot < layout.col_count[a].unsqueeze(-1), (slot < layout.col_count[b].unsqueeze(-1)) & b_on
+    cols = torch.where(torch.cat([used_a, used_b], -1), torch.cat([layout.col_index[a], layout.col_index[b]], -1),
+                       SENTINEL)
+    col_flag = torch.cat([used_a * IN_A, used_b * IN_B], -1)
+    cols, col_flag = _sorted_by(cols, cols, col_flag)
+    col_flag, _ = _dedupe((cols[..., 1:] == cols[..., :-1]) & (col_flag[..., 1:] != 0), col_flag)
+    cols = torch.where(col_flag == 0, SENTINEL, cols)
+    cols, col_flag = _sorted_by(cols, cols, col_flag)
+
+    def i32(t: torch.Tensor) -> torch.Tensor:
+        return t.to(torch.int32).contiguous()
+
+    return PairedLayout(
+        pair_qb=i32(a), has_b=has_b,
+        range_start=i32(torch.where(kept, start, SENTINEL)), range_end=i32(torch.where(kept, end, SENTINEL)),
+        range_flag=i32(flag), range_count=i32(kept.sum(-1)), full_count=i32(unmasked.sum(-1)),
+        col_index=i32(cols), col_flag=i32(col_flag), col_count=i32((col_flag != 0).sum(-1)),
+    )
 
 
 def check_kv(kv: KVSource, geom: BatchGeometry) -> None:
@@ -274,7 +515,8 @@ def sparse_attention(q: torch.Tensor, kv: KVSource, layout: SparseLayout, geom: 
     D in (64, 128, 256). kv: ``[rows, Hk, D]`` keys/values of ``q``'s dtype, ``Hq % Hk == 0``; query head
     ``h`` reads KV head ``h // (Hq // Hk)``. layout: int32 ``[NQB, Hq, ...]`` tensors on ``q``'s device.
     out: optional ``[T, Hq, D]`` of ``q``'s dtype to write the output into. launch: the kernel's launch
-    configuration (default :func:`attention_launch`), for benchmarks.
+    configuration (default :func:`attention_launch`), for benchmarks; with ``pair_blocks`` the layout is first
+    merged per pair of query blocks (:func:`pair_plan`) and the paired kernel runs, same keys, same results.
     Returns ``o`` ``[T, Hq, D]`` (``q.dtype``) and ``lse`` ``[T, Hq]`` float32, the natural-log log-sum-exp of
     the scaled scores; a row that attends no key gets ``o = 0`` and ``lse = -inf``.
     """
@@ -288,18 +530,33 @@ def sparse_attention(q: torch.Tensor, kv: KVSource, layout: SparseLayout, geom: 
                               layout.col_index, layout.col_count)
     launch = launch or attention_launch(head_dim, q.dtype)
     check(launch.block_n in (BLOCK, 2 * BLOCK), "launch", f"block_n {launch.block_n} is not {BLOCK} or {2 * BLOCK}")
+    check(launch.block_n == BLOCK or not launch.pair_blocks, "launch",
+          f"a paired launch reads {BLOCK}-key tiles, not {launch.block_n}")
+    common = (q.stride(0), q.stride(1), kv.k.stride(0), kv.k.stride(1), kv.v.stride(0), kv.v.stride(1),
+              o.stride(0), o.stride(1), lse.stride(0), lse.stride(1))
+    tuning = dict(BLOCK_N=launch.block_n, BLOCK_D=head_dim, PAGED=paged, HEADS_FIRST=bool(launch.heads_first),
+                  num_warps=launch.num_warps, num_stages=launch.num_stages)
+    geometry = (geom.cu_seqlens_q, geom.seq_lens_k, geom.prefix_lens, geom.qb_request, geom.qb_row)
+    if launch.pair_blocks:
+        pl = pair_plan(layout, geom)
+        programs = pl.pair_qb.shape[0]
+        grid = (num_heads, programs) if launch.heads_first else (programs, num_heads)
+        rs, cs, rc = pl.range_start, pl.col_index, pl.range_count  # each shares its strides with its group
+        _paired_attention_fwd[grid](
+            q, kv.k, kv.v, o, lse, *geometry, pl.pair_qb,
+            kv_start, req_to_token, pool_idx, stride_tok,
+            rs, pl.range_end, pl.range_flag, rc, pl.full_count, cs, pl.col_flag, pl.col_count,
+            *common, rs.stride(0), rs.stride(1), cs.stride(0), cs.stride(1), rc.stride(0), rc.stride(1),
+            sm_scale * LOG2E, num_heads // kv.k.shape[1], BLOCK_M=2 * BLOCK, **tuning,
+        )
+        return o, lse
     grid = (num_heads, geom.num_query_blocks) if launch.heads_first else (geom.num_query_blocks, num_heads)
     _sparse_attention_fwd[grid](
-        q, kv.k, kv.v, o, lse,
-        geom.cu_seqlens_q, geom.seq_lens_k, geom.prefix_lens, geom.qb_request, geom.qb_row,
+        q, kv.k, kv.v, o, lse, *geometry,
         kv_start, req_to_token, pool_idx, stride_tok,
-        bs, be, bc, fc, ci, cc,
-        q.stride(0), q.stride(1), kv.k.stride(0), kv.k.stride(1), kv.v.stride(0), kv.v.stride(1),
-        o.stride(0), o.stride(1), lse.stride(0), lse.stride(1),
+        bs, be, bc, fc, ci, cc, *common,
         bs.stride(0), bs.stride(1), be.stride(0), be.stride(1), bc.stride(0), bc.stride(1),
         fc.stride(0), fc.stride(1), ci.stride(0), ci.stride(1), cc.stride(0), cc.stride(1),
-        sm_scale * LOG2E, num_heads // kv.k.shape[1],
-        BLOCK_M=BLOCK, BLOCK_N=launch.block_n, BLOCK_D=head_dim, PAGED=paged, HEADS_FIRST=bool(launch.heads_first),
-        num_warps=launch.num_warps, num_stages=launch.num_stages,
+        sm_scale * LOG2E, num_heads // kv.k.shape[1], BLOCK_M=BLOCK, **tuning,
     )
     return o, lse
