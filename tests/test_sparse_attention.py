@@ -387,6 +387,20 @@ def test_gpu_random_layout_matches_masked_reference(case, dtype):
 
 @pytest.mark.gpu
 @requires_cuda
+@pytest.mark.parametrize("case", list(GPU_CASES), ids=str)
+def test_gpu_paired_launch_matches_masked_reference(case):
+    """The paired-block launch compiled (bf16, two warpgroups over two query blocks), against the masked reference,
+    paged K/V through a shuffled pool too. head_dim 256 takes 2 stages (3 exceed the shared memory, sm_90 check)."""
+    d = GPU_CASES[case][4]
+    launch = PAIRED._replace(num_stages=2) if d == 256 else PAIRED
+    geom, q, k, v, layout, _ = run_case(*GPU_CASES[case], torch.bfloat16, keep=0.3, max_cols=300, launch=launch)
+    kv = paged_kv(k, v, geom.seq_lens_k_cpu, seed=4)
+    got = sparse_attention(q, kv, layout, geom, sm_scale=d ** -0.5, launch=launch)
+    assert_matches(got, masked_attention(q, kv, geom, layout.to_dense(geom), sm_scale=d ** -0.5), torch.bfloat16)
+
+
+@pytest.mark.gpu
+@requires_cuda
 def test_gpu_full_layout_is_dense_causal_attention():
     seq_lens_q, prefix_lens, hq, hk, d = GPU_CASES["sk4096-d128"]
     geom = make_geometry(seq_lens_q, prefix_lens)
