@@ -127,9 +127,11 @@ def summarize_stats(lines: list[dict], input_lens: list[int], ttft_ms: float | N
     gates, or the layers the per-layer routing sent dense); also the share over the sparse-run chunks alone. Times
     are sums over chunks and layers. ``routed_dense_layer_chunks``: the (layer, chunk) pairs routing sent dense.
     """
+    if not lines:
+        return {"batches": 0}
     routed = sum(len(line.get("routed_dense", ())) for line in lines)  # layer-chunks sent to the dense backend
     lines = [line for line in lines if line["layers"]]
-    if not lines:
+    if not lines:  # every batch routed whole to the dense backend
         return {"batches": 0, "routed_dense_layer_chunks": routed}
     heads = lines[0]["num_q_heads"]
     whole = sum(causal_pairs(n, n, heads) for n in input_lens)  # one layer, every request

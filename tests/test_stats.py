@@ -109,6 +109,7 @@ def test_layers_the_routing_sends_dense_are_recorded(tmp_path):
     assert second["routed_dense"] == [0, 1] and second["layers"] == [] and second["num_q_heads"] is None
     summary = summarize_stats([first, second], [270], ttft_ms=None)
     assert summary["routed_dense_layer_chunks"] == 2 and summary["batches"] == 1 and summary["layers"] == 2
+    assert summarize_stats([second], [270], ttft_ms=None) == {"batches": 0, "routed_dense_layer_chunks": 2}
 
 
 def test_a_batch_that_stops_before_the_last_layer_is_written_at_the_next_batch(tmp_path):
