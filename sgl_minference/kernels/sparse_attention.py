@@ -88,6 +88,30 @@ def _attend(acc, l_i, m_i, q, cols, valid, select, pos_m,
 
 
 @triton.jit
+def _query_tile(qb, h, Q, CuSeqlensQ, SeqLensK, PrefixLens, QbRequest, QbRow, stride_qt, stride_qh, stride_kh,
+                stride_vh, group, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr):
+    """The ``BLOCK_M`` chunk rows from query block ``qb``'s first row on, query head ``h``: request ``r``, its
+    context length ``seq_k``, ``row_valid`` [BLOCK_M] bool (rows inside the chunk), ``pos_m`` [BLOCK_M] int32
+    positions (bottom-right causal: chunk row i sits at position prefix + i), ``tok`` [BLOCK_M] int64 packed token
+    rows, ``h64`` int64, ``k_head`` / ``v_head`` int64 element offsets of the KV head (``h // group``), and the
+    query tile ``q`` [BLOCK_M, BLOCK_D] (0 past the chunk)."""
+    r = tl.load(QbRequest + qb)
+    row = tl.load(QbRow + qb)
+    q_start = tl.load(CuSeqlensQ + r)
+    seq_q = tl.load(CuSeqlensQ + r + 1) - q_start
+    offs_m = tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    row_valid = row + offs_m < seq_q
+    pos_m = tl.load(PrefixLens + r) + row + offs_m
+    tok = (q_start + row + offs_m).to(tl.int64)
+    h64 = h.to(tl.int64)
+    kv_h64 = (h // group).to(tl.int64)
+    q = tl.load(Q + tok[:, None] * stride_qt + h64 * stride_qh + offs_d[None, :], mask=row_valid[:, None],
+                other=0.0)
+    return r, tl.load(SeqLensK + r), row_valid, pos_m, tok, h64, kv_h64 * stride_kh, kv_h64 * stride_vh, q
+
+
+@triton.jit
 def _store_rows(acc, l_i, m_i, O, Lse, tok, h64, row_valid, offs_d, stride_ot, stride_oh, stride_lt, stride_lh):
     """Normalise the softmax state and store ``o`` / ``lse`` of the rows ``row_valid`` marks; a row that
     attended nothing has ``l = 0`` and is stored as 0 with ``lse = -inf``.
@@ -140,26 +164,12 @@ def _sparse_attention_fwd(
     qb = tl.program_id(1) if HEADS_FIRST else tl.program_id(0)
     h = tl.program_id(0) if HEADS_FIRST else tl.program_id(1)
 
-    # -- setup: which request, rows and positions this query block covers --
-    r = tl.load(QbRequest + qb)
-    row = tl.load(QbRow + qb)
-    q_start = tl.load(CuSeqlensQ + r)
-    seq_q = tl.load(CuSeqlensQ + r + 1) - q_start
-    seq_k = tl.load(SeqLensK + r)
-    prefix = tl.load(PrefixLens + r)
-    offs_m = tl.arange(0, BLOCK_M)
+    # -- setup: which request, rows and positions this query block covers; its query tile --
+    r, seq_k, row_valid, pos_m, tok, h64, k_head, v_head, q = _query_tile(
+        qb, h, Q, CuSeqlensQ, SeqLensK, PrefixLens, QbRequest, QbRow, stride_qt, stride_qh, stride_kh, stride_vh,
+        group, BLOCK_M, BLOCK_D)
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
-    row_valid = row + offs_m < seq_q
-    pos_m = prefix + row + offs_m  # bottom-right causal: chunk row i sits at position prefix + i
-    tok = (q_start + row + offs_m).to(tl.int64)
-    h64 = h.to(tl.int64)
-    kv_h64 = (h // group).to(tl.int64)
-
-    q = tl.load(Q + tok[:, None] * stride_qt + h64 * stride_qh + offs_d[None, :], mask=row_valid[:, None],
-                other=0.0)
-    k_head = kv_h64 * stride_kh
-    v_head = kv_h64 * stride_vh
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
@@ -247,28 +257,14 @@ def _paired_attention_fwd(
     p = tl.program_id(1) if HEADS_FIRST else tl.program_id(0)
     h = tl.program_id(0) if HEADS_FIRST else tl.program_id(1)
 
-    # -- setup: the pair's request, rows (block A's 64, then block B's 64) and positions --
-    qb = tl.load(PairQb + p)
-    r = tl.load(QbRequest + qb)
-    row = tl.load(QbRow + qb)
-    q_start = tl.load(CuSeqlensQ + r)
-    seq_q = tl.load(CuSeqlensQ + r + 1) - q_start
-    seq_k = tl.load(SeqLensK + r)
-    prefix = tl.load(PrefixLens + r)
+    # -- setup: the pair's request, rows (block A's 64, then block B's 64) and positions; its query tile --
+    r, seq_k, row_valid, pos_m, tok, h64, k_head, v_head, q = _query_tile(
+        tl.load(PairQb + p), h, Q, CuSeqlensQ, SeqLensK, PrefixLens, QbRequest, QbRow, stride_qt, stride_qh,
+        stride_kh, stride_vh, group, BLOCK_M, BLOCK_D)
     offs_m = tl.arange(0, BLOCK_M)
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
     in_a = offs_m < BLOCK_M // 2
-    row_valid = row + offs_m < seq_q
-    pos_m = prefix + row + offs_m  # bottom-right causal: chunk row i sits at position prefix + i
-    tok = (q_start + row + offs_m).to(tl.int64)
-    h64 = h.to(tl.int64)
-    kv_h64 = (h // group).to(tl.int64)
-
-    q = tl.load(Q + tok[:, None] * stride_qt + h64 * stride_qh + offs_d[None, :], mask=row_valid[:, None],
-                other=0.0)
-    k_head = kv_h64 * stride_kh
-    v_head = kv_h64 * stride_vh
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
