@@ -162,14 +162,14 @@ def run_chunk(args, data: str, config: MInferenceConfig, seq_q: int, seq_k: int)
     if data == "synthetic":
         build = partial(synthetic.layer_layout, structure=synthetic.DEFAULT)
 
-    def index():
-        return build(q, kv, plan, layers[0], config, sm_scale=sm_scale)
-
     if data == "fixed":
         columns, offsets = fixed_indices(config, hq, seq_k, device)
 
         def index():  # no estimation: the conversion of fixed indices into the layout only
             return indices_to_layout(columns, offsets, plan.geom)
+    else:
+        def index():
+            return build(q, kv, plan, layers[0], config, sm_scale=sm_scale)
 
     before = jit_cache()
     if cuda:

@@ -397,8 +397,8 @@ def _clamped_ramp_sum(m: torch.Tensor, length: torch.Tensor) -> torch.Tensor:
 
 
 def _range_column_pairs(*, starts: torch.Tensor, ends: torch.Tensor, counts: torch.Tensor, cols: torch.Tensor,
-                       col_counts: torch.Tensor, row_pos: torch.Tensor, rows: torch.Tensor,
-                       seq_k: torch.Tensor | int) -> tuple[torch.Tensor, torch.Tensor]:
+                        col_counts: torch.Tensor, row_pos: torch.Tensor, rows: torch.Tensor,
+                        seq_k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Attended and visited (query, key) pairs of key ranges plus gathered columns, per (query block, head).
 
     starts, ends: [NQB, H, MAXB] int   key range [start, end) of each entry (ends clamped to ``seq_k``)
@@ -407,7 +407,7 @@ def _range_column_pairs(*, starts: torch.Tensor, ends: torch.Tensor, counts: tor
     col_counts:   [NQB, H] int         valid columns
     row_pos:      [NQB] int            absolute position of each block's first query row
     rows:         [NQB] int            valid query rows of each block (64, less in the last)
-    seq_k:        [NQB] int or an int  keys of each block's request
+    seq_k:        [NQB] int            keys of each block's request
 
     Returns ``(attended, visited)``, ``[NQB, H]`` int64 on the inputs' device (no host sync): a row at position
     ``p`` attends range key ``j`` when ``j <= p``, summed in closed form per range; visited = rows x (range
@@ -416,7 +416,7 @@ def _range_column_pairs(*, starts: torch.Tensor, ends: torch.Tensor, counts: tor
     starts, ends, cols = starts.long(), ends.long(), cols.long()
     p0 = row_pos.long().view(-1, 1, 1)
     n = rows.long().view(-1, 1, 1)
-    sk = seq_k.long().view(-1, 1, 1) if isinstance(seq_k, torch.Tensor) else torch.tensor(seq_k, device=p0.device)
+    sk = seq_k.long().view(-1, 1, 1)
     valid_b = torch.arange(starts.shape[-1], device=starts.device) < counts.long().unsqueeze(-1)
     s = starts.clamp(min=0).minimum(sk)
     length = ends.minimum(sk).maximum(s) - s

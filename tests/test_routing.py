@@ -2,7 +2,6 @@
 the backend sending a measured-dense layer of the next batch to the dense backend."""
 
 import pytest
-import torch
 from conftest import DEVICE, make_geometry
 from test_planner import DENSE_EQUIVALENT, HQ, config, fake_batch, fake_layer, make_backend
 

@@ -160,7 +160,7 @@ def _selection(spec, inputs, gamma: float, est: Estimation) -> Selection:
         return idx[idx != unused]
 
     return Selection(n=n, columns=top(col_mass, pos < est.forced_sink, SENTINEL, False),
-                            offsets=top(diag_mass, pos < est.forced_local, -1, True))
+                     offsets=top(diag_mass, pos < est.forced_local, -1, True))
 
 
 def realise_flexprefill(spec, q: torch.Tensor, k: torch.Tensor, *, sm_scale: float, est: Estimation,

@@ -221,7 +221,8 @@ def main(argv=None) -> dict:
         "command": f"{PROG} " + " ".join(argv if argv is not None else sys.argv[1:]),
         "model": str(args.model), "model_folder": folder.name, "host": platform.node(), "versions": versions(),
         "tasks": tasks, "lengths": lengths, "depths": depths, "depthless_tasks": sorted(DEPTHLESS & set(tasks)),
-        "seconds": seconds, "dense_backend": settings.dense_backend, "config_source": args.config, "budget_scale": args.budget_scale,
+        "seconds": seconds, "dense_backend": settings.dense_backend, "config_source": args.config,
+        "budget_scale": args.budget_scale,
         "config": json.loads(config_path.read_text()),
         "nominal_density": {n: nominal_density(config, n, layers, text_cfg.num_attention_heads) for n in lengths},
     })
