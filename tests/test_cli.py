@@ -37,7 +37,7 @@ def assert_usage_error(done: subprocess.CompletedProcess, *needles: str) -> None
         assert needle in lines[0]
 
 
-@pytest.mark.parametrize("tool", ["tools.search", "tools.eval", "tools.gguf_loader", "ttft"])
+@pytest.mark.parametrize("tool", ["tools.search", "tools.eval", "tools.eval.curve", "tools.gguf_loader", "ttft"])
 def test_help(tool, tmp_path):
     done = run_tool(["-m", f"sgl_minference.{tool}", "--help"], tmp_path)
     assert done.returncode == 0 and "usage: python -m sgl_minference." + tool in done.stdout, done.stderr[-2000:]
