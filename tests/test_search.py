@@ -294,6 +294,9 @@ def test_target_recall_takes_the_cheapest_candidate_meeting_it():
     assert cand.cheapest_meeting([0.97, 0.96], [300, 450], [100, 400], target=0.95, slack=1.5) == 1
     assert cand.cheapest_meeting([0.97, 0.96], [300, 450], [100, 400], target=0.95, slack=3.0) == 0
     assert cand.cheapest_meeting([0.97], [601], [400], target=0.95, slack=1.5) is None
+    # a candidate keeping as many keys as the head's causal rows gains nothing over the exact dense head
+    assert cand.cheapest_meeting([0.97, 0.99], [300, 500], [300, 500], target=0.98, max_keys=500.0) is None
+    assert cand.cheapest_meeting([0.97, 0.99], [300, 499], [300, 500], target=0.98, max_keys=500.0) == 1
 
     specs = [AShapeSpec(sink=64, local=100), VerticalSlashSpec(vertical=30, slash=400)]
     results = [HeadResult(layer=1, head=0, specs=specs, recall=[0.3, 0.4], keys=[100, 400], budgets=[100, 400],
@@ -318,32 +321,37 @@ def test_score_layer_fits_each_candidate_to_its_own_budget():
                       fit_budget=budgets)[0]
     assert res.budgets == budgets and res.specs[0].slash < res.specs[1].slash
     assert all(keys <= b for keys, b in zip(res.keys, budgets)) and res.keys[1] > budgets[0]
+    dense = score_layer(qk, lambda _l, _h: [DenseSpec()], ScoreSettings(row_block=256, skip_rows=256))[0]
+    assert res.causal_keys == dense.causal_keys == pytest.approx(dense.keys[0])  # what a dense head visits
     assert res.recall[0] < res.recall[1]
 
 
-def _ladder_search(model, out, target):
+def _ladder_search(model, out, target, share=1.0):
     from sgl_minference.tools.search.__main__ import main
 
     return main([str(model), "--output", str(out), "--length", "2048", "--density", "0.75", "0.5",
-                 "--target-recall", str(target),
+                 "--target-recall", str(target), "--max-key-share", str(share),
                  "--row-block", "512", "--device", "cpu", "--dtype", "float32", "--no-progress"])
 
 
-@pytest.mark.parametrize("target", [0.5, 0.9999])
-def test_search_cli_target_over_a_ladder(tiny_gemma, tmp_path, capsys, target):
+@pytest.mark.parametrize("target, share", [(0.5, 1.0), (0.9999, 1.0), (0.5, 0.3)])
+def test_search_cli_target_over_a_ladder(tiny_gemma, tmp_path, capsys, target, share):
     out, slack = tmp_path / "cfg.json", 1.5
-    report = _ladder_search(tiny_gemma, out, target)
+    report = _ladder_search(tiny_gemma, out, target, share)
     printed = capsys.readouterr().out
     cfg = MInferenceConfig.load(out)
     assert json.loads(out.with_suffix(".report.json").read_text()) == json.loads(json.dumps(report))
     assert report["budgets"] == [512, 768] and report["budget"] == 768 and report["target_recall"] == target
+    assert report["max_key_share"] == share
     assert report["densities"] == pytest.approx([512 * 2 / 2049, 768 * 2 / 2049])
     n_cands = {b: len(cand.candidate_space(b)) for b in (512, 768)}
     cheaper_won = 0
     for head in report["heads"]:
         cands = head["candidates"]
         assert [c["budget"] for c in cands] == [512] * n_cands[512] + [768] * n_cands[768]
-        ok = [i for i, c in enumerate(cands) if c["recall"] >= target and c["keys"] <= slack * c["budget"]]
+        assert head["causal_keys"] == (512 + 1 + 2048) / 2  # rows 512..2047 scored (skip: a quarter)
+        ok = [i for i, c in enumerate(cands) if c["recall"] >= target and c["keys"] <= slack * c["budget"]
+              and c["keys"] < share * head["causal_keys"]]
         spec = cfg.head_spec(2, head["head"])
         if head["best"] is None:
             assert not ok and head["dense"] and spec == DenseSpec()
@@ -358,7 +366,7 @@ def test_search_cli_target_over_a_ladder(tiny_gemma, tmp_path, capsys, target):
     assert report["dense_heads"] == sum(h["dense"] for h in report["heads"])
     assert report["dense_heads"] / 4 <= report["key_share"] <= 1.0
     assert f"{report['dense_heads']} of 4 searched heads dense" in printed and "of causal" in printed
-    if target > 0.99:  # unreachable: every head dense, the result costs the causal keys
+    if target > 0.99 or share < 0.4:  # unreachable, or every candidate keeps too many keys: every head dense
         assert report["dense_heads"] == 4 and report["key_share"] == 1.0 and set(recalls) == {1.0}
     else:  # every head meets it at some rung; somewhere a cheaper candidate beats a higher-recall one
         assert report["dense_heads"] == 0 and cheaper_won >= 1 and report["key_share"] < 0.75

@@ -9,12 +9,13 @@ attention recall within the budget. Sliding-window layers are not searched and s
 
 With ``--target-recall R``, ``--density`` / ``--budget`` may be a ladder of several values: every head's
 candidates are fitted and scored at every budget (the layer's Q/K captured once), and the head gets the candidate
-with the fewest realised keys per row among those with recall >= R and keys within ``--slack`` x their own
-budget; a head where none reaches R stays dense. Without it exactly one density / budget is allowed (and
+with the fewest realised keys per row among those with recall >= R, keys within ``--slack`` x their own
+budget and fewer than ``--max-key-share`` x the head's causal keys (default 1: fewer than dense, which reads as
+many keys exactly); a head where none qualifies stays dense. Without it exactly one density / budget is allowed (and
 ``--dense-below``, the other answer to a head that misses, is refused with it).
 
-The report lists the ladder (``budgets``, ``densities``, ascending), ``target_recall`` and each candidate's
-``budget``; ``best`` indexes the head's candidate list (all budgets together), ``null`` where no candidate met the
+The report lists the ladder (``budgets``, ``densities``, ascending), ``target_recall``, ``max_key_share``, each
+head's ``causal_keys`` (mean per scored row) and each candidate's ``budget``; ``best`` indexes the head's candidate list (all budgets together), ``null`` where no candidate met the
 target (such a head counts as recall 1.0 in ``layer_recall``: dense is exact). ``"dense": true`` marks every head
 the config leaves dense (``--dense-below`` ones included); ``dense_heads`` counts them and ``key_share`` is the
 mean realised keys per scored row over the searched heads as a share of the causal keys (dense heads 1.0).
@@ -66,6 +67,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="rows left out of the recall average (default min(4096, length // 4))")
     p.add_argument("--slack", type=float, default=1.5,
                    help="a candidate may visit at most slack x budget keys per row to be chosen")
+    p.add_argument("--max-key-share", type=float, default=1.0,
+                   help="with --target-recall: a candidate must keep fewer than this share of the head's causal keys "
+                        "per row (default 1: fewer than dense, which is exact)")
     p.add_argument("--dense-below", type=float, default=0.0,
                    help="heads whose best recall is below this stay dense (default 0: every searched head sparse)")
     p.add_argument("--min-context", type=int, default=None, help="the config's min_context (default: its own)")
@@ -88,6 +92,8 @@ def main(argv=None) -> dict:
         fail(PROG, "--target-recall and --dense-below both decide which heads stay dense: pass one of them")
     if args.target_recall is not None and not 0.0 < args.target_recall <= 1.0:
         fail(PROG, f"--target-recall: {args.target_recall} is not in (0, 1]")
+    if not 0.0 < args.max_key_share <= 1.0:
+        fail(PROG, f"--max-key-share: {args.max_key_share} is not in (0, 1]")
     check_model(PROG, args.model)
     allow_torchvision_import()
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
@@ -118,22 +124,22 @@ def main(argv=None) -> dict:
           f"keys/row{target}, {len(candidates)} candidates", flush=True)
     t0 = time.time()
     results = search_model(model, ids, layers=layers, candidates=ladder, budget=budgets, settings=settings,
-                           slack=args.slack, target_recall=args.target_recall, progress=not args.no_progress)
+                           slack=args.slack, target_recall=args.target_recall, max_key_share=args.max_key_share,
+                           progress=not args.no_progress)
     extra = {} if args.min_context is None else {"min_context": args.min_context}
     config = to_config(results, num_layers=text_cfg.num_hidden_layers, num_heads=text_cfg.num_attention_heads,
                        dense_below=args.dense_below, **extra)
     out = Path(args.output)
     out.parent.mkdir(parents=True, exist_ok=True)
     config.save(out)
-    n = ids.numel()
-    causal = (min(settings.skip_rows, n - 1) + n + 1) / 2  # mean causal keys per scored row (what keys average)
     dense = [config.head_spec(r.layer, r.head) == DenseSpec() for r in results]
-    key_share = sum(1.0 if d else r.keys[r.best] / causal for r, d in zip(results, dense)) / len(results)
+    key_share = sum(1.0 if d else r.keys[r.best] / r.causal_keys for r, d in zip(results, dense)) / len(results)
     report = {
         "model": str(args.model), "length": length, "budget": budget, "density": budget * 2 / (length + 1),
         "budgets": budgets, "densities": [b * 2 / (length + 1) for b in budgets],
         "target_recall": args.target_recall,
         "layers": layers, "patterns": args.patterns, "dense_below": args.dense_below, "skip_rows": settings.skip_rows, "row_block": settings.row_block, "slack": args.slack,
+        "max_key_share": args.max_key_share,
         "seconds": round(time.time() - t0, 2), "layer_recall": layer_summary(results),
         "dense_heads": sum(dense), "key_share": key_share,
         "heads": [{**r.as_dict(), "dense": d} for r, d in zip(results, dense)],  # dense: in the config

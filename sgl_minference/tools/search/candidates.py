@@ -92,13 +92,16 @@ def choose(recall: Sequence[float], keys: Sequence[float], budget: int, slack: f
 
 
 def cheapest_meeting(recall: Sequence[float], keys: Sequence[float], budgets: Sequence[int], target: float,
-                     slack: float = 1.5) -> int | None:
+                     slack: float = 1.5, max_keys: float | None = None) -> int | None:
     """Index of the candidate with the fewest realised keys per row among those whose recall is at least
-    ``target`` and whose keys are at most ``slack`` times their own budget (``budgets[i]``, the budget candidate
-    ``i`` was sized and fitted for); ties go to the higher recall, then the lower index. ``None`` when no
-    candidate qualifies: the head stays dense."""
+    ``target``, whose keys are at most ``slack`` times their own budget (``budgets[i]``, the budget candidate
+    ``i`` was sized and fitted for) and, given ``max_keys``, fewer than that: at most the head's mean causal keys
+    per scored row, since a dense head reads as many keys exactly and a candidate keeping as many gains nothing.
+    Ties go to the higher recall, then the lower index. ``None`` when no candidate qualifies: the head stays
+    dense."""
     check(len(recall) == len(keys) == len(budgets) and len(recall) > 0, "recall",
           "need one recall, one cost and one budget per candidate")
-    ok = [i for i in range(len(recall)) if recall[i] >= target and keys[i] <= slack * budgets[i]]
+    ok = [i for i in range(len(recall)) if recall[i] >= target and keys[i] <= slack * budgets[i]
+          and (max_keys is None or keys[i] < max_keys)]
     return min(ok, key=lambda i: (keys[i], -recall[i], i)) if ok else None
 

@@ -6,8 +6,9 @@ the best recall within the cost budget (:func:`~sgl_minference.tools.search.cand
 and a ladder of budgets (``search_model(budget=[...], target_recall=R)``), the candidates of every budget are
 fitted to their own budget and scored together on the layer's Q/K (captured once), and the head gets the one
 with the fewest realised keys per row among those whose recall is at least ``R`` and whose keys are within
-``slack`` times their budget (:func:`~sgl_minference.tools.search.candidates.cheapest_meeting`); where none reaches
-``R`` the head stays dense (``HeadResult.best`` ``None``; counted as recall 1.0, it is exact). The same scoring
+``slack`` times their budget and below the head's causal keys
+(:func:`~sgl_minference.tools.search.candidates.cheapest_meeting`); where none qualifies the head stays dense
+(``HeadResult.best`` ``None``; counted as recall 1.0, it is exact). The same scoring
 measures the recall of a given config's specs (:func:`config_recall`), which the eval reports per layer.
 """
 
@@ -46,10 +47,12 @@ class HeadResult:
     keys: list[float]  # mean causal keys visited per scored row, per candidate
     best: int | None = 0  # index of the chosen candidate; None: the head stays dense (no candidate met the target)
     budgets: list[int] | None = None  # per candidate, the budget (keys per row) it was fitted to, when fitted
+    causal_keys: float | None = None  # mean causal keys per scored row: what a dense head visits
 
     def as_dict(self) -> dict:
         budgets = self.budgets or [None] * len(self.specs)
         return {"layer": self.layer, "head": self.head, "best": self.best, "dense": self.best is None,
+                "causal_keys": self.causal_keys,
                 "candidates": [{"spec": s.model_dump(), "nominal_keys": nominal_cost(s), "recall": r, "keys": k,
                                 **({} if b is None else {"budget": b})}
                                for s, r, k, b in zip(self.specs, self.recall, self.keys, budgets)]}
@@ -83,7 +86,7 @@ def score_layer(qk: LayerQK, specs_for: Callable[[int, int], Sequence], settings
         recall, keys = head_recall(q, k, sels, sm_scale=qk.sm_scale, row_block=settings.row_block, skip_rows=skip,
                                    softcap=qk.softcap)
         res = HeadResult(layer=qk.layer, head=h, specs=specs, recall=recall.tolist(), keys=keys.tolist(),
-                         budgets=budgets)
+                         budgets=budgets, causal_keys=(skip + 1 + n) / 2)  # the mean of row + 1 over rows skip..n-1
         out.append(res)
         if on_head is not None:
             on_head(res)
@@ -96,7 +99,8 @@ def _num_heads(model) -> int:
 
 def search_model(model, input_ids: torch.Tensor, *, layers: Sequence[int], candidates: Sequence,
                  budget: int | Sequence[int], settings: ScoreSettings, slack: float = 1.5,
-                 target_recall: float | None = None, progress: bool = True) -> list[HeadResult]:
+                 target_recall: float | None = None, max_key_share: float = 1.0,
+                 progress: bool = True) -> list[HeadResult]:
     """Score ``candidates`` on every query head of ``layers`` and choose one per head (``HeadResult.best``);
     candidates with a fit (vertical-slash, the adaptive patterns) are fitted to their budget per head first.
 
@@ -105,12 +109,14 @@ def search_model(model, input_ids: torch.Tensor, *, layers: Sequence[int], candi
     within it (:func:`~sgl_minference.tools.search.candidates.choose`). A ladder: ``budget`` a sequence of budgets and
     ``candidates`` one candidate list per budget, scored together on each layer's Q/K; needs ``target_recall``,
     and each head gets the cheapest candidate reaching it, or ``best`` ``None`` (dense) when none does
-    (:func:`~sgl_minference.tools.search.candidates.cheapest_meeting`). ``target_recall`` applies to one budget too.
+    (:func:`~sgl_minference.tools.search.candidates.cheapest_meeting`). ``target_recall`` applies to one budget too;
+    with it, a candidate must keep fewer than ``max_key_share`` (0, 1] of the head's causal keys per row.
     """
     from tqdm.auto import tqdm
 
     ladder = [(budget, candidates)] if isinstance(budget, int) else list(zip(budget, candidates, strict=True))
     check(len(ladder) > 0, "budget", "no budget to search")
+    check(0.0 < max_key_share <= 1.0, "max_key_share", f"{max_key_share} is not in (0, 1]")
     check(target_recall is not None or len(ladder) == 1, "target_recall",
           f"a ladder of {len(ladder)} budgets needs a recall target to choose among them")
     specs = [s for _b, cands in ladder for s in cands]
@@ -122,7 +128,8 @@ def search_model(model, input_ids: torch.Tensor, *, layers: Sequence[int], candi
         if target_recall is None:
             res.best = choose(res.recall, res.keys, ladder[0][0], slack)
         else:
-            res.best = cheapest_meeting(res.recall, res.keys, res.budgets, target_recall, slack)
+            res.best = cheapest_meeting(res.recall, res.keys, res.budgets, target_recall, slack,
+                                        max_key_share * res.causal_keys)
         bar.update(1)
         bar.set_postfix(layer=res.layer, recall="dense" if res.best is None else f"{res.recall[res.best]:.3f}")
 
