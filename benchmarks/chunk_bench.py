@@ -12,7 +12,8 @@ SGLang uses on Hopper). Per chunk it records:
   serving process meets each chunk shape for the first time inside a user's request, so a compile per shape
   is paid in somebody's TTFT.
 * steady state (CUDA events, median of ``--reps``): ``index_ms`` (the layer's layout build), ``attn_ms`` (the
-  sparse kernel), ``fa3_ms`` (dense chunk attention);
+  sparse kernel), ``fa3_ms`` (dense chunk attention); with ``--launches``, ``attn_ms_by_launch`` per launch and,
+  when one of them is paired, ``pair_plan_ms`` (the layout merge the paired launches' times include, alone);
 * what the layout did: attended and visited share of the chunk's causal pairs.
 
 Summed over the chunks (times the model's layer count) this is the attention part of a TTFT: the sum of
@@ -49,7 +50,7 @@ from sgl_minference.backend.stats import request_pairs
 from sgl_minference.cli import fail
 from sgl_minference.config import MInferenceConfig
 from sgl_minference.kernels import sparse_attention
-from sgl_minference.kernels.sparse_attention import AttentionLaunch
+from sgl_minference.kernels.sparse_attention import AttentionLaunch, pair_plan
 from sgl_minference.layout import KVSource, causal_pairs
 from sgl_minference.patterns.convert import indices_to_layout
 
@@ -192,6 +193,10 @@ def run_chunk(args, data: str, config: MInferenceConfig, seq_q: int, seq_k: int)
 
         rec["attn_ms_by_launch"] = {launch_name(launch): time_ms(attend(launch), args.reps, cuda=cuda)
                                     for launch in args.launch_list}
+        if any(launch.pair_blocks for launch in args.launch_list):
+            # the paired launches' times include this merge of the layout (torch sorts): timed alone, it tells
+            # the plan's share from the paired kernel's
+            rec["pair_plan_ms"] = time_ms(lambda: pair_plan(layout, plan.geom), args.reps, cuda=cuda)
     attended, visited = request_pairs(layout, plan.geom)
     causal = causal_pairs(seq_q, seq_k, hq)
     rec |= {"sparse": True, "attended_share": int(attended.sum()) / causal, "visited_share": int(visited.sum()) / causal}
@@ -215,6 +220,8 @@ def summarize(records: list[dict]) -> dict:
         if launches:
             out[data]["attn_ms_by_launch"] = {name: sum(r["attn_ms_by_launch"][name] for r in rows if r["sparse"])
                                               for name in launches}
+        if any("pair_plan_ms" in r for r in rows):
+            out[data]["pair_plan_ms"] = sum(r.get("pair_plan_ms", 0.0) for r in rows)
     return out
 
 

@@ -28,6 +28,7 @@ def test_records_and_summary(tmp_path):
     summary = result["summary"]["planted"]
     assert summary["index_ms"] == pytest.approx(sparse["index_ms"])
     assert summary["attention_ratio"] is None  # no FA3 on a CPU
+    assert sparse["pair_plan_ms"] > 0 and summary["pair_plan_ms"] == pytest.approx(sparse["pair_plan_ms"])
 
 
 def test_other_patterns_through_config(tmp_path):
@@ -36,6 +37,7 @@ def test_other_patterns_through_config(tmp_path):
                                '{"default": {"type": "xattention", "threshold": 0.9, "stride": 8}}'])
     sparse = result["records"][-1]
     assert sparse["sparse"] and 0 < sparse["attended_share"] <= 1.0 and sparse["index_ms"] > 0
+    assert "pair_plan_ms" not in sparse and "pair_plan_ms" not in result["summary"]["planted"]  # no paired launch
     assert result["config"]["default"]["type"] == "xattention"
 
 
