@@ -388,3 +388,43 @@ def test_search_cli_ladder_errors(tmp_path, capsys, extra, words):
     assert exc.value.code == 2 and len(err.strip().splitlines()) == 1, err
     assert err.startswith("python -m sgl_minference.tools.search: error: ") and all(w in err for w in words), err
     assert not (tmp_path / "cfg.json").exists()
+
+
+@pytest.mark.parametrize("target, share", [(0.5, 1.0), (0.6, 0.5), (0.9999, 1.0)])
+def test_rechoose_equals_a_fresh_search(tiny_gemma, tmp_path, capsys, target, share):
+    from sgl_minference.tools.search.rechoose import main as rechoose
+
+    source = tmp_path / "src.json"
+    _ladder_search(tiny_gemma, source, 0.3, 1.0)
+    fresh = _ladder_search(tiny_gemma, tmp_path / "fresh.json", target, share)
+    out = tmp_path / "again.json"
+    again = rechoose([str(source), "-o", str(out), "--target-recall", str(target), "--max-key-share", str(share)])
+    assert "searched heads dense" in capsys.readouterr().out
+    assert MInferenceConfig.load(out) == MInferenceConfig.load(tmp_path / "fresh.json")
+    assert json.loads(out.with_suffix(".report.json").read_text()) == json.loads(json.dumps(again))
+    assert again["rechosen_from"] == str(source) and again["target_recall"] == target
+    for key in ("layer_recall", "dense_heads", "key_share", "budgets", "max_key_share"):
+        assert json.loads(json.dumps(again[key])) == json.loads(json.dumps(fresh[key])), key
+    assert [h["best"] for h in again["heads"]] == [h["best"] for h in fresh["heads"]]
+
+
+@pytest.mark.parametrize("case, words", [
+    ("no-report", ["--from-report", "No such file"]),
+    ("not-search", ["was not written by the search"]),
+    ("bad-target", ["--target-recall: 0.0 is not in (0, 1]"]),
+])
+def test_rechoose_errors(tmp_path, capsys, case, words):
+    from sgl_minference.tools.search.rechoose import main as rechoose
+
+    cfg = tmp_path / "cfg.json"
+    MInferenceConfig(num_layers=3, num_heads=4, default=DenseSpec()).save(cfg)
+    if case == "not-search":
+        MInferenceConfig().save(cfg)
+        cfg.with_suffix(".report.json").write_text(json.dumps({"heads": [], "budget": 512}))
+    target = "0.0" if case == "bad-target" else "0.9"
+    with pytest.raises(SystemExit) as exc:
+        rechoose([str(cfg), "-o", str(tmp_path / "new.json"), "--target-recall", target])
+    err = capsys.readouterr().err
+    assert exc.value.code == 2 and err.startswith("python -m sgl_minference.tools.search.rechoose: error: "), err
+    assert all(w in err for w in words), err
+    assert not (tmp_path / "new.json").exists()

@@ -25,20 +25,18 @@ mean realised keys per scored row over the searched heads as a share of the caus
 from __future__ import annotations
 
 import argparse
-import json
 import time
 from pathlib import Path
 
 import torch
 
 from ...cli import fail
-from ...config import DenseSpec
 from ...cpu_torch import allow_torchvision_import
 from ..gguf_loader import check_model, resolve_model
 from ..prompts import make_sample
 from .candidates import ADAPTIVE, SEARCHED, budget_for, candidate_space
 from .capture import full_attention_layers
-from .searcher import ScoreSettings, layer_summary, search_model, to_config
+from .searcher import ScoreSettings, search_model, to_config, write_outputs
 
 DEFAULT_MAX_LENGTH = 32768
 PROG = "python -m sgl_minference.tools.search"
@@ -130,30 +128,15 @@ def main(argv=None) -> dict:
     config = to_config(results, num_layers=text_cfg.num_hidden_layers, num_heads=text_cfg.num_attention_heads,
                        dense_below=args.dense_below, **extra)
     out = Path(args.output)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    config.save(out)
-    dense = [config.head_spec(r.layer, r.head) == DenseSpec() for r in results]
-    key_share = sum(1.0 if d else r.keys[r.best] / r.causal_keys for r, d in zip(results, dense)) / len(results)
-    report = {
+    info = {
         "model": str(args.model), "length": length, "budget": budget, "density": budget * 2 / (length + 1),
         "budgets": budgets, "densities": [b * 2 / (length + 1) for b in budgets],
         "target_recall": args.target_recall,
-        "layers": layers, "patterns": args.patterns, "dense_below": args.dense_below, "skip_rows": settings.skip_rows, "row_block": settings.row_block, "slack": args.slack,
-        "max_key_share": args.max_key_share,
-        "seconds": round(time.time() - t0, 2), "layer_recall": layer_summary(results),
-        "dense_heads": sum(dense), "key_share": key_share,
-        "heads": [{**r.as_dict(), "dense": d} for r, d in zip(results, dense)],  # dense: in the config
+        "layers": layers, "patterns": args.patterns, "dense_below": args.dense_below, "skip_rows": settings.skip_rows,
+        "row_block": settings.row_block, "slack": args.slack, "max_key_share": args.max_key_share,
+        "seconds": round(time.time() - t0, 2),
     }
-    report_path = Path(args.report) if args.report else out.with_suffix(".report.json")
-    report_path.write_text(json.dumps(report, indent=1) + "\n")
-    chosen: dict[str, int] = {}
-    for per_head in config.heads.values():
-        for spec in per_head.values():
-            chosen[spec.type] = chosen.get(spec.type, 0) + 1
-    print(f"wrote {out} ({chosen}) and {report_path}; {sum(dense)} of {len(results)} searched heads dense, "
-          f"realised keys {key_share:.3f} of causal; mean recall per layer "
-          + ", ".join(f"{k}: {v:.3f}" for k, v in report["layer_recall"].items()), flush=True)
-    return report
+    return write_outputs(results, config, out, Path(args.report) if args.report else None, info)
 
 
 if __name__ == "__main__":

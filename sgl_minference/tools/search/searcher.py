@@ -14,13 +14,16 @@ measures the recall of a given config's specs (:func:`config_recall`), which the
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
 from ...checks import check
 from ...config import DEFAULT_ESTIMATION, DenseSpec, Estimation, MInferenceConfig
+from ...registry import HeadSpec
 from ...patterns.selection import realise
 from .candidates import cheapest_meeting, choose, fit, nominal_cost
 from .capture import LayerQK, capture_qk
@@ -174,3 +177,46 @@ def layer_summary(results: Sequence[HeadResult]) -> dict[int, float]:
     for r in results:
         per.setdefault(r.layer, []).append(1.0 if r.best is None else r.recall[r.best])
     return {layer: sum(v) / len(v) for layer, v in sorted(per.items())}
+
+
+def report_path_for(config_path: Path) -> Path:
+    """Where the search writes the report of a config it writes to ``config_path`` unless told otherwise."""
+    return config_path.with_suffix(".report.json")
+
+
+def write_outputs(results: Sequence[HeadResult], config: MInferenceConfig, out: Path, report_path: Path | None,
+                  info: dict) -> dict:
+    """Save ``config`` to ``out`` and its report (``info``, the search's settings, plus every head's result and
+    the summary: ``layer_recall``, ``dense_heads``, ``key_share``) to ``report_path`` (default
+    :func:`report_path_for`); print the one-line summary and return the report."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    config.save(out)
+    dense = [config.head_spec(r.layer, r.head) == DenseSpec() for r in results]
+    key_share = sum(1.0 if d else r.keys[r.best] / r.causal_keys for r, d in zip(results, dense)) / len(results)
+    report = {**info, "layer_recall": layer_summary(results), "dense_heads": sum(dense), "key_share": key_share,
+              "heads": [{**r.as_dict(), "dense": d} for r, d in zip(results, dense)]}  # dense: in the config
+    report_path = report_path or report_path_for(out)
+    report_path.write_text(json.dumps(report, indent=1) + "\n")
+    chosen: dict[str, int] = {}
+    for per_head in config.heads.values():
+        for spec in per_head.values():
+            chosen[spec.type] = chosen.get(spec.type, 0) + 1
+    print(f"wrote {out} ({chosen}) and {report_path}; {sum(dense)} of {len(results)} searched heads dense, "
+          f"realised keys {key_share:.3f} of causal; mean recall per layer "
+          + ", ".join(f"{k}: {v:.3f}" for k, v in report["layer_recall"].items()), flush=True)
+    return report
+
+
+def results_from_report(report: dict) -> list[HeadResult]:
+    """The :class:`HeadResult` of every head in a search report (``write_outputs``), candidates in order."""
+    from pydantic import TypeAdapter
+
+    spec = TypeAdapter(HeadSpec)
+    out = []
+    for h in report["heads"]:
+        cands = h["candidates"]
+        budgets = [c["budget"] for c in cands] if all("budget" in c for c in cands) else None
+        out.append(HeadResult(layer=h["layer"], head=h["head"], specs=[spec.validate_python(c["spec"]) for c in cands],
+                              recall=[c["recall"] for c in cands], keys=[c["keys"] for c in cands], best=h["best"],
+                              budgets=budgets, causal_keys=h["causal_keys"]))
+    return out

@@ -1,0 +1,22 @@
+# sourced by the jobs: environment, resumable steps, results packed after each step
+export PYTHONPATH=/tmp/site
+export PYTHONUNBUFFERED=1
+mkdir -p /tmp/res
+pack() { tar czf "$OUT/res.tgz" -C /tmp res 2>/dev/null || true; }
+# step NAME TIMEOUT_S CMD... : skipped when /tmp/res/done.NAME exists
+step() {
+  local name=$1 t=$2; shift 2
+  if [ -f /tmp/res/done.$name ]; then echo "== $name: done before, skipped"; return 0; fi
+  echo "== $name: start $(date -u +%H:%M:%S) (limit ${t}s)"
+  local s=$SECONDS rc=0
+  timeout "$t" "$@" > /tmp/res/$name.log 2>&1 || rc=$?
+  echo "== $name: rc=$rc in $((SECONDS - s)) s"
+  # a killed eval leaves SGLang's scheduler processes holding the GPU
+  [ $rc -ne 0 ] && { pkill -9 -f "sglang::" || true; pkill -9 -f "sgl_minference.tools" || true; sleep 2; }
+  tail -n 25 /tmp/res/$name.log
+  [ $rc -eq 0 ] && touch /tmp/res/done.$name
+  pack
+  return 0
+}
+# dense outputs of the earlier runs, placed where --resume finds them for OUT.json
+dense_for() { [ -f "${2%.json}.outputs.jsonl" ] || gunzip -c "$1" > "${2%.json}.outputs.jsonl"; }

