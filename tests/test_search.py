@@ -411,6 +411,7 @@ def test_rechoose_equals_a_fresh_search(tiny_gemma, tmp_path, capsys, target, sh
 @pytest.mark.parametrize("case, words", [
     ("no-report", ["--from-report", "No such file"]),
     ("not-search", ["was not written by the search"]),
+    ("old-report", ["predates the heads' causal_keys"]),
     ("bad-target", ["--target-recall: 0.0 is not in (0, 1]"]),
 ])
 def test_rechoose_errors(tmp_path, capsys, case, words):
@@ -421,6 +422,8 @@ def test_rechoose_errors(tmp_path, capsys, case, words):
     if case == "not-search":
         MInferenceConfig().save(cfg)
         cfg.with_suffix(".report.json").write_text(json.dumps({"heads": [], "budget": 512}))
+    if case == "old-report":
+        cfg.with_suffix(".report.json").write_text(json.dumps({"heads": [{"layer": 2, "head": 0}], "budget": 512}))
     target = "0.0" if case == "bad-target" else "0.9"
     with pytest.raises(SystemExit) as exc:
         rechoose([str(cfg), "-o", str(tmp_path / "new.json"), "--target-recall", target])

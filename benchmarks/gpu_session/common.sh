@@ -20,3 +20,10 @@ step() {
 }
 # dense outputs of the earlier runs, placed where --resume finds them for OUT.json
 dense_for() { [ -f "${2%.json}.outputs.jsonl" ] || gunzip -c "$1" > "${2%.json}.outputs.jsonl"; }
+# a fresh host after staging: the staged imports (pydantic: a missing w1 chunk), the project, the two models
+setup_host() {
+  nvidia-smi --query-gpu=name,memory.used,memory.total --format=csv
+  python3 -c "import sglang, flashinfer, sgl_kernel, transformers, gguf, accelerate, pydantic; import sgl_kernel.flash_attn; print('imports ok', sglang.__version__, transformers.__version__)" || { echo "MISSING IMPORTS"; exit 3; }
+  step install 150 python3 -m pip install --no-deps --no-build-isolation --no-index -e .
+  step models 400 bash benchmarks/gpu_session/models.sh
+}

@@ -18,8 +18,7 @@ from pathlib import Path
 
 from ...cli import fail
 from ...config import ConfigError, DenseSpec, MInferenceConfig
-from .candidates import cheapest_meeting
-from .searcher import report_path_for, results_from_report, to_config, write_outputs
+from .searcher import meeting_target, report_path_for, results_from_report, to_config, write_outputs
 
 PROG = "python -m sgl_minference.tools.search.rechoose"
 _SHAPE = {"heads", "default", "num_layers", "num_heads"}  # what to_config sets itself
@@ -31,8 +30,7 @@ def rechoose(config: MInferenceConfig, report: dict, *, target_recall: float, ma
     docstring); ``config`` is the search's config (its shape and global settings are kept)."""
     results = results_from_report(report)
     for r in results:
-        budgets = r.budgets or [report["budget"]] * len(r.specs)
-        r.best = cheapest_meeting(r.recall, r.keys, budgets, target_recall, slack, max_key_share * r.causal_keys)
+        r.best = meeting_target(r, target_recall, slack, max_key_share)
     kept = config.model_dump(exclude=_SHAPE)
     new = to_config(results, num_layers=config.num_layers, num_heads=config.num_heads, **kept)
     return new, results
@@ -66,6 +64,8 @@ def main(argv=None) -> dict:
         fail(PROG, f"--from-report: {report_path}: {e}")
     if not isinstance(report, dict) or "heads" not in report or "budget" not in report:
         fail(PROG, f"--from-report: {report_path} is not a search report (no 'heads' / 'budget')")
+    if any("causal_keys" not in h for h in report["heads"]):
+        fail(PROG, f"--from-report: {report_path} predates the heads' causal_keys (search again to choose from it)")
     if config.default != DenseSpec() or config.num_layers is None or config.num_heads is None:
         fail(PROG, f"config: {source} was not written by the search (needs num_layers, num_heads, a dense default)")
     new, results = rechoose(config, report, target_recall=args.target_recall, max_key_share=args.max_key_share,

@@ -23,8 +23,8 @@ import torch
 
 from ...checks import check
 from ...config import DEFAULT_ESTIMATION, DenseSpec, Estimation, MInferenceConfig
-from ...registry import HeadSpec
 from ...patterns.selection import realise
+from ...registry import HeadSpec
 from .candidates import cheapest_meeting, choose, fit, nominal_cost
 from .capture import LayerQK, capture_qk
 from .recall import head_recall
@@ -96,6 +96,13 @@ def score_layer(qk: LayerQK, specs_for: Callable[[int, int], Sequence], settings
     return out
 
 
+def meeting_target(res: HeadResult, target_recall: float, slack: float, max_key_share: float) -> int | None:
+    """The candidate of ``res`` a recall-target search chooses (``HeadResult.best``; ``None``: dense): the cheapest
+    reaching ``target_recall`` within ``slack`` times its own budget and below ``max_key_share`` of the head's
+    causal keys (:func:`~sgl_minference.tools.search.candidates.cheapest_meeting`)."""
+    return cheapest_meeting(res.recall, res.keys, res.budgets, target_recall, slack, max_key_share * res.causal_keys)
+
+
 def _num_heads(model) -> int:
     return model.config.get_text_config().num_attention_heads
 
@@ -131,8 +138,7 @@ def search_model(model, input_ids: torch.Tensor, *, layers: Sequence[int], candi
         if target_recall is None:
             res.best = choose(res.recall, res.keys, ladder[0][0], slack)
         else:
-            res.best = cheapest_meeting(res.recall, res.keys, res.budgets, target_recall, slack,
-                                        max_key_share * res.causal_keys)
+            res.best = meeting_target(res, target_recall, slack, max_key_share)
         bar.update(1)
         bar.set_postfix(layer=res.layer, recall="dense" if res.best is None else f"{res.recall[res.best]:.3f}")
 
@@ -208,14 +214,15 @@ def write_outputs(results: Sequence[HeadResult], config: MInferenceConfig, out: 
 
 
 def results_from_report(report: dict) -> list[HeadResult]:
-    """The :class:`HeadResult` of every head in a search report (``write_outputs``), candidates in order."""
+    """The :class:`HeadResult` of every head in a search report (``write_outputs``), candidates in order; in a
+    report whose candidates carry no budget (a one-budget search), each gets the report's ``budget``."""
     from pydantic import TypeAdapter
 
     spec = TypeAdapter(HeadSpec)
     out = []
     for h in report["heads"]:
         cands = h["candidates"]
-        budgets = [c["budget"] for c in cands] if all("budget" in c for c in cands) else None
+        budgets = [c.get("budget", report["budget"]) for c in cands]
         out.append(HeadResult(layer=h["layer"], head=h["head"], specs=[spec.validate_python(c["spec"]) for c in cands],
                               recall=[c["recall"] for c in cands], keys=[c["keys"] for c in cands], best=h["best"],
                               budgets=budgets, causal_keys=h["causal_keys"]))
