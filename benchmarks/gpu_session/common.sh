@@ -7,6 +7,12 @@ pack() { tar czf "$OUT/res.tgz" -C /tmp res 2>/dev/null || true; }
 step() {
   local name=$1 t=$2; shift 2
   if [ -f /tmp/res/done.$name ]; then echo "== $name: done before, skipped"; return 0; fi
+  # CALL_S: this device call's own limit; a step gets what is left of it (resumable steps go on next call)
+  if [ -n "$CALL_S" ]; then
+    local left=$((CALL_S - SECONDS))
+    if [ $left -lt 60 ]; then echo "== $name: ${left}s left in this call, next call"; return 0; fi
+    [ $left -lt $t ] && t=$left
+  fi
   echo "== $name: start $(date -u +%H:%M:%S) (limit ${t}s)"
   local s=$SECONDS rc=0
   timeout "$t" "$@" > /tmp/res/$name.log 2>&1 || rc=$?
