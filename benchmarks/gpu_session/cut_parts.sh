@@ -25,7 +25,16 @@ cut_to() {  # cut_to FOLDER ROOM_BYTES
   off=$((off + room)); n=$((n + 1))
   echo "$out/p/$1: $room bytes"
 }
-for f in w1 w2 w3 fa1 fa2 fa3; do
+# a wheel folder that no longer fits next to the tree (12 MB on 2026-12-03: w1, w2 at 56 MiB were refused) gives its
+# largest wheels to a folder Fb staged the same way (its stage.sh only copies wheels; w3's installs them all)
+for f in w1 w2; do
+  [ -d "$out/$f" ] || continue
+  while [ $((tree + margin + $(du -sb "$out/$f" | cut -f1))) -gt "$limit" ]; do
+    mkdir -p "$out/${f}b" && cp "$out/$f/stage.sh" "$out/${f}b/"
+    mv "$(ls -S "$out/$f"/*.whl | head -1)" "$out/${f}b/"
+  done
+done
+for f in w1 w1b w2 w2b w3 fa1 fa2 fa3; do
   [ -d "$out/$f" ] || continue
   room=$((limit - tree - margin - $(du -sb "$out/$f" | cut -f1)))
   if [ "$room" -ge 5000000 ]; then cut_to "$f" "$room"; fi  # a smaller part is not worth a second folder
