@@ -10,9 +10,9 @@ Checks, each against a yardstick measured in the same run rather than a fixed to
 * dense-equivalent config at tp 2 is as close to FlashInfer tp 2 as SGLang's Triton backend (tp 2) is, and the
   lossy A-shape config moves further (so the sparse path ran on both ranks);
 * the searched per-head config (``sgl_minference/configs/gemma3-270m.json``: in layer 17, heads 0-1 are
-  FlexPrefill and vertical-slash and heads 2-3 block-sparse, so the two ranks run different patterns) gives at tp 2 what it gives at
-  tp 1, within the drift between dense tp 1 and dense tp 2: a rank that used another rank's head specs would
-  move like a different config;
+  FlexPrefill and vertical-slash and heads 2-3 block-sparse, so the two ranks run different patterns) gives at
+  tp 2 what it gives at tp 1, within the drift between dense tp 1 and dense tp 2: a rank that used another rank's
+  head specs would move like a different config;
 * scenarios: a single prompt, a ragged batch, a chunked 12K prompt (``chunked_prefill_size`` 4096), a radix
   second turn (``cached_tokens > 0``).
 """
