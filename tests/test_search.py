@@ -14,7 +14,8 @@ from sgl_minference.tools.search import candidates as cand
 from sgl_minference.tools.search.capture import LayerQK, full_attention_layers
 from sgl_minference.patterns.selection import Selection, lastq_indices, realise
 from sgl_minference.tools.search.recall import head_recall
-from sgl_minference.tools.search.searcher import ScoreSettings, score_layer
+from sgl_minference.tools.search.searcher import (HeadResult, ScoreSettings, across_prompts, meeting_target,
+                                                 score_layer)
 from sgl_minference.cpu_torch import allow_torchvision_import
 
 B = 64
@@ -431,3 +432,96 @@ def test_rechoose_errors(tmp_path, capsys, case, words):
     assert exc.value.code == 2 and err.startswith("python -m sgl_minference.tools.search.rechoose: error: "), err
     assert all(w in err for w in words), err
     assert not (tmp_path / "new.json").exists()
+
+
+def _needle_head(n: int = 1024, needle: int = 100, tail: int = 64):
+    """One head whose rows attend their own neighbourhood (a rotating pair of dims), except the last ``tail`` rows,
+    which attend key ``needle`` only (its own direction): a question reading one fact from far back."""
+    pos = torch.arange(n, dtype=torch.float64)
+    theta = math.pi / n
+    rot = torch.stack([torch.cos(theta * pos), torch.sin(theta * pos)], -1)
+    q, k = torch.zeros(n, 3, dtype=torch.float64), torch.zeros(n, 3, dtype=torch.float64)
+    q[:, :2], k[:, :2] = rot * 2000.0, rot
+    q[n - tail:, :2] = 0.0
+    q[n - tail:, 2], k[needle, 2] = 50.0, 1.0
+    return LayerQK(layer=0, q=q.float()[None], k=k.float()[None], sm_scale=1.0, softcap=None)
+
+
+def test_tail_rows_score_the_question_apart():
+    qk, n = _needle_head(), 1024
+    a_shape, vs = AShapeSpec(sink=64, local=32), VerticalSlashSpec(vertical=64, slash=128)
+    plain = score_layer(qk, lambda _l, _h: [a_shape, vs], ScoreSettings(row_block=256, skip_rows=256))[0]
+    tailed = score_layer(qk, lambda _l, _h: [a_shape, vs], ScoreSettings(row_block=256, skip_rows=256,
+                                                                        tail_rows=64))[0]
+    assert plain.tail_recall is None and plain.score() == plain.recall
+    assert tailed.recall == plain.recall and tailed.keys == plain.keys  # the tail adds a score, changes nothing else
+    # A-shape misses the needle: over all rows that is the tail's 64 of 768 scored rows, on the tail all of it
+    assert plain.recall[0] == pytest.approx(1 - 64 / (n - 256), abs=0.01) and tailed.tail_recall[0] < 0.01
+    assert tailed.tail_recall[1] > 0.99  # vertical-slash's estimate (the last 64 rows) finds the needle column
+    assert tailed.score() == [min(r, t) for r, t in zip(tailed.recall, tailed.tail_recall)]
+    # at a 0.9 target the cheaper A-shape passes on the mean over rows, not once the question rows count
+    plain.budgets = tailed.budgets = [256, 256]
+    assert plain.keys[0] < plain.keys[1]
+    assert meeting_target(plain, 0.9, 1.5, 1.0) == 0 and meeting_target(tailed, 0.9, 1.5, 1.0) == 1
+
+
+def test_across_prompts_takes_the_lowest_recall_and_the_mean_keys():
+    specs = [AShapeSpec(sink=64, local=100), VerticalSlashSpec(vertical=30, slash=100)]
+    common = dict(layer=1, head=2, specs=specs, budgets=[200, 200], causal_keys=500.0)
+    a = HeadResult(recall=[0.9, 0.99], keys=[100, 300], tail_recall=[0.95, 0.5], **common)
+    b = HeadResult(recall=[0.8, 0.995], keys=[200, 100], tail_recall=[0.7, 0.9], **common)
+    both = across_prompts([a, b])
+    assert both.recall == [0.8, 0.99] and both.tail_recall == [0.7, 0.5] and both.keys == [150, 200]
+    assert both.prompt_recall == [[0.9, 0.7], [0.5, 0.9]]  # each prompt's score: the lower of its two recalls
+    assert both.score() == [min(p) for p in both.prompt_recall]
+    assert (both.specs, both.budgets, both.causal_keys) == (specs, [200, 200], 500.0)
+    assert across_prompts([a]) is a
+    with pytest.raises(ValueError, match="per_prompt"):
+        across_prompts([a, HeadResult(recall=[0.9], keys=[1], **{**common, "specs": specs[:1]})])
+    d = both.as_dict()["candidates"][1]
+    assert d["tail_recall"] == 0.5 and d["prompt_recall"] == [0.5, 0.9]
+
+
+def test_search_cli_calibrates_on_several_prompts(tiny_gemma, tmp_path, capsys):
+    from sgl_minference.tools.search.__main__ import main
+    from sgl_minference.tools.search.rechoose import main as rechoose
+
+    out = tmp_path / "cfg.json"
+    report = main([str(tiny_gemma), "--output", str(out), "--length", "2048", "--density", "0.75", "0.5",
+                   "--target-recall", "0.6", "--calibration", "kv_retrieval", "niah_single@0.2", "passkey@1",
+                   "--tail-rows", "32", "--seed", "1000", "--row-block", "512", "--device", "cpu",
+                   "--dtype", "float32", "--no-progress"])
+    assert "calibration kv_retrieval niah_single@0.2 passkey@1, tail rows 32" in capsys.readouterr().out
+    assert report["calibration"] == [{"task": "kv_retrieval", "depth": 0.5}, {"task": "niah_single", "depth": 0.2},
+                                     {"task": "passkey", "depth": 1.0}]
+    assert report["tail_rows"] == 32 and report["seed"] == 1000
+    for head in report["heads"]:
+        for c in head["candidates"]:
+            assert len(c["prompt_recall"]) == 3
+            assert min(c["prompt_recall"]) == pytest.approx(min(c["recall"], c["tail_recall"]))
+        if head["best"] is not None:
+            chosen = head["candidates"][head["best"]]
+            assert min(chosen["recall"], chosen["tail_recall"]) >= 0.6
+    assert report["dense_heads"] < 4  # some head was chosen sparse, so the check above ran
+    # the prompts differ, so some candidate scores differently on them
+    assert any(max(c["prompt_recall"]) - min(c["prompt_recall"]) > 1e-3
+               for h in report["heads"] for c in h["candidates"])
+    again = rechoose([str(out), "-o", str(tmp_path / "again.json"), "--target-recall", "0.6"])
+    assert [h["best"] for h in again["heads"]] == [h["best"] for h in report["heads"]]
+    assert MInferenceConfig.load(tmp_path / "again.json") == MInferenceConfig.load(out)
+
+
+@pytest.mark.parametrize("extra, words", [
+    (["--calibration", "kv_retrieval", "haystack@0.5"], ["--calibration: unknown task 'haystack'"]),
+    (["--calibration", "niah_single@1.5"], ["--calibration: depth '1.5'", "not a number in [0, 1]"]),
+    (["--calibration", "niah_single@deep"], ["--calibration: depth 'deep'"]),
+    (["--tail-rows", "-1"], ["--tail-rows: -1 is negative"]),
+])
+def test_search_cli_calibration_errors(tmp_path, capsys, extra, words):
+    from sgl_minference.tools.search.__main__ import main
+
+    with pytest.raises(SystemExit) as exc:
+        main([str(tmp_path / "no-model"), "-o", str(tmp_path / "cfg.json"), *extra])
+    err = capsys.readouterr().err
+    assert exc.value.code == 2 and len(err.strip().splitlines()) == 1, err
+    assert all(w in err for w in words), err

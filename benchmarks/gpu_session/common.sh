@@ -3,14 +3,15 @@ export PYTHONPATH=/tmp/site
 export PYTHONUNBUFFERED=1
 mkdir -p /tmp/res
 pack() { tar czf "$OUT/res.tgz" -C /tmp res 2>/dev/null || true; }
-# step NAME TIMEOUT_S CMD... : skipped when /tmp/res/done.NAME exists
+# [NEED=S] step NAME TIMEOUT_S CMD... : skipped when /tmp/res/done.NAME exists
 step() {
   local name=$1 t=$2; shift 2
   if [ -f /tmp/res/done.$name ]; then echo "== $name: done before, skipped"; return 0; fi
-  # CALL_S: this device call's own limit; a step gets what is left of it (resumable steps go on next call)
+  # CALL_S: this device call's own limit; a step gets what is left of it (resumable steps go on next call).
+  # NEED: the least a step that cannot resume must have left to start (default 60 s), else it waits for the next call
   if [ -n "$CALL_S" ]; then
     local left=$((CALL_S - SECONDS))
-    if [ $left -lt 60 ]; then echo "== $name: ${left}s left in this call, next call"; return 0; fi
+    if [ $left -lt "${NEED:-60}" ]; then echo "== $name: ${left}s left in this call, next call"; return 0; fi
     [ $left -lt $t ] && t=$left
   fi
   echo "== $name: start $(date -u +%H:%M:%S) (limit ${t}s)"

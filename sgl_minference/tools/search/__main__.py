@@ -4,7 +4,13 @@ MODEL is a Hugging Face model folder, a ``.gguf`` file or a pip package shipping
 ``sgl_minference.tools.gguf_loader``). A synthetic key-value retrieval prompt of ``--length`` tokens (default:
 the model's maximum context, at most 32768) is run through the model with transformers; every query head of
 every full-attention layer gets the candidate (``sgl_minference.tools.search.candidates``) with the best
-attention recall within the budget. Sliding-window layers are not searched and stay dense. Writes the config
+attention recall within the budget.
+
+``--calibration TASK[@DEPTH] ...`` calibrates on several prompts instead (any task of
+``sgl_minference.tools.prompts``, needle at DEPTH, default 0.5; all with ``--seed``, so pick one the eval does
+not use): the candidates are fitted on the first and scored on all, and a candidate's recall is its lowest over
+them. ``--tail-rows N`` also scores each prompt's last N rows (its question) on their own and takes the lower
+recall, so a head whose question rows lose the needle fails the target even when the mean over all rows is high. Sliding-window layers are not searched and stay dense. Writes the config
 (``sgl-minference/v1``) and a report of every candidate's recall and cost next to it.
 
 With ``--target-recall R``, ``--density`` / ``--budget`` may be a ladder of several values: every head's
@@ -14,8 +20,10 @@ budget and fewer than ``--max-key-share`` x the head's causal keys (default 1: f
 many keys exactly); a head where none qualifies stays dense. Without it exactly one density / budget is allowed (and
 ``--dense-below``, the other answer to a head that misses, is refused with it).
 
-The report lists the ladder (``budgets``, ``densities``, ascending), ``target_recall``, ``max_key_share``, each
-head's ``causal_keys`` (mean per scored row) and each candidate's ``budget``; ``best`` indexes the head's candidate list (all budgets together), ``null`` where no candidate met the
+The report lists the ladder (``budgets``, ``densities``, ascending), ``target_recall``, ``max_key_share``, the
+``calibration`` prompts, ``tail_rows``, each head's ``causal_keys`` (mean per scored row) and each candidate's
+``budget`` (and ``tail_recall``; with several prompts ``prompt_recall``, its score on each); ``best`` indexes the
+head's candidate list (all budgets together), ``null`` where no candidate met the
 target (such a head counts as recall 1.0 in ``layer_recall``: dense is exact). ``"dense": true`` marks every head
 the config leaves dense (``--dense-below`` ones included); ``dense_heads`` counts them and ``key_share`` is the
 mean realised keys per scored row over the searched heads as a share of the causal keys (dense heads 1.0).
@@ -33,13 +41,31 @@ import torch
 from ...cli import fail
 from ...cpu_torch import allow_torchvision_import
 from ..gguf_loader import check_model, resolve_model
-from ..prompts import make_sample
+from ..prompts import TASKS, make_sample
 from .candidates import ADAPTIVE, SEARCHED, budget_for, candidate_space
 from .capture import full_attention_layers
 from .searcher import ScoreSettings, search_model, to_config, write_outputs
 
 DEFAULT_MAX_LENGTH = 32768
+DEFAULT_CALIBRATION = "kv_retrieval@0.5"
 PROG = "python -m sgl_minference.tools.search"
+
+
+def parse_calibration(items: list[str]) -> list[tuple[str, float]]:
+    """``TASK[@DEPTH]`` strings as ``(task, depth)``; exits with a one-line error naming ``--calibration``."""
+    out = []
+    for item in items:
+        task, _, depth = item.partition("@")
+        if task not in TASKS:
+            fail(PROG, f"--calibration: unknown task {task!r} in {item!r}; choose from {', '.join(sorted(TASKS))}")
+        try:
+            d = float(depth) if depth else 0.5
+        except ValueError:
+            d = -1.0
+        if not 0.0 <= d <= 1.0:
+            fail(PROG, f"--calibration: depth {depth!r} in {item!r} is not a number in [0, 1]")
+        out.append((task, d))
+    return out
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -60,6 +86,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--patterns", nargs="+", choices=SEARCHED + ADAPTIVE, default=list(SEARCHED),
                    help=f"pattern types to search (default {' '.join(SEARCHED)}; the adaptive ones are fitted to "
                         "the budget per head)")
+    p.add_argument("--calibration", nargs="+", default=[DEFAULT_CALIBRATION], metavar="TASK[@DEPTH]",
+                   help=f"calibration prompts (default {DEFAULT_CALIBRATION}): tasks of the eval's prompt set, the asked "
+                        "needle at DEPTH (default 0.5); fitted on the first, each candidate's lowest recall over all")
+    p.add_argument("--tail-rows", type=int, default=0,
+                   help="also score each prompt's last this many rows (its question) apart; the lower recall counts")
     p.add_argument("--row-block", type=int, default=1024, help="query rows per streamed softmax block")
     p.add_argument("--skip-rows", type=int, default=None,
                    help="rows left out of the recall average (default min(4096, length // 4))")
@@ -92,6 +123,9 @@ def main(argv=None) -> dict:
         fail(PROG, f"--target-recall: {args.target_recall} is not in (0, 1]")
     if not 0.0 < args.max_key_share <= 1.0:
         fail(PROG, f"--max-key-share: {args.max_key_share} is not in (0, 1]")
+    if args.tail_rows < 0:
+        fail(PROG, f"--tail-rows: {args.tail_rows} is negative")
+    calibration = parse_calibration(args.calibration)
     check_model(PROG, args.model)
     allow_torchvision_import()
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
@@ -114,14 +148,16 @@ def main(argv=None) -> dict:
     model = AutoModelForCausalLM.from_pretrained(folder, dtype=getattr(torch, args.dtype),
                                                  attn_implementation="sdpa").to(args.device).eval()
     settings = ScoreSettings(row_block=args.row_block,
-                             skip_rows=min(4096, length // 4) if args.skip_rows is None else args.skip_rows)
-    sample = make_sample("kv_retrieval", tokenizer, length=length, depth=0.5, seed=args.seed)
-    ids = torch.tensor(sample.input_ids, dtype=torch.int64)
+                             skip_rows=min(4096, length // 4) if args.skip_rows is None else args.skip_rows,
+                             tail_rows=args.tail_rows)
+    prompts = [torch.tensor(make_sample(task, tokenizer, length=length, depth=depth, seed=args.seed).input_ids,
+                            dtype=torch.int64) for task, depth in calibration]
     target = "" if args.target_recall is None else f", target recall {args.target_recall}"
     print(f"search: {folder.name}, {length} tokens, layers {layers}, budget {'/'.join(map(str, budgets))} "
-          f"keys/row{target}, {len(candidates)} candidates", flush=True)
+          f"keys/row{target}, {len(candidates)} candidates, calibration {' '.join(args.calibration)}"
+          + (f", tail rows {args.tail_rows}" if args.tail_rows else ""), flush=True)
     t0 = time.time()
-    results = search_model(model, ids, layers=layers, candidates=ladder, budget=budgets, settings=settings,
+    results = search_model(model, prompts, layers=layers, candidates=ladder, budget=budgets, settings=settings,
                            slack=args.slack, target_recall=args.target_recall, max_key_share=args.max_key_share,
                            progress=not args.no_progress)
     extra = {} if args.min_context is None else {"min_context": args.min_context}
@@ -133,7 +169,8 @@ def main(argv=None) -> dict:
         "budgets": budgets, "densities": [b * 2 / (length + 1) for b in budgets],
         "target_recall": args.target_recall,
         "layers": layers, "patterns": args.patterns, "dense_below": args.dense_below, "skip_rows": settings.skip_rows,
-        "row_block": settings.row_block, "slack": args.slack, "max_key_share": args.max_key_share,
+        "row_block": settings.row_block, "slack": args.slack, "tail_rows": args.tail_rows, "seed": args.seed,
+        "calibration": [{"task": t, "depth": d} for t, d in calibration], "max_key_share": args.max_key_share,
         "seconds": round(time.time() - t0, 2),
     }
     return write_outputs(results, config, out, Path(args.report) if args.report else None, info)

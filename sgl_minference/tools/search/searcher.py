@@ -10,6 +10,13 @@ with the fewest realised keys per row among those whose recall is at least ``R``
 (:func:`~sgl_minference.tools.search.candidates.cheapest_meeting`); where none qualifies the head stays dense
 (``HeadResult.best`` ``None``; counted as recall 1.0, it is exact). The same scoring
 measures the recall of a given config's specs (:func:`config_recall`), which the eval reports per layer.
+
+Calibration on several prompts (``search_model(prompts=[...])``): the candidates are fitted on the first prompt's
+Q/K, then those fitted specs are realised and scored on every prompt (dynamic indices estimated on each, as online);
+a candidate's recall is its lowest over the prompts and its keys per row their mean. With
+``ScoreSettings.tail_rows`` the last rows of each prompt (its question) are also scored on their own
+(``HeadResult.tail_recall``) and the choice takes the lower of the two (:meth:`HeadResult.score`): a head whose
+question rows lose the needle fails the target even when the average over all rows does not.
 """
 
 from __future__ import annotations
@@ -37,6 +44,7 @@ class ScoreSettings:
     row_block: int = 1024  # query rows per streamed softmax block
     skip_rows: int = 0  # rows before this one are not averaged (short rows are nearly dense anyway)
     est: Estimation = DEFAULT_ESTIMATION
+    tail_rows: int = 0  # > 0: the last this many rows (a prompt's question) are also scored on their own
 
 
 @dataclass(kw_only=True)
@@ -46,19 +54,51 @@ class HeadResult:
     layer: int
     head: int
     specs: list  # candidate head specs (config classes)
-    recall: list[float]  # mean kept softmax mass per scored row, per candidate
-    keys: list[float]  # mean causal keys visited per scored row, per candidate
+    recall: list[float]  # mean kept softmax mass per scored row, per candidate (the lowest over the prompts)
+    keys: list[float]  # mean causal keys visited per scored row, per candidate (mean over the prompts)
     best: int | None = 0  # index of the chosen candidate; None: the head stays dense (no candidate met the target)
     budgets: list[int] | None = None  # per candidate, the budget (keys per row) it was fitted to, when fitted
     causal_keys: float | None = None  # mean causal keys per scored row: what a dense head visits
+    tail_recall: list[float] | None = None  # with tail_rows: the last rows' recall, per candidate (lowest over prompts)
+    prompt_recall: list[list[float]] | None = None  # with several prompts: per candidate, its score on each prompt
+
+    def score(self) -> list[float]:
+        """What the choice compares, per candidate: ``recall``, or the lower of it and ``tail_recall``."""
+        if self.tail_recall is None:
+            return list(self.recall)
+        return [min(r, t) for r, t in zip(self.recall, self.tail_recall)]
 
     def as_dict(self) -> dict:
-        budgets = self.budgets or [None] * len(self.specs)
+        n = len(self.specs)
+        budgets = self.budgets or [None] * n
+        tails = self.tail_recall or [None] * n
+        by_prompt = self.prompt_recall or [None] * n
         return {"layer": self.layer, "head": self.head, "best": self.best, "dense": self.best is None,
                 "causal_keys": self.causal_keys,
                 "candidates": [{"spec": s.model_dump(), "nominal_keys": nominal_cost(s), "recall": r, "keys": k,
-                                **({} if b is None else {"budget": b})}
-                               for s, r, k, b in zip(self.specs, self.recall, self.keys, budgets)]}
+                                **({} if b is None else {"budget": b}), **({} if t is None else {"tail_recall": t}),
+                                **({} if pr is None else {"prompt_recall": pr})}
+                               for s, r, k, b, t, pr in zip(self.specs, self.recall, self.keys, budgets, tails,
+                                                            by_prompt)]}
+
+
+def across_prompts(per_prompt: Sequence[HeadResult]) -> HeadResult:
+    """One head's results on several prompts (same head, same candidates, the first prompt's fitted specs) as one:
+    per candidate the lowest recall and tail recall, the mean keys, and each prompt's :meth:`HeadResult.score` in
+    ``prompt_recall``; the rest is the first prompt's."""
+    first = per_prompt[0]
+    if len(per_prompt) == 1:
+        return first
+    check(all((r.layer, r.head, len(r.specs)) == (first.layer, first.head, len(first.specs)) for r in per_prompt),
+          "per_prompt", "results of different heads or candidate lists")
+    cols = range(len(first.specs))
+    tail = None if first.tail_recall is None else [min(r.tail_recall[c] for r in per_prompt) for c in cols]
+    scores = [r.score() for r in per_prompt]
+    return HeadResult(layer=first.layer, head=first.head, specs=first.specs,
+                      recall=[min(r.recall[c] for r in per_prompt) for c in cols],
+                      keys=[sum(r.keys[c] for r in per_prompt) / len(per_prompt) for c in cols],
+                      best=first.best, budgets=first.budgets, causal_keys=first.causal_keys, tail_recall=tail,
+                      prompt_recall=[[s[c] for s in scores] for c in cols])
 
 
 def score_layer(qk: LayerQK, specs_for: Callable[[int, int], Sequence], settings: ScoreSettings,
@@ -88,8 +128,14 @@ def score_layer(qk: LayerQK, specs_for: Callable[[int, int], Sequence], settings
         sels = [realise(s, q, k, **est) for s in specs]
         recall, keys = head_recall(q, k, sels, sm_scale=qk.sm_scale, row_block=settings.row_block, skip_rows=skip,
                                    softcap=qk.softcap)
+        tail = None
+        if settings.tail_rows > 0:
+            tail, _ = head_recall(q, k, sels, sm_scale=qk.sm_scale, row_block=settings.row_block,
+                                  skip_rows=max(skip, n - settings.tail_rows), softcap=qk.softcap)
+            tail = tail.tolist()
         res = HeadResult(layer=qk.layer, head=h, specs=specs, recall=recall.tolist(), keys=keys.tolist(),
-                         budgets=budgets, causal_keys=(skip + 1 + n) / 2)  # the mean of row + 1 over rows skip..n-1
+                         budgets=budgets, causal_keys=(skip + 1 + n) / 2,  # the mean of row + 1 over rows skip..n-1
+                         tail_recall=tail)
         out.append(res)
         if on_head is not None:
             on_head(res)
@@ -98,53 +144,63 @@ def score_layer(qk: LayerQK, specs_for: Callable[[int, int], Sequence], settings
 
 def meeting_target(res: HeadResult, target_recall: float, slack: float, max_key_share: float) -> int | None:
     """The candidate of ``res`` a recall-target search chooses (``HeadResult.best``; ``None``: dense): the cheapest
-    reaching ``target_recall`` within ``slack`` times its own budget and below ``max_key_share`` of the head's
-    causal keys (:func:`~sgl_minference.tools.search.candidates.cheapest_meeting`)."""
-    return cheapest_meeting(res.recall, res.keys, res.budgets, target_recall, slack, max_key_share * res.causal_keys)
+    whose :meth:`~HeadResult.score` reaches ``target_recall``, within ``slack`` times its own budget and below
+    ``max_key_share`` of the head's causal keys (:func:`~sgl_minference.tools.search.candidates.cheapest_meeting`)."""
+    return cheapest_meeting(res.score(), res.keys, res.budgets, target_recall, slack,
+                            max_key_share * res.causal_keys)
 
 
 def _num_heads(model) -> int:
     return model.config.get_text_config().num_attention_heads
 
 
-def search_model(model, input_ids: torch.Tensor, *, layers: Sequence[int], candidates: Sequence,
+def search_model(model, prompts: Sequence[torch.Tensor], *, layers: Sequence[int], candidates: Sequence,
                  budget: int | Sequence[int], settings: ScoreSettings, slack: float = 1.5,
                  target_recall: float | None = None, max_key_share: float = 1.0,
                  progress: bool = True) -> list[HeadResult]:
     """Score ``candidates`` on every query head of ``layers`` and choose one per head (``HeadResult.best``);
     candidates with a fit (vertical-slash, the adaptive patterns) are fitted to their budget per head first.
 
-    ``model``: a transformers causal LM loaded with ``attn_implementation="sdpa"``; ``input_ids``: ``[N]`` int64,
-    the calibration prompt; ``budget``: keys per row the candidates were sized for. One budget: the best recall
-    within it (:func:`~sgl_minference.tools.search.candidates.choose`). A ladder: ``budget`` a sequence of budgets and
-    ``candidates`` one candidate list per budget, scored together on each layer's Q/K; needs ``target_recall``,
-    and each head gets the cheapest candidate reaching it, or ``best`` ``None`` (dense) when none does
-    (:func:`~sgl_minference.tools.search.candidates.cheapest_meeting`). ``target_recall`` applies to one budget too;
-    with it, a candidate must keep fewer than ``max_key_share`` (0, 1] of the head's causal keys per row.
+    ``model``: a transformers causal LM loaded with ``attn_implementation="sdpa"``; ``prompts``: the calibration
+    prompts, each ``[N]`` int64, all of one length N; the candidates are fitted on the first and scored on every one
+    (:func:`across_prompts`: the lowest recall, the mean keys). ``budget``: keys per row the candidates were sized
+    for. One budget: the best recall within it (:func:`~sgl_minference.tools.search.candidates.choose`). A ladder:
+    ``budget`` a sequence of budgets and ``candidates`` one candidate list per budget, scored together on each
+    layer's Q/K; needs ``target_recall``, and each head gets the cheapest candidate reaching it, or ``best``
+    ``None`` (dense) when none does (:func:`~sgl_minference.tools.search.candidates.cheapest_meeting`).
+    ``target_recall`` applies to one budget too; with it, a candidate must keep fewer than ``max_key_share``
+    (0, 1] of the head's causal keys per row. Both compare :meth:`HeadResult.score`.
     """
     from tqdm.auto import tqdm
 
     ladder = [(budget, candidates)] if isinstance(budget, int) else list(zip(budget, candidates, strict=True))
     check(len(ladder) > 0, "budget", "no budget to search")
+    check(len(prompts) > 0, "prompts", "no calibration prompt")
+    check(len({p.numel() for p in prompts}) == 1, "prompts",
+          f"calibration prompts of different lengths {sorted({p.numel() for p in prompts})}")
     check(0.0 < max_key_share <= 1.0, "max_key_share", f"{max_key_share} is not in (0, 1]")
     check(target_recall is not None or len(ladder) == 1, "target_recall",
           f"a ladder of {len(ladder)} budgets needs a recall target to choose among them")
     specs = [s for _b, cands in ladder for s in cands]
     fit_budgets = [b for b, cands in ladder for _s in cands]
-    bar = tqdm(total=len(layers) * _num_heads(model), desc="heads searched", disable=not progress)
-    results: list[HeadResult] = []
+    bar = tqdm(total=len(layers) * _num_heads(model) * len(prompts), desc="heads searched", disable=not progress)
+    per_head: dict[tuple[int, int], list[HeadResult]] = {}
 
     def on_head(res: HeadResult) -> None:
-        if target_recall is None:
-            res.best = choose(res.recall, res.keys, ladder[0][0], slack)
-        else:
-            res.best = meeting_target(res, target_recall, slack, max_key_share)
+        per_head.setdefault((res.layer, res.head), []).append(res)
         bar.update(1)
-        bar.set_postfix(layer=res.layer, recall="dense" if res.best is None else f"{res.recall[res.best]:.3f}")
 
-    capture_qk(model, input_ids, layers,
-               lambda qk: results.extend(score_layer(qk, lambda _l, _h: specs, settings, on_head, fit_budgets)))
+    # The first prompt fits every candidate to its budget on the head; the others score those fitted specs.
+    capture_qk(model, prompts[0], layers, lambda qk: score_layer(qk, lambda _l, _h: specs, settings, on_head,
+                                                                 fit_budgets))
+    for ids in prompts[1:]:
+        capture_qk(model, ids, layers, lambda qk: score_layer(qk, lambda l, h: per_head[l, h][0].specs, settings,
+                                                              on_head))
     bar.close()
+    results = [across_prompts(rs) for rs in per_head.values()]
+    for res in results:
+        res.best = (choose(res.score(), res.keys, ladder[0][0], slack) if target_recall is None
+                    else meeting_target(res, target_recall, slack, max_key_share))
     return results
 
 
@@ -166,13 +222,13 @@ def to_config(results: Sequence[HeadResult], *, num_layers: int, num_heads: int,
               **globals_) -> MInferenceConfig:
     """The config listing each searched head's chosen spec; every other head (sliding-window layers) dense.
 
-    ``dense_below``: a head whose chosen recall is lower stays dense too (no pattern fits it within the budget);
+    ``dense_below``: a head whose chosen score (:meth:`HeadResult.score`) is lower stays dense too (no pattern fits it within the budget);
     so does a head without a chosen candidate (``best`` ``None``: none met the search's recall target).
     ``globals_``: further ``MInferenceConfig`` fields (e.g. ``min_context``, ``last_q``).
     """
     heads: dict[int, dict[int, object]] = {}
     for r in results:
-        sparse = r.best is not None and r.recall[r.best] >= dense_below
+        sparse = r.best is not None and r.score()[r.best] >= dense_below
         heads.setdefault(r.layer, {})[r.head] = r.specs[r.best] if sparse else DenseSpec()
     return MInferenceConfig(num_layers=num_layers, num_heads=num_heads, default=DenseSpec(), heads=heads, **globals_)
 
@@ -225,5 +281,8 @@ def results_from_report(report: dict) -> list[HeadResult]:
         budgets = [c.get("budget", report["budget"]) for c in cands]
         out.append(HeadResult(layer=h["layer"], head=h["head"], specs=[spec.validate_python(c["spec"]) for c in cands],
                               recall=[c["recall"] for c in cands], keys=[c["keys"] for c in cands], best=h["best"],
-                              budgets=budgets, causal_keys=h["causal_keys"]))
+                              budgets=budgets, causal_keys=h["causal_keys"],
+                              tail_recall=[c["tail_recall"] for c in cands] if "tail_recall" in cands[0] else None,
+                              prompt_recall=([c["prompt_recall"] for c in cands] if "prompt_recall" in cands[0]
+                                             else None)))
     return out
