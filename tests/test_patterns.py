@@ -404,3 +404,32 @@ def test_nan_fallback_log_reports_each_fallback_once_without_waiting(caplog):
         assert log.poll() == 3
     assert "3 vertical-slash head estimates held a NaN" in caplog.text
     assert log.poll() == 0
+
+
+@pytest.mark.parametrize("pattern", ["vertical_slash", "block_sparse"])
+def test_a_requests_layout_does_not_depend_on_its_batch(pattern):
+    """Issue 15's cold-isolation runs: the keys a request's chunk attends are chosen from its own queries and keys
+    only. The same chunk (request A: 100 queries over 400 keys) alone and between two other requests of a ragged
+    batch gets the same layout, and the same attention output."""
+    from sgl_minference.kernels.sparse_attention import sparse_attention
+
+    seq_q, seq_k, hq, hk, d = [70, 100, 5], [300, 400, 90], 4, 2, 64
+    geom, q, kv = make_batch(seq_q, seq_k, hq, hk, d, seed=11)
+    qa, (ka, va) = q[70:170], (t[300:700] for t in (kv.k, kv.v))
+    alone_geom, alone_kv = BatchGeometry.build([100], [400], DEV), KVSource.packed(ka, va, [400])
+
+    def build(q_, kv_, geom_):
+        if pattern == "vertical_slash":
+            hs = heads_of(hq, hk, vertical=[3, 10, 40, 1], slash=[2, 20, 1, 50])
+            return build_vertical_slash(q_, kv_, geom_, hs, sm_scale=1 / math.sqrt(d), last_q=64, forced_sink=2,
+                                        forced_local=1)
+        return build_block_sparse(q_, kv_, geom_, heads_of(hq, hk, topk=[1, 2, 3, 4]))
+
+    batched, alone = build(q, kv, geom), build(qa, alone_kv, alone_geom)
+    assert torch.equal(batched.to_dense(geom)[1], alone.to_dense(alone_geom)[0])
+    o_b, lse_b = sparse_attention(q.float(), KVSource.packed(kv.k.float(), kv.v.float(), seq_k), batched, geom,
+                                  sm_scale=1 / math.sqrt(d))
+    o_a, lse_a = sparse_attention(qa.float(), KVSource.packed(ka.float(), va.float(), [400]), alone, alone_geom,
+                                  sm_scale=1 / math.sqrt(d))
+    torch.testing.assert_close(o_b[70:170], o_a, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(lse_b[70:170], lse_a, atol=1e-5, rtol=1e-5)
