@@ -8,7 +8,7 @@
 export CALL_S=${CALL_S:-585}
 [ -f /tmp/res/done.models ] || setup_host
 R=benchmarks/results
-NEED=330 step test_gemma 560 env SGL_MINFERENCE_TEST_MODEL=/tmp/models/gemma3-270m python3 -m pytest -m gpu \
+NEED=330 ONCE=1 step test_gemma 560 env SGL_MINFERENCE_TEST_MODEL=/tmp/models/gemma3-270m python3 -m pytest -m gpu \
   tests/test_sglang_gpu.py -q -p no:cacheprovider --junitxml=/tmp/res/test_sglang_gpu_gemma3_h200.xml
 CAL=/tmp/res/search_smollm2_h200_8k_cal_t098.json
 NEED=${SEARCH_NEED:-420} step search_smol_cal 570 python3 -m sgl_minference.tools.search /tmp/models/smollm2 \
@@ -29,7 +29,7 @@ for t in 98 99; do
 done
 mkdir -p /tmp/res/logs
 for b in minference fa3; do
-  NEED=240 step cold_smol_$b 560 python3 -m benchmarks.multiturn.reliability cold --backend $b \
+  NEED=240 ONCE=1 step cold_smol_$b 560 python3 -m benchmarks.multiturn.reliability cold --backend $b \
     --model /tmp/models/smollm2 --minference-config sgl_minference/configs/smollm2-135m.json \
     --context-length 135168 --disable-radix-cache --server-arg=--cuda-graph-backend-prefill=disabled \
     --startup-timeout-s 400 --log-dir /tmp/res/logs --out /tmp/res/rel_cold_smollm2_${b}_radixoff_h200.json

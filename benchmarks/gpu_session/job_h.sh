@@ -12,7 +12,7 @@ if [ ! -f /tmp/res/done.smol ]; then
   step smol 200 python3 -m sgl_minference.tools.gguf_loader /tmp/smollm2.gguf /tmp/models/smollm2
 fi
 mkdir -p /tmp/res/logs
-NEED=200 step cold_smol_fa3 400 python3 -m benchmarks.multiturn.reliability cold --backend fa3 \
+NEED=200 ONCE=1 step cold_smol_fa3 400 python3 -m benchmarks.multiturn.reliability cold --backend fa3 \
   --model /tmp/models/smollm2 --minference-config sgl_minference/configs/smollm2-135m.json \
   --context-length 135168 --disable-radix-cache --server-arg=--cuda-graph-backend-prefill=disabled \
   --startup-timeout-s 400 --log-dir /tmp/res/logs --out /tmp/res/rel_cold_smollm2_fa3_radixoff_h200.json
