@@ -10,8 +10,10 @@ attention recall within the budget.
 ``sgl_minference.tools.prompts``, needle at DEPTH, default 0.5; all with ``--seed``, so pick one the eval does
 not use): the candidates are fitted on the first and scored on all, and a candidate's recall is its lowest over
 them. ``--tail-rows N`` also scores each prompt's last N rows (its question) on their own and takes the lower
-recall, so a head whose question rows lose the needle fails the target even when the mean over all rows is high. Sliding-window layers are not searched and stay dense. Writes the config
-(``sgl-minference/v1``) and a report of every candidate's recall and cost next to it.
+recall, so a head whose question rows lose the needle fails the target even when the mean over all rows is high.
+
+Sliding-window layers are not searched and stay dense. Writes the config (``sgl-minference/v1``) and a report of
+every candidate's recall and cost next to it.
 
 With ``--target-recall R``, ``--density`` / ``--budget`` may be a ladder of several values: every head's
 candidates are fitted and scored at every budget (the layer's Q/K captured once), and the head gets the candidate
@@ -60,9 +62,10 @@ def parse_calibration(items: list[str]) -> list[tuple[str, float]]:
             fail(PROG, f"--calibration: unknown task {task!r} in {item!r}; choose from {', '.join(sorted(TASKS))}")
         try:
             d = float(depth) if depth else 0.5
+            in_range = 0.0 <= d <= 1.0
         except ValueError:
-            d = -1.0
-        if not 0.0 <= d <= 1.0:
+            in_range = False
+        if not in_range:
             fail(PROG, f"--calibration: depth {depth!r} in {item!r} is not a number in [0, 1]")
         out.append((task, d))
     return out
