@@ -379,8 +379,12 @@ def test_search_cli_target_over_a_ladder(tiny_gemma, tmp_path, capsys, target, s
     (["--density", "0.2", "0.4", "--target-recall", "0.95", "--dense-below", "0.5"],
      ["--target-recall and --dense-below"]),
     (["--target-recall", "1.5"], ["--target-recall: 1.5 is not in (0, 1]"]),
+    (["--calibration", "kv_retrieval", "haystack@0.5"], ["--calibration: unknown task 'haystack'"]),
+    (["--calibration", "niah_single@1.5"], ["--calibration: depth '1.5'", "not a number in [0, 1]"]),
+    (["--calibration", "niah_single@deep"], ["--calibration: depth 'deep'"]),
+    (["--tail-rows", "-1"], ["--tail-rows: -1 is negative"]),
 ])
-def test_search_cli_ladder_errors(tmp_path, capsys, extra, words):
+def test_search_cli_argument_errors(tmp_path, capsys, extra, words):
     from sgl_minference.tools.search.__main__ import main
 
     with pytest.raises(SystemExit) as exc:
@@ -509,19 +513,3 @@ def test_search_cli_calibrates_on_several_prompts(tiny_gemma, tmp_path, capsys):
     again = rechoose([str(out), "-o", str(tmp_path / "again.json"), "--target-recall", "0.6"])
     assert [h["best"] for h in again["heads"]] == [h["best"] for h in report["heads"]]
     assert MInferenceConfig.load(tmp_path / "again.json") == MInferenceConfig.load(out)
-
-
-@pytest.mark.parametrize("extra, words", [
-    (["--calibration", "kv_retrieval", "haystack@0.5"], ["--calibration: unknown task 'haystack'"]),
-    (["--calibration", "niah_single@1.5"], ["--calibration: depth '1.5'", "not a number in [0, 1]"]),
-    (["--calibration", "niah_single@deep"], ["--calibration: depth 'deep'"]),
-    (["--tail-rows", "-1"], ["--tail-rows: -1 is negative"]),
-])
-def test_search_cli_calibration_errors(tmp_path, capsys, extra, words):
-    from sgl_minference.tools.search.__main__ import main
-
-    with pytest.raises(SystemExit) as exc:
-        main([str(tmp_path / "no-model"), "-o", str(tmp_path / "cfg.json"), *extra])
-    err = capsys.readouterr().err
-    assert exc.value.code == 2 and len(err.strip().splitlines()) == 1, err
-    assert all(w in err for w in words), err
