@@ -24,11 +24,13 @@ done
 mkdir -p /tmp/res/logs
 python3 -c "import json; c = json.load(open('sgl_minference/configs/smollm2-135m.json')); c['dense_routing'] = False; \
 json.dump(c, open('/tmp/res/smollm2_norouting.json', 'w'))"
+# the server flags every reliability run below shares (runbook: SmolLM2 past its trained context, prefill graphs off)
+SMOL=(--model /tmp/models/smollm2 --context-length 135168 --server-arg=--cuda-graph-backend-prefill=disabled
+      --startup-timeout-s 400 --log-dir /tmp/res/logs)
 cold() {  # NAME BACKEND CONFIG OUT ARGS...
   local name=$1 b=$2 cfg=$3 out=$4; shift 4
-  NEED=240 ONCE=1 step $name 560 python3 -m benchmarks.multiturn.reliability cold --backend $b \
-    --model /tmp/models/smollm2 --minference-config $cfg --context-length 135168 --disable-radix-cache \
-    --server-arg=--cuda-graph-backend-prefill=disabled --startup-timeout-s 400 --log-dir /tmp/res/logs --out $out "$@"
+  NEED=240 ONCE=1 step $name 560 python3 -m benchmarks.multiturn.reliability cold --backend $b "${SMOL[@]}" \
+    --minference-config $cfg --disable-radix-cache --out $out "$@"
 }
 cold cold_norouting minference /tmp/res/smollm2_norouting.json /tmp/res/rel_cold_smollm2_minference_norouting_radixoff_h200.json
 cold cold_onechunk minference sgl_minference/configs/smollm2-135m.json \
@@ -37,8 +39,7 @@ cold cold_onechunk_fa3 fa3 sgl_minference/configs/smollm2-135m.json \
   /tmp/res/rel_cold_smollm2_fa3_onechunk_radixoff_h200.json --chunked-prefill-size 131072
 for b in minference fa3; do
   NEED=300 ONCE=1 step serving_smol_$b 560 python3 -m benchmarks.multiturn.reliability serving --backend $b \
-    --model /tmp/models/smollm2 --minference-config sgl_minference/configs/smollm2-135m.json \
-    --context-length 135168 --server-arg=--cuda-graph-backend-prefill=disabled --startup-timeout-s 400 \
-    --log-dir /tmp/res/logs --out /tmp/res/rel_serving_smollm2_${b}_h200.json
+    "${SMOL[@]}" --minference-config sgl_minference/configs/smollm2-135m.json \
+    --out /tmp/res/rel_serving_smollm2_${b}_h200.json
 done
 ls /tmp/res; pack

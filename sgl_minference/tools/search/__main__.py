@@ -90,8 +90,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help=f"pattern types to search (default {' '.join(SEARCHED)}; the adaptive ones are fitted to "
                         "the budget per head)")
     p.add_argument("--calibration", nargs="+", default=[DEFAULT_CALIBRATION], metavar="TASK[@DEPTH]",
-                   help=f"calibration prompts (default {DEFAULT_CALIBRATION}): tasks of the eval's prompt set, the asked "
-                        "needle at DEPTH (default 0.5); fitted on the first, each candidate's lowest recall over all")
+                   help=f"calibration prompts (default {DEFAULT_CALIBRATION}): tasks of the eval's prompt set, the "
+                        "asked needle at DEPTH (default 0.5); fitted on the first, each candidate's lowest recall "
+                        "over all")
     p.add_argument("--tail-rows", type=int, default=0,
                    help="also score each prompt's last this many rows (its question) apart; the lower recall counts")
     p.add_argument("--row-block", type=int, default=1024, help="query rows per streamed softmax block")

@@ -222,8 +222,8 @@ def to_config(results: Sequence[HeadResult], *, num_layers: int, num_heads: int,
               **globals_) -> MInferenceConfig:
     """The config listing each searched head's chosen spec; every other head (sliding-window layers) dense.
 
-    ``dense_below``: a head whose chosen score (:meth:`HeadResult.score`) is lower stays dense too (no pattern fits it within the budget);
-    so does a head without a chosen candidate (``best`` ``None``: none met the search's recall target).
+    ``dense_below``: a head whose chosen score (:meth:`HeadResult.score`) is lower stays dense too (no pattern fits
+    it within the budget); so does a head without a chosen candidate (``best`` ``None``: none met the search's recall target).
     ``globals_``: further ``MInferenceConfig`` fields (e.g. ``min_context``, ``last_q``).
     """
     heads: dict[int, dict[int, object]] = {}
