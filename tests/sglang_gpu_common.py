@@ -26,10 +26,35 @@ DENSE_EQUIVALENT = {"min_context": 1, "min_chunk": 1, "dense_routing": False,
 LOSSY = {"min_context": 1, "min_chunk": 1, "default": {"type": "a_shape", "sink": 64, "local": 128}}
 
 
+COPY_DISTANCE = 2048  # how far back a prompt's compared tail repeats earlier ids (past A-shape's 64 + 128 keys)
+
+
 def ids(length: int, seed: int, vocab: int = 128256) -> list[int]:
-    """``length`` seeded token ids in ``[1000, min(vocab, 128256))`` (clear of special tokens)."""
+    """``length`` seeded token ids in ``[1000, min(vocab, 128256))`` (clear of special tokens).
+
+    From ``length >= 4 * TAIL`` on, the last ``TAIL`` ids repeat the ``TAIL`` ids that start ``COPY_DISTANCE``
+    (or as far as fits) before them. A real model copies such a repeat with confident, nearly exact
+    log-probabilities (induction), which it can do only by attending that far back: the compared positions then
+    tell a kernel that reads the right keys (small gap, bf16 noise on confident predictions) from one that drops
+    them (the copy is lost). Random ids alone leave every prediction near uniform, where long-range attention
+    changes little and bf16 noise is large (Gemma-3 270M, H200, 2026-12-03: the lossy config only 1.1-1.2x the
+    dense-equivalent gap).
+    """
     rng = random.Random(seed)
-    return [rng.randrange(1000, min(vocab, 128256)) for _ in range(length)]
+    out = [rng.randrange(1000, min(vocab, 128256)) for _ in range(length)]
+    if length >= 4 * TAIL:
+        tail = length - TAIL
+        src = max(TAIL, tail - COPY_DISTANCE)
+        out[tail:] = out[src:src + TAIL]
+    return out
+
+
+def second_turn(turn1: list[int], new: int) -> list[int]:
+    """``turn1`` and ``new`` more ids that repeat ``turn1``'s from ``COPY_DISTANCE`` back (see :func:`ids`): the
+    radix scenario's second turn, whose compared tail is a copy read across the cached prefix."""
+    src = len(turn1) - COPY_DISTANCE
+    assert src >= 0 and new <= COPY_DISTANCE, (len(turn1), new)
+    return turn1 + turn1[src:src + new]
 
 
 def tail_logprobs(engine, prompts):

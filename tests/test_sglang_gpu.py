@@ -11,6 +11,8 @@ a dense-equivalent config (every request sparse, budgets covering the whole cont
 ``triton`` dense backend (the yardstick: how far two correct dense kernels drift apart in bf16) and (c)
 ``minference`` under a deliberately lossy A-shape config. (a) must stay within the yardstick and far from (c):
 if the sparse path read the wrong keys, skipped the prefix, or lost the chunk's KV, (a) would move like (c).
+Each long prompt's compared tail repeats ids from 2,048 positions back (``sglang_gpu_common.ids``): a real model
+copies them confidently only by reading that far, so dropping keys shows as a large gap while bf16 noise stays small.
 
 Scenarios share one engine per config (``--chunked-prefill-size 4096``): a single request, a ragged batch,
 a chunked 33K prompt, and a radix-cache second turn (``cached_tokens > 0``). Separately, the default sparse
@@ -24,7 +26,7 @@ from pathlib import Path
 import pytest
 
 from tests.sglang_gpu_common import run_scenarios as common_run_scenarios
-from tests.sglang_gpu_common import DENSE_EQUIVALENT, LOSSY, SGLANG_GPU_SKIPS, assert_dense_equivalent, ids
+from tests.sglang_gpu_common import DENSE_EQUIVALENT, LOSSY, SGLANG_GPU_SKIPS, assert_dense_equivalent, ids, second_turn
 
 MODELS = Path(__file__).resolve().parents[1] / "launch" / "models"
 LLAMA3_8B = MODELS / "llama3-8b"
@@ -38,7 +40,7 @@ SINGLE = ids(6000, 1, VOCAB)
 RAGGED = [ids(300, 2, VOCAB), ids(5000, 3, VOCAB), ids(2100, 4, VOCAB)]
 CHUNKED = ids(33000, 5, VOCAB)
 TURN1 = ids(5000, 6, VOCAB)
-TURN2 = TURN1 + ids(200, 7, VOCAB)
+TURN2 = second_turn(TURN1, 200)
 
 
 PROMPTS = {"single": SINGLE, "ragged": RAGGED, "chunked": CHUNKED, "turn1": TURN1, "turn2": TURN2}

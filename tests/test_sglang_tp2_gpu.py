@@ -24,7 +24,7 @@ import pytest
 import torch
 
 from tests.sglang_gpu_common import (DENSE_EQUIVALENT, LOSSY, SGLANG_GPU_SKIPS, assert_dense_equivalent, ids,
-                                    mean_gap)
+                                    mean_gap, second_turn)
 from tests.sglang_gpu_common import run_scenarios as common_run_scenarios
 
 MODEL = os.environ.get("SGL_MINFERENCE_TEST_MODEL_TP2")
@@ -40,7 +40,7 @@ SINGLE = ids(6000, 11)
 RAGGED = [ids(300, 12), ids(5000, 13), ids(2100, 14)]
 CHUNKED = ids(12000, 15)
 TURN1 = ids(5000, 16)
-TURN2 = TURN1 + ids(200, 17)
+TURN2 = second_turn(TURN1, 200)
 
 
 PROMPTS = {"single": SINGLE, "ragged": RAGGED, "chunked": CHUNKED, "turn1": TURN1, "turn2": TURN2}

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# job I (for session 11): what sessions 9-10 left, in priority order, resumable; call it again until all are done.
+# job I (session 11): what sessions 9-10 left, in priority order, resumable; call it again until all are done.
 # Issue 17: SmolLM2 searched on 3 calibration prompts of the eval's kind (question rows scored apart), chosen to 0.98
 # and 0.99, each evaluated at 2K-8K. Issue 15: why minference's long responses drift under concurrent load (the
 # cold run of session 10 again with routing off, then with one chunk per prompt); serving faults for both backends.
@@ -21,6 +21,15 @@ for t in 98 99; do
   step eval_smol_cal_t0$t 500 python3 -m sgl_minference.tools.eval /tmp/models/smollm2 --lengths 2048 4096 7936 \
     --depths 5 --samples 2 --min-context 1024 --resume --out $out --config /tmp/res/search_smollm2_h200_8k_cal_t0$t.json
 done
+# Issue 15 item 4: the dense-equivalence test on both real models, its prompts' tails now repeats from 2,048 back
+# (tests/sglang_gpu_common.ids; Gemma-3 failed on random ids in session 10); the dummy-weight 64K test left out.
+for m in gemma3-270m:gemma3 smollm2:smollm2; do
+  NEED=200 ONCE=1 step test_${m#*:} 330 env SGL_MINFERENCE_TEST_MODEL=/tmp/models/${m%:*} python3 -m pytest -m gpu \
+    tests/test_sglang_gpu.py -k "not 64k" -q -p no:cacheprovider --junitxml=/tmp/res/test_sglang_gpu_${m#*:}_h200.xml
+done
+# Issue 12: what 128-row tiles, TMA and warp specialisation give a plain causal kernel on this stack (probe)
+NEED=120 ONCE=1 step tile_bench 200 python3 -m benchmarks.tile_bench --length 32K --head-dims 128,64,256 \
+  --budget-s 150 --out /tmp/res/tile_h200_32k.json
 mkdir -p /tmp/res/logs
 python3 -c "import json; c = json.load(open('sgl_minference/configs/smollm2-135m.json')); c['dense_routing'] = False; \
 json.dump(c, open('/tmp/res/smollm2_norouting.json', 'w'))"
