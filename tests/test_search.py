@@ -513,3 +513,45 @@ def test_search_cli_calibrates_on_several_prompts(tiny_gemma, tmp_path, capsys):
     again = rechoose([str(out), "-o", str(tmp_path / "again.json"), "--target-recall", "0.6"])
     assert [h["best"] for h in again["heads"]] == [h["best"] for h in report["heads"]]
     assert MInferenceConfig.load(tmp_path / "again.json") == MInferenceConfig.load(out)
+
+
+def test_search_cli_resumes_a_cut_off_run(tiny_gemma, tmp_path, monkeypatch, capsys):
+    from sgl_minference.tools.search import searcher
+    from sgl_minference.tools.search.__main__ import main
+
+    base = [str(tiny_gemma), "--length", "2048", "--density", "0.75", "0.5", "--target-recall", "0.6",
+            "--calibration", "kv_retrieval", "niah_single@0.2", "--tail-rows", "32", "--seed", "1000",
+            "--row-block", "512", "--device", "cpu", "--dtype", "float32", "--no-progress"]
+    fresh = main([*base, "-o", str(tmp_path / "fresh.json")])
+    out = tmp_path / "cut.json"
+    partial = out.with_suffix(".partial.jsonl")
+    append, scored = searcher.Checkpoint.append, []
+
+    def cut_after_five(self, prompt, res):  # the device call's time limit, in the middle of the second prompt
+        if len(scored) == 5:
+            raise KeyboardInterrupt
+        scored.append((prompt, res.layer, res.head))
+        append(self, prompt, res)
+
+    monkeypatch.setattr(searcher.Checkpoint, "append", cut_after_five)
+    with pytest.raises(KeyboardInterrupt):
+        main([*base, "-o", str(out), "--resume"])
+    assert len(partial.read_text().splitlines()) == 1 + 5 and not out.exists()
+    assert [p for p, *_ in scored] == [0, 0, 0, 0, 1]
+    rescored = []
+
+    def count(self, prompt, res):
+        rescored.append((prompt, res.layer, res.head))
+        append(self, prompt, res)
+
+    monkeypatch.setattr(searcher.Checkpoint, "append", count)
+    resumed = main([*base, "-o", str(out), "--resume"])
+    assert not partial.exists()
+    assert sorted(rescored + scored) == [(p, 2, h) for p in (0, 1) for h in range(4)]  # only the missing three
+    same = {k: v for k, v in resumed.items() if k != "seconds"} == {k: v for k, v in fresh.items() if k != "seconds"}
+    assert same and MInferenceConfig.load(out) == MInferenceConfig.load(tmp_path / "fresh.json")
+    # a checkpoint of another search is refused, naming the flag
+    partial.write_text(json.dumps({"settings": {"seed": 1}}) + "\n")
+    with pytest.raises(SystemExit) as exc:
+        main([*base, "-o", str(out), "--resume"])
+    assert exc.value.code == 2 and "--resume: checkpoint:" in capsys.readouterr().err

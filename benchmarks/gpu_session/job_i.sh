@@ -8,7 +8,7 @@ export CALL_S=${CALL_S:-585}
 [ -f /tmp/res/done.models ] || setup_host
 R=benchmarks/results
 CAL=/tmp/res/search_smollm2_h200_8k_cal_t098.json
-NEED=540 step search_smol_cal 570 python3 -m sgl_minference.tools.search /tmp/models/smollm2 \
+NEED=120 step search_smol_cal 570 python3 -m sgl_minference.tools.search /tmp/models/smollm2 --resume \
   --length 7936 --density 0.25 0.4 0.6 0.8 --target-recall 0.98 --max-key-share 0.8 \
   --patterns a_shape vertical_slash block_sparse xattention flexprefill --min-context 1024 --device cuda \
   --calibration kv_retrieval@0.5 niah_single@0.5 niah_multikey@0.8 --tail-rows 64 --seed 1000 -o $CAL

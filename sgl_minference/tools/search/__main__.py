@@ -12,6 +12,9 @@ not use): the candidates are fitted on the first and scored on all, and a candid
 them. ``--tail-rows N`` also scores each prompt's last N rows (its question) on their own and takes the lower
 recall, so a head whose question rows lose the needle fails the target even when the mean over all rows is high.
 
+``--resume`` keeps every head's scores in ``OUTPUT.partial.jsonl`` as they come, so a run cut off (a device
+call's time limit) is repeated with the same command and scores only the heads still missing.
+
 Sliding-window layers are not searched and stay dense. Writes the config (``sgl-minference/v1``) and a report of
 every candidate's recall and cost next to it.
 
@@ -46,7 +49,7 @@ from ..gguf_loader import check_model, resolve_model
 from ..prompts import TASKS, make_sample
 from .candidates import ADAPTIVE, SEARCHED, budget_for, candidate_space
 from .capture import full_attention_layers
-from .searcher import ScoreSettings, search_model, to_config, write_outputs
+from .searcher import Checkpoint, ScoreSettings, search_model, to_config, write_outputs
 
 DEFAULT_MAX_LENGTH = 32768
 DEFAULT_CALIBRATION = "kv_retrieval@0.5"
@@ -111,6 +114,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=0, help="calibration prompt seed")
     p.add_argument("--cache-dir", default=None, help="where a GGUF is converted (default ~/.cache/sgl_minference)")
     p.add_argument("--report", default=None, help="report JSON (default: OUTPUT with .report.json)")
+    p.add_argument("--resume", action="store_true",
+                   help="append every scored head to OUTPUT with .partial.jsonl and, when that file is left from a run "
+                        "with the same settings that was cut off, score only the heads it lacks (removed once done)")
     p.add_argument("--no-progress", action="store_true")
     return p.parse_args(argv)
 
@@ -160,14 +166,23 @@ def main(argv=None) -> dict:
     print(f"search: {folder.name}, {length} tokens, layers {layers}, budget {'/'.join(map(str, budgets))} "
           f"keys/row{target}, {len(candidates)} candidates, calibration {' '.join(args.calibration)}"
           + (f", tail rows {args.tail_rows}" if args.tail_rows else ""), flush=True)
+    out = Path(args.output)
+    checkpoint = None
+    if args.resume:  # what decides a head's scores; the choice (target, slack, key share) is made after them all
+        try:
+            checkpoint = Checkpoint(out.with_suffix(".partial.jsonl"), dict(
+                model=str(args.model), length=length, budgets=budgets, patterns=args.patterns,
+                calibration=args.calibration, tail_rows=args.tail_rows, seed=args.seed, dtype=args.dtype,
+                skip_rows=settings.skip_rows, row_block=settings.row_block))
+        except ValueError as e:
+            fail(PROG, f"--resume: {e}")
     t0 = time.time()
     results = search_model(model, prompts, layers=layers, candidates=ladder, budget=budgets, settings=settings,
                            slack=args.slack, target_recall=args.target_recall, max_key_share=args.max_key_share,
-                           progress=not args.no_progress)
+                           progress=not args.no_progress, checkpoint=checkpoint)
     extra = {} if args.min_context is None else {"min_context": args.min_context}
     config = to_config(results, num_layers=text_cfg.num_hidden_layers, num_heads=text_cfg.num_attention_heads,
                        dense_below=args.dense_below, **extra)
-    out = Path(args.output)
     info = {
         "model": str(args.model), "length": length, "budget": budget, "density": budget * 2 / (length + 1),
         "budgets": budgets, "densities": [b * 2 / (length + 1) for b in budgets],
@@ -177,7 +192,10 @@ def main(argv=None) -> dict:
         "calibration": [{"task": t, "depth": d} for t, d in calibration], "max_key_share": args.max_key_share,
         "seconds": round(time.time() - t0, 2),
     }
-    return write_outputs(results, config, out, Path(args.report) if args.report else None, info)
+    report = write_outputs(results, config, out, Path(args.report) if args.report else None, info)
+    if checkpoint is not None:
+        checkpoint.path.unlink()
+    return report
 
 
 if __name__ == "__main__":

@@ -103,19 +103,22 @@ def across_prompts(per_prompt: Sequence[HeadResult]) -> HeadResult:
 
 def score_layer(qk: LayerQK, specs_for: Callable[[int, int], Sequence], settings: ScoreSettings,
                 on_head: Callable[[HeadResult], None] | None = None,
-                fit_budget: int | Sequence[int] | None = None) -> list[HeadResult]:
+                fit_budget: int | Sequence[int] | None = None,
+                skip: Callable[[int, int], bool] | None = None) -> list[HeadResult]:
     """Score ``specs_for(layer, head)`` on every query head of one captured layer (GQA: head ``h`` reads KV head
-    ``h // (Hq / Hk)``). With ``fit_budget``, specs whose pattern has a fit (vertical-slash: the slash count;
-    the adaptive patterns: their mass threshold) are first fitted to that many keys per row on the head
-    (:func:`~sgl_minference.tools.search.candidates.fit`); a sequence gives each spec its own budget (recorded in
-    ``HeadResult.budgets``)."""
+    ``h // (Hq / Hk)``), except those ``skip(layer, head)`` marks (already scored). With ``fit_budget``, specs whose
+    pattern has a fit (vertical-slash: the slash count; the adaptive patterns: their mass threshold) are first
+    fitted to that many keys per row on the head (:func:`~sgl_minference.tools.search.candidates.fit`); a sequence
+    gives each spec its own budget (recorded in ``HeadResult.budgets``)."""
     num_heads, num_kv = qk.q.shape[0], qk.k.shape[0]
     check(num_heads % num_kv == 0, "qk", f"{num_kv} KV heads do not divide {num_heads} query heads")
     group = num_heads // num_kv
     n = qk.q.shape[1]
-    skip = min(settings.skip_rows, n - 1)
+    skip_rows = min(settings.skip_rows, n - 1)
     out = []
     for h in range(num_heads):
+        if skip is not None and skip(qk.layer, h):
+            continue
         q, k = qk.q[h], qk.k[h // group]
         est = dict(sm_scale=qk.sm_scale, est=settings.est, softcap=qk.softcap)
         specs = list(specs_for(qk.layer, h))
@@ -123,18 +126,18 @@ def score_layer(qk: LayerQK, specs_for: Callable[[int, int], Sequence], settings
         if fit_budget is not None:
             budgets = [fit_budget] * len(specs) if isinstance(fit_budget, int) else list(fit_budget)
             check(len(budgets) == len(specs), "fit_budget", f"{len(budgets)} budgets for {len(specs)} specs")
-            specs = [fit(s, q, k, b, row_block=settings.row_block, skip_rows=skip, **est)
+            specs = [fit(s, q, k, b, row_block=settings.row_block, skip_rows=skip_rows, **est)
                      for s, b in zip(specs, budgets)]
         sels = [realise(s, q, k, **est) for s in specs]
-        recall, keys = head_recall(q, k, sels, sm_scale=qk.sm_scale, row_block=settings.row_block, skip_rows=skip,
-                                   softcap=qk.softcap)
+        recall, keys = head_recall(q, k, sels, sm_scale=qk.sm_scale, row_block=settings.row_block,
+                                   skip_rows=skip_rows, softcap=qk.softcap)
         tail = None
         if settings.tail_rows > 0:
             tail, _ = head_recall(q, k, sels, sm_scale=qk.sm_scale, row_block=settings.row_block,
-                                  skip_rows=max(skip, n - settings.tail_rows), softcap=qk.softcap)
+                                  skip_rows=max(skip_rows, n - settings.tail_rows), softcap=qk.softcap)
             tail = tail.tolist()
         res = HeadResult(layer=qk.layer, head=h, specs=specs, recall=recall.tolist(), keys=keys.tolist(),
-                         budgets=budgets, causal_keys=(skip + 1 + n) / 2,  # the mean of row + 1 over rows skip..n-1
+                         budgets=budgets, causal_keys=(skip_rows + 1 + n) / 2,  # mean of row + 1 over the rows
                          tail_recall=tail)
         out.append(res)
         if on_head is not None:
@@ -150,6 +153,37 @@ def meeting_target(res: HeadResult, target_recall: float, slack: float, max_key_
                             max_key_share * res.causal_keys)
 
 
+class Checkpoint:
+    """A search's results so far, one JSON line per (prompt, head) after a first line with the search's settings,
+    so a run cut off (a device call's time limit) goes on where it stopped. A file written with other settings is
+    refused: its heads were scored for another search."""
+
+    def __init__(self, path: Path, settings: dict):
+        self.path = Path(path)
+        settings = json.loads(json.dumps(settings))  # as JSON gives them back
+        if not self.path.exists() or not self.path.read_text().strip():
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self.path.write_text(json.dumps({"settings": settings}) + "\n")
+        elif json.loads(self.path.read_text().splitlines()[0]).get("settings") != settings:
+            raise ValueError(f"checkpoint: {self.path} holds a search with other settings; remove it to start over")
+
+    def load(self) -> list[tuple[int, HeadResult]]:
+        """``(prompt index, result)`` of every head in the file."""
+        _settings, *lines = self.path.read_text().splitlines()
+        out = []
+        for line in lines:
+            try:
+                d = json.loads(line)
+            except json.JSONDecodeError:  # the line being written when the run was cut off
+                continue
+            out.append((d["prompt"], head_from_dict(d, None)))
+        return out
+
+    def append(self, prompt: int, res: HeadResult) -> None:
+        with self.path.open("a") as f:
+            f.write(json.dumps({"prompt": prompt, **res.as_dict()}) + "\n")
+
+
 def _num_heads(model) -> int:
     return model.config.get_text_config().num_attention_heads
 
@@ -157,7 +191,7 @@ def _num_heads(model) -> int:
 def search_model(model, prompts: Sequence[torch.Tensor], *, layers: Sequence[int], candidates: Sequence,
                  budget: int | Sequence[int], settings: ScoreSettings, slack: float = 1.5,
                  target_recall: float | None = None, max_key_share: float = 1.0,
-                 progress: bool = True) -> list[HeadResult]:
+                 progress: bool = True, checkpoint: Checkpoint | None = None) -> list[HeadResult]:
     """Score ``candidates`` on every query head of ``layers`` and choose one per head (``HeadResult.best``);
     candidates with a fit (vertical-slash, the adaptive patterns) are fitted to their budget per head first.
 
@@ -169,7 +203,8 @@ def search_model(model, prompts: Sequence[torch.Tensor], *, layers: Sequence[int
     layer's Q/K; needs ``target_recall``, and each head gets the cheapest candidate reaching it, or ``best``
     ``None`` (dense) when none does (:func:`~sgl_minference.tools.search.candidates.cheapest_meeting`).
     ``target_recall`` applies to one budget too; with it, a candidate must keep fewer than ``max_key_share``
-    (0, 1] of the head's causal keys per row. Both compare :meth:`HeadResult.score`.
+    (0, 1] of the head's causal keys per row. Both compare :meth:`HeadResult.score`. ``checkpoint``: every head's
+    result on every prompt is appended to it as it is scored, and those it already holds are not scored again.
     """
     from tqdm.auto import tqdm
 
@@ -183,21 +218,31 @@ def search_model(model, prompts: Sequence[torch.Tensor], *, layers: Sequence[int
           f"a ladder of {len(ladder)} budgets needs a recall target to choose among them")
     specs = [s for _b, cands in ladder for s in cands]
     fit_budgets = [b for b, cands in ladder for _s in cands]
-    bar = tqdm(total=len(layers) * _num_heads(model) * len(prompts), desc="heads searched", disable=not progress)
-    per_head: dict[tuple[int, int], list[HeadResult]] = {}
+    # per_head[layer, head][i]: the head's result on prompt i (from the checkpoint, or scored now)
+    per_head: dict[tuple[int, int], dict[int, HeadResult]] = {}
+    for i, res in (checkpoint.load() if checkpoint is not None else []):
+        per_head.setdefault((res.layer, res.head), {})[i] = res
+    total = len(layers) * _num_heads(model) * len(prompts)
+    bar = tqdm(total=total, initial=sum(map(len, per_head.values())), desc="heads searched", disable=not progress)
 
-    def on_head(res: HeadResult) -> None:
-        per_head.setdefault((res.layer, res.head), []).append(res)
-        bar.update(1)
+    for i, ids in enumerate(prompts):
+        def on_head(res: HeadResult, i=i) -> None:
+            per_head.setdefault((res.layer, res.head), {})[i] = res
+            if checkpoint is not None:
+                checkpoint.append(i, res)
+            bar.update(1)
 
-    # The first prompt fits every candidate to its budget on the head; the others score those fitted specs.
-    capture_qk(model, prompts[0], layers, lambda qk: score_layer(qk, lambda _l, _h: specs, settings, on_head,
-                                                                 fit_budgets))
-    for ids in prompts[1:]:
-        capture_qk(model, ids, layers, lambda qk: score_layer(qk, lambda l, h: per_head[l, h][0].specs, settings,
-                                                              on_head))
+        def done(layer: int, head: int, i=i) -> bool:
+            return i in per_head.get((layer, head), {})
+
+        if all(done(layer, h) for layer in layers for h in range(_num_heads(model))):
+            continue
+        # The first prompt fits every candidate to its budget on the head; the others score those fitted specs.
+        specs_for = (lambda _l, _h: specs) if i == 0 else (lambda l, h: per_head[l, h][0].specs)
+        capture_qk(model, ids, layers, lambda qk: score_layer(qk, specs_for, settings, on_head,
+                                                              fit_budgets if i == 0 else None, skip=done))
     bar.close()
-    results = [across_prompts(rs) for rs in per_head.values()]
+    results = [across_prompts([per_head[key][i] for i in range(len(prompts))]) for key in sorted(per_head)]
     for res in results:
         res.best = (choose(res.score(), res.keys, ladder[0][0], slack) if target_recall is None
                     else meeting_target(res, target_recall, slack, max_key_share))
@@ -272,17 +317,19 @@ def write_outputs(results: Sequence[HeadResult], config: MInferenceConfig, out: 
 def results_from_report(report: dict) -> list[HeadResult]:
     """The :class:`HeadResult` of every head in a search report (``write_outputs``), candidates in order; in a
     report whose candidates carry no budget (a one-budget search), each gets the report's ``budget``."""
+    return [head_from_dict(h, report["budget"]) for h in report["heads"]]
+
+
+def head_from_dict(h: dict, budget: int | None) -> HeadResult:
+    """The :class:`HeadResult` that :meth:`HeadResult.as_dict` wrote; candidates without a budget get ``budget``
+    (``None``: the result has no budgets)."""
     from pydantic import TypeAdapter
 
     spec = TypeAdapter(HeadSpec)
-    out = []
-    for h in report["heads"]:
-        cands = h["candidates"]
-        budgets = [c.get("budget", report["budget"]) for c in cands]
-        out.append(HeadResult(layer=h["layer"], head=h["head"], specs=[spec.validate_python(c["spec"]) for c in cands],
-                              recall=[c["recall"] for c in cands], keys=[c["keys"] for c in cands], best=h["best"],
-                              budgets=budgets, causal_keys=h["causal_keys"],
-                              tail_recall=[c["tail_recall"] for c in cands] if "tail_recall" in cands[0] else None,
-                              prompt_recall=([c["prompt_recall"] for c in cands] if "prompt_recall" in cands[0]
-                                             else None)))
-    return out
+    cands = h["candidates"]
+    budgets = [c.get("budget", budget) for c in cands]
+    return HeadResult(layer=h["layer"], head=h["head"], specs=[spec.validate_python(c["spec"]) for c in cands],
+                      recall=[c["recall"] for c in cands], keys=[c["keys"] for c in cands], best=h["best"],
+                      budgets=None if None in budgets else budgets, causal_keys=h["causal_keys"],
+                      tail_recall=[c["tail_recall"] for c in cands] if "tail_recall" in cands[0] else None,
+                      prompt_recall=[c["prompt_recall"] for c in cands] if "prompt_recall" in cands[0] else None)
