@@ -166,6 +166,9 @@ class Checkpoint:
             self.path.write_text(json.dumps({"settings": settings}) + "\n")
         elif json.loads(self.path.read_text().splitlines()[0]).get("settings") != settings:
             raise ValueError(f"checkpoint: {self.path} holds a search with other settings; remove it to start over")
+        elif not self.path.read_text().endswith("\n"):  # cut off mid-line: what follows starts a line of its own
+            with self.path.open("a") as f:
+                f.write("\n")
 
     def load(self) -> list[tuple[int, HeadResult]]:
         """``(prompt index, result)`` of every head in the file."""
