@@ -57,6 +57,22 @@ def second_turn(turn1: list[int], new: int) -> list[int]:
     return turn1 + turn1[src:src + new]
 
 
+def reference_backend() -> str:
+    """The dense backend the comparisons are made against: SGLang's default for dense attention on this GPU (fa3 on
+    Hopper with FA3 installed, else flashinfer; ``sgl_minference.plugin.resolve_dense_backend``).
+
+    Not flashinfer everywhere: on Gemma-3 270M (H200, 2026-12-03) SGLang 0.5.17's flashinfer backend was 6.8-12.2
+    nats (mean per compared position) from ``minference``'s dense-equivalent config, which was within 1.5x of
+    SGLang's triton backend, and only 1.3-1.9 from the lossy A-shape config. The source suggests why (not yet
+    confirmed by a run): its extend of a chunk without a cached prefix calls the ragged wrapper without
+    ``window_left`` (``flashinfer_backend.py``, ``extend_no_prefix`` branch), so sliding-window layers would
+    attend the whole chunk.
+    """
+    from sgl_minference.plugin import resolve_dense_backend
+
+    return resolve_dense_backend("auto")
+
+
 def tail_logprobs(engine, prompts):
     """Per prompt: the input log-probabilities of its last TAIL positions, plus meta_info."""
     single = isinstance(prompts[0], int)

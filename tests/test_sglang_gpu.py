@@ -6,7 +6,8 @@ uniform in +-1e-3: attention then moves the log-probabilities by nothing measura
 2026-11-24: the lossy config gave exactly the dense values), so the test fails on them rather than pass
 vacuously. The comparison is self-calibrating:
 per-position prompt log-probabilities (``input_token_logprobs`` over the last positions of each prompt, i.e.
-the model's prediction after each of those tokens) from FlashInfer are compared with (a) ``minference`` under
+the model's prediction after each of those tokens) from SGLang's default dense backend (fa3 on Hopper,
+``sglang_gpu_common.reference_backend``) are compared with (a) ``minference`` under
 a dense-equivalent config (every request sparse, budgets covering the whole context), (b) SGLang's own
 ``triton`` dense backend (the yardstick: how far two correct dense kernels drift apart in bf16) and (c)
 ``minference`` under a deliberately lossy A-shape config. (a) must stay within the yardstick and far from (c):
@@ -26,7 +27,8 @@ from pathlib import Path
 import pytest
 
 from tests.sglang_gpu_common import run_scenarios as common_run_scenarios
-from tests.sglang_gpu_common import DENSE_EQUIVALENT, LOSSY, SGLANG_GPU_SKIPS, assert_dense_equivalent, ids, second_turn
+from tests.sglang_gpu_common import (DENSE_EQUIVALENT, LOSSY, SGLANG_GPU_SKIPS, assert_dense_equivalent, ids,
+                                    reference_backend, second_turn)
 
 MODELS = Path(__file__).resolve().parents[1] / "launch" / "models"
 LLAMA3_8B = MODELS / "llama3-8b"
@@ -57,14 +59,14 @@ def run_scenarios(attention_backend, override=None):
 
 @pytest.fixture(scope="module")
 def runs():
-    return {"dense": run_scenarios("flashinfer"), "dense_triton": run_scenarios("triton"),
+    return {"dense": run_scenarios(reference_backend()), "dense_triton": run_scenarios("triton"),
             "equivalent": run_scenarios("minference", DENSE_EQUIVALENT),
             "lossy": run_scenarios("minference", LOSSY)}
 
 
 @pytest.mark.parametrize("scenario", ["single", "ragged", "chunked", "radix"])
-def test_dense_equivalent_config_matches_flashinfer(runs, scenario):
-    """As close to FlashInfer as SGLang's own Triton dense backend is; the lossy config moves further.
+def test_dense_equivalent_config_matches_dense(runs, scenario):
+    """As close to the dense reference as SGLang's own Triton dense backend is; the lossy config moves further.
 
     The yardstick is a second dense kernel, not a fixed tolerance: past a model's trained context (the 33K
     chunked prompt on SmolLM2's 8K) bf16 ordering differences grow large even between two dense backends
