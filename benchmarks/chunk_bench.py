@@ -76,26 +76,27 @@ def jit_cache() -> dict[str, int]:
 
 
 def parse_launches(text: str) -> list[AttentionLaunch]:
-    """``64x4x3,128x8x2h,64x8x3p``: block_n x num_warps x num_stages per attention launch to time; a trailing
-    ``h`` launches a query block's heads next to each other, ``p`` serves two query blocks per program (both:
-    ``hp``)."""
+    """``64x4x3,128x8x2h,64x8x3p,64x4x3t``: block_n x num_warps x num_stages per attention launch to time, then
+    flags in this order: ``h`` launches a query block's heads next to each other, ``p`` serves two query blocks per
+    program, ``t`` reads every key through the slot table (no pool runs, ``AttentionLaunch.pool_runs``)."""
     try:
         launches = []
         for item in filter(None, text.split(",")):
-            numbers = item.rstrip("hp")
+            numbers = item.rstrip("hpt")
             flags = item[len(numbers):]
-            if flags not in ("", "h", "p", "hp"):
+            if flags not in {"", "h", "p", "t", "hp", "ht", "pt", "hpt"}:
                 raise ValueError(item)
             launches.append(AttentionLaunch(*map(int, numbers.split("x")), heads_first="h" in flags,
-                                            pair_blocks="p" in flags))
+                                            pair_blocks="p" in flags, pool_runs="t" not in flags))
         return launches
     except (TypeError, ValueError):
-        fail(PROG, f"--launches: {text!r}, expected e.g. 64x4x3,128x8x2h,64x8x3p")
+        fail(PROG, f"--launches: {text!r}, expected e.g. 64x4x3,128x8x2h,64x8x3p,64x4x3t")
 
 
 def launch_name(launch: AttentionLaunch) -> str:
     """The ``--launches`` spelling of ``launch`` (the key of ``attn_ms_by_launch``)."""
-    return "x".join(map(str, launch[:3])) + "h" * launch.heads_first + "p" * launch.pair_blocks
+    return ("x".join(map(str, launch[:3])) + "h" * launch.heads_first + "p" * launch.pair_blocks
+            + "t" * (not launch.pool_runs))
 
 
 def fa3_call(q, k, v, seq_q: int, seq_k: int, sm_scale: float):

@@ -158,7 +158,10 @@ class KVSource:
     """Where the kernels read keys and values of request ``r``'s key position ``j``.
 
     Contiguous: row ``kv_start[r] + j`` of ``k``/``v``. Paged (SGLang's pool, page size 1): row
-    ``req_to_token[req_pool_indices[r], j]``, so a cached prefix is read in place, never copied.
+    ``req_to_token[req_pool_indices[r], j]``, so a cached prefix is read in place, never copied. A paged source
+    may carry ``run_start`` (:func:`pool_run_starts`): for a request whose slots are consecutive in the pool
+    (``req_to_token[req_pool_indices[r], j] == run_start[r] + j`` for every ``j < Sk_r``), the kernel reads it by
+    row arithmetic as in the contiguous case, without the per-key table lookup.
     """
 
     k: torch.Tensor  # [rows, Hk, D] fp16/bf16 (a packed tensor, or SGLang's k_buffer)
@@ -167,6 +170,7 @@ class KVSource:
     kv_start_cpu: list[int] | None = None  # the same starts on the host, where known: row bounds checked, no sync
     req_to_token: torch.Tensor | None = None  # [pool_size, max_context] int32 (paged mode)
     req_pool_indices: torch.Tensor | None = None  # [B] int32/int64 (paged mode)
+    run_start: torch.Tensor | None = None  # [B] int32 (paged mode, optional): slot of key 0 where consecutive, else -1
 
     @property
     def paged(self) -> bool:
@@ -198,7 +202,11 @@ class KVSource:
                   f"{self.req_pool_indices.shape[0]} entries for {B} requests")
             check(self.req_to_token.shape[1] >= max_sk, "req_to_token",
                   f"{self.req_to_token.shape[1]} slots per request, but a request has {max_sk} keys")
+            if self.run_start is not None:
+                check_tensor(self.run_start, "run_start", ndim=1, dtypes=(torch.int32,), device=device)
+                check(self.run_start.shape[0] == B, "run_start", f"{self.run_start.shape[0]} entries for {B} requests")
         else:
+            check(self.run_start is None, "run_start", "only a paged source has pool runs")
             check_tensor(self.kv_start, "kv_start", ndim=1, dtypes=(torch.int32, torch.int64))
             check(self.kv_start.device == device, "kv_start", f"on {self.kv_start.device}, k on {device}")
             check(self.kv_start.shape[0] == B, "kv_start", f"{self.kv_start.shape[0]} entries for {B} requests")
@@ -225,6 +233,12 @@ class KVSource:
             _require(used & ((slots < 0) | (slots >= rows)), "req_to_token",
                      lambda r, j: f"request {r} (pool row {int(idx[r])}), key {j}: slot {int(slots[r, j])} outside "
                                   f"the {rows} rows of k")
+            if self.run_start is not None:
+                run = self.run_start.long().view(-1, 1)
+                j = torch.arange(slots.shape[1], device=slots.device)
+                _require((run >= 0) & used & (slots != run + j), "run_start",
+                         lambda r, j: f"request {r}: run from slot {int(run[r])} but key {j} is at slot "
+                                      f"{int(slots[r, j])}")
         else:
             start = self.kv_start.long()
             _require((start < 0) | (start + sk > rows), "kv_start",
@@ -240,6 +254,12 @@ class KVSource:
             starts.append(starts[-1] + sk)
         return cls(k=k, v=v, kv_start=torch.tensor(starts, dtype=torch.int32, device=k.device), kv_start_cpu=starts)
 
+    def with_runs(self, geom: BatchGeometry) -> "KVSource":
+        """This paged source with ``run_start`` (:func:`pool_run_starts`) for ``geom``'s requests."""
+        check(self.paged, "kv", "only a paged source has pool runs")
+        return KVSource(k=self.k, v=self.v, req_to_token=self.req_to_token, req_pool_indices=self.req_pool_indices,
+                        run_start=pool_run_starts(self.req_to_token, self.req_pool_indices, geom))
+
     def gather(self, r: int, seq_len_k: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Request ``r``'s full K and V, ``[Sk, Hk, D]`` each (a copy: for references and tests only)."""
         if self.paged:
@@ -248,6 +268,21 @@ class KVSource:
             start = int(self.kv_start[r])
             rows = torch.arange(start, start + seq_len_k, device=self.k.device)
         return self.k[rows], self.v[rows]
+
+
+def pool_run_starts(req_to_token: torch.Tensor, req_pool_indices: torch.Tensor, geom: BatchGeometry) -> torch.Tensor:
+    """``[B]`` int32: per request, the pool slot of its key 0 when its ``Sk_r`` slots are consecutive
+    (``req_to_token[req_pool_indices[r], j] == slot + j`` for every ``j < Sk_r``), else -1.
+
+    One pass over the batch's ``[B, max Sk]`` slots on their device, no host sync; once per batch, shared by every
+    layer. SGLang's allocator hands a fresh prompt consecutive slots while its free list is in order, so long cold
+    prefills mostly qualify; a fragmented pool falls back to the per-key lookup.
+    """
+    slots = req_to_token[req_pool_indices.long(), :geom.max_seqlen_k].long()
+    j = torch.arange(slots.shape[1], device=slots.device)
+    used = j < geom.seq_lens_k.to(slots.device).long().view(-1, 1)
+    run = (slots == slots[:, :1] + j) | ~used
+    return torch.where(run.all(dim=1), slots[:, 0], -1).to(torch.int32)
 
 
 @dataclass(kw_only=True)

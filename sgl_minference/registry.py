@@ -158,11 +158,13 @@ def _times(*fields: str) -> Callable:
 
 def _left_out_divided(*shares: str, counts: tuple[str, ...] = ()) -> Callable:
     """Scaling rule of the adaptive patterns: the attention mass a share leaves out (``1 - share``) is divided by
-    the factor (at most 0.99 left out), so a factor above 1 keeps more, as budgets times it would; ``counts``
-    scale like budgets."""
+    the factor, so a factor above 1 keeps more, as budgets times it would; a factor below 1 leaves out at most
+    0.99 (or what the share already left out, if more: a share never moves against the factor). ``counts`` scale
+    like budgets."""
 
     def scale(spec, factor: float):
-        update = {s: 1.0 - min((1.0 - getattr(spec, s)) / factor, 0.99) for s in shares}
+        update = {s: 1.0 - min((1.0 - getattr(spec, s)) / factor, max(1.0 - getattr(spec, s), 0.99))
+                  for s in shares}
         update |= {c: max(1, round(getattr(spec, c) * factor)) for c in counts}
         return spec.model_copy(update=update)
 
@@ -291,8 +293,9 @@ def nominal_cost(spec) -> int:
 
 
 def scaled(spec, factor: float):
-    """``spec`` with its budgets times ``factor`` (adaptive shares: see :func:`_left_out_divided`)."""
-    return pattern_of(spec).scale(spec, factor)
+    """``spec`` with its budgets times ``factor`` (adaptive shares: see :func:`_left_out_divided`); factor 1 returns
+    ``spec`` itself (``1 - (1 - share)`` is not ``share`` in floating point)."""
+    return spec if factor == 1 else pattern_of(spec).scale(spec, factor)
 
 
 def search_candidates(budget: int, est, types: Sequence[str]) -> list:

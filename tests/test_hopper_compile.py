@@ -55,8 +55,10 @@ def _attention_case(d: int, paged: bool, launch=None):
 
     launch = AttentionLaunch(*launch) if launch else attention_launch(d, torch.bfloat16)
     name, block_m = ("_paired_attention_fwd", 128) if launch.pair_blocks else ("_sparse_attention_fwd", 64)
+    runs = {} if launch.pair_blocks else dict(HAS_RUNS=paged and launch.pool_runs)
     return ("sparse_attention", name, dict(BLOCK_M=block_m, BLOCK_N=launch.block_n, BLOCK_D=d, PAGED=paged,
-                                           HEADS_FIRST=launch.heads_first), launch.num_warps, launch.num_stages)
+                                           HEADS_FIRST=launch.heads_first, **runs), launch.num_warps,
+            launch.num_stages)
 
 
 def _estimate_case(name: str, d: int, paged: bool):
@@ -72,8 +74,10 @@ def _estimate_case(name: str, d: int, paged: bool):
 
 # The launch configurations the product uses (num_warps / num_stages / heads come from the product's own choices).
 CASES = [_attention_case(d, paged) for d in (64, 128, 256) for paged in (False, True)] + [
-    # two layout ranges per key tile (the benchmark's launch sweep)
-    _attention_case(d, True, (128, warps, stages, True)) for d in (64, 128) for warps in (4, 8) for stages in (2, 3)
+    # two layout ranges per key tile (the benchmark's launch sweep); at head_dim 128 only with the slot table
+    # (``t``): pool runs' second key path does not fit in shared memory beside 128-key tiles (280-287 KB)
+    _attention_case(d, True, (128, warps, stages, True, False, d == 64)) for d in (64, 128) for warps in (4, 8)
+    for stages in (2, 3)
 ] + [
     # two query blocks per program (8 warps: two warpgroups), the candidate launch the H200 measures
     _attention_case(d, paged, (64, 8, 2 if d == 256 else 3, False, True)) for d in (64, 128, 256)

@@ -95,6 +95,11 @@ def test_scaling_rules():
     assert registry.scaled(x, 2.0).threshold == pytest.approx(0.95)  # half the mass left out
     assert registry.scaled(x, 0.5).threshold == pytest.approx(0.8) and registry.scaled(x, 0.5).stride == 8
     assert registry.scaled(x, 1e-3).threshold == pytest.approx(0.01)  # at most 0.99 left out
+    # a share that already leaves out more than 0.99 (a searched FlexPrefill head, gamma 1e-4) is kept by factor 1
+    # and never raised by a factor below 1 (before 2026-12-03 both raised it to 0.01)
+    tiny = registry.FlexPrefillSpec(gamma=1e-4, tau=0.1, min_budget=384)
+    assert registry.scaled(tiny, 1.0) == tiny and registry.scaled(tiny, 0.5).gamma == pytest.approx(1e-4)
+    assert registry.scaled(tiny, 2.0).gamma == pytest.approx(1 - 0.9999 / 2)
     half = registry.scaled(f, 0.5)
     assert half.gamma == pytest.approx(0.6) and half.min_budget == 500 and half.tau == 0.1
     assert registry.scaled(registry.VerticalSlashSpec(vertical=10, slash=3), 0.1) == \

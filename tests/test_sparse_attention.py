@@ -308,6 +308,77 @@ def test_paged_kv_through_shuffled_pool(dtype):
     assert_matches(got, packed, dtype)
 
 
+def consecutive_pool(kv: KVSource, geom: BatchGeometry, runs: list[bool]) -> KVSource:
+    """``kv`` (a paged source) with the requests ``runs`` marks moved to consecutive slots of a larger pool,
+    each at its own offset, and ``run_start`` computed; the others keep their shuffled slots."""
+    k, v, table = kv.k, kv.v, kv.req_to_token.clone()
+    extra = sum(sk for sk, run in zip(geom.seq_lens_k_cpu, runs) if run)
+    pool_k = torch.cat([k, torch.full((extra + 3, *k.shape[1:]), float("nan"), dtype=k.dtype, device=k.device)])
+    pool_v = torch.cat([v, torch.full_like(pool_k[k.shape[0]:], float("nan"))])
+    slot = k.shape[0] + 3  # not 0: a run start that was ignored would read the wrong rows
+    for r, (sk, run) in enumerate(zip(geom.seq_lens_k_cpu, runs)):
+        if run:
+            old = table[kv.req_pool_indices[r], :sk].long()
+            pool_k[slot:slot + sk], pool_v[slot:slot + sk] = k[old], v[old]
+            table[kv.req_pool_indices[r], :sk] = torch.arange(slot, slot + sk, dtype=table.dtype)
+            slot += sk
+    return KVSource(k=pool_k, v=pool_v, req_to_token=table, req_pool_indices=kv.req_pool_indices).with_runs(geom)
+
+
+def hide_runs_from_table(kv: KVSource, geom: BatchGeometry) -> None:
+    """Point the slot table of every run request at a NaN row: only a kernel that reads runs by ``run_start``
+    still gets their keys right (the source is inconsistent on purpose; checked mode would refuse it)."""
+    nan_slot = int(torch.isnan(kv.k[:, 0, 0]).nonzero()[0])
+    for r, start in enumerate(kv.run_start.tolist()):
+        if start >= 0:
+            kv.req_to_token[kv.req_pool_indices[r], :geom.seq_lens_k_cpu[r]] = nan_slot
+
+
+@pytest.mark.parametrize("block_n", [64, 128])
+@pytest.mark.parametrize("dtype", INTERPRETER_DTYPES, ids=str)
+def test_requests_in_consecutive_slots_read_by_row_arithmetic(dtype, block_n):
+    """A paged request whose slots are one run is read through ``run_start`` (no slot table), the others through
+    the table, in one launch; both give the packed result."""
+    launch = AttentionLaunch(block_n=block_n, num_warps=4, num_stages=2)
+    geom, q, k, v, layout, packed = run_case([70, 1, 130], [130, 64, 5], 4, 2, 64, dtype, layout_seed=5,
+                                             launch=launch)
+    kv = consecutive_pool(paged_kv(k, v, geom.seq_lens_k_cpu, seed=2), geom, [True, True, False])
+    assert kv.run_start.tolist()[2] == -1 and min(kv.run_start.tolist()[:2]) > k.shape[0]
+    hide_runs_from_table(kv, geom)
+    got = sparse_attention(q, kv, layout, geom, sm_scale=0.125, launch=launch)
+    assert_matches(got, packed, dtype)
+
+
+def test_pool_run_starts():
+    geom = make_geometry([3, 1, 4], [2, 0, 60])
+    table = torch.full((4, 70), -1, dtype=torch.int32)
+    table[2, :5] = torch.tensor([10, 11, 12, 13, 14])  # consecutive: a run from slot 10
+    table[0, :1] = 7  # one key is a run
+    table[1, :64] = torch.arange(20, 84)
+    table[1, 40] = 99  # one slot out of order in the middle
+    kv = KVSource(k=torch.zeros(100, 1, 64), v=torch.zeros(100, 1, 64), req_to_token=table.to(DEVICE),
+                  req_pool_indices=torch.tensor([2, 0, 1], device=DEVICE)).with_runs(geom)
+    assert kv.run_start.tolist() == [10, 7, -1] and kv.run_start.dtype == torch.int32
+
+
+def test_run_start_is_checked():
+    geom, q, k, v, layout, _ = run_case([70], [30], 2, 1, 64, torch.float32)
+    with pytest.raises(ValueError, match="run_start"):  # a contiguous source has no pool runs
+        sparse_attention(q, KVSource(k=k, v=v, kv_start=torch.zeros(1, dtype=torch.int32, device=DEVICE),
+                                     run_start=torch.zeros(1, dtype=torch.int32, device=DEVICE)),
+                         layout, geom, sm_scale=0.125)
+    kv = paged_kv(k, v, geom.seq_lens_k_cpu)
+    with pytest.raises(ValueError, match="run_start"):
+        sparse_attention(q, KVSource(k=kv.k, v=kv.v, req_to_token=kv.req_to_token,
+                                     req_pool_indices=kv.req_pool_indices,
+                                     run_start=torch.zeros(1, dtype=torch.int64, device=DEVICE)),
+                         layout, geom, sm_scale=0.125)
+    wrong = KVSource(k=kv.k, v=kv.v, req_to_token=kv.req_to_token, req_pool_indices=kv.req_pool_indices,
+                     run_start=torch.zeros(1, dtype=torch.int32, device=DEVICE))  # the shuffled pool is no run
+    with pytest.raises(ValueError, match="run_start: request 0: run from slot 0"):
+        wrong.check_contents(geom)
+
+
 def test_writes_into_out():
     geom = make_geometry([65], [3])
     q, k, v = make_qkv(geom, 2, 2, 64, torch.float16)
@@ -397,6 +468,19 @@ def test_gpu_paired_launch_matches_masked_reference(case):
     kv = paged_kv(k, v, geom.seq_lens_k_cpu, seed=4)
     got = sparse_attention(q, kv, layout, geom, sm_scale=d ** -0.5, launch=launch)
     assert_matches(got, masked_attention(q, kv, geom, layout.to_dense(geom), sm_scale=d ** -0.5), torch.bfloat16)
+
+
+@pytest.mark.gpu
+@requires_cuda
+@pytest.mark.parametrize("case", list(GPU_CASES), ids=str)
+def test_gpu_pool_runs_match_masked_reference(case):
+    """The default launch compiled with both key paths (one run, slot table) in one batch, bf16."""
+    d = GPU_CASES[case][4]
+    geom, q, k, v, layout, packed = run_case(*GPU_CASES[case], torch.bfloat16, keep=0.3, max_cols=300)
+    runs = [r % 2 == 0 for r in range(geom.num_requests)]
+    kv = consecutive_pool(paged_kv(k, v, geom.seq_lens_k_cpu, seed=4), geom, runs)
+    hide_runs_from_table(kv, geom)
+    assert_matches(sparse_attention(q, kv, layout, geom, sm_scale=d ** -0.5), packed, torch.bfloat16)
 
 
 @pytest.mark.gpu

@@ -31,7 +31,9 @@ done
 NEED=120 ONCE=1 step tile_bench 200 python3 -m benchmarks.tile_bench --length 32K --head-dims 128,64,256 \
   --budget-s 150 --out /tmp/res/tile_h200_32k.json
 mkdir -p /tmp/res/logs
-python3 -c "import json; c = json.load(open('sgl_minference/configs/smollm2-135m.json')); c['dense_routing'] = False; \
+# the cold and serving runs repeat session 10's, so they keep the SmolLM2 config it ran (shipped until 2026-12-03)
+OLD_SMOL=benchmarks/results/multiturn/smollm2-135m_config_2026-11-24.json
+python3 -c "import json; c = json.load(open('$OLD_SMOL')); c['dense_routing'] = False; \
 json.dump(c, open('/tmp/res/smollm2_norouting.json', 'w'))"
 # the server flags every reliability run below shares (runbook: SmolLM2 past its trained context, prefill graphs off)
 SMOL=(--model /tmp/models/smollm2 --context-length 135168 --server-arg=--cuda-graph-backend-prefill=disabled
@@ -42,13 +44,13 @@ cold() {  # NAME BACKEND CONFIG OUT ARGS...
     --minference-config $cfg --disable-radix-cache --out $out "$@"
 }
 cold cold_norouting minference /tmp/res/smollm2_norouting.json /tmp/res/rel_cold_smollm2_minference_norouting_radixoff_h200.json
-cold cold_onechunk minference sgl_minference/configs/smollm2-135m.json \
+cold cold_onechunk minference $OLD_SMOL \
   /tmp/res/rel_cold_smollm2_minference_onechunk_radixoff_h200.json --chunked-prefill-size 131072
-cold cold_onechunk_fa3 fa3 sgl_minference/configs/smollm2-135m.json \
+cold cold_onechunk_fa3 fa3 $OLD_SMOL \
   /tmp/res/rel_cold_smollm2_fa3_onechunk_radixoff_h200.json --chunked-prefill-size 131072
 for b in minference fa3; do
   NEED=300 ONCE=1 step serving_smol_$b 560 python3 -m benchmarks.multiturn.reliability serving --backend $b \
-    "${SMOL[@]}" --minference-config sgl_minference/configs/smollm2-135m.json \
+    "${SMOL[@]}" --minference-config $OLD_SMOL \
     --out /tmp/res/rel_serving_smollm2_${b}_h200.json
 done
 ls /tmp/res; pack

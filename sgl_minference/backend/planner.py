@@ -18,7 +18,7 @@ import torch
 
 from ..checks import check
 from ..config import MInferenceConfig
-from ..layout import BLOCK, BatchGeometry, KVSource, SparseLayout, check_tensor
+from ..layout import BLOCK, BatchGeometry, KVSource, SparseLayout, check_tensor, pool_run_starts
 from ..patterns import HeadSet, build_dense
 from ..registry import group_key, head_budgets
 
@@ -70,6 +70,7 @@ class SparsePlan:
     geom: BatchGeometry  # all B requests of the batch
     req_to_token: torch.Tensor  # [pool_size, max_context] int32: SGLang's token slots per request
     req_pool_indices: torch.Tensor  # [B] int64/int32: each request's row of req_to_token
+    run_start: torch.Tensor  # [B] int32: slot of key 0 of a request whose slots are consecutive, else -1
     sparse_requests: list[bool]  # B host flags: the request passed both gates (others run dense layouts)
     dense_blocks: torch.Tensor | None  # [NQB_dense] int64: the non-sparse requests' query blocks in geom
     dense_layout: SparseLayout | None  # [NQB_dense, Hq, ...]: their exact dense layout, the same in every layer
@@ -77,7 +78,7 @@ class SparsePlan:
     def kv_source(self, k_buffer: torch.Tensor, v_buffer: torch.Tensor) -> KVSource:
         """The paged KV source of one layer: ``k_buffer``/``v_buffer`` are the pool's ``[slots, Hk, D]``."""
         return KVSource(k=k_buffer, v=v_buffer, req_to_token=self.req_to_token,
-                        req_pool_indices=self.req_pool_indices)
+                        req_pool_indices=self.req_pool_indices, run_start=self.run_start)
 
 
 def sparse_requests(config: MInferenceConfig, seq_lens_q: list[int], seq_lens_k: list[int]) -> list[bool]:
@@ -114,5 +115,6 @@ def plan_batch(config: MInferenceConfig, *, seq_lens_q: list[int], seq_lens_k: l
             first_block.append(first_block[-1] + -(-sq // BLOCK))
         blocks = [b for r in dense for b in range(first_block[r], first_block[r + 1])]
         dense_blocks = torch.tensor(blocks, dtype=torch.int64, device=device)
-    return SparsePlan(geom=geom, req_to_token=req_to_token, req_pool_indices=req_pool_indices, sparse_requests=flags,
+    return SparsePlan(geom=geom, req_to_token=req_to_token, req_pool_indices=req_pool_indices,
+                      run_start=pool_run_starts(req_to_token, req_pool_indices, geom), sparse_requests=flags,
                       dense_blocks=dense_blocks, dense_layout=dense_layout)

@@ -4,7 +4,9 @@ One program per (64-row query block, query head). It loads its query tile once a
 key tiles through one online-softmax helper (:func:`_attend`): the layout's full ranges (no mask at all),
 its partial ranges (range / bounds / causal mask) and its gathered columns (causal / count mask); a key
 tile holds one or two 64-key layout ranges (``AttentionLaunch.block_n``). Keys and values are read in place from a packed tensor or from SGLang's paged pool
-(:func:`sgl_minference.kernels.kv_access.kv_rows`); K/V heads are shared by GQA groups, never repeated.
+(:func:`sgl_minference.kernels.kv_access.kv_rows`); K/V heads are shared by GQA groups, never repeated. A paged
+request whose slots are consecutive (``KVSource.run_start``, found once per batch) is read by row arithmetic
+instead of through the slot table: the program takes one of two compiled paths for it (:func:`_visit_layout`).
 
 Paired launch (``AttentionLaunch.pair_blocks``, not the default): one program per two consecutive query blocks
 A, B of a request (128 rows, meant for 8 warps: two warpgroups), over the two blocks' layouts merged by
@@ -128,6 +130,64 @@ def _store_rows(acc, l_i, m_i, O, Lse, tok, h64, row_valid, offs_d, stride_ot, s
     tl.store(Lse + tok * stride_lt + h64 * stride_lh, lse, mask=row_valid)
 
 
+@triton.jit
+def _visit_layout(acc, l_i, m_i, q, pos_m, seq_k, r, range_start, range_end, n_ranges, n_full, col_base, n_cols,
+                  K, V, KvStart, ReqToToken, PoolIdx, stride_tok, k_head, v_head, stride_kn, stride_vn,
+                  offs_n, offs_d, qk_scale, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PAGED: tl.constexpr):
+    """Phases 1-3 of one program: every key tile the layout names for this (query block, head), folded into the
+    softmax state (``acc`` [BLOCK_M, BLOCK_D], ``l_i`` / ``m_i`` [BLOCK_M] fp32, base 2). ``range_start`` /
+    ``range_end`` / ``col_base`` point at this program's layout rows; the counts are int32 scalars; keys of
+    request ``r`` are addressed through ``kv_rows`` (``PAGED``, or ``KvStart[r] + j``)."""
+    # A key tile of BLOCK_N keys holds PER layout ranges of 64 keys each, side by side: lane n of the tile is key
+    # ``within[n]`` of the tile's range number ``part[n]`` (keys are gathered one by one, so the ranges of a tile
+    # need not touch). With one range per tile the start is a scalar load, so the key rows are an arange the
+    # compiler can see (plain causal probe, H200 2026-12-03: 448 TFLOP/s by row arithmetic against 315 through a
+    # row table, head_dim 128; benchmarks/results/tile_h200_32k.json).
+    PER: tl.constexpr = BLOCK_N // BLOCK_M
+    part = offs_n // BLOCK_M
+    within = offs_n % BLOCK_M
+
+    # -- phase 1: tiles of full ranges, 64 keys left of every row of the block: no mask at all --
+    full_tiles = n_full // PER
+    for t in range(0, full_tiles):
+        if PER == 1:
+            cols = tl.load(range_start + t) + offs_n
+        else:
+            cols = tl.load(range_start + t * PER + part) + within
+        acc, l_i, m_i = _attend(acc, l_i, m_i, q, cols, None, None, pos_m,
+                                K, V, KvStart, ReqToToken, PoolIdx, r, stride_tok,
+                                k_head, v_head, stride_kn, stride_vn, offs_d, qk_scale,
+                                MASKED=False, PAGED=PAGED)
+
+    # -- phase 2: the other ranges (partial ones, and a full one left over from phase 1's pairs): clip to
+    # [max(start, 0), end) and to the context, then the causal cut --
+    for b in range(full_tiles * PER, n_ranges, PER):
+        if PER == 1:
+            cols = tl.load(range_start + b) + offs_n
+            valid = (cols >= 0) & (cols < tl.load(range_end + b)) & (cols < seq_k)
+        else:
+            idx = b + part
+            inside = idx < n_ranges
+            start = tl.load(range_start + idx, mask=inside, other=0)
+            end = tl.load(range_end + idx, mask=inside, other=0)
+            cols = start + within
+            valid = inside & (cols >= 0) & (cols < end) & (cols < seq_k)
+        acc, l_i, m_i = _attend(acc, l_i, m_i, q, cols, valid, valid[None, :], pos_m,
+                                K, V, KvStart, ReqToToken, PoolIdx, r, stride_tok,
+                                k_head, v_head, stride_kn, stride_vn, offs_d, qk_scale,
+                                MASKED=True, PAGED=PAGED)
+
+    # -- phase 3: gathered columns, BLOCK_N at a time (count mask, then the causal cut) --
+    for c in range(0, n_cols, BLOCK_N):
+        valid = c + offs_n < n_cols
+        cols = tl.load(col_base + c + offs_n, mask=valid, other=0)
+        acc, l_i, m_i = _attend(acc, l_i, m_i, q, cols, valid, valid[None, :], pos_m,
+                                K, V, KvStart, ReqToToken, PoolIdx, r, stride_tok,
+                                k_head, v_head, stride_kn, stride_vn, offs_d, qk_scale,
+                                MASKED=True, PAGED=PAGED)
+    return acc, l_i, m_i
+
+
 # The layout tensors' strides change with the batch (query blocks, heads, range/column capacities). Triton
 # compiles one variant per int specialisation (equal to 1, divisible by 16, 32/64 bits), so without this a new
 # chunk shape could compile inside a user's request; they address scalar loads, where the hints buy nothing.
@@ -141,7 +201,7 @@ _LAYOUT_SHAPES = ["stride_bs_q", "stride_bs_h", "stride_be_q", "stride_be_h", "s
 def _sparse_attention_fwd(
     Q, K, V, O, Lse,
     CuSeqlensQ, SeqLensK, PrefixLens, QbRequest, QbRow,
-    KvStart, ReqToToken, PoolIdx, stride_tok,
+    KvStart, ReqToToken, PoolIdx, stride_tok, RunStart,
     BlockStart, BlockEnd, BlockCount, FullCount, ColIndex, ColCount,
     stride_qt, stride_qh, stride_kn, stride_kh, stride_vn, stride_vh,
     stride_ot, stride_oh, stride_lt, stride_lh,
@@ -149,12 +209,13 @@ def _sparse_attention_fwd(
     stride_fc_q, stride_fc_h, stride_ci_q, stride_ci_h, stride_cc_q, stride_cc_h,
     qk_scale, group,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, PAGED: tl.constexpr,
-    HEADS_FIRST: tl.constexpr,
+    HAS_RUNS: tl.constexpr, HEADS_FIRST: tl.constexpr,
 ):
     """Program (qb, h): rows ``[qb_row, qb_row + 64)`` of request ``qb_request[qb]``, query head ``h``.
 
     Q / O [T, Hq, D], Lse [T, Hq] fp32; K / V [rows, Hk, D]; geometry vectors int32 ([B+1], [B], [NQB]);
-    layout tensors int32 [NQB, Hq, MAXB | MAXC] and [NQB, Hq]; ``group`` = Hq // Hk.
+    RunStart [B] int32 (``HAS_RUNS``, paged only: ``KVSource.run_start``); layout tensors int32
+    [NQB, Hq, MAXB | MAXC] and [NQB, Hq]; ``group`` = Hq // Hk.
     """
     tl.static_assert(BLOCK_M == 64, "the layout is built for 64-row query blocks")
     tl.static_assert(BLOCK_N == 64 or BLOCK_N == 128, "a key tile holds one or two 64-key layout ranges")
@@ -164,7 +225,7 @@ def _sparse_attention_fwd(
     qb = tl.program_id(1) if HEADS_FIRST else tl.program_id(0)
     h = tl.program_id(0) if HEADS_FIRST else tl.program_id(1)
 
-    # -- setup: which request, rows and positions this query block covers; its query tile --
+    # -- setup: which request, rows and positions this query block covers; its query tile and layout rows --
     r, seq_k, row_valid, pos_m, tok, h64, k_head, v_head, q = _query_tile(
         qb, h, Q, CuSeqlensQ, SeqLensK, PrefixLens, QbRequest, QbRow, stride_qt, stride_qh, stride_kh, stride_vh,
         group, BLOCK_M, BLOCK_D)
@@ -182,44 +243,24 @@ def _sparse_attention_fwd(
     col_base = ColIndex + qb64 * stride_ci_q + h64 * stride_ci_h
     n_cols = tl.load(ColCount + qb64 * stride_cc_q + h64 * stride_cc_h)
 
-    # A key tile of BLOCK_N keys holds PER layout ranges of 64 keys each, side by side: lane n of the tile is key
-    # ``within[n]`` of the tile's range number ``part[n]`` (keys are gathered one by one, so the ranges of a tile
-    # need not touch).
-    PER: tl.constexpr = BLOCK_N // BLOCK_M
-    part = offs_n // BLOCK_M
-    within = offs_n % BLOCK_M
-
-    # -- phase 1: tiles of full ranges, 64 keys left of every row of the block: no mask at all --
-    full_tiles = n_full // PER
-    for t in range(0, full_tiles):
-        cols = tl.load(range_start + t * PER + part) + within
-        acc, l_i, m_i = _attend(acc, l_i, m_i, q, cols, None, None, pos_m,
-                                K, V, KvStart, ReqToToken, PoolIdx, r, stride_tok,
-                                k_head, v_head, stride_kn, stride_vn, offs_d, qk_scale,
-                                MASKED=False, PAGED=PAGED)
-
-    # -- phase 2: the other ranges (partial ones, and a full one left over from phase 1's pairs): clip to
-    # [max(start, 0), end) and to the context, then the causal cut --
-    for b in range(full_tiles * PER, n_ranges, PER):
-        idx = b + part
-        inside = idx < n_ranges
-        start = tl.load(range_start + idx, mask=inside, other=0)
-        end = tl.load(range_end + idx, mask=inside, other=0)
-        cols = start + within
-        valid = inside & (cols >= 0) & (cols < end) & (cols < seq_k)
-        acc, l_i, m_i = _attend(acc, l_i, m_i, q, cols, valid, valid[None, :], pos_m,
-                                K, V, KvStart, ReqToToken, PoolIdx, r, stride_tok,
-                                k_head, v_head, stride_kn, stride_vn, offs_d, qk_scale,
-                                MASKED=True, PAGED=PAGED)
-
-    # -- phase 3: gathered columns, BLOCK_N at a time (count mask, then the causal cut) --
-    for c in range(0, n_cols, BLOCK_N):
-        valid = c + offs_n < n_cols
-        cols = tl.load(col_base + c + offs_n, mask=valid, other=0)
-        acc, l_i, m_i = _attend(acc, l_i, m_i, q, cols, valid, valid[None, :], pos_m,
-                                K, V, KvStart, ReqToToken, PoolIdx, r, stride_tok,
-                                k_head, v_head, stride_kn, stride_vn, offs_d, qk_scale,
-                                MASKED=True, PAGED=PAGED)
+    # -- phases 1-3: the layout's key tiles; a paged request whose slots are one run is read like a contiguous
+    # one (rows RunStart[r] + j), the others through the slot table --
+    if PAGED and HAS_RUNS:
+        if tl.load(RunStart + r) >= 0:
+            acc, l_i, m_i = _visit_layout(acc, l_i, m_i, q, pos_m, seq_k, r, range_start, range_end, n_ranges,
+                                          n_full, col_base, n_cols, K, V, RunStart, ReqToToken, PoolIdx, stride_tok,
+                                          k_head, v_head, stride_kn, stride_vn, offs_n, offs_d, qk_scale,
+                                          BLOCK_M, BLOCK_N, PAGED=False)
+        else:
+            acc, l_i, m_i = _visit_layout(acc, l_i, m_i, q, pos_m, seq_k, r, range_start, range_end, n_ranges,
+                                          n_full, col_base, n_cols, K, V, KvStart, ReqToToken, PoolIdx, stride_tok,
+                                          k_head, v_head, stride_kn, stride_vn, offs_n, offs_d, qk_scale,
+                                          BLOCK_M, BLOCK_N, PAGED=True)
+    else:
+        acc, l_i, m_i = _visit_layout(acc, l_i, m_i, q, pos_m, seq_k, r, range_start, range_end, n_ranges,
+                                      n_full, col_base, n_cols, K, V, KvStart, ReqToToken, PoolIdx, stride_tok,
+                                      k_head, v_head, stride_kn, stride_vn, offs_n, offs_d, qk_scale,
+                                      BLOCK_M, BLOCK_N, PAGED=PAGED)
 
     # -- epilogue: normalise and store the block's valid rows --
     _store_rows(acc, l_i, m_i, O, Lse, tok, h64, row_valid, offs_d, stride_ot, stride_oh, stride_lt, stride_lh)
@@ -318,14 +359,17 @@ def _paired_attention_fwd(
 class AttentionLaunch(NamedTuple):
     """Launch configuration of the sparse attention kernel: keys per tile (64: one layout range, 128: two side by
     side), warps, software-pipeline stages, the program order (``heads_first``: a query block's heads are
-    neighbours in the grid) and ``pair_blocks``: one program per two consecutive query blocks of a request
-    (:func:`pair_plan`, ``_paired_attention_fwd``; 64-key tiles only, meant for 8 warps)."""
+    neighbours in the grid), ``pair_blocks``: one program per two consecutive query blocks of a request
+    (:func:`pair_plan`, ``_paired_attention_fwd``; 64-key tiles only, meant for 8 warps) and ``pool_runs``: a
+    paged request in consecutive slots is read by row arithmetic (``KVSource.run_start``); the program then
+    holds both key paths, each with its own pipeline buffers in shared memory."""
 
     block_n: int
     num_warps: int
     num_stages: int
     heads_first: bool = False
     pair_blocks: bool = False
+    pool_runs: bool = True
 
 
 # bf16/fp16 launch per head_dim. H200 sweep (2026-12-02, `benchmarks.chunk_bench --launches`, every sparse chunk
@@ -333,8 +377,11 @@ class AttentionLaunch(NamedTuple):
 # benchmarks/results/chunk_h200_{8b,1b}_128k_launch.json): head_dim 64 (Llama-3.2-1B shapes) with 128-key tiles
 # (two layout ranges each), 4 warps, 3 stages: 90 ms against 131 for 64-key tiles (4 stages), and 533 vs 779 ms
 # at 512K; head_dim 128 (Llama-3-8B): 64-key tiles stay fastest (726 ms; 128-key tiles 763-1073, heads-first
-# order 773). head_dim 256: H100 sweep (2026-11-24, 64-key tiles): 4 warps and 2 stages beat 8 warps by 25%.
-LAUNCHES = {64: AttentionLaunch(128, 4, 3), 128: AttentionLaunch(64, 4, 3), 256: AttentionLaunch(64, 4, 2)}
+# order 773). head_dim 256: H100 sweep (2026-11-24, 64-key tiles): 4 warps and 2 stages beat 8 warps by 25%; without
+# pool runs, whose second key path needs another two stages of 64x256 K/V tiles (296 KB of shared memory with
+# both, over the H100's 227 KB: tests/test_hopper_compile.py).
+LAUNCHES = {64: AttentionLaunch(128, 4, 3), 128: AttentionLaunch(64, 4, 3),
+            256: AttentionLaunch(64, 4, 2, pool_runs=False)}
 
 
 # This kernel's time per attended key over FA3's (bf16, default launch), the routing's cost model
@@ -509,7 +556,8 @@ def sparse_attention(q: torch.Tensor, kv: KVSource, layout: SparseLayout, geom: 
 
     q: ``[T, Hq, D]`` fp16/bf16 (fp32 accepted for testing), the chunk tokens packed by ``geom.cu_seqlens_q``;
     D in (64, 128, 256). kv: ``[rows, Hk, D]`` keys/values of ``q``'s dtype, ``Hq % Hk == 0``; query head
-    ``h`` reads KV head ``h // (Hq // Hk)``. layout: int32 ``[NQB, Hq, ...]`` tensors on ``q``'s device.
+    ``h`` reads KV head ``h // (Hq // Hk)``; a paged ``kv`` with ``run_start`` has its consecutive requests read
+    without the slot table (the paired launch always reads the table). layout: int32 ``[NQB, Hq, ...]`` tensors on ``q``'s device.
     out: optional ``[T, Hq, D]`` of ``q``'s dtype to write the output into. launch: the kernel's launch
     configuration (default :func:`attention_launch`), for benchmarks; with ``pair_blocks`` the layout is first
     merged per pair of query blocks (:func:`pair_plan`) and the paired kernel runs, same keys, same results.
@@ -547,12 +595,13 @@ def sparse_attention(q: torch.Tensor, kv: KVSource, layout: SparseLayout, geom: 
         )
         return o, lse
     grid = (num_heads, geom.num_query_blocks) if launch.heads_first else (geom.num_query_blocks, num_heads)
+    runs = kv.run_start is not None and launch.pool_runs
     _sparse_attention_fwd[grid](
         q, kv.k, kv.v, o, lse, *geometry,
-        kv_start, req_to_token, pool_idx, stride_tok,
+        kv_start, req_to_token, pool_idx, stride_tok, kv.run_start if runs else kv_start,
         bs, be, bc, fc, ci, cc, *common,
         bs.stride(0), bs.stride(1), be.stride(0), be.stride(1), bc.stride(0), bc.stride(1),
         fc.stride(0), fc.stride(1), ci.stride(0), ci.stride(1), cc.stride(0), cc.stride(1),
-        sm_scale * LOG2E, num_heads // kv.k.shape[1], BLOCK_M=BLOCK, **tuning,
+        sm_scale * LOG2E, num_heads // kv.k.shape[1], BLOCK_M=BLOCK, HAS_RUNS=runs, **tuning,
     )
     return o, lse
