@@ -14,13 +14,13 @@ def test_records_and_summary(tmp_path):
     out = tmp_path / "chunk.json"
     result = chunk_bench.main(["--model", "tiny", "--length", "640", "--chunk", "320", "--min-context", "600",
                                "--data", "planted,uniform,fixed", "--reps", "1", "--device", "cpu",
-                               "--launches", "64x4x3,128x4x2h,64x8x3p", "--out", str(out)])
+                               "--launches", "64x4x3,128x4x2h,64x8x3p,64x4x3t,64x4x3d", "--out", str(out)])
     assert json.loads(out.read_text())["summary"] == result["summary"]
     dense, sparse = [r for r in result["records"] if r["data"] == "planted"]
     assert (dense["seq_k"], dense["sparse"]) == (320, False)  # below min_context: the dense backend's chunk
     assert (sparse["seq_k"], sparse["sparse"], sparse["kv"]) == (640, True, "paged")
     assert sparse["index_ms"] > 0 and sparse["attn_ms"] > 0 and sparse["compiles"] == 0  # nothing compiles here
-    assert set(sparse["attn_ms_by_launch"]) == {"64x4x3", "128x4x2h", "64x8x3p"}
+    assert set(sparse["attn_ms_by_launch"]) == {"64x4x3", "128x4x2h", "64x8x3p", "64x4x3t", "64x4x3d"}
     # The default budgets cover a 640-key context whole: every causal pair is attended.
     assert sparse["attended_share"] == pytest.approx(1.0) and sparse["visited_share"] >= 1.0
     fixed = [r for r in result["records"] if r["data"] == "fixed" and r["sparse"]][0]
@@ -42,6 +42,7 @@ def test_other_patterns_through_config(tmp_path):
 
 
 @pytest.mark.parametrize("bad", [["--data", "noise"], ["--launches", "64x4"], ["--launches", "64x8x3ph"],
+                                 ["--launches", "64x4x3dt"],
                                  ["--length", "lots"],
                                  ["--config", "{not json"], ["--config", '{"default": {"type": "nope"}}'],
                                  ["--config", '{"default": {"type": "a_shape", "sink": 1, "local": 1}}',

@@ -31,6 +31,8 @@ def signature(fn, constexprs: dict, dtype: str) -> dict:
             sig[name] = "constexpr"
         elif name in ("Q", "K", "V", "O"):
             sig[name] = f"*{dtype}"
+        elif name in ("KDesc", "VDesc"):  # host tensor descriptors of K / V, block [64, head_dim]
+            sig[name] = f"tensordesc<{dtype}[64,{constexprs['BLOCK_D']}]>"
         elif name in FLOAT_POINTERS:
             sig[name] = "*fp32"
         elif name == "Cover":
@@ -55,7 +57,11 @@ def _attention_case(d: int, paged: bool, launch=None):
 
     launch = AttentionLaunch(*launch) if launch else attention_launch(d, torch.bfloat16)
     name, block_m = ("_paired_attention_fwd", 128) if launch.pair_blocks else ("_sparse_attention_fwd", 64)
-    runs = {} if launch.pair_blocks else dict(HAS_RUNS=paged and launch.pool_runs)
+    runs = {}
+    if not launch.pair_blocks:
+        has_runs = paged and launch.pool_runs
+        tma = launch.tma and (has_runs or not paged)
+        runs = dict(HAS_RUNS=has_runs, TMA=tma, **({} if tma else dict(KDesc=None, VDesc=None)))
     return ("sparse_attention", name, dict(BLOCK_M=block_m, BLOCK_N=launch.block_n, BLOCK_D=d, PAGED=paged,
                                            HEADS_FIRST=launch.heads_first, **runs), launch.num_warps,
             launch.num_stages)
@@ -78,6 +84,10 @@ CASES = [_attention_case(d, paged) for d in (64, 128, 256) for paged in (False, 
     # (``t``): pool runs' second key path does not fit in shared memory beside 128-key tiles (280-287 KB)
     _attention_case(d, True, (128, warps, stages, True, False, d == 64)) for d in (64, 128) for warps in (4, 8)
     for stages in (2, 3)
+] + [
+    # full tiles of contiguous keys by TMA (the candidate launch `chunk_bench ... 64x4x3d` measures)
+    _attention_case(d, paged, (64, 4, 2 if d == 256 else 3, False, False, d != 256, True)) for d in (64, 128, 256)
+    for paged in (False, True)
 ] + [
     # two query blocks per program (8 warps: two warpgroups), the candidate launch the H200 measures
     _attention_case(d, paged, (64, 8, 2 if d == 256 else 3, False, True)) for d in (64, 128, 256)

@@ -12,7 +12,8 @@ import pytest
 import torch
 from conftest import DEVICE, INTERPRET, make_geometry, make_qkv, paged_kv, requires_cuda
 
-from sgl_minference.kernels.sparse_attention import IN_A, IN_B, AttentionLaunch, pair_plan, sparse_attention
+from sgl_minference.kernels.sparse_attention import (IN_A, IN_B, AttentionLaunch, attention_launch, pair_plan,
+                                                     sparse_attention)
 from sgl_minference.layout import BLOCK, SENTINEL, BatchGeometry, KVSource, SparseLayout
 from sgl_minference.testing import causal_masks, dense_attention, full_layout, masked_attention
 
@@ -349,6 +350,20 @@ def test_requests_in_consecutive_slots_read_by_row_arithmetic(dtype, block_n):
     assert_matches(got, packed, dtype)
 
 
+@pytest.mark.parametrize("dtype", INTERPRETER_DTYPES, ids=str)
+def test_descriptor_loads_match_masked_reference(dtype):
+    """``tma``: full tiles of packed keys and of pool runs through tensor descriptors, the table path beside them."""
+    launch = AttentionLaunch(block_n=64, num_warps=4, num_stages=2, tma=True)
+    geom, q, k, v, layout, packed = run_case([70, 1, 130], [130, 64, 5], 4, 2, 64, dtype, layout_seed=5,
+                                             launch=launch)
+    assert (layout.full_count > 0).any()  # phase 1 ran through the descriptors
+    kv = consecutive_pool(paged_kv(k, v, geom.seq_lens_k_cpu, seed=2), geom, [True, False, True])
+    hide_runs_from_table(kv, geom)
+    assert_matches(sparse_attention(q, kv, layout, geom, sm_scale=0.125, launch=launch), packed, dtype)
+    with pytest.raises(ValueError, match="launch: descriptor loads"):
+        sparse_attention(q, kv, layout, geom, sm_scale=0.125, launch=launch._replace(block_n=128))
+
+
 def test_pool_run_starts():
     geom = make_geometry([3, 1, 4], [2, 0, 60])
     table = torch.full((4, 70), -1, dtype=torch.int32)
@@ -472,15 +487,21 @@ def test_gpu_paired_launch_matches_masked_reference(case):
 
 @pytest.mark.gpu
 @requires_cuda
+@pytest.mark.parametrize("tma", [False, True], ids=["rows", "tma"])
 @pytest.mark.parametrize("case", list(GPU_CASES), ids=str)
-def test_gpu_pool_runs_match_masked_reference(case):
-    """The default launch compiled with both key paths (one run, slot table) in one batch, bf16."""
+def test_gpu_pool_runs_match_masked_reference(case, tma):
+    """The default launch compiled with both key paths (one run, slot table) in one batch, bf16; with ``tma`` the
+    full tiles of the packed keys and of the runs through tensor descriptors (64-key tiles)."""
     d = GPU_CASES[case][4]
-    geom, q, k, v, layout, packed = run_case(*GPU_CASES[case], torch.bfloat16, keep=0.3, max_cols=300)
+    launch = attention_launch(d, torch.bfloat16)
+    if tma:
+        launch = launch._replace(block_n=64, tma=True)
+    geom, q, k, v, layout, packed = run_case(*GPU_CASES[case], torch.bfloat16, keep=0.3, max_cols=300,
+                                             launch=launch)
     runs = [r % 2 == 0 for r in range(geom.num_requests)]
     kv = consecutive_pool(paged_kv(k, v, geom.seq_lens_k_cpu, seed=4), geom, runs)
     hide_runs_from_table(kv, geom)
-    assert_matches(sparse_attention(q, kv, layout, geom, sm_scale=d ** -0.5), packed, torch.bfloat16)
+    assert_matches(sparse_attention(q, kv, layout, geom, sm_scale=d ** -0.5, launch=launch), packed, torch.bfloat16)
 
 
 @pytest.mark.gpu

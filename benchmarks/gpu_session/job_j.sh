@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
 # job J (for session 12): what session 11 left, in priority order, resumable; call it again until all are done.
-# Issue 12: the kernel changed (pool runs, scalar range starts): GPU kernel tests, then what it buys on the dense
-# layout (packed K/V) and on the paged pool (runs against the slot table, same run). Issue 15: the dense-equivalence
-# test on both real models against fa3 (flashinfer was not the model on Gemma-3); the cold runs' diagnosis and the
-# serving checks, with the SmolLM2 config session 10 ran.
+# Issue 12: the kernel changed (pool runs, scalar range starts, an optional TMA path): GPU kernel tests, then what
+# it buys on the dense layout (packed K/V) and on the paged pool (runs, slot table, TMA: one run). Issue 15: the
+# dense-equivalence test on both real models against fa3 (flashinfer was not the model on Gemma-3); the cold runs'
+# diagnosis and the serving checks, with the SmolLM2 config session 10 ran.
 . benchmarks/gpu_session/common.sh
 export CALL_S=${CALL_S:-585}
 [ -f /tmp/res/done.models ] || setup_host
@@ -13,9 +13,9 @@ NEED=120 ONCE=1 step gpu_kernels 240 python3 -m pytest -m gpu -q -p no:cacheprov
 NEED=120 step kernel_dense 200 python3 -m benchmarks.kernel_bench --lengths 32K,128K,256K --head-dims 64,128,256 \
   --cases fa3,ours_dense --budget-s 160 --out /tmp/res/kernel_h200_dense_runs.json
 NEED=100 step chunk_runs_8b 200 python3 -m benchmarks.chunk_bench --model llama3-8b --length 128K --chunk 8K \
-  --data planted,synthetic --launches 64x4x3,64x4x3t --out /tmp/res/chunk_h200_8b_128k_runs.json
+  --data planted,synthetic --launches 64x4x3,64x4x3t,64x4x3d --out /tmp/res/chunk_h200_8b_128k_runs.json
 NEED=100 step chunk_runs_1b 200 python3 -m benchmarks.chunk_bench --model llama3.2-1b --length 512K --chunk 8K \
-  --data synthetic --launches 128x4x3,128x4x3t --out /tmp/res/chunk_h200_1b_512k_runs.json
+  --data synthetic --launches 128x4x3,128x4x3t,64x4x3d --out /tmp/res/chunk_h200_1b_512k_runs.json
 for m in gemma3-270m:gemma3 smollm2:smollm2; do
   NEED=200 ONCE=1 step test_${m#*:} 330 env SGL_MINFERENCE_TEST_MODEL=/tmp/models/${m%:*} python3 -m pytest -m gpu \
     tests/test_sglang_gpu.py -k "not 64k" -q -p no:cacheprovider --junitxml=/tmp/res/test_sglang_gpu_${m#*:}_h200.xml

@@ -1,22 +1,25 @@
 """Sparse prefill attention forward: a Triton kernel that visits exactly the keys a ``SparseLayout`` names.
 
 One program per (64-row query block, query head). It loads its query tile once and streams three kinds of
-key tiles through one online-softmax helper (:func:`_attend`): the layout's full ranges (no mask at all),
+key tiles through one online-softmax helper (:func:`_fold`): the layout's full ranges (no mask at all),
 its partial ranges (range / bounds / causal mask) and its gathered columns (causal / count mask); a key
-tile holds one or two 64-key layout ranges (``AttentionLaunch.block_n``). Keys and values are read in place from a packed tensor or from SGLang's paged pool
-(:func:`sgl_minference.kernels.kv_access.kv_rows`); K/V heads are shared by GQA groups, never repeated. A paged
-request whose slots are consecutive (``KVSource.run_start``, found once per batch) is read by row arithmetic
-instead of through the slot table: the program takes one of two compiled paths for it (:func:`_visit_layout`).
+tile holds one or two 64-key layout ranges (``AttentionLaunch.block_n``). Keys and values are read in place
+from a packed tensor or from SGLang's paged pool (:func:`sgl_minference.kernels.kv_access.kv_rows`); K/V heads
+are shared by GQA groups, never repeated. A paged request whose slots are consecutive (``KVSource.run_start``,
+found once per batch) is read by row arithmetic instead of through the slot table: the program takes one of two
+compiled paths for it (:func:`_visit_layout`). With ``AttentionLaunch.tma`` (not the default yet) the full tiles
+of contiguous keys are read by TMA through tensor descriptors.
+
+Why (H200, 2026-12-03, ``benchmarks.tile_bench``, a plain causal kernel at 32K, head_dim 128): 64-row tiles reach
+448 TFLOP/s with row arithmetic, 315 with every row looked up in a table first (where this kernel was, 300), 497
+with TMA; 128-row tiles with TMA reach 559, FA3 677. What the two paths and TMA give this kernel is measured by
+``benchmarks.chunk_bench --launches 64x4x3,64x4x3t,64x4x3d`` (not yet run).
 
 Paired launch (``AttentionLaunch.pair_blocks``, not the default): one program per two consecutive query blocks
 A, B of a request (128 rows, meant for 8 warps: two warpgroups), over the two blocks' layouts merged by
-:func:`pair_plan` (a range or column both name is listed once, flagged for both). Each 64-key tile is read once
-and scored for all 128 rows, each row attending exactly the keys its own block's layout names; so a key tile
-both blocks visit (vertical-slash, A-shape and band layouts put block B's ranges at A's grid shifted by one
-range, and their columns are nearly equal) feeds twice the rows per byte read. Hypothesis (H200, 2026-12-02:
-the 64-row kernel runs at ~0.35-0.4x FA3's speed per attended key, gather and pipelining ruled out): at 64 rows
-per K/V tile (~64 flop per byte) L2-to-SM bandwidth caps the kernel near the ~350 TFLOP/s measured; FA3 and
-Triton's tutorial use 128 rows per tile. Not measured yet: ``benchmarks.chunk_bench --launches ...,64x8x3p``.
+:func:`pair_plan` (a range or column both name is listed once, flagged for both), so a key tile both blocks visit
+feeds twice the rows per byte read. Measured slower (H200, 2026-12-03: its kernel alone 1.18-1.30x the 64-row
+launch's time; BENCHMARKS.md): vertical-slash blocks share few tiles, each shifted by one range.
 """
 
 from __future__ import annotations
@@ -27,6 +30,7 @@ from typing import NamedTuple
 import torch
 import triton
 import triton.language as tl
+from triton.tools.tensor_descriptor import TensorDescriptor
 
 from sgl_minference.kernels.constants import LOG2E
 from sgl_minference.kernels.interpreter import refuse_bf16
@@ -44,36 +48,12 @@ LN2: tl.constexpr = tl.constexpr(0.6931471805599453)  # converts the base-2 lse 
 
 
 @triton.jit
-def _attend(acc, l_i, m_i, q, cols, valid, select, pos_m,
-            K, V, KvStart, ReqToToken, PoolIdx, r, stride_tok,
-            k_head, v_head, stride_kn, stride_vn, offs_d, qk_scale,
-            MASKED: tl.constexpr, PAGED: tl.constexpr):
-    """Fold one tile of ``BLOCK_N`` keys (request-local positions ``cols``) into the running softmax state.
-
-    With ``MASKED``, ``valid`` ([BLOCK_N] bool) marks the keys the caller may read (range / bounds / count),
-    ``select`` ([BLOCK_M, BLOCK_N] or [1, BLOCK_N] bool, false wherever ``valid`` is) the (row, key) pairs
-    among them that the layout names (``valid[None, :]`` when every row of the tile shares the keys; the
-    paired kernel's two blocks differ), and the causal cut ``cols <= pos_m`` is applied on top; without it
-    (``valid`` and ``select`` are None) every key of the tile is read and attended by every row.
-    State: ``acc`` [BLOCK_M, BLOCK_D] fp32, ``l_i`` / ``m_i`` [BLOCK_M] fp32 (running sum and max, base-2
-    units); ``q`` [BLOCK_M, BLOCK_D] input dtype; ``cols`` [BLOCK_N] int32; ``pos_m`` [BLOCK_M] int32 query
-    positions; ``k_head`` / ``v_head`` int64 element offsets of the KV head.
-    """
-    if MASKED:
-        # Masked-out keys are pointed at position 0 (always a real key) so the table lookup stays in bounds.
-        cols = tl.where(valid, cols, 0)
-    rows = kv_rows(KvStart, ReqToToken, PoolIdx, r, cols, stride_tok, PAGED)
-    k_ptrs = K + k_head + rows[None, :] * stride_kn + offs_d[:, None]
-    v_ptrs = V + v_head + rows[:, None] * stride_vn + offs_d[None, :]
-    if MASKED:
-        k = tl.load(k_ptrs, mask=valid[None, :], other=0.0)
-        v = tl.load(v_ptrs, mask=valid[:, None], other=0.0)
-    else:
-        k = tl.load(k_ptrs)
-        v = tl.load(v_ptrs)
+def _fold(acc, l_i, m_i, q, k, v, keep, qk_scale, MASKED: tl.constexpr):
+    """Fold one key tile into the running softmax state: ``k`` [BLOCK_D, BLOCK_N] and ``v`` [BLOCK_N, BLOCK_D]
+    (input dtype); with ``MASKED``, ``keep`` [BLOCK_M, BLOCK_N] bool marks the (row, key) pairs attended, else all
+    are. ``acc`` [BLOCK_M, BLOCK_D] fp32, ``l_i`` / ``m_i`` [BLOCK_M] fp32 (running sum and max, base-2 units)."""
     qk = tl.dot(q, k) * qk_scale
     if MASKED:
-        keep = select & (cols[None, :] <= pos_m[:, None])
         qk = tl.where(keep, qk, float("-inf"))
     m_new = tl.maximum(m_i, tl.max(qk, 1))
     if MASKED:
@@ -87,6 +67,38 @@ def _attend(acc, l_i, m_i, q, cols, valid, select, pos_m,
     acc = acc * alpha[:, None]
     acc = tl.dot(p.to(v.dtype), v, acc)
     return acc, l_i, m_new
+
+
+@triton.jit
+def _attend(acc, l_i, m_i, q, cols, valid, select, pos_m,
+            K, V, KvStart, ReqToToken, PoolIdx, r, stride_tok,
+            k_head, v_head, stride_kn, stride_vn, offs_d, qk_scale,
+            MASKED: tl.constexpr, PAGED: tl.constexpr):
+    """Fold one tile of ``BLOCK_N`` keys (request-local positions ``cols``) into the running softmax state.
+
+    With ``MASKED``, ``valid`` ([BLOCK_N] bool) marks the keys the caller may read (range / bounds / count),
+    ``select`` ([BLOCK_M, BLOCK_N] or [1, BLOCK_N] bool, false wherever ``valid`` is) the (row, key) pairs
+    among them that the layout names (``valid[None, :]`` when every row of the tile shares the keys; the
+    paired kernel's two blocks differ), and the causal cut ``cols <= pos_m`` is applied on top; without it
+    (``valid`` and ``select`` are None) every key of the tile is read and attended by every row.
+    State as in :func:`_fold`; ``q`` [BLOCK_M, BLOCK_D] input dtype; ``cols`` [BLOCK_N] int32; ``pos_m``
+    [BLOCK_M] int32 query positions; ``k_head`` / ``v_head`` int64 element offsets of the KV head.
+    """
+    if MASKED:
+        # Masked-out keys are pointed at position 0 (always a real key) so the table lookup stays in bounds.
+        cols = tl.where(valid, cols, 0)
+    rows = kv_rows(KvStart, ReqToToken, PoolIdx, r, cols, stride_tok, PAGED)
+    k_ptrs = K + k_head + rows[None, :] * stride_kn + offs_d[:, None]
+    v_ptrs = V + v_head + rows[:, None] * stride_vn + offs_d[None, :]
+    if MASKED:
+        k = tl.load(k_ptrs, mask=valid[None, :], other=0.0)
+        v = tl.load(v_ptrs, mask=valid[:, None], other=0.0)
+        keep = select & (cols[None, :] <= pos_m[:, None])
+    else:
+        k = tl.load(k_ptrs)
+        v = tl.load(v_ptrs)
+        keep = None
+    return _fold(acc, l_i, m_i, q, k, v, keep, qk_scale, MASKED=MASKED)
 
 
 @triton.jit
@@ -133,11 +145,15 @@ def _store_rows(acc, l_i, m_i, O, Lse, tok, h64, row_valid, offs_d, stride_ot, s
 @triton.jit
 def _visit_layout(acc, l_i, m_i, q, pos_m, seq_k, r, range_start, range_end, n_ranges, n_full, col_base, n_cols,
                   K, V, KvStart, ReqToToken, PoolIdx, stride_tok, k_head, v_head, stride_kn, stride_vn,
-                  offs_n, offs_d, qk_scale, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PAGED: tl.constexpr):
+                  KDesc, VDesc, kv_col, offs_n, offs_d, qk_scale,
+                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PAGED: tl.constexpr, TMA: tl.constexpr):
     """Phases 1-3 of one program: every key tile the layout names for this (query block, head), folded into the
     softmax state (``acc`` [BLOCK_M, BLOCK_D], ``l_i`` / ``m_i`` [BLOCK_M] fp32, base 2). ``range_start`` /
     ``range_end`` / ``col_base`` point at this program's layout rows; the counts are int32 scalars; keys of
-    request ``r`` are addressed through ``kv_rows`` (``PAGED``, or ``KvStart[r] + j``)."""
+    request ``r`` are addressed through ``kv_rows`` (``PAGED``, or ``KvStart[r] + j``). ``TMA`` (not ``PAGED``,
+    64-key tiles): the full tiles of phase 1 are read through the tensor descriptors ``KDesc`` / ``VDesc`` of
+    ``K`` / ``V`` as ``[rows, Hk * D]`` (block ``[BLOCK_N, BLOCK_D]``), at row ``KvStart[r] + start`` and column
+    ``kv_col`` (the KV head's first element)."""
     # A key tile of BLOCK_N keys holds PER layout ranges of 64 keys each, side by side: lane n of the tile is key
     # ``within[n]`` of the tile's range number ``part[n]`` (keys are gathered one by one, so the ranges of a tile
     # need not touch). With one range per tile the start is a scalar load, so the key rows are an arange the
@@ -149,15 +165,24 @@ def _visit_layout(acc, l_i, m_i, q, pos_m, seq_k, r, range_start, range_end, n_r
 
     # -- phase 1: tiles of full ranges, 64 keys left of every row of the block: no mask at all --
     full_tiles = n_full // PER
-    for t in range(0, full_tiles):
-        if PER == 1:
-            cols = tl.load(range_start + t) + offs_n
-        else:
-            cols = tl.load(range_start + t * PER + part) + within
-        acc, l_i, m_i = _attend(acc, l_i, m_i, q, cols, None, None, pos_m,
-                                K, V, KvStart, ReqToToken, PoolIdx, r, stride_tok,
-                                k_head, v_head, stride_kn, stride_vn, offs_d, qk_scale,
-                                MASKED=False, PAGED=PAGED)
+    if TMA:
+        tl.static_assert(PER == 1 and not PAGED, "descriptor loads read one contiguous 64-key range")
+        row0 = tl.load(KvStart + r)
+        for t in range(0, full_tiles):
+            row = row0 + tl.load(range_start + t)
+            k = KDesc.load([row, kv_col]).T
+            v = VDesc.load([row, kv_col])
+            acc, l_i, m_i = _fold(acc, l_i, m_i, q, k, v, None, qk_scale, MASKED=False)
+    else:
+        for t in range(0, full_tiles):
+            if PER == 1:
+                cols = tl.load(range_start + t) + offs_n
+            else:
+                cols = tl.load(range_start + t * PER + part) + within
+            acc, l_i, m_i = _attend(acc, l_i, m_i, q, cols, None, None, pos_m,
+                                    K, V, KvStart, ReqToToken, PoolIdx, r, stride_tok,
+                                    k_head, v_head, stride_kn, stride_vn, offs_d, qk_scale,
+                                    MASKED=False, PAGED=PAGED)
 
     # -- phase 2: the other ranges (partial ones, and a full one left over from phase 1's pairs): clip to
     # [max(start, 0), end) and to the context, then the causal cut --
@@ -201,7 +226,7 @@ _LAYOUT_SHAPES = ["stride_bs_q", "stride_bs_h", "stride_be_q", "stride_be_h", "s
 def _sparse_attention_fwd(
     Q, K, V, O, Lse,
     CuSeqlensQ, SeqLensK, PrefixLens, QbRequest, QbRow,
-    KvStart, ReqToToken, PoolIdx, stride_tok, RunStart,
+    KvStart, ReqToToken, PoolIdx, stride_tok, RunStart, KDesc, VDesc,
     BlockStart, BlockEnd, BlockCount, FullCount, ColIndex, ColCount,
     stride_qt, stride_qh, stride_kn, stride_kh, stride_vn, stride_vh,
     stride_ot, stride_oh, stride_lt, stride_lh,
@@ -209,13 +234,14 @@ def _sparse_attention_fwd(
     stride_fc_q, stride_fc_h, stride_ci_q, stride_ci_h, stride_cc_q, stride_cc_h,
     qk_scale, group,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, PAGED: tl.constexpr,
-    HAS_RUNS: tl.constexpr, HEADS_FIRST: tl.constexpr,
+    HAS_RUNS: tl.constexpr, TMA: tl.constexpr, HEADS_FIRST: tl.constexpr,
 ):
     """Program (qb, h): rows ``[qb_row, qb_row + 64)`` of request ``qb_request[qb]``, query head ``h``.
 
     Q / O [T, Hq, D], Lse [T, Hq] fp32; K / V [rows, Hk, D]; geometry vectors int32 ([B+1], [B], [NQB]);
-    RunStart [B] int32 (``HAS_RUNS``, paged only: ``KVSource.run_start``); layout tensors int32
-    [NQB, Hq, MAXB | MAXC] and [NQB, Hq]; ``group`` = Hq // Hk.
+    RunStart [B] int32 (``HAS_RUNS``, paged only: ``KVSource.run_start``); KDesc / VDesc (``TMA``): tensor
+    descriptors of K / V as [rows, Hk * D], block [BLOCK_N, BLOCK_D], for the full tiles of contiguous keys;
+    layout tensors int32 [NQB, Hq, MAXB | MAXC] and [NQB, Hq]; ``group`` = Hq // Hk.
     """
     tl.static_assert(BLOCK_M == 64, "the layout is built for 64-row query blocks")
     tl.static_assert(BLOCK_N == 64 or BLOCK_N == 128, "a key tile holds one or two 64-key layout ranges")
@@ -245,22 +271,23 @@ def _sparse_attention_fwd(
 
     # -- phases 1-3: the layout's key tiles; a paged request whose slots are one run is read like a contiguous
     # one (rows RunStart[r] + j), the others through the slot table --
+    kv_col = ((h // group) * BLOCK_D).to(tl.int32)
     if PAGED and HAS_RUNS:
         if tl.load(RunStart + r) >= 0:
             acc, l_i, m_i = _visit_layout(acc, l_i, m_i, q, pos_m, seq_k, r, range_start, range_end, n_ranges,
                                           n_full, col_base, n_cols, K, V, RunStart, ReqToToken, PoolIdx, stride_tok,
-                                          k_head, v_head, stride_kn, stride_vn, offs_n, offs_d, qk_scale,
-                                          BLOCK_M, BLOCK_N, PAGED=False)
+                                          k_head, v_head, stride_kn, stride_vn, KDesc, VDesc, kv_col, offs_n, offs_d,
+                                          qk_scale, BLOCK_M, BLOCK_N, PAGED=False, TMA=TMA)
         else:
             acc, l_i, m_i = _visit_layout(acc, l_i, m_i, q, pos_m, seq_k, r, range_start, range_end, n_ranges,
                                           n_full, col_base, n_cols, K, V, KvStart, ReqToToken, PoolIdx, stride_tok,
-                                          k_head, v_head, stride_kn, stride_vn, offs_n, offs_d, qk_scale,
-                                          BLOCK_M, BLOCK_N, PAGED=True)
+                                          k_head, v_head, stride_kn, stride_vn, KDesc, VDesc, kv_col, offs_n, offs_d,
+                                          qk_scale, BLOCK_M, BLOCK_N, PAGED=True, TMA=False)
     else:
         acc, l_i, m_i = _visit_layout(acc, l_i, m_i, q, pos_m, seq_k, r, range_start, range_end, n_ranges,
                                       n_full, col_base, n_cols, K, V, KvStart, ReqToToken, PoolIdx, stride_tok,
-                                      k_head, v_head, stride_kn, stride_vn, offs_n, offs_d, qk_scale,
-                                      BLOCK_M, BLOCK_N, PAGED=PAGED)
+                                      k_head, v_head, stride_kn, stride_vn, KDesc, VDesc, kv_col, offs_n, offs_d,
+                                      qk_scale, BLOCK_M, BLOCK_N, PAGED=PAGED, TMA=TMA)
 
     # -- epilogue: normalise and store the block's valid rows --
     _store_rows(acc, l_i, m_i, O, Lse, tok, h64, row_valid, offs_d, stride_ot, stride_oh, stride_lt, stride_lh)
@@ -362,7 +389,8 @@ class AttentionLaunch(NamedTuple):
     neighbours in the grid), ``pair_blocks``: one program per two consecutive query blocks of a request
     (:func:`pair_plan`, ``_paired_attention_fwd``; 64-key tiles only, meant for 8 warps) and ``pool_runs``: a
     paged request in consecutive slots is read by row arithmetic (``KVSource.run_start``); the program then
-    holds both key paths, each with its own pipeline buffers in shared memory."""
+    holds both key paths, each with its own pipeline buffers in shared memory. ``tma``: the full tiles of
+    contiguous keys (packed K/V, pool runs) are read by TMA through tensor descriptors (64-key tiles only)."""
 
     block_n: int
     num_warps: int
@@ -370,6 +398,7 @@ class AttentionLaunch(NamedTuple):
     heads_first: bool = False
     pair_blocks: bool = False
     pool_runs: bool = True
+    tma: bool = False
 
 
 # bf16/fp16 launch per head_dim. H200 sweep (2026-12-02, `benchmarks.chunk_bench --launches`, every sparse chunk
@@ -576,6 +605,8 @@ def sparse_attention(q: torch.Tensor, kv: KVSource, layout: SparseLayout, geom: 
     check(launch.block_n in (BLOCK, 2 * BLOCK), "launch", f"block_n {launch.block_n} is not {BLOCK} or {2 * BLOCK}")
     check(launch.block_n == BLOCK or not launch.pair_blocks, "launch",
           f"a paired launch reads {BLOCK}-key tiles, not {launch.block_n}")
+    check(not launch.tma or (launch.block_n == BLOCK and not launch.pair_blocks), "launch",
+          f"descriptor loads read {BLOCK}-key tiles of one range, not {launch.block_n} or pairs of blocks")
     common = (q.stride(0), q.stride(1), kv.k.stride(0), kv.k.stride(1), kv.v.stride(0), kv.v.stride(1),
               o.stride(0), o.stride(1), lse.stride(0), lse.stride(1))
     tuning = dict(BLOCK_N=launch.block_n, BLOCK_D=head_dim, PAGED=paged, HEADS_FIRST=bool(launch.heads_first),
@@ -596,12 +627,16 @@ def sparse_attention(q: torch.Tensor, kv: KVSource, layout: SparseLayout, geom: 
         return o, lse
     grid = (num_heads, geom.num_query_blocks) if launch.heads_first else (geom.num_query_blocks, num_heads)
     runs = kv.run_start is not None and launch.pool_runs
+    descs = (None, None)
+    if launch.tma and (runs or not kv.paged):
+        descs = tuple(TensorDescriptor.from_tensor(t.view(t.shape[0], -1), [BLOCK, head_dim]) for t in (kv.k, kv.v))
     _sparse_attention_fwd[grid](
         q, kv.k, kv.v, o, lse, *geometry,
-        kv_start, req_to_token, pool_idx, stride_tok, kv.run_start if runs else kv_start,
+        kv_start, req_to_token, pool_idx, stride_tok, kv.run_start if runs else kv_start, *descs,
         bs, be, bc, fc, ci, cc, *common,
         bs.stride(0), bs.stride(1), be.stride(0), be.stride(1), bc.stride(0), bc.stride(1),
         fc.stride(0), fc.stride(1), ci.stride(0), ci.stride(1), cc.stride(0), cc.stride(1),
-        sm_scale * LOG2E, num_heads // kv.k.shape[1], BLOCK_M=BLOCK, HAS_RUNS=runs, **tuning,
+        sm_scale * LOG2E, num_heads // kv.k.shape[1], BLOCK_M=BLOCK, HAS_RUNS=runs, TMA=descs[0] is not None,
+        **tuning,
     )
     return o, lse

@@ -137,7 +137,7 @@ def score_layer(qk: LayerQK, specs_for: Callable[[int, int], Sequence], settings
                                   skip_rows=max(skip_rows, n - settings.tail_rows), softcap=qk.softcap)
             tail = tail.tolist()
         res = HeadResult(layer=qk.layer, head=h, specs=specs, recall=recall.tolist(), keys=keys.tolist(),
-                         budgets=budgets, causal_keys=(skip_rows + 1 + n) / 2,  # mean of row + 1 over the rows
+                         budgets=budgets, causal_keys=(skip_rows + 1 + n) / 2,  # mean of row + 1, rows skip_rows..n-1
                          tail_recall=tail)
         out.append(res)
         if on_head is not None:
