@@ -126,6 +126,8 @@ def summarize_stats(lines: list[dict], input_lens: list[int], ttft_ms: float | N
     sparse layouts kept, plus every pair of the chunks the dense backend ran (no line: below the length
     gates, or the layers the per-layer routing sent dense); also the share over the sparse-run chunks alone. Times
     are sums over chunks and layers. ``routed_dense_layer_chunks``: the (layer, chunk) pairs routing sent dense.
+    ``pool_run_chunk_share``: the share of sparse request-chunks whose KV slots were one run (read without the
+    slot table; ``None`` when no line says).
     """
     if not lines:
         return {"batches": 0}
@@ -135,6 +137,9 @@ def summarize_stats(lines: list[dict], input_lens: list[int], ttft_ms: float | N
         return {"batches": 0, "routed_dense_layer_chunks": routed}
     heads = lines[0]["num_q_heads"]
     whole = sum(causal_pairs(n, n, heads) for n in input_lens)  # one layer, every request
+    said = [(run, sparse) for line in lines if line.get("pool_run") is not None
+            for run, sparse in zip(line["pool_run"], line["sparse"]) if sparse]
+    runs = sum(run for run, _ in said) / len(said) if said else None
     attended: dict[int, int] = {}
     covered: dict[int, int] = {}  # causal pairs of the chunks that ran sparse, per layer
     visited: dict[int, int] = {}
@@ -153,7 +158,7 @@ def summarize_stats(lines: list[dict], input_lens: list[int], ttft_ms: float | N
     sparse_share = [attended[lid] / covered[lid] for lid in sorted(attended)]
     shares = list(share.values())
     return {"batches": len(lines), "routed_dense_layer_chunks": routed, "structure": lines[0]["structure"],
-            "layers": len(share),
+            "layers": len(share), "pool_run_chunk_share": runs,
             "share_mean": sum(shares) / len(shares), "share_min": min(shares), "share_max": max(shares),
             "share_per_layer": [round(x, 5) for x in shares],
             "sparse_chunk_share_mean": sum(sparse_share) / len(sparse_share),

@@ -65,3 +65,20 @@ def paged_kv(k: torch.Tensor, v: torch.Tensor, seq_lens_k: list[int], *, seed: i
         start += sk
     return KVSource(k=pool_k, v=pool_v, req_to_token=req_to_token.to(k.device),
                     req_pool_indices=req_pool_indices.to(device=k.device, dtype=torch.int64))
+
+
+def consecutive_pool(kv: KVSource, geom: BatchGeometry, runs: list[bool]) -> KVSource:
+    """``kv`` (a paged source) with the requests ``runs`` marks moved to consecutive slots of a larger pool,
+    each at its own offset, and ``run_start`` computed; the others keep their shuffled slots."""
+    k, v, table = kv.k, kv.v, kv.req_to_token.clone()
+    extra = sum(sk for sk, run in zip(geom.seq_lens_k_cpu, runs) if run)
+    pool_k = torch.cat([k, torch.full((extra + 3, *k.shape[1:]), float("nan"), dtype=k.dtype, device=k.device)])
+    pool_v = torch.cat([v, torch.full_like(pool_k[k.shape[0]:], float("nan"))])
+    slot = k.shape[0] + 3  # not 0: a run start that was ignored would read the wrong rows
+    for r, (sk, run) in enumerate(zip(geom.seq_lens_k_cpu, runs)):
+        if run:
+            old = table[kv.req_pool_indices[r], :sk].long()
+            pool_k[slot:slot + sk], pool_v[slot:slot + sk] = k[old], v[old]
+            table[kv.req_pool_indices[r], :sk] = torch.arange(slot, slot + sk, dtype=table.dtype)
+            slot += sk
+    return KVSource(k=pool_k, v=pool_v, req_to_token=table, req_pool_indices=kv.req_pool_indices).with_runs(geom)

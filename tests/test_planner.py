@@ -12,7 +12,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from conftest import DEVICE, make_geometry, make_qkv, paged_kv
+from conftest import DEVICE, consecutive_pool, make_geometry, make_qkv, paged_kv
 
 from sgl_minference.backend.attn_backend import MInferenceAttnBackend, build_layer_heads
 from sgl_minference.backend.layer_layout import overlay_query_blocks
@@ -187,11 +187,14 @@ def fake_layer(layer_id, **over):
     return SimpleNamespace(**{**fields, **over})
 
 
-def fake_batch(seq_q, prefix, *, mode=Mode.EXTEND, seed=0):
-    """A ForwardBatch-like extend batch over a shuffled pool whose chunk slots hold NaN until written."""
+def fake_batch(seq_q, prefix, *, mode=Mode.EXTEND, seed=0, runs=None):
+    """A ForwardBatch-like extend batch over a shuffled pool whose chunk slots hold NaN until written; the requests
+    ``runs`` marks get consecutive slots instead (``conftest.consecutive_pool``)."""
     geom = make_geometry(seq_q, prefix)
     q, k, v = make_qkv(geom, HQ, HK, D, torch.float16, seed=seed)
     full = paged_kv(k, v, geom.seq_lens_k_cpu, seed=seed)
+    if runs is not None:
+        full = consecutive_pool(full, geom, runs)
     r2t, idx = full.req_to_token, full.req_pool_indices
     out_cache_loc = torch.cat([r2t[idx[r], p: p + s] for r, (p, s) in enumerate(zip(prefix, seq_q))]).long()
     pool = FakePool(full.k.clone(), full.v.clone())
@@ -219,12 +222,14 @@ DENSE_EQUIVALENT = dict(default={"type": "vertical_slash", "vertical": 4096, "sl
                                                      "3": {"type": "dense"}}})
 
 
-@pytest.mark.parametrize("seq_q,prefix", [([130, 30], [150, 0]), ([64, 8, 100], [200, 300, 120])])
-def test_sparse_forward_extend_equals_dense_attention(seq_q, prefix):
-    batch, geom, q, k, v, pool, full = fake_batch(seq_q, prefix)
+@pytest.mark.parametrize("seq_q,prefix,runs", [([130, 30], [150, 0], None), ([64, 8, 100], [200, 300, 120], None),
+                                               ([64, 8, 100], [200, 300, 120], [True, False, True])])
+def test_sparse_forward_extend_equals_dense_attention(seq_q, prefix, runs):
+    batch, geom, q, k, v, pool, full = fake_batch(seq_q, prefix, runs=runs)
     backend = make_backend(config(**DENSE_EQUIVALENT), pool, full.req_to_token)
     backend.init_forward_metadata(batch)
     assert backend.dense.calls == ["init_forward_metadata"]
+    assert (backend._plan.run_start >= 0).tolist() == (runs or [False] * len(seq_q))  # the plan found the runs
     for layer_id in (0, 1):
         out = backend.forward_extend(q.reshape(q.shape[0], -1), k, v, fake_layer(layer_id), batch)
         assert out.shape == (q.shape[0], HQ * D)

@@ -10,7 +10,7 @@ import random
 
 import pytest
 import torch
-from conftest import DEVICE, INTERPRET, make_geometry, make_qkv, paged_kv, requires_cuda
+from conftest import DEVICE, INTERPRET, consecutive_pool, make_geometry, make_qkv, paged_kv, requires_cuda
 
 from sgl_minference.kernels.sparse_attention import (IN_A, IN_B, AttentionLaunch, attention_launch, pair_plan,
                                                      sparse_attention)
@@ -307,23 +307,6 @@ def test_paged_kv_through_shuffled_pool(dtype):
     got = sparse_attention(q, kv, layout, geom, sm_scale=0.125)
     assert_matches(got, masked_attention(q, kv, geom, layout.to_dense(geom), sm_scale=0.125), dtype)
     assert_matches(got, packed, dtype)
-
-
-def consecutive_pool(kv: KVSource, geom: BatchGeometry, runs: list[bool]) -> KVSource:
-    """``kv`` (a paged source) with the requests ``runs`` marks moved to consecutive slots of a larger pool,
-    each at its own offset, and ``run_start`` computed; the others keep their shuffled slots."""
-    k, v, table = kv.k, kv.v, kv.req_to_token.clone()
-    extra = sum(sk for sk, run in zip(geom.seq_lens_k_cpu, runs) if run)
-    pool_k = torch.cat([k, torch.full((extra + 3, *k.shape[1:]), float("nan"), dtype=k.dtype, device=k.device)])
-    pool_v = torch.cat([v, torch.full_like(pool_k[k.shape[0]:], float("nan"))])
-    slot = k.shape[0] + 3  # not 0: a run start that was ignored would read the wrong rows
-    for r, (sk, run) in enumerate(zip(geom.seq_lens_k_cpu, runs)):
-        if run:
-            old = table[kv.req_pool_indices[r], :sk].long()
-            pool_k[slot:slot + sk], pool_v[slot:slot + sk] = k[old], v[old]
-            table[kv.req_pool_indices[r], :sk] = torch.arange(slot, slot + sk, dtype=table.dtype)
-            slot += sk
-    return KVSource(k=pool_k, v=pool_v, req_to_token=table, req_pool_indices=kv.req_pool_indices).with_runs(geom)
 
 
 def hide_runs_from_table(kv: KVSource, geom: BatchGeometry) -> None:

@@ -79,6 +79,7 @@ def test_stats_file_has_one_line_per_sparse_batch(tmp_path):
     assert line["seq_lens_q"] == [130, 30] and line["seq_lens_k"] == [280, 30] and line["sparse"] == [True, False]
     assert line["structure"] == "dummy" and line["num_q_heads"] == HQ
     assert line["causal_pairs"] == [causal_pairs(130, 280, HQ), causal_pairs(30, 30, HQ)]
+    assert line["pool_run"] == (backend._plan.run_start >= 0).tolist()
     assert [e["layer"] for e in line["layers"]] == [0, 1]
     plan = backend._plan
     kv = plan.kv_source(pool.k, pool.v)
@@ -109,6 +110,9 @@ def test_layers_the_routing_sends_dense_are_recorded(tmp_path):
     assert second["routed_dense"] == [0, 1] and second["layers"] == [] and second["num_q_heads"] is None
     summary = summarize_stats([first, second], [270], ttft_ms=None)
     assert summary["routed_dense_layer_chunks"] == 2 and summary["batches"] == 1 and summary["layers"] == 2
+    assert summary["pool_run_chunk_share"] == float(first["pool_run"][0])
+    assert summarize_stats([{**first, "pool_run": [True]}], [270], None)["pool_run_chunk_share"] == 1.0
+    assert summarize_stats([{**first, "pool_run": None}], [270], None)["pool_run_chunk_share"] is None
     assert summarize_stats([second], [270], ttft_ms=None) == {"batches": 0, "routed_dense_layer_chunks": 2}
 
 

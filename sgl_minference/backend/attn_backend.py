@@ -135,7 +135,8 @@ class MInferenceAttnBackend(AttentionBackend):
                 self._dense_layers = self._router.plan(self._plan.geom)
             self._nan_log.poll()  # logs NaN fallbacks of earlier batches, without a device sync
             if self._stats is not None:
-                self._stats.start_batch(self._plan.geom, self._plan.sparse_requests, self._dense_layers)
+                self._stats.start_batch(self._plan.geom, self._plan.sparse_requests, self._dense_layers,
+                                        self._plan.run_start)
 
     # ---- per layer -------------------------------------------------------------------------------------------
 

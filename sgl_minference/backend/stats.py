@@ -16,6 +16,7 @@ One line (``json.loads``-able, keys sorted by meaning, every number per forward 
 
     {"pid": 1234, "structure": "dummy" | "synthetic", "num_q_heads": 32,
      "seq_lens_q": [8192], "seq_lens_k": [131072], "sparse": [true],    # per request of the batch
+     "pool_run": [true],                                                # per request: read without the slot table
      "routed_dense": [3, 7],                                            # layers the routing sent dense
      "causal_pairs": [..],                                              # per request, all heads, one layer
      "layers": [{"layer": 0, "attended": [..], "visited": [..],        # per request, all heads
@@ -24,7 +25,10 @@ One line (``json.loads``-able, keys sorted by meaning, every number per forward 
 ``attended / causal_pairs`` is the share of causal (query, key) pairs the layer's layout kept for a request
 (1.0 for requests the plan gave exact dense layouts); ``index_ms`` covers everything ``layer_layout`` does
 (estimation kernels, top-k, conversion, head/request merges), ``attn_ms`` the sparse attention kernel.
-``routed_dense``: the sparse-eligible layers the per-layer routing (``backend/routing.py``) sent to the dense
+``pool_run``: the request's KV slots are consecutive (``KVSource.run_start``), so the sparse kernel reads its keys
+by row arithmetic rather than through the slot table (what the kernel's speed depends on; ``null`` when the
+batch's source has no runs). ``routed_dense``: the sparse-eligible layers the per-layer routing
+(``backend/routing.py``) sent to the dense
 backend in this batch; they have no ``layers`` entry. A batch whose every layer was routed is written too (with
 ``"layers": []`` and ``num_q_heads`` null), so routing never makes a batch disappear from the record.
 """
@@ -88,6 +92,7 @@ class SparseStats:
         self.last_layer = last_layer
         self.structure = structure
         self._batch: dict | None = None  # lengths of the batch being recorded
+        self._run_start: torch.Tensor | None = None  # its plan's pool runs ([B] int32, on the device)
         self._layers: list = []  # (layer_id, attended [B], visited [B], t0, t1, t2) per recorded layer
         self._clock: _Clock | None = None
 
@@ -100,12 +105,15 @@ class SparseStats:
                        ENV_VAR)
         return cls(path, last_layer=last_layer, structure=structure)
 
-    def start_batch(self, geom: BatchGeometry, sparse: list[bool], routed_dense=()) -> None:
-        """A new sparse batch (``routed_dense``: the layer ids routed to the dense backend): writes the previous one
-        if it did not reach ``last_layer``."""
+    def start_batch(self, geom: BatchGeometry, sparse: list[bool], routed_dense=(),
+                    run_start: torch.Tensor | None = None) -> None:
+        """A new sparse batch (``routed_dense``: the layer ids routed to the dense backend; ``run_start``: the
+        plan's ``[B]`` pool runs, read when the batch is written): writes the previous one if it did not reach
+        ``last_layer``."""
         self.flush()
         self._batch = {"seq_lens_q": list(geom.seq_lens_q_cpu), "seq_lens_k": list(geom.seq_lens_k_cpu),
                        "sparse": list(sparse), "routed_dense": sorted(routed_dense)}
+        self._run_start = run_start
 
     def run_layer(self, layer_id: int, geom: BatchGeometry, build: Callable[[], SparseLayout],
                   attend: Callable[[SparseLayout], torch.Tensor]) -> torch.Tensor:
@@ -131,7 +139,8 @@ class SparseStats:
         if self._layers and self._clock.cuda:
             self._layers[-1][-1].synchronize()
         heads = self._layers[0][1] if self._layers else None
-        line = {"pid": os.getpid(), "structure": self.structure, "num_q_heads": heads, **self._batch,
+        runs = None if self._run_start is None else [s >= 0 for s in self._run_start.tolist()]
+        line = {"pid": os.getpid(), "structure": self.structure, "num_q_heads": heads, **self._batch, "pool_run": runs,
                 "causal_pairs": [causal_pairs(sq, sk, heads) if heads else None
                                  for sq, sk in zip(self._batch["seq_lens_q"], self._batch["seq_lens_k"])],
                 "layers": [{"layer": layer_id, "attended": attended.tolist(), "visited": visited.tolist(),
