@@ -276,8 +276,8 @@ def pool_run_starts(req_to_token: torch.Tensor, req_pool_indices: torch.Tensor, 
 
     One pass over the batch's ``[B, max Sk]`` slots on their device, no host sync; once per batch, shared by every
     layer. SGLang 0.5.17's page-size-1 allocator (``mem_cache/allocator/token.py``) hands out the head of its free
-    list, an ``arange`` at start and sorted again when it runs dry, and each chunk's slots in one piece. So a
-    prompt prefilled alone on a fresh server is one run. A request whose chunks were allocated with other
+    list (an ``arange`` at start, sorted again when it runs dry), a batch's slots as one slice of it. So a prompt
+    prefilled alone on a fresh server is one run. A request whose chunks were allocated with other
     requests' slots in between (decode steps, other prefills: any concurrent load) is not, and is read through
     the table, as before. Runs per key tile instead of per request would cover it; not built.
     """
