@@ -20,6 +20,10 @@ for m in gemma3-270m:gemma3 smollm2:smollm2; do
   NEED=200 ONCE=1 step test_${m#*:} 330 env SGL_MINFERENCE_TEST_MODEL=/tmp/models/${m%:*} python3 -m pytest -m gpu \
     tests/test_sglang_gpu.py -k "not 64k" -q -p no:cacheprovider --junitxml=/tmp/res/test_sglang_gpu_${m#*:}_h200.xml
 done
+# Issue 11: TTFT at 128K with the kernel change (pool runs on a single prompt; stats report pool_run_chunk_share)
+NEED=300 step e2e_128k 540 python3 -m benchmarks.e2e_ttft --model llama3-8b --backends fa3,minference --lengths 128K \
+  --scenarios single --structure dummy,synthetic --warmup-lens 4K,32K --reps 2 --rep-budget-s 45 --budget-s 500 \
+  --out /tmp/res/e2e_h200_8b_128k_runs.json
 mkdir -p /tmp/res/logs
 # the cold and serving runs repeat session 10's, so they keep the SmolLM2 config it ran (shipped until 2026-12-03)
 OLD_SMOL=benchmarks/results/multiturn/smollm2-135m_config_2026-11-24.json
