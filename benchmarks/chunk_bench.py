@@ -24,10 +24,16 @@ Data (``--data``): ``planted`` (kernel_bench's random q/k with planted heavy col
 ``synthetic`` (the planted data, picks replaced by the structured synthetic distribution of
 ``backend/synthetic.py``, as ``SGL_MINFERENCE_SYNTHETIC`` does in serving), ``fixed`` (the published fixed-index
 case: the first 1000 keys and the 6096 nearest diagonals for every head, no estimation; ``index_ms`` is the
-conversion into the layout alone).
+conversion into the layout alone), ``captured`` (queries and keys of a real model, ``--captured MODEL``: one
+transformers forward over an eval prompt, ``--prompt TASK[@DEPTH]``, every full-attention layer's post-RoPE q/k
+kept on the device; each record is one (chunk, layer), at that model's head counts and head size, with its config
+from ``--config``, e.g. ``'{"config_path": "sgl_minference/configs/gemma3-270m.json"}'``; values random). The
+summary sums every record: one layer per chunk for the generated data, every full-attention layer for captured.
 
     python -m benchmarks.chunk_bench --model llama3-8b --length 128K --chunk 8K --data planted,uniform,synthetic \
         --out benchmarks/results/chunk_h200_8b_128k.json
+    python -m benchmarks.chunk_bench --data captured --captured /tmp/models/gemma3-270m --length 32512 --chunk 8K \
+        --config '{"config_path": "sgl_minference/configs/gemma3-270m.json"}' --out chunk_h200_gemma3_32k.json
 """
 
 from __future__ import annotations
@@ -36,6 +42,7 @@ import argparse
 import json
 import sys
 import time
+from dataclasses import dataclass
 from functools import partial
 
 import torch
@@ -43,20 +50,20 @@ import torch
 from benchmarks.common import environment, parse_lengths
 from benchmarks.timing import time_ms
 from sgl_minference.backend import synthetic
-from sgl_minference.backend.attn_backend import build_layer_heads
 from sgl_minference.backend.layer_layout import layer_layout
-from sgl_minference.backend.planner import plan_batch
+from sgl_minference.backend.planner import layer_heads, plan_batch
 from sgl_minference.backend.stats import request_pairs
 from sgl_minference.cli import fail
 from sgl_minference.config import MInferenceConfig
 from sgl_minference.kernels import sparse_attention
 from sgl_minference.kernels.sparse_attention import AttentionLaunch, pair_plan
 from sgl_minference.layout import KVSource, causal_pairs
+from sgl_minference.patterns import HeadSet
 from sgl_minference.patterns.convert import indices_to_layout
 
 # (query heads, KV heads, head_dim, layers) of the engine's model configs (sgl_minference/models)
 MODELS = {"llama3-8b": (32, 8, 128, 32), "llama3.2-1b": (32, 8, 64, 16), "tiny": (4, 1, 64, 2)}
-DATA = ("planted", "uniform", "synthetic", "fixed")
+DATA = ("planted", "uniform", "synthetic", "fixed", "captured")
 PROG = "python -m benchmarks.chunk_bench"
 
 
@@ -128,6 +135,58 @@ def chunk_inputs(data: str, *, seq_q: int, seq_k: int, hq: int, hk: int, d: int,
     return q.contiguous(), k.contiguous(), v.contiguous()
 
 
+@dataclass(kw_only=True)
+class Captured:
+    """A real model's post-RoPE queries and keys over one prompt, per full-attention layer, on the device."""
+
+    hq: int
+    hk: int
+    d: int
+    num_layers: int  # the model's, full and sliding
+    sm_scale: float
+    q: dict[int, torch.Tensor]  # layer -> [N, Hq, D]
+    k: dict[int, torch.Tensor]  # layer -> [N, Hk, D]
+
+    def chunk(self, layer: int, seq_q: int, seq_k: int, seed: int):
+        """``(q [Sq, Hq, D], k [Sk, Hk, D], v)`` of the chunk ending at ``seq_k`` (v: seeded random, same dtype)."""
+        k = self.k[layer][:seq_k]
+        gen = torch.Generator(device="cpu").manual_seed(seed)
+        v = torch.randn(k.shape, generator=gen).to(device=k.device, dtype=k.dtype)
+        return self.q[layer][seq_k - seq_q:seq_k].contiguous(), k.contiguous(), v
+
+
+def capture(source: str, task: str, depth: float, length: int, seed: int, device: str) -> Captured:
+    """Run ``source`` (model folder, GGUF or its package) on ``task``'s prompt of ``length`` tokens (transformers,
+    SDPA; bf16 on a GPU, fp16 on a CPU for the interpreter) and keep every full-attention layer's q and k."""
+    from sgl_minference.cpu_torch import allow_torchvision_import
+    from sgl_minference.tools.gguf_loader import resolve_model
+    from sgl_minference.tools.prompts import make_sample
+    from sgl_minference.tools.search.capture import capture_qk, full_attention_layers
+
+    allow_torchvision_import()
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    folder = resolve_model(source)
+    cfg = AutoConfig.from_pretrained(folder).get_text_config()
+    dtype = torch.bfloat16 if device.startswith("cuda") else torch.float16
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, attn_implementation="sdpa").to(device).eval()
+    ids = torch.tensor(make_sample(task, AutoTokenizer.from_pretrained(folder), length=length, depth=depth,
+                                   seed=seed).input_ids, dtype=torch.int64)
+    q, k, scale = {}, {}, []
+
+    def keep(qk):
+        if qk.softcap is not None:
+            raise ValueError(f"captured: layer {qk.layer} caps its logits; the sparse kernel has no soft-cap")
+        q[qk.layer], k[qk.layer] = qk.q.transpose(0, 1).contiguous(), qk.k.transpose(0, 1).contiguous()
+        scale.append(qk.sm_scale)
+
+    capture_qk(model, ids, full_attention_layers(cfg), keep)
+    del model
+    head = next(iter(q.values()))
+    return Captured(hq=head.shape[1], hk=next(iter(k.values())).shape[1], d=head.shape[2],
+                    num_layers=cfg.num_hidden_layers, sm_scale=scale[0], q=q, k=k)
+
+
 def fixed_indices(config: MInferenceConfig, heads: int, seq_k: int, device) -> tuple[torch.Tensor, torch.Tensor]:
     """The published fixed-index case: the first ``vertical`` keys as columns and the ``slash`` nearest diagonals,
     the default budgets, every head: ``columns [1, H, V]`` ascending, ``offsets [1, H, S]`` descending (int32)."""
@@ -137,25 +196,34 @@ def fixed_indices(config: MInferenceConfig, heads: int, seq_k: int, device) -> t
     return columns, offsets
 
 
-def run_chunk(args, data: str, config: MInferenceConfig, seq_q: int, seq_k: int) -> dict:
-    hq, hk, d, num_layers = MODELS[args.model]
+def run_chunk(args, data: str, config: MInferenceConfig, seq_q: int, seq_k: int, captured: Captured | None = None,
+              layer: int = 0) -> dict:
     device = args.device
     cuda = device.startswith("cuda")
-    q, k, v = chunk_inputs(data, seq_q=seq_q, seq_k=seq_k, hq=hq, hk=hk, d=d, seed=args.seed + seq_k, device=device)
+    if captured is None:
+        hq, hk, d, num_layers = MODELS[args.model]
+        q, k, v = chunk_inputs(data, seq_q=seq_q, seq_k=seq_k, hq=hq, hk=hk, d=d, seed=args.seed + seq_k,
+                               device=device)
+        sm_scale = d ** -0.5
+    else:
+        hq, hk, d, num_layers = captured.hq, captured.hk, captured.d, captured.num_layers
+        q, k, v = captured.chunk(layer, seq_q, seq_k, seed=args.seed + seq_k)
+        sm_scale = captured.sm_scale
     # The pool's slot 0 is SGLang's padding slot: the request's keys sit at slots 1 .. Sk.
     k_buffer = torch.cat([torch.zeros_like(k[:1]), k])
     v_buffer = torch.cat([torch.zeros_like(v[:1]), v])
     req_to_token = torch.arange(1, seq_k + 1, dtype=torch.int32, device=device)[None]
-    layers, all_heads = build_layer_heads(config, num_layers=1, num_q_heads=hq, num_kv_heads=hk, attn_tp_rank=0,
-                                          device=device)
+    heads = layer_heads(config, layer_id=layer, head_start=0, num_q_heads=hq, num_kv_heads=hk, device=device)
+    all_heads = HeadSet.build(list(range(hq)), num_q_heads=hq, num_kv_heads=hk, device=device)
     plan = plan_batch(config, seq_lens_q=[seq_q], seq_lens_k=[seq_k], req_to_token=req_to_token,
                       req_pool_indices=torch.zeros(1, dtype=torch.int64, device=device), all_heads=all_heads)
-    sm_scale = d ** -0.5
     rec = {"data": data, "seq_q": seq_q, "seq_k": seq_k, "layers": num_layers, "kv": args.kv}
+    if captured is not None:
+        rec["layer"] = layer
     fa3 = fa3_call(q, k, v, seq_q, seq_k, sm_scale) if cuda else None
     if fa3 is not None:
         rec["fa3_ms"] = time_ms(fa3, args.reps, cuda=cuda)
-    if plan is None:
+    if plan is None or heads.all_dense:  # the dense backend runs the chunk (below the gates) or the layer
         rec["sparse"] = False
         return rec
     # paged: SGLang's pool read through req_to_token (what serving runs); contiguous: the same keys packed, read
@@ -172,7 +240,7 @@ def run_chunk(args, data: str, config: MInferenceConfig, seq_q: int, seq_k: int)
             return indices_to_layout(columns, offsets, plan.geom)
     else:
         def index():
-            return build(q, kv, plan, layers[0], config, sm_scale=sm_scale)
+            return build(q, kv, plan, heads, config, sm_scale=sm_scale)
 
     before = jit_cache()
     if cuda:
@@ -238,6 +306,8 @@ def main(argv: list[str] | None = None) -> dict:
                     help='JSON object of config fields, e.g. \'{"default": {"type": "xattention", "threshold": 0.9, '
                          '"stride": 8}}\' (index time of other patterns)')
     ap.add_argument("--kv", choices=("paged", "contiguous"), default="paged", help="how the kernels read K/V")
+    ap.add_argument("--captured", default=None, help="--data captured: the model (folder, GGUF or its package)")
+    ap.add_argument("--prompt", default="niah_single@0.5", help="--data captured: TASK[@DEPTH] of the eval's prompts")
     ap.add_argument("--launches", default="",
                     help="also time these attention launches (e.g. 64x4x3,128x8x2h,64x8x3p; h: heads first, "
                          "p: two query blocks per program)")
@@ -253,25 +323,40 @@ def main(argv: list[str] | None = None) -> dict:
     datas = [x for x in args.data.split(",") if x]
     if not datas or any(x not in DATA for x in datas):
         fail(PROG, f"--data: {args.data!r}, expected a comma list of {', '.join(DATA)}")
+    if ("captured" in datas) != (args.captured is not None) or ("captured" in datas and len(datas) > 1):
+        fail(PROG, "--data captured runs alone and needs --captured MODEL (and --captured needs it)")
+    task, _, depth = args.prompt.partition("@")
     args.launch_list = parse_launches(args.launches)
     try:
         overrides = json.loads(args.config)
         if args.min_context is not None:
             overrides["min_context"] = args.min_context
-        config = MInferenceConfig.model_validate(overrides)
-    except (ValueError, TypeError) as e:  # JSON and pydantic errors
+        config = MInferenceConfig.from_overrides(overrides, source="--config")
+    except (ValueError, TypeError) as e:  # JSON and config errors
         fail(PROG, f"--config: {str(e).splitlines()[0]}")
+    captured = None
+    if args.captured is not None:
+        from sgl_minference.tools.prompts import TASKS
+
+        if task not in TASKS:
+            fail(PROG, f"--prompt: unknown task {task!r}; choose from {', '.join(sorted(TASKS))}")
+        try:
+            captured = capture(args.captured, task, float(depth or 0.5), length, args.seed, args.device)
+        except ValueError as e:
+            fail(PROG, f"--captured: {str(e).splitlines()[0]}")
     if "fixed" in datas and config.default.type != "vertical_slash":
         fail(PROG, "--data fixed needs a vertical_slash default (its budgets give the fixed indices)")
     records = []
     for data in datas:
-        for end in range(chunk, length + 1, chunk):
-            rec = run_chunk(args, data, config, chunk, end)
-            records.append(rec)
-            print(json.dumps({k: round(v, 3) if isinstance(v, float) else v for k, v in rec.items()}), flush=True)
+        # a prompt's chunks: `chunk` tokens each, the last one what is left
+        for end in [*range(chunk, length, chunk), length]:
+            for layer in (sorted(captured.q) if captured else [0]):
+                rec = run_chunk(args, data, config, end - (end - 1) // chunk * chunk, end, captured, layer)
+                records.append(rec)
+                print(json.dumps({k: round(v, 3) if isinstance(v, float) else v for k, v in rec.items()}), flush=True)
     result = {"kind": "chunk", "command": "python -m benchmarks.chunk_bench " + " ".join(argv or sys.argv[1:]),
-              "environment": environment(), "model": args.model, "length": length, "chunk": chunk,
-              "config": json.loads(args.config),
+              "environment": environment(), "model": args.captured or args.model, "length": length, "chunk": chunk,
+              "config": json.loads(args.config), **({"prompt": args.prompt} if captured else {}),
               "records": records, "summary": summarize(records)}
     print(json.dumps(result["summary"], indent=1))
     if args.out:

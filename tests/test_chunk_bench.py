@@ -6,6 +6,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 from benchmarks import chunk_bench
 
@@ -53,3 +54,51 @@ def test_bad_arguments_are_one_line_errors(bad):
     proc = subprocess.run([sys.executable, "-m", "benchmarks.chunk_bench", "--model", "tiny", "--device", "cpu",
                            *bad], capture_output=True, text=True, timeout=120, env=env)
     assert proc.returncode == 2 and len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+
+
+@pytest.fixture(scope="module")
+def tiny_gemma64(tmp_path_factory):
+    """A random 3-layer Gemma-3 (sliding, full, full) with head_dim 64 (one the sparse kernel serves)."""
+    from test_search import _byte_tokenizer
+    from transformers import Gemma3ForCausalLM, Gemma3TextConfig
+
+    path = tmp_path_factory.mktemp("tiny_gemma64")
+    cfg = Gemma3TextConfig(vocab_size=_byte_tokenizer(path), hidden_size=64, intermediate_size=128, num_hidden_layers=3,
+                           num_attention_heads=2, num_key_value_heads=1, head_dim=64, sliding_window=128,
+                           layer_types=["sliding_attention", "full_attention", "full_attention"],
+                           max_position_embeddings=2048, query_pre_attn_scalar=64)
+    torch.manual_seed(0)
+    Gemma3ForCausalLM(cfg).save_pretrained(path)
+    return path
+
+
+def test_captured_queries_and_keys_per_layer_and_chunk(tiny_gemma64, tmp_path):
+    """A real model's q/k per full-attention layer: every chunk of the prompt (the last one shorter) and layer is a
+    record at the model's shapes; a layer the config leaves dense, and chunks below the gate, are the dense
+    backend's."""
+    config = {"default": {"type": "vertical_slash", "vertical": 64, "slash": 128},
+              "heads": {"1": {"0": {"type": "dense"}, "1": {"type": "dense"}}}}
+    result = chunk_bench.main(["--data", "captured", "--captured", str(tiny_gemma64), "--prompt", "niah_single@0.25",
+                               "--length", "640", "--chunk", "256", "--min-context", "300", "--reps", "1",
+                               "--device", "cpu", "--config", json.dumps(config), "--out", str(tmp_path / "c.json")])
+    recs = result["records"]
+    assert [(r["seq_q"], r["seq_k"], r["layer"]) for r in recs] == [
+        (256, 256, 1), (256, 256, 2), (256, 512, 1), (256, 512, 2), (128, 640, 1), (128, 640, 2)]
+    assert [r["sparse"] for r in recs] == [False, False, False, True, False, True]
+    assert all(0 < r["attended_share"] < 1 for r in recs if r["sparse"])
+    assert result["model"] == str(tiny_gemma64) and result["prompt"] == "niah_single@0.25"
+    assert set(result["summary"]) == {"captured"}
+    cap = chunk_bench.capture(str(tiny_gemma64), "niah_single", 0.25, 640, 0, "cpu")
+    assert sorted(cap.q) == [1, 2] and (cap.hq, cap.hk, cap.d, cap.num_layers) == (2, 1, 64, 3)
+    assert cap.q[2].shape == (640, 2, 64) and cap.k[2].shape == (640, 1, 64) and cap.sm_scale == 0.125
+    q, k, v = cap.chunk(2, 128, 640, seed=1)
+    assert torch.equal(q, cap.q[2][512:]) and torch.equal(k, cap.k[2]) and v.shape == k.shape
+    assert not torch.equal(cap.k[1], cap.k[2])  # each layer its own keys
+
+
+@pytest.mark.parametrize("bad", [["--data", "captured"], ["--data", "planted", "--captured", "x"],
+                                 ["--data", "captured,planted", "--captured", "x"]])
+def test_captured_needs_its_model_and_runs_alone(bad, capsys):
+    with pytest.raises(SystemExit):
+        chunk_bench.main(["--device", "cpu", *bad])
+    assert "--data captured runs alone" in capsys.readouterr().err

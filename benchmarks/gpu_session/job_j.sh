@@ -16,6 +16,13 @@ NEED=100 step chunk_runs_8b 200 python3 -m benchmarks.chunk_bench --model llama3
   --data planted,synthetic --launches 64x4x3,64x4x3t,64x4x3d --out /tmp/res/chunk_h200_8b_128k_runs.json
 NEED=100 step chunk_runs_1b 200 python3 -m benchmarks.chunk_bench --model llama3.2-1b --length 512K --chunk 8K \
   --data synthetic --launches 128x4x3,128x4x3t,64x4x3d --out /tmp/res/chunk_h200_1b_512k_runs.json
+# Issue 12 item 3: realistic layouts, the shipped configs on the models' own q/k (eval prompts), against FA3
+NEED=100 step chunk_gemma3 200 python3 -m benchmarks.chunk_bench --data captured --captured /tmp/models/gemma3-270m \
+  --length 32512 --chunk 8K --config '{"config_path": "sgl_minference/configs/gemma3-270m.json"}' \
+  --out /tmp/res/chunk_h200_gemma3_32k_captured.json
+NEED=100 step chunk_smollm2 200 python3 -m benchmarks.chunk_bench --data captured --captured /tmp/models/smollm2 \
+  --length 7936 --chunk 8K --config '{"config_path": "sgl_minference/configs/smollm2-135m.json"}' \
+  --launches 128x4x3,128x4x3t,64x4x3d --out /tmp/res/chunk_h200_smollm2_8k_captured.json
 for m in gemma3-270m:gemma3 smollm2:smollm2; do
   NEED=200 ONCE=1 step test_${m#*:} 330 env SGL_MINFERENCE_TEST_MODEL=/tmp/models/${m%:*} python3 -m pytest -m gpu \
     tests/test_sglang_gpu.py -k "not 64k" -q -p no:cacheprovider --junitxml=/tmp/res/test_sglang_gpu_${m#*:}_h200.xml
