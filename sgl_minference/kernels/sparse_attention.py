@@ -586,7 +586,8 @@ def sparse_attention(q: torch.Tensor, kv: KVSource, layout: SparseLayout, geom: 
     q: ``[T, Hq, D]`` fp16/bf16 (fp32 accepted for testing), the chunk tokens packed by ``geom.cu_seqlens_q``;
     D in (64, 128, 256). kv: ``[rows, Hk, D]`` keys/values of ``q``'s dtype, ``Hq % Hk == 0``; query head
     ``h`` reads KV head ``h // (Hq // Hk)``; a paged ``kv`` with ``run_start`` has its consecutive requests read
-    without the slot table (the paired launch always reads the table). layout: int32 ``[NQB, Hq, ...]`` tensors on ``q``'s device.
+    without the slot table (the paired launch always reads the table). layout: int32 ``[NQB, Hq, ...]`` tensors
+    on ``q``'s device.
     out: optional ``[T, Hq, D]`` of ``q``'s dtype to write the output into. launch: the kernel's launch
     configuration (default :func:`attention_launch`), for benchmarks; with ``pair_blocks`` the layout is first
     merged per pair of query blocks (:func:`pair_plan`) and the paired kernel runs, same keys, same results.
