@@ -59,17 +59,10 @@ def test_bad_arguments_are_one_line_errors(bad):
 @pytest.fixture(scope="module")
 def tiny_gemma64(tmp_path_factory):
     """A random 3-layer Gemma-3 (sliding, full, full) with head_dim 64 (one the sparse kernel serves)."""
-    from test_search import _byte_tokenizer
-    from transformers import Gemma3ForCausalLM, Gemma3TextConfig
+    from test_search import save_tiny_gemma
 
-    path = tmp_path_factory.mktemp("tiny_gemma64")
-    cfg = Gemma3TextConfig(vocab_size=_byte_tokenizer(path), hidden_size=64, intermediate_size=128, num_hidden_layers=3,
-                           num_attention_heads=2, num_key_value_heads=1, head_dim=64, sliding_window=128,
-                           layer_types=["sliding_attention", "full_attention", "full_attention"],
-                           max_position_embeddings=2048, query_pre_attn_scalar=64)
-    torch.manual_seed(0)
-    Gemma3ForCausalLM(cfg).save_pretrained(path)
-    return path
+    return save_tiny_gemma(tmp_path_factory.mktemp("tiny_gemma64"), num_heads=2, num_kv_heads=1, head_dim=64,
+                           layer_types=("sliding_attention", "full_attention", "full_attention"))
 
 
 def test_captured_queries_and_keys_per_layer_and_chunk(tiny_gemma64, tmp_path):

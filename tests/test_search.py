@@ -192,20 +192,25 @@ def _byte_tokenizer(path):
     return len(vocab)
 
 
-@pytest.fixture(scope="module")
-def tiny_gemma(tmp_path_factory):
-    """A random 3-layer Gemma-3 (sliding, sliding, full) with a byte tokenizer, saved as a model folder."""
+def save_tiny_gemma(path, *, num_heads: int = 4, num_kv_heads: int = 2, head_dim: int = 32,
+                    layer_types=("sliding_attention", "sliding_attention", "full_attention")):
+    """A random Gemma-3 (hidden size 64, one layer per ``layer_types`` entry) with a byte tokenizer, saved as a model
+    folder at ``path``; returns ``path``."""
     from transformers import Gemma3ForCausalLM, Gemma3TextConfig
 
-    path = tmp_path_factory.mktemp("tiny_gemma")
-    vocab = _byte_tokenizer(path)
-    cfg = Gemma3TextConfig(vocab_size=vocab, hidden_size=64, intermediate_size=128, num_hidden_layers=3,
-                           num_attention_heads=4, num_key_value_heads=2, head_dim=32, sliding_window=128,
-                           layer_types=["sliding_attention", "sliding_attention", "full_attention"],
-                           max_position_embeddings=2048, query_pre_attn_scalar=32)
+    cfg = Gemma3TextConfig(vocab_size=_byte_tokenizer(path), hidden_size=64, intermediate_size=128,
+                           num_hidden_layers=len(layer_types), num_attention_heads=num_heads,
+                           num_key_value_heads=num_kv_heads, head_dim=head_dim, sliding_window=128,
+                           layer_types=list(layer_types), max_position_embeddings=2048, query_pre_attn_scalar=head_dim)
     torch.manual_seed(0)
     Gemma3ForCausalLM(cfg).save_pretrained(path)
     return path
+
+
+@pytest.fixture(scope="module")
+def tiny_gemma(tmp_path_factory):
+    """A random 3-layer Gemma-3 (sliding, sliding, full) with a byte tokenizer, saved as a model folder."""
+    return save_tiny_gemma(tmp_path_factory.mktemp("tiny_gemma"))
 
 
 def test_search_cli_end_to_end(tiny_gemma, tmp_path):
