@@ -325,7 +325,6 @@ def main(argv: list[str] | None = None) -> dict:
         fail(PROG, f"--data: {args.data!r}, expected a comma list of {', '.join(DATA)}")
     if ("captured" in datas) != (args.captured is not None) or ("captured" in datas and len(datas) > 1):
         fail(PROG, "--data captured runs alone and needs --captured MODEL (and --captured needs it)")
-    task, _, depth = args.prompt.partition("@")
     args.launch_list = parse_launches(args.launches)
     try:
         overrides = json.loads(args.config)
@@ -336,12 +335,14 @@ def main(argv: list[str] | None = None) -> dict:
         fail(PROG, f"--config: {str(e).splitlines()[0]}")
     captured = None
     if args.captured is not None:
-        from sgl_minference.tools.prompts import TASKS
+        from sgl_minference.tools.prompts import parse_prompt
 
-        if task not in TASKS:
-            fail(PROG, f"--prompt: unknown task {task!r}; choose from {', '.join(sorted(TASKS))}")
         try:
-            captured = capture(args.captured, task, float(depth or 0.5), length, args.seed, args.device)
+            task, depth = parse_prompt(args.prompt)
+        except ValueError as e:
+            fail(PROG, f"--prompt: {e}")
+        try:
+            captured = capture(args.captured, task, depth, length, args.seed, args.device)
         except ValueError as e:
             fail(PROG, f"--captured: {str(e).splitlines()[0]}")
     if "fixed" in datas and config.default.type != "vertical_slash":

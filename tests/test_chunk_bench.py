@@ -95,3 +95,12 @@ def test_captured_needs_its_model_and_runs_alone(bad, capsys):
     with pytest.raises(SystemExit):
         chunk_bench.main(["--device", "cpu", *bad])
     assert "--data captured runs alone" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("prompt, words", [("haystack@0.5", "unknown task 'haystack'"),
+                                           ("niah_single@deep", "depth 'deep'")])
+def test_captured_prompt_errors_are_one_line(prompt, words, capsys):
+    with pytest.raises(SystemExit):
+        chunk_bench.main(["--device", "cpu", "--data", "captured", "--captured", "x", "--prompt", prompt])
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1 and f"--prompt: {words}" in err, err

@@ -374,6 +374,22 @@ TASKS: dict[str, Callable] = {
 DEPTHLESS = frozenset({"common_words"})  # tasks whose answer has no single place in the text
 
 
+def parse_prompt(item: str) -> tuple[str, float]:
+    """``TASK[@DEPTH]`` (a task of :data:`TASKS`, the asked needle's depth in [0, 1], default 0.5) as ``(task,
+    depth)``; ``ValueError`` saying what is wrong with ``item``."""
+    task, _, depth = item.partition("@")
+    if task not in TASKS:
+        raise ValueError(f"unknown task {task!r} in {item!r}; choose from {', '.join(sorted(TASKS))}")
+    try:
+        d = float(depth) if depth else 0.5
+        in_range = 0.0 <= d <= 1.0
+    except ValueError:
+        in_range = False
+    if not in_range:
+        raise ValueError(f"depth {depth!r} in {item!r} is not a number in [0, 1]")
+    return task, d
+
+
 def make_sample(task: str, tokenizer_or_encoder, *, length: int, depth: float | None = 0.5, seed: int = 0) -> Sample:
     """One ``task`` prompt of exactly ``length`` tokens with the asked needle at ``depth``.
 

@@ -46,7 +46,7 @@ import torch
 from ...cli import fail
 from ...cpu_torch import allow_torchvision_import
 from ..gguf_loader import check_model, resolve_model
-from ..prompts import TASKS, make_sample
+from ..prompts import make_sample, parse_prompt
 from .candidates import ADAPTIVE, SEARCHED, budget_for, candidate_space
 from .capture import full_attention_layers
 from .searcher import Checkpoint, ScoreSettings, search_model, to_config, write_outputs
@@ -58,20 +58,10 @@ PROG = "python -m sgl_minference.tools.search"
 
 def parse_calibration(items: list[str]) -> list[tuple[str, float]]:
     """``TASK[@DEPTH]`` strings as ``(task, depth)``; exits with a one-line error naming ``--calibration``."""
-    out = []
-    for item in items:
-        task, _, depth = item.partition("@")
-        if task not in TASKS:
-            fail(PROG, f"--calibration: unknown task {task!r} in {item!r}; choose from {', '.join(sorted(TASKS))}")
-        try:
-            d = float(depth) if depth else 0.5
-            in_range = 0.0 <= d <= 1.0
-        except ValueError:
-            in_range = False
-        if not in_range:
-            fail(PROG, f"--calibration: depth {depth!r} in {item!r} is not a number in [0, 1]")
-        out.append((task, d))
-    return out
+    try:
+        return [parse_prompt(item) for item in items]
+    except ValueError as e:
+        fail(PROG, f"--calibration: {e}")
 
 
 def parse_args(argv=None) -> argparse.Namespace:
