@@ -21,6 +21,7 @@ question rows lose the needle fails the target even when the average over all ro
 
 from __future__ import annotations
 
+import functools
 import json
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -161,12 +162,13 @@ class Checkpoint:
     def __init__(self, path: Path, settings: dict):
         self.path = Path(path)
         settings = json.loads(json.dumps(settings))  # as JSON gives them back
-        if not self.path.exists() or not self.path.read_text().strip():
+        text = self.path.read_text() if self.path.exists() else ""
+        if not text.strip():
             self.path.parent.mkdir(parents=True, exist_ok=True)
             self.path.write_text(json.dumps({"settings": settings}) + "\n")
-        elif json.loads(self.path.read_text().splitlines()[0]).get("settings") != settings:
+        elif json.loads(text.splitlines()[0]).get("settings") != settings:
             raise ValueError(f"checkpoint: {self.path} holds a search with other settings; remove it to start over")
-        elif not self.path.read_text().endswith("\n"):  # cut off mid-line: what follows starts a line of its own
+        elif not text.endswith("\n"):  # cut off mid-line: what follows starts a line of its own
             with self.path.open("a") as f:
                 f.write("\n")
 
@@ -271,7 +273,8 @@ def to_config(results: Sequence[HeadResult], *, num_layers: int, num_heads: int,
     """The config listing each searched head's chosen spec; every other head (sliding-window layers) dense.
 
     ``dense_below``: a head whose chosen score (:meth:`HeadResult.score`) is lower stays dense too (no pattern fits
-    it within the budget); so does a head without a chosen candidate (``best`` ``None``: none met the search's recall target).
+    it within the budget); so does a head without a chosen candidate (``best`` ``None``: none met the search's
+    recall target).
     ``globals_``: further ``MInferenceConfig`` fields (e.g. ``min_context``, ``last_q``).
     """
     heads: dict[int, dict[int, object]] = {}
@@ -323,12 +326,18 @@ def results_from_report(report: dict) -> list[HeadResult]:
     return [head_from_dict(h, report["budget"]) for h in report["heads"]]
 
 
+@functools.cache
+def _spec_adapter():
+    """pydantic's validator of a head spec, built once (a report or checkpoint holds hundreds of heads)."""
+    from pydantic import TypeAdapter
+
+    return TypeAdapter(HeadSpec)
+
+
 def head_from_dict(h: dict, budget: int | None) -> HeadResult:
     """The :class:`HeadResult` that :meth:`HeadResult.as_dict` wrote; candidates without a budget get ``budget``
     (``None``: the result has no budgets)."""
-    from pydantic import TypeAdapter
-
-    spec = TypeAdapter(HeadSpec)
+    spec = _spec_adapter()
     cands = h["candidates"]
     budgets = [c.get("budget", budget) for c in cands]
     return HeadResult(layer=h["layer"], head=h["head"], specs=[spec.validate_python(c["spec"]) for c in cands],
