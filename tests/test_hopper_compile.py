@@ -53,15 +53,14 @@ def kernel(module: str, name: str):
 def _attention_case(d: int, paged: bool, launch=None):
     import torch
 
-    from sgl_minference.kernels.sparse_attention import AttentionLaunch, attention_launch
+    from sgl_minference.kernels.sparse_attention import AttentionLaunch, attention_launch, key_paths
 
     launch = AttentionLaunch(*launch) if launch else attention_launch(d, torch.bfloat16)
     name, block_m = ("_paired_attention_fwd", 128) if launch.pair_blocks else ("_sparse_attention_fwd", 64)
     runs = {}
-    if not launch.pair_blocks:
-        has_runs = paged and launch.pool_runs
-        tma = launch.tma and (has_runs or not paged)
-        runs = dict(HAS_RUNS=has_runs, TMA=tma, **({} if tma else dict(KDesc=None, VDesc=None)))
+    if not launch.pair_blocks:  # a paged source comes with its pool runs, as the planner gives it
+        runs = key_paths(launch, paged=paged, has_runs=paged)
+        runs |= {} if runs["TMA"] else dict(KDesc=None, VDesc=None)
     return ("sparse_attention", name, dict(BLOCK_M=block_m, BLOCK_N=launch.block_n, BLOCK_D=d, PAGED=paged,
                                            HEADS_FIRST=launch.heads_first, **runs), launch.num_warps,
             launch.num_stages)

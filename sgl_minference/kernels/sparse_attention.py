@@ -421,6 +421,14 @@ LAUNCHES = {64: AttentionLaunch(128, 4, 3), 128: AttentionLaunch(64, 4, 3),
 DENSE_COST_RATIO = {64: 2.1, 128: 2.6, 256: 2.6}
 
 
+def key_paths(launch: AttentionLaunch, *, paged: bool, has_runs: bool) -> dict[str, bool]:
+    """The block kernel's key-path constexprs for ``launch`` over a paged source or not, ``has_runs``: one with
+    ``KVSource.run_start``. ``HAS_RUNS``: the run path is compiled beside the slot table's; ``TMA``: full tiles of
+    contiguous keys (packed, or runs) through tensor descriptors."""
+    runs = paged and has_runs and launch.pool_runs
+    return {"HAS_RUNS": runs, "TMA": launch.tma and (runs or not paged)}
+
+
 def attention_launch(head_dim: int, dtype: torch.dtype) -> AttentionLaunch:
     """The default launch (:data:`LAUNCHES`). fp32 (tests only) at head_dim 256 needs one stage and 8 warps: two
     stages of 64x256 fp32 K/V tiles exceed the H100's 228 KB of shared memory (OutOfResources, 2026-11-24)."""
@@ -627,17 +635,16 @@ def sparse_attention(q: torch.Tensor, kv: KVSource, layout: SparseLayout, geom: 
         )
         return o, lse
     grid = (num_heads, geom.num_query_blocks) if launch.heads_first else (geom.num_query_blocks, num_heads)
-    runs = kv.run_start is not None and launch.pool_runs
+    keys = key_paths(launch, paged=paged, has_runs=kv.run_start is not None)
     descs = (None, None)
-    if launch.tma and (runs or not kv.paged):
+    if keys["TMA"]:
         descs = tuple(TensorDescriptor.from_tensor(t.view(t.shape[0], -1), [BLOCK, head_dim]) for t in (kv.k, kv.v))
     _sparse_attention_fwd[grid](
         q, kv.k, kv.v, o, lse, *geometry,
-        kv_start, req_to_token, pool_idx, stride_tok, kv.run_start if runs else kv_start, *descs,
+        kv_start, req_to_token, pool_idx, stride_tok, kv.run_start if keys["HAS_RUNS"] else kv_start, *descs,
         bs, be, bc, fc, ci, cc, *common,
         bs.stride(0), bs.stride(1), be.stride(0), be.stride(1), bc.stride(0), bc.stride(1),
         fc.stride(0), fc.stride(1), ci.stride(0), ci.stride(1), cc.stride(0), cc.stride(1),
-        sm_scale * LOG2E, num_heads // kv.k.shape[1], BLOCK_M=BLOCK, HAS_RUNS=runs, TMA=descs[0] is not None,
-        **tuning,
+        sm_scale * LOG2E, num_heads // kv.k.shape[1], BLOCK_M=BLOCK, **keys, **tuning,
     )
     return o, lse
