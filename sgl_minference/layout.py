@@ -254,12 +254,6 @@ class KVSource:
             starts.append(starts[-1] + sk)
         return cls(k=k, v=v, kv_start=torch.tensor(starts, dtype=torch.int32, device=k.device), kv_start_cpu=starts)
 
-    def with_runs(self, geom: BatchGeometry) -> "KVSource":
-        """This paged source with ``run_start`` (:func:`pool_run_starts`) for ``geom``'s requests."""
-        check(self.paged, "kv", "only a paged source has pool runs")
-        return KVSource(k=self.k, v=self.v, req_to_token=self.req_to_token, req_pool_indices=self.req_pool_indices,
-                        run_start=pool_run_starts(self.req_to_token, self.req_pool_indices, geom))
-
     def gather(self, r: int, seq_len_k: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Request ``r``'s full K and V, ``[Sk, Hk, D]`` each (a copy: for references and tests only)."""
         if self.paged:

@@ -16,7 +16,7 @@ if not torch.cuda.is_available():
 
 import pytest  # noqa: E402
 
-from sgl_minference.layout import BatchGeometry, KVSource  # noqa: E402
+from sgl_minference.layout import BatchGeometry, KVSource, pool_run_starts  # noqa: E402
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 DEVICE = "cuda" if torch.cuda.is_available() and not INTERPRET else "cpu"
@@ -81,4 +81,5 @@ def consecutive_pool(kv: KVSource, geom: BatchGeometry, runs: list[bool]) -> KVS
             pool_k[slot:slot + sk], pool_v[slot:slot + sk] = k[old], v[old]
             table[kv.req_pool_indices[r], :sk] = torch.arange(slot, slot + sk, dtype=table.dtype)
             slot += sk
-    return KVSource(k=pool_k, v=pool_v, req_to_token=table, req_pool_indices=kv.req_pool_indices).with_runs(geom)
+    return KVSource(k=pool_k, v=pool_v, req_to_token=table, req_pool_indices=kv.req_pool_indices,
+                    run_start=pool_run_starts(table, kv.req_pool_indices, geom))

@@ -14,7 +14,7 @@ from conftest import DEVICE, INTERPRET, consecutive_pool, make_geometry, make_qk
 
 from sgl_minference.kernels.sparse_attention import (IN_A, IN_B, AttentionLaunch, attention_launch, pair_plan,
                                                      sparse_attention)
-from sgl_minference.layout import BLOCK, SENTINEL, BatchGeometry, KVSource, SparseLayout
+from sgl_minference.layout import BLOCK, SENTINEL, BatchGeometry, KVSource, SparseLayout, pool_run_starts
 from sgl_minference.testing import causal_masks, dense_attention, full_layout, masked_attention
 
 # (o atol/rtol, lse atol); fp32 on a GPU goes through tf32 tensor cores.
@@ -354,9 +354,8 @@ def test_pool_run_starts():
     table[0, :1] = 7  # one key is a run
     table[1, :64] = torch.arange(20, 84)
     table[1, 40] = 99  # one slot out of order in the middle
-    kv = KVSource(k=torch.zeros(100, 1, 64), v=torch.zeros(100, 1, 64), req_to_token=table.to(DEVICE),
-                  req_pool_indices=torch.tensor([2, 0, 1], device=DEVICE)).with_runs(geom)
-    assert kv.run_start.tolist() == [10, 7, -1] and kv.run_start.dtype == torch.int32
+    runs = pool_run_starts(table.to(DEVICE), torch.tensor([2, 0, 1], device=DEVICE), geom)
+    assert runs.tolist() == [10, 7, -1] and runs.dtype == torch.int32
 
 
 def test_run_start_is_checked():
