@@ -47,7 +47,7 @@ from functools import partial
 
 import torch
 
-from benchmarks.common import environment, parse_lengths
+from benchmarks.common import LAUNCH_EXAMPLE, environment, launch_name, parse_launch_list, parse_lengths
 from benchmarks.timing import time_ms
 from sgl_minference.backend import synthetic
 from sgl_minference.backend.layer_layout import layer_layout
@@ -83,28 +83,11 @@ def jit_cache() -> dict[str, int]:
 
 
 def parse_launches(text: str) -> list[AttentionLaunch]:
-    """``64x4x3,128x8x2h,64x8x3p,64x4x3t,64x4x3d``: block_n x num_warps x num_stages per attention launch to time,
-    then flags in this order: ``h`` launches a query block's heads next to each other, ``p`` serves two query blocks
-    per program, ``t`` reads every key through the slot table (no pool runs, ``AttentionLaunch.pool_runs``), ``d``
-    reads full tiles of contiguous keys through tensor descriptors (``AttentionLaunch.tma``)."""
+    """``--launches`` (:func:`benchmarks.common.parse_launch_list`), or a one-line error."""
     try:
-        launches = []
-        for item in filter(None, text.split(",")):
-            numbers = item.rstrip("hptd")
-            flags = item[len(numbers):]
-            if list(flags) != sorted(set(flags), key="hptd".index):  # each flag once, in that order
-                raise ValueError(item)
-            launches.append(AttentionLaunch(*map(int, numbers.split("x")), heads_first="h" in flags,
-                                            pair_blocks="p" in flags, pool_runs="t" not in flags, tma="d" in flags))
-        return launches
-    except (TypeError, ValueError):
-        fail(PROG, f"--launches: {text!r}, expected e.g. 64x4x3,128x8x2h,64x8x3p,64x4x3t,64x4x3d")
-
-
-def launch_name(launch: AttentionLaunch) -> str:
-    """The ``--launches`` spelling of ``launch`` (the key of ``attn_ms_by_launch``)."""
-    return ("x".join(map(str, launch[:3])) + "h" * launch.heads_first + "p" * launch.pair_blocks
-            + "t" * (not launch.pool_runs) + "d" * launch.tma)
+        return parse_launch_list(text)
+    except ValueError:
+        fail(PROG, f"--launches: {text!r}, expected e.g. {LAUNCH_EXAMPLE}")
 
 
 def fa3_call(q, k, v, seq_q: int, seq_k: int, sm_scale: float):

@@ -26,9 +26,45 @@ from typing import Callable
 import torch
 
 from benchmarks.multiturn.results import library_versions  # one reader of the library versions
+from sgl_minference.kernels.sparse_attention import AttentionLaunch
 
 SCHEMA = "sgl-minference-bench/1"
 STATUSES = ("ok", "skipped", "error", "oom", "timeout")
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Attention launches, as the benchmarks' command lines spell them
+# ----------------------------------------------------------------------------------------------------------
+
+LAUNCH_EXAMPLE = "64x4x3,128x8x2h,64x8x3p,64x4x3t,64x4x3d"
+_FLAGS = "hptd"
+
+
+def parse_launch_list(text: str) -> list[AttentionLaunch]:
+    """``64x4x3,128x8x2h,64x8x3p,64x4x3t,64x4x3d``: block_n x num_warps x num_stages per attention launch, then
+    flags in this order: ``h`` launches a query block's heads next to each other, ``p`` serves two query blocks
+    per program, ``t`` reads every key through the slot table (no pool runs, ``AttentionLaunch.pool_runs``), ``d``
+    reads full tiles of contiguous keys through tensor descriptors (``AttentionLaunch.tma``). ``ValueError`` on
+    anything else."""
+    launches = []
+    for item in filter(None, text.split(",")):
+        numbers = item.rstrip(_FLAGS)
+        flags = item[len(numbers):]
+        if list(flags) != sorted(set(flags), key=_FLAGS.index):  # each flag once, in that order
+            raise ValueError(f"flags of {item!r} not in the order {_FLAGS!r}")
+        try:
+            block_n, warps, stages = map(int, numbers.split("x"))
+        except ValueError:
+            raise ValueError(f"{item!r} is not BLOCK_NxWARPSxSTAGES") from None
+        launches.append(AttentionLaunch(block_n, warps, stages, heads_first="h" in flags, pair_blocks="p" in flags,
+                                        pool_runs="t" not in flags, tma="d" in flags))
+    return launches
+
+
+def launch_name(launch: AttentionLaunch) -> str:
+    """The :func:`parse_launch_list` spelling of ``launch``."""
+    return ("x".join(map(str, launch[:3])) + "h" * launch.heads_first + "p" * launch.pair_blocks
+            + "t" * (not launch.pool_runs) + "d" * launch.tma)
 
 
 # ----------------------------------------------------------------------------------------------------------

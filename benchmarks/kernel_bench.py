@@ -50,9 +50,10 @@ from typing import Callable
 import torch
 
 from benchmarks.common import (KernelRecord, PairCount, TimingPlan, add_record, add_run,
-                               attention_tflops, done_keys, layout_pairs,
+                               attention_tflops, done_keys, launch_name, layout_pairs, parse_launch_list,
                                load_results, measure, median, parse_lengths, save_results)
 from sgl_minference.config import DEFAULT_ESTIMATION, Estimation
+from sgl_minference.kernels.sparse_attention import AttentionLaunch
 from sgl_minference.layout import BLOCK, BatchGeometry, KVSource, SparseLayout, causal_pairs
 from sgl_minference.registry import PATTERNS, head_budgets
 
@@ -126,6 +127,7 @@ class Inputs:
     geom: BatchGeometry  # one request: Sq queries at the last Sq of Sk positions
     kv: KVSource  # contiguous view of k/v
     sm_scale: float
+    launch: AttentionLaunch | None = None  # our kernel's launch (--launch; None: its default)
 
     @property
     def seq_q(self) -> int:
@@ -385,7 +387,8 @@ def ours_method(inp: Inputs, libs, build: Callable[[], SparseLayout], params: di
     kernels = libs["ours"]["kernels"]
     return SparseMethod(
         build=build,
-        attend=lambda layout: kernels.sparse_attention(inp.q, inp.kv, layout, inp.geom, sm_scale=inp.sm_scale)[0],
+        attend=lambda layout: kernels.sparse_attention(inp.q, inp.kv, layout, inp.geom, sm_scale=inp.sm_scale,
+                                                       launch=inp.launch)[0],
         count=lambda layout: layout_pairs(layout, inp.geom), params=params)
 
 
@@ -580,6 +583,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--flex-tau", type=float, default=0.1,
                     help="flexprefill: JS distance below which a head uses blocks")
     ap.add_argument("--flex-min-budget", type=int, default=1024, help="flexprefill: fewest keys per row")
+    ap.add_argument("--launch", default="", help="our kernel's launch for every head_dim, spelled as chunk_bench's "
+                                                  "--launches (e.g. 64x4x3d); default: the kernel's own per head_dim")
     ap.add_argument("--quick", action="store_true",
                     help="fewer repetitions: at most 3 timed calls per case (300 ms budget)")
     ap.add_argument("--resume", action="store_true", help="skip cases the results file already has as ok")
@@ -602,6 +607,13 @@ def main(argv: list[str] | None = None) -> None:
     plan = TimingPlan(min_reps=1, max_reps=3, budget_ms=300.0) if args.quick else TimingPlan(budget_ms=1000.0)
     head_dims = [int(x) for x in args.head_dims.split(",")]
     chunk = parse_lengths(args.chunk)[0] if args.chunk not in ("0", "") else 0
+    try:
+        launch = parse_launch_list(args.launch)
+    except ValueError as e:
+        raise SystemExit(f"--launch: {e}") from None
+    if len(launch) > 1:
+        raise SystemExit(f"--launch: one launch, got {args.launch!r}")
+    launch = launch[0] if launch else None
     if not torch.cuda.is_available():
         raise SystemExit("kernel_bench needs a CUDA device")
 
@@ -611,7 +623,8 @@ def main(argv: list[str] | None = None) -> None:
     run = add_run(results, unavailable=unavailable, settings={
         "cases": cases, "head_dims": head_dims, "lengths": parse_lengths(args.lengths), "chunk": chunk,
         "budgets": budgets.as_json(), "timing": vars(plan), "seed": args.seed,
-        "num_q_heads": args.num_q_heads, "num_kv_heads": args.num_kv_heads, "dtype": "bfloat16"})
+        "num_q_heads": args.num_q_heads, "num_kv_heads": args.num_kv_heads, "dtype": "bfloat16",
+        "launch": launch_name(launch) if launch else "default"})
     for name, why in unavailable.items():
         print(f"[unavailable] {name}: {why}")
 
@@ -623,6 +636,7 @@ def main(argv: list[str] | None = None) -> None:
                 continue
             inp = make_inputs(seq_q=seq_q, seq_k=seq_k, num_q_heads=args.num_q_heads,
                               num_kv_heads=args.num_kv_heads, head_dim=d, seed=args.seed)
+            inp.launch = launch
             refs: dict = {}
             for case in todo:
                 if time.monotonic() > deadline:

@@ -12,6 +12,12 @@ NEED=120 ONCE=1 step gpu_kernels 240 python3 -m pytest -m gpu -q -p no:cacheprov
   --junitxml=/tmp/res/gpu_kernels_h200_session12.xml
 NEED=120 step kernel_dense 200 python3 -m benchmarks.kernel_bench --lengths 32K,128K,256K --head-dims 64,128,256 \
   --cases fa3,ours_dense --budget-s 160 --out /tmp/res/kernel_h200_dense_runs.json
+# the same dense layout with full tiles read by TMA (64-key tiles; head_dim 256 keeps its 2 stages)
+for dl in 64,128:64x4x3d 256:64x4x2d; do
+  NEED=60 step kernel_dense_tma_${dl%%:*} 150 python3 -m benchmarks.kernel_bench --lengths 32K,128K,256K \
+    --head-dims ${dl%%:*} --cases fa3,ours_dense --launch ${dl#*:} --budget-s 110 \
+    --out /tmp/res/kernel_h200_dense_tma_${dl%%:*}.json
+done
 NEED=100 step chunk_runs_8b 200 python3 -m benchmarks.chunk_bench --model llama3-8b --length 128K --chunk 8K \
   --data planted,synthetic --launches 64x4x3,64x4x3t,64x4x3d --out /tmp/res/chunk_h200_8b_128k_runs.json
 NEED=100 step chunk_runs_1b 200 python3 -m benchmarks.chunk_bench --model llama3.2-1b --length 512K --chunk 8K \
