@@ -44,7 +44,7 @@ def parse_launch_list(text: str) -> list[AttentionLaunch]:
     """``64x4x3,128x8x2h,64x8x3p,64x4x3t,64x4x3d``: block_n x num_warps x num_stages per attention launch, then
     flags in this order: ``h`` launches a query block's heads next to each other, ``p`` serves two query blocks
     per program, ``t`` reads every key through the slot table (no pool runs, ``AttentionLaunch.pool_runs``), ``d``
-    reads full tiles of contiguous keys through tensor descriptors (``AttentionLaunch.tma``). ``ValueError`` on
+    reads full tiles of packed keys through tensor descriptors (``AttentionLaunch.tma``). ``ValueError`` on
     anything else."""
     launches = []
     for item in filter(None, text.split(",")):

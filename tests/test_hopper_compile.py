@@ -79,14 +79,14 @@ def _estimate_case(name: str, d: int, paged: bool):
 
 # The launch configurations the product uses (num_warps / num_stages / heads come from the product's own choices).
 CASES = [_attention_case(d, paged) for d in (64, 128, 256) for paged in (False, True)] + [
-    # two layout ranges per key tile (the benchmark's launch sweep); at head_dim 128 only with the slot table
-    # (``t``): pool runs' second key path does not fit in shared memory beside 128-key tiles (280-287 KB)
-    _attention_case(d, True, (128, warps, stages, True, False, d == 64)) for d in (64, 128) for warps in (4, 8)
-    for stages in (2, 3)
+    # pool runs (the candidate launch, sharing the table's code path and shared memory) at every head_dim
+    _attention_case(d, True, (64, 4, 2 if d == 256 else 3)) for d in (64, 128, 256)
 ] + [
-    # full tiles of contiguous keys by TMA (the candidate launch `chunk_bench ... 64x4x3d` measures)
-    _attention_case(d, paged, (64, 4, 2 if d == 256 else 3, False, False, d != 256, True)) for d in (64, 128, 256)
-    for paged in (False, True)
+    # two layout ranges per key tile (the benchmark's launch sweep), with pool runs
+    _attention_case(d, True, (128, warps, stages)) for d in (64, 128) for warps in (4, 8) for stages in (2, 3)
+] + [
+    # full tiles of packed keys by TMA (the candidate launch `kernel_bench --launch 64x4x3d` measures)
+    _attention_case(d, False, (64, 4, 2 if d == 256 else 3, False, False, True, True)) for d in (64, 128, 256)
 ] + [
     # two query blocks per program (8 warps: two warpgroups), the candidate launch the H200 measures
     _attention_case(d, paged, (64, 8, 2 if d == 256 else 3, False, True)) for d in (64, 128, 256)

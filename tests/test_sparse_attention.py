@@ -335,7 +335,7 @@ def test_requests_in_consecutive_slots_read_by_row_arithmetic(dtype, block_n):
 
 @pytest.mark.parametrize("dtype", INTERPRETER_DTYPES, ids=str)
 def test_descriptor_loads_match_masked_reference(dtype):
-    """``tma``: full tiles of packed keys and of pool runs through tensor descriptors, the table path beside them."""
+    """``tma``: full tiles of packed keys through tensor descriptors; a paged source (runs and table) ignores it."""
     launch = AttentionLaunch(block_n=64, num_warps=4, num_stages=2, tma=True)
     geom, q, k, v, layout, packed = run_case([70, 1, 130], [130, 64, 5], 4, 2, 64, dtype, layout_seed=5,
                                              launch=launch)
@@ -472,10 +472,10 @@ def test_gpu_paired_launch_matches_masked_reference(case):
 @pytest.mark.parametrize("tma", [False, True], ids=["rows", "tma"])
 @pytest.mark.parametrize("case", list(GPU_CASES), ids=str)
 def test_gpu_pool_runs_match_masked_reference(case, tma):
-    """The default launch compiled with both key paths (one run, slot table) in one batch, bf16; with ``tma`` the
-    full tiles of the packed keys and of the runs through tensor descriptors (64-key tiles)."""
+    """The default launch with pool runs compiled (one run, slot table) in one batch, bf16; with ``tma`` the full
+    tiles of the packed keys through tensor descriptors (64-key tiles), the paged source as without."""
     d = GPU_CASES[case][4]
-    launch = attention_launch(d, torch.bfloat16)
+    launch = attention_launch(d, torch.bfloat16)._replace(pool_runs=True)
     if tma:
         launch = launch._replace(block_n=64, tma=True)
     geom, q, k, v, layout, packed = run_case(*GPU_CASES[case], torch.bfloat16, keep=0.3, max_cols=300,

@@ -25,9 +25,9 @@ One line (``json.loads``-able, keys sorted by meaning, every number per forward 
 ``attended / causal_pairs`` is the share of causal (query, key) pairs the layer's layout kept for a request
 (1.0 for requests the plan gave exact dense layouts); ``index_ms`` covers everything ``layer_layout`` does
 (estimation kernels, top-k, conversion, head/request merges), ``attn_ms`` the sparse attention kernel.
-``pool_run``: the request's KV slots are consecutive (``KVSource.run_start``), so the sparse kernel reads its keys
-by row arithmetic rather than through the slot table (what the kernel's speed depends on; ``null`` when the
-batch's source has no runs). ``routed_dense``: the sparse-eligible layers the per-layer routing
+``pool_run``: the request's KV slots are consecutive (``KVSource.run_start``), so a launch with pool runs
+(``AttentionLaunch.pool_runs``, not the default yet) reads its keys by row arithmetic rather than through the slot
+table (``null`` when the batch's source has no runs). ``routed_dense``: the sparse-eligible layers the per-layer routing
 (``backend/routing.py``) sent to the dense
 backend in this batch; they have no ``layers`` entry. A batch whose every layer was routed is written too (with
 ``"layers": []`` and ``num_q_heads`` null), so routing never makes a batch disappear from the record.

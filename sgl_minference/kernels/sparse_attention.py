@@ -5,15 +5,18 @@ key tiles through one online-softmax helper (:func:`_fold`): the layout's full r
 its partial ranges (range / bounds / causal mask) and its gathered columns (causal / count mask); a key
 tile holds one or two 64-key layout ranges (``AttentionLaunch.block_n``). Keys and values are read in place
 from a packed tensor or from SGLang's paged pool (:func:`sgl_minference.kernels.kv_access.kv_rows`); K/V heads
-are shared by GQA groups, never repeated. A paged request whose slots are consecutive (``KVSource.run_start``,
-found once per batch) is read by row arithmetic instead of through the slot table: the program takes one of two
-compiled paths for it (:func:`_visit_layout`). With ``AttentionLaunch.tma`` (not the default yet) the full tiles
-of contiguous keys are read by TMA through tensor descriptors.
+are shared by GQA groups, never repeated. With ``AttentionLaunch.pool_runs`` (not the default yet) a paged
+request whose slots are consecutive (``KVSource.run_start``, found once per batch) skips the slot table: its key
+rows are ``run_start + j``, in the same code path as the table's (:func:`kv_access.kv_rows`). With
+``AttentionLaunch.tma`` (not the default) the full tiles of packed keys are read by TMA through tensor descriptors.
 
 Why (H200, 2026-12-03, ``benchmarks.tile_bench``, a plain causal kernel at 32K, head_dim 128): 64-row tiles reach
-448 TFLOP/s with row arithmetic, 315 with every row looked up in a table first (where this kernel was, 300), 497
-with TMA; 128-row tiles with TMA reach 559, FA3 677. What the two paths and TMA give this kernel is measured by
-``benchmarks.chunk_bench --launches 64x4x3,64x4x3t,64x4x3d`` (not yet run).
+448 TFLOP/s with row arithmetic, 315 with every row looked up in a table first, 497 with TMA; 128-row tiles with TMA
+reach 559, FA3 677. In this kernel (same GPU and day, ``benchmarks.kernel_bench --cases fa3,ours_dense``, packed
+K/V, dense layout, head_dim 128, 32K-256K): 354-363 TFLOP/s, 409-428 with TMA, FA3 663-666. A first pool-run
+design compiled a second key path beside the table's: its pipeline buffers doubled shared memory (149 KB against
+83 KB, one program per SM instead of two) and made the kernel 1.3x slower than the table alone (``chunk_bench``,
+Llama-3-8B at 128K, synthetic layouts: 224 against 173 ms; TMA on runs 195), so runs now share the table's path.
 
 Paired launch (``AttentionLaunch.pair_blocks``, not the default): one program per two consecutive query blocks
 A, B of a request (128 rows, meant for 8 warps: two warpgroups), over the two blocks' layouts merged by
@@ -73,7 +76,7 @@ def _fold(acc, l_i, m_i, q, k, v, keep, qk_scale, MASKED: tl.constexpr):
 def _attend(acc, l_i, m_i, q, cols, valid, select, pos_m,
             K, V, KvStart, ReqToToken, PoolIdx, r, stride_tok,
             k_head, v_head, stride_kn, stride_vn, offs_d, qk_scale,
-            MASKED: tl.constexpr, PAGED: tl.constexpr):
+            MASKED: tl.constexpr, PAGED: tl.constexpr, RunStart=None, RUNS: tl.constexpr = False):
     """Fold one tile of ``BLOCK_N`` keys (request-local positions ``cols``) into the running softmax state.
 
     With ``MASKED``, ``valid`` ([BLOCK_N] bool) marks the keys the caller may read (range / bounds / count),
@@ -82,12 +85,13 @@ def _attend(acc, l_i, m_i, q, cols, valid, select, pos_m,
     paired kernel's two blocks differ), and the causal cut ``cols <= pos_m`` is applied on top; without it
     (``valid`` and ``select`` are None) every key of the tile is read and attended by every row.
     State as in :func:`_fold`; ``q`` [BLOCK_M, BLOCK_D] input dtype; ``cols`` [BLOCK_N] int32; ``pos_m``
-    [BLOCK_M] int32 query positions; ``k_head`` / ``v_head`` int64 element offsets of the KV head.
+    [BLOCK_M] int32 query positions; ``k_head`` / ``v_head`` int64 element offsets of the KV head; ``RunStart``
+    / ``RUNS``: pool runs, as :func:`kv_rows` reads them.
     """
     if MASKED:
         # Masked-out keys are pointed at position 0 (always a real key) so the table lookup stays in bounds.
         cols = tl.where(valid, cols, 0)
-    rows = kv_rows(KvStart, ReqToToken, PoolIdx, r, cols, stride_tok, PAGED)
+    rows = kv_rows(KvStart, ReqToToken, PoolIdx, r, cols, stride_tok, PAGED, RunStart, RUNS)
     k_ptrs = K + k_head + rows[None, :] * stride_kn + offs_d[:, None]
     v_ptrs = V + v_head + rows[:, None] * stride_vn + offs_d[None, :]
     if MASKED:
@@ -144,14 +148,16 @@ def _store_rows(acc, l_i, m_i, O, Lse, tok, h64, row_valid, offs_d, stride_ot, s
 
 @triton.jit
 def _visit_layout(acc, l_i, m_i, q, pos_m, seq_k, r, range_start, range_end, n_ranges, n_full, col_base, n_cols,
-                  K, V, KvStart, ReqToToken, PoolIdx, stride_tok, k_head, v_head, stride_kn, stride_vn,
+                  K, V, KvStart, ReqToToken, PoolIdx, stride_tok, RunStart, k_head, v_head, stride_kn, stride_vn,
                   KDesc, VDesc, kv_col, offs_n, offs_d, qk_scale,
-                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PAGED: tl.constexpr, TMA: tl.constexpr):
+                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PAGED: tl.constexpr, RUNS: tl.constexpr,
+                  TMA: tl.constexpr):
     """Phases 1-3 of one program: every key tile the layout names for this (query block, head), folded into the
     softmax state (``acc`` [BLOCK_M, BLOCK_D], ``l_i`` / ``m_i`` [BLOCK_M] fp32, base 2). ``range_start`` /
     ``range_end`` / ``col_base`` point at this program's layout rows; the counts are int32 scalars; keys of
-    request ``r`` are addressed through ``kv_rows`` (``PAGED``, or ``KvStart[r] + j``). ``TMA`` (not ``PAGED``,
-    64-key tiles): the full tiles of phase 1 are read through the tensor descriptors ``KDesc`` / ``VDesc`` of
+    request ``r`` are addressed through ``kv_rows`` (``PAGED``, with pool runs ``RunStart`` when ``RUNS``, or
+    ``KvStart[r] + j``). ``TMA`` (not ``PAGED``, 64-key tiles): the full tiles of phase 1 are read through the
+    tensor descriptors ``KDesc`` / ``VDesc`` of
     ``K`` / ``V`` as ``[rows, Hk * D]`` (block ``[BLOCK_N, BLOCK_D]``), at row ``KvStart[r] + start`` and column
     ``kv_col`` (the KV head's first element)."""
     # A key tile of BLOCK_N keys holds PER layout ranges of 64 keys each, side by side: lane n of the tile is key
@@ -182,7 +188,7 @@ def _visit_layout(acc, l_i, m_i, q, pos_m, seq_k, r, range_start, range_end, n_r
             acc, l_i, m_i = _attend(acc, l_i, m_i, q, cols, None, None, pos_m,
                                     K, V, KvStart, ReqToToken, PoolIdx, r, stride_tok,
                                     k_head, v_head, stride_kn, stride_vn, offs_d, qk_scale,
-                                    MASKED=False, PAGED=PAGED)
+                                    MASKED=False, PAGED=PAGED, RunStart=RunStart, RUNS=RUNS)
 
     # -- phase 2: the other ranges (partial ones, and a full one left over from phase 1's pairs): clip to
     # [max(start, 0), end) and to the context, then the causal cut --
@@ -200,7 +206,7 @@ def _visit_layout(acc, l_i, m_i, q, pos_m, seq_k, r, range_start, range_end, n_r
         acc, l_i, m_i = _attend(acc, l_i, m_i, q, cols, valid, valid[None, :], pos_m,
                                 K, V, KvStart, ReqToToken, PoolIdx, r, stride_tok,
                                 k_head, v_head, stride_kn, stride_vn, offs_d, qk_scale,
-                                MASKED=True, PAGED=PAGED)
+                                MASKED=True, PAGED=PAGED, RunStart=RunStart, RUNS=RUNS)
 
     # -- phase 3: gathered columns, BLOCK_N at a time (count mask, then the causal cut) --
     for c in range(0, n_cols, BLOCK_N):
@@ -209,7 +215,7 @@ def _visit_layout(acc, l_i, m_i, q, pos_m, seq_k, r, range_start, range_end, n_r
         acc, l_i, m_i = _attend(acc, l_i, m_i, q, cols, valid, valid[None, :], pos_m,
                                 K, V, KvStart, ReqToToken, PoolIdx, r, stride_tok,
                                 k_head, v_head, stride_kn, stride_vn, offs_d, qk_scale,
-                                MASKED=True, PAGED=PAGED)
+                                MASKED=True, PAGED=PAGED, RunStart=RunStart, RUNS=RUNS)
     return acc, l_i, m_i
 
 
@@ -269,25 +275,13 @@ def _sparse_attention_fwd(
     col_base = ColIndex + qb64 * stride_ci_q + h64 * stride_ci_h
     n_cols = tl.load(ColCount + qb64 * stride_cc_q + h64 * stride_cc_h)
 
-    # -- phases 1-3: the layout's key tiles; a paged request whose slots are one run is read like a contiguous
-    # one (rows RunStart[r] + j), the others through the slot table --
+    # -- phases 1-3: the layout's key tiles; with pool runs, a paged request whose slots are one run is read by row
+    # arithmetic (RunStart[r] + j), the others through the slot table, in one code path --
     kv_col = ((h // group) * BLOCK_D).to(tl.int32)
-    if PAGED and HAS_RUNS:
-        if tl.load(RunStart + r) >= 0:
-            acc, l_i, m_i = _visit_layout(acc, l_i, m_i, q, pos_m, seq_k, r, range_start, range_end, n_ranges,
-                                          n_full, col_base, n_cols, K, V, RunStart, ReqToToken, PoolIdx, stride_tok,
-                                          k_head, v_head, stride_kn, stride_vn, KDesc, VDesc, kv_col, offs_n, offs_d,
-                                          qk_scale, BLOCK_M, BLOCK_N, PAGED=False, TMA=TMA)
-        else:
-            acc, l_i, m_i = _visit_layout(acc, l_i, m_i, q, pos_m, seq_k, r, range_start, range_end, n_ranges,
-                                          n_full, col_base, n_cols, K, V, KvStart, ReqToToken, PoolIdx, stride_tok,
-                                          k_head, v_head, stride_kn, stride_vn, KDesc, VDesc, kv_col, offs_n, offs_d,
-                                          qk_scale, BLOCK_M, BLOCK_N, PAGED=True, TMA=False)
-    else:
-        acc, l_i, m_i = _visit_layout(acc, l_i, m_i, q, pos_m, seq_k, r, range_start, range_end, n_ranges,
-                                      n_full, col_base, n_cols, K, V, KvStart, ReqToToken, PoolIdx, stride_tok,
-                                      k_head, v_head, stride_kn, stride_vn, KDesc, VDesc, kv_col, offs_n, offs_d,
-                                      qk_scale, BLOCK_M, BLOCK_N, PAGED=PAGED, TMA=TMA)
+    acc, l_i, m_i = _visit_layout(acc, l_i, m_i, q, pos_m, seq_k, r, range_start, range_end, n_ranges,
+                                  n_full, col_base, n_cols, K, V, KvStart, ReqToToken, PoolIdx, stride_tok, RunStart,
+                                  k_head, v_head, stride_kn, stride_vn, KDesc, VDesc, kv_col, offs_n, offs_d,
+                                  qk_scale, BLOCK_M, BLOCK_N, PAGED=PAGED, RUNS=HAS_RUNS, TMA=TMA)
 
     # -- epilogue: normalise and store the block's valid rows --
     _store_rows(acc, l_i, m_i, O, Lse, tok, h64, row_valid, offs_d, stride_ot, stride_oh, stride_lt, stride_lh)
@@ -388,9 +382,9 @@ class AttentionLaunch(NamedTuple):
     side), warps, software-pipeline stages, the program order (``heads_first``: a query block's heads are
     neighbours in the grid), ``pair_blocks``: one program per two consecutive query blocks of a request
     (:func:`pair_plan`, ``_paired_attention_fwd``; 64-key tiles only, meant for 8 warps) and ``pool_runs``: a
-    paged request in consecutive slots is read by row arithmetic (``KVSource.run_start``); the program then
-    holds both key paths, each with its own pipeline buffers in shared memory. ``tma``: the full tiles of
-    contiguous keys (packed K/V, pool runs) are read by TMA through tensor descriptors (64-key tiles only)."""
+    paged request in consecutive slots skips the slot table (``KVSource.run_start``; same code path, no extra
+    shared memory). ``tma``: the full tiles of packed K/V are read by TMA through tensor descriptors (64-key tiles
+    only; a paged source ignores it)."""
 
     block_n: int
     num_warps: int
@@ -406,10 +400,10 @@ class AttentionLaunch(NamedTuple):
 # benchmarks/results/chunk_h200_{8b,1b}_128k_launch.json): head_dim 64 (Llama-3.2-1B shapes) with 128-key tiles
 # (two layout ranges each), 4 warps, 3 stages: 90 ms against 131 for 64-key tiles (4 stages), and 533 vs 779 ms
 # at 512K; head_dim 128 (Llama-3-8B): 64-key tiles stay fastest (726 ms; 128-key tiles 763-1073, heads-first
-# order 773). head_dim 256: H100 sweep (2026-11-24, 64-key tiles): 4 warps and 2 stages beat 8 warps by 25%; without
-# pool runs, whose second key path needs another two stages of 64x256 K/V tiles (296 KB of shared memory with
-# both, over the H100's 227 KB: tests/test_hopper_compile.py).
-LAUNCHES = {64: AttentionLaunch(128, 4, 3), 128: AttentionLaunch(64, 4, 3),
+# order 773). 2026-12-03 (chunk_h200_8b_128k_runs_sweep.json, synthetic, table path): 3 stages 173 ms, 2 stages
+# 260, 8 warps 323. head_dim 256: H100 sweep (2026-11-24, 64-key tiles): 4 warps and 2 stages beat 8 warps by 25%.
+# Pool runs stay off until the shared-path design is measured against the table alone.
+LAUNCHES = {64: AttentionLaunch(128, 4, 3, pool_runs=False), 128: AttentionLaunch(64, 4, 3, pool_runs=False),
             256: AttentionLaunch(64, 4, 2, pool_runs=False)}
 
 
@@ -423,10 +417,9 @@ DENSE_COST_RATIO = {64: 2.1, 128: 2.6, 256: 2.6}
 
 def key_paths(launch: AttentionLaunch, *, paged: bool, has_runs: bool) -> dict[str, bool]:
     """The block kernel's key-path constexprs for ``launch`` over a paged source or not, ``has_runs``: one with
-    ``KVSource.run_start``. ``HAS_RUNS``: the run path is compiled beside the slot table's; ``TMA``: full tiles of
-    contiguous keys (packed, or runs) through tensor descriptors."""
-    runs = paged and has_runs and launch.pool_runs
-    return {"HAS_RUNS": runs, "TMA": launch.tma and (runs or not paged)}
+    ``KVSource.run_start``. ``HAS_RUNS``: a request in consecutive slots skips the slot table (same code path);
+    ``TMA``: full tiles of packed keys through tensor descriptors."""
+    return {"HAS_RUNS": paged and has_runs and launch.pool_runs, "TMA": launch.tma and not paged}
 
 
 def attention_launch(head_dim: int, dtype: torch.dtype) -> AttentionLaunch:
