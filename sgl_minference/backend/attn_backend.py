@@ -190,18 +190,19 @@ class MInferenceAttnBackend(AttentionBackend):
         kv = plan.kv_source(k_buffer, v_buffer)
         q3 = q.contiguous().view(-1, layer.tp_q_head_num, layer.head_dim)
         heads = self.layers[layer.layer_id]
-        def build():
-            layout = self._layer_layout(q3, kv, plan, heads, self.config, sm_scale=layer.scaling)
-            if self._router is not None:
-                self._router.record(layer.layer_id, layout)
-            return layout
 
+        def build():
+            return self._layer_layout(q3, kv, plan, heads, self.config, sm_scale=layer.scaling)
+
+        def attend(layout):
+            return sparse_attention(q3, kv, layout, plan.geom, sm_scale=layer.scaling)[0]
+
+        if self._router is not None:
+            build, attend = self._router.timed(layer.layer_id, build, attend)
         if self._stats is None:
-            o, _ = sparse_attention(q3, kv, build(), plan.geom, sm_scale=layer.scaling)
+            o = attend(build())
         else:
-            o = self._stats.run_layer(
-                layer.layer_id, plan.geom, build=build,
-                attend=lambda layout: sparse_attention(q3, kv, layout, plan.geom, sm_scale=layer.scaling)[0])
+            o = self._stats.run_layer(layer.layer_id, plan.geom, build=build, attend=attend)
         return o.view(-1, layer.tp_q_head_num * layer.head_dim)
 
     def forward(self, q, k, v, layer, forward_batch, save_kv_cache: bool = True, **kwargs):

@@ -38,13 +38,13 @@ from __future__ import annotations
 import json
 import logging
 import os
-import time
 from collections.abc import Callable, Mapping
 from pathlib import Path
 
 import torch
 
 from ..layout import BatchGeometry, SparseLayout, causal_pairs
+from .clock import Clock
 
 logger = logging.getLogger(__name__)
 
@@ -63,23 +63,6 @@ def request_pairs(layout: SparseLayout, geom: BatchGeometry) -> tuple[torch.Tens
 # ---- recording ----------------------------------------------------------------------------------------------
 
 
-class _Clock:
-    """CUDA events on a GPU (no sync to record), ``perf_counter`` on the host (CPU tests)."""
-
-    def __init__(self, device: torch.device):
-        self.cuda = device.type == "cuda"
-
-    def mark(self):
-        if not self.cuda:
-            return time.perf_counter()
-        event = torch.cuda.Event(enable_timing=True)
-        event.record()
-        return event
-
-    def ms(self, start, end) -> float:
-        return start.elapsed_time(end) if self.cuda else 1e3 * (end - start)
-
-
 class SparseStats:
     """Appends one JSON line per sparse forward batch to ``path`` (see the module docstring for its fields).
 
@@ -94,7 +77,7 @@ class SparseStats:
         self._batch: dict | None = None  # lengths of the batch being recorded
         self._run_start: torch.Tensor | None = None  # its plan's pool runs ([B] int32, on the device)
         self._layers: list = []  # (layer_id, attended [B], visited [B], t0, t1, t2) per recorded layer
-        self._clock: _Clock | None = None
+        self._clock: Clock | None = None
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str], *, last_layer: int, structure: str) -> "SparseStats | None":
@@ -119,7 +102,7 @@ class SparseStats:
                   attend: Callable[[SparseLayout], torch.Tensor]) -> torch.Tensor:
         """``attend(build())`` with both timed and the layout's pairs counted; returns what ``attend`` returns."""
         if self._clock is None:
-            self._clock = _Clock(geom.seq_lens_k.device)
+            self._clock = Clock(geom.seq_lens_k.device)
         t0 = self._clock.mark()
         layout = build()
         t1 = self._clock.mark()
