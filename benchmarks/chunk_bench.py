@@ -14,6 +14,8 @@ SGLang uses on Hopper). Per chunk it records:
 * steady state (CUDA events, median of ``--reps``): ``index_ms`` (the layer's layout build), ``attn_ms`` (the
   sparse kernel), ``fa3_ms`` (dense chunk attention); with ``--launches``, ``attn_ms_by_launch`` per launch and,
   when one of them is paired, ``pair_plan_ms`` (the layout merge the paired launches' times include, alone);
+  with ``--profile``, where the index time goes: ``index_kernels`` (device ms of the longest kernels),
+  ``index_kernel_ms`` (all of them), ``index_launches`` and ``index_host_ms`` (the host's time to issue the build);
 * what the layout did: attended and visited share of the chunk's causal pairs.
 
 Summed over the chunks (times the model's layer count) this is the attention part of a TTFT: the sum of
@@ -48,7 +50,7 @@ from functools import partial
 import torch
 
 from benchmarks.common import LAUNCH_EXAMPLE, environment, launch_name, parse_launch_list, parse_lengths
-from benchmarks.timing import time_ms
+from benchmarks.timing import host_ms, kernel_times, time_ms
 from sgl_minference.backend import synthetic
 from sgl_minference.backend.layer_layout import layer_layout
 from sgl_minference.backend.planner import layer_heads, plan_batch
@@ -65,6 +67,7 @@ from sgl_minference.patterns.convert import indices_to_layout
 MODELS = {"llama3-8b": (32, 8, 128, 32), "llama3.2-1b": (32, 8, 64, 16), "tiny": (4, 1, 64, 2)}
 DATA = ("planted", "uniform", "synthetic", "fixed", "captured")
 PROG = "python -m benchmarks.chunk_bench"
+PROFILE_TOP = 8  # kernels kept per record by --profile, longest first
 
 
 def jit_cache() -> dict[str, int]:
@@ -238,6 +241,13 @@ def run_chunk(args, data: str, config: MInferenceConfig, seq_q: int, seq_k: int,
     rec["compiles"] = sum(after.values()) - sum(before.values())
     rec["compiled"] = sorted(name for name in after if after[name] > before.get(name, 0))
     rec["index_ms"] = time_ms(index, args.reps, cuda=cuda)
+    if args.profile and cuda:
+        # where a layer's index time goes: device time per kernel and launches, against the host's time to issue
+        # them (index_host_ms near index_ms with little kernel time: launch-bound, not work-bound)
+        kernels, rec["index_launches"] = kernel_times(index, 2)
+        rec["index_kernel_ms"] = sum(kernels.values())
+        rec["index_kernels"] = dict(list(kernels.items())[:PROFILE_TOP])
+        rec["index_host_ms"] = host_ms(index, args.reps)
     rec["attn_ms"] = time_ms(lambda: sparse_attention(q, kv, layout, plan.geom, sm_scale=sm_scale), args.reps,
                              cuda=cuda)
     if args.launches:
@@ -294,6 +304,8 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--launches", default="",
                     help="also time these attention launches (e.g. 64x4x3,128x8x2h,64x8x3p; h: heads first, "
                          "p: two query blocks per program)")
+    ap.add_argument("--profile", action="store_true",
+                    help="per record: the index build's kernels (device ms), launch count and host issue time")
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")

@@ -34,7 +34,7 @@ from pathlib import Path
 
 import torch
 
-from benchmarks.timing import time_ms
+from benchmarks.timing import kernel_times, time_ms
 
 SCHEMA = "sgl-minference-estimate-bench/1"
 MODELS = {  # name -> (query heads, KV heads, head_dim)
@@ -42,31 +42,6 @@ MODELS = {  # name -> (query heads, KV heads, head_dim)
     "1b": (32, 8, 64),
     "tiny": (4, 2, 64),  # CPU plumbing test only
 }
-
-
-# ----------------------------------------------------------------------------------------------------------
-# Timing and profiling
-# ----------------------------------------------------------------------------------------------------------
-
-
-def kernel_times(fn, calls: int) -> dict[str, float]:
-    """Device ms per call of every kernel ``fn`` launches, by kernel name, from torch.profiler (GPU only)."""
-    from torch.profiler import ProfilerActivity, profile
-
-    fn()
-    torch.cuda.synchronize()
-    with profile(activities=[ProfilerActivity.CUDA]) as prof:
-        for _ in range(calls):
-            fn()
-        torch.cuda.synchronize()
-    out: dict[str, float] = {}
-    for ev in prof.key_averages():
-        us = getattr(ev, "self_device_time_total", None)
-        if us is None:
-            us = getattr(ev, "self_cuda_time_total", 0.0)
-        if us and getattr(ev, "device_type", None) == torch.autograd.DeviceType.CUDA:
-            out[ev.key[:120]] = out.get(ev.key[:120], 0.0) + us / 1e3 / calls
-    return dict(sorted(out.items(), key=lambda kv: -kv[1]))
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -194,8 +169,8 @@ def run_case(args, model: str, seq_q: int, seq_k: int, reference: dict | None, d
            "ratio_vs": ms["build_vertical_slash"] / ms["attention_vs"],
            "ratio_bs": ms["build_block_sparse"] / ms["attention_bs"]}
     if torch.cuda.is_available() and not args.no_profile:
-        rec["kernels_vs"] = kernel_times(build_vs, 3)
-        rec["kernels_bs"] = kernel_times(build_bs, 3)
+        rec["kernels_vs"] = kernel_times(build_vs, 3)[0]
+        rec["kernels_bs"] = kernel_times(build_bs, 3)[0]
 
     # -- checks
     checks: dict = {}
