@@ -1090,6 +1090,7 @@ def test_reliability_serving_end_to_end(monkeypatch, tmp_path, tiny_model):
     assert got["serving-flush-during-prefill"]["deferred"]["status"] == 200
     rounds = got["serving-disconnect-x4"]["rounds"]
     assert len(rounds) == 4 and all(r["aborted"] and r["used_tokens"] == [0] for r in rounds)
+    assert all(r["flushed"] for r in rounds)  # each round a full prefill, not the prefix the last one cached
 
 
 def test_reliability_serving_catches_leaked_kv_and_unaborted_requests(monkeypatch, tmp_path, tiny_model):
