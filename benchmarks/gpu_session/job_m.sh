@@ -13,7 +13,7 @@ NEED=120 ONCE=1 step gpu_kernels 240 python3 -m pytest -m gpu -q -p no:cacheprov
   tests/test_routing.py tests/test_patterns.py tests/test_select.py \
   --junitxml=/tmp/res/gpu_kernels_h200_session15.xml
 mkdir -p /tmp/res/logs
-# the serving and soak runs keep the SmolLM2 config session 10's runs used (shipped until 2026-12-03)
+# the serving runs keep the SmolLM2 config session 10's runs used (shipped until 2026-12-03)
 OLD_SMOL=benchmarks/results/multiturn/smollm2-135m_config_2026-11-24.json
 SMOL=(--model /tmp/models/smollm2 --context-length 135168 --server-arg=--cuda-graph-backend-prefill=disabled
       --startup-timeout-s 400 --log-dir /tmp/res/logs --minference-config $OLD_SMOL)
@@ -26,6 +26,8 @@ NEED=240 ONCE=1 step gemma_equiv 400 env SGL_MINFERENCE_TEST_MODEL=/tmp/models/g
 # Issue 11 item 4: the H200 rows never run since routing (8B: 8K, 32K, 256K; 1B: 512K, 1M), resumable (--resume
 # skips the cases the file has); each call's e2e gets what the call has left
 E8=/tmp/res/e2e_h200_8b_rows.json E1=/tmp/res/e2e_h200_1b_rows.json
+# an earlier session's rows (committed under benchmarks/results/) are kept: --resume then runs only the rest
+for f in $E8 $E1; do [ -f $f ] || [ ! -f benchmarks/results/${f##*/} ] || cp benchmarks/results/${f##*/} $f; done
 NEED=300 step e2e_1b 560 python3 -m benchmarks.e2e_ttft --model llama3.2-1b --backends fa3,minference \
   --lengths 512K,1M --scenarios single --structure synthetic --warmup-lens 4K,64K --reps 2 --rep-budget-s 60 \
   --budget-s $((CALL_S - SECONDS - 30)) --resume --out $E1
