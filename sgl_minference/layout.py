@@ -27,7 +27,8 @@ every launch, with device syncs; an out-of-range index then raises instead of re
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Any, Callable
 
 import torch
 
@@ -83,6 +84,17 @@ class BatchGeometry:
     qb_row: torch.Tensor  # [NQB] int32: first chunk row of each query block (a multiple of 64)
     seq_lens_q_cpu: list[int]  # B chunk lengths
     seq_lens_k_cpu: list[int]  # B context lengths
+    # tensors derived from the geometry alone, made by the first layer that needs them (:meth:`derived`)
+    _derived: dict = field(default_factory=dict, init=False, repr=False, compare=False)
+
+    def derived(self, key: tuple, make: Callable[[], Any]) -> Any:
+        """``make()``, computed once per ``key`` and kept on this batch: tensors that depend only on the geometry
+        (and the host constants in ``key``), which every layer's index build would otherwise remake with a dozen
+        launches. The geometry lives for one forward batch, so nothing outlives it; the results are shared by
+        every layer: callers must not modify them."""
+        if key not in self._derived:
+            self._derived[key] = make()
+        return self._derived[key]
 
     @property
     def num_requests(self) -> int:

@@ -13,13 +13,14 @@ import pytest
 import torch
 from conftest import DEVICE, make_geometry, make_qkv, paged_kv
 from test_patterns import check_invariants
+from test_sparse_attention import random_layout
 from test_search import tiny_gemma  # noqa: F401 (fixture)
 
 from sgl_minference.config import DEFAULT_ESTIMATION, Estimation
 from sgl_minference.kernels.sparse_attention import sparse_attention
 from sgl_minference.layout import BLOCK, KVSource
 from sgl_minference.patterns import HeadSet
-from sgl_minference.patterns.blocks import keep_by_mass
+from sgl_minference.patterns.blocks import grid, keep_by_mass, keep_ranked, layout_from_blocks, select_heads
 from sgl_minference.patterns.flexprefill import build_flexprefill, js_distance, realise_flexprefill
 from sgl_minference.patterns.xattention import build_xattention, realise_xattention
 from sgl_minference.testing import masked_attention
@@ -251,6 +252,86 @@ def test_js_distance_and_keep_by_mass():
     keep = keep_by_mass(mass, valid, torch.tensor([0.65]), forced=forced, min_count=torch.tensor([4]))
     assert keep[0].tolist() == [True, True, True, True, False]  # forced first, then at least four valid entries
 
+
+
+def keep_by_mass_loop(mass, valid, share, forced, min_count):
+    """keep_by_mass read off its definition, one row at a time: forced entries first, then valid ones by mass
+    (ties by position); an entry is kept while the mass ranked above it is below ``share``, or while fewer than
+    ``min_count`` entries are ranked above it; invalid entries never."""
+    keep = torch.zeros_like(mass, dtype=torch.bool)
+    for r in range(mass.shape[0]):
+        order = sorted((j for j in range(mass.shape[1]) if valid[r, j]),
+                       key=lambda j: (not forced[r, j], -float(mass[r, j]), j))
+        above = 0.0
+        for rank, j in enumerate(order):
+            keep[r, j] = bool(forced[r, j]) or above < float(share[r]) or rank < int(min_count[r])
+            above += float(mass[r, j])
+    return keep
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_keep_by_mass_matches_its_definition(seed):
+    g = torch.Generator().manual_seed(seed)
+    rows, n = 12, 40
+    valid = torch.rand(rows, n, generator=g) < 0.8
+    mass = torch.rand(rows, n, generator=g) * valid  # distinct masses: the ranking is unambiguous
+    mass = mass / mass.sum(-1, keepdim=True)
+    forced = (torch.rand(rows, n, generator=g) < 0.1) & valid
+    share = torch.rand(rows, generator=g)
+    min_count = torch.randint(0, 6, (rows,), generator=g)
+    want = keep_by_mass_loop(mass, valid, share, forced, min_count)
+    assert torch.equal(keep_by_mass(mass, valid, share, forced=forced, min_count=min_count), want)
+    # keep_ranked, given the priority keep_by_mass builds, and a minimum count in scaled lanes (64 b < budget)
+    prio = torch.where(valid, mass + 2.0 * forced, -1.0)
+    lanes = torch.arange(n) * BLOCK
+    got = keep_ranked(mass, prio, share, forced=True, lanes=lanes, min_lanes=min_count * BLOCK - 5)
+    assert torch.equal(got, want)
+
+
+def test_keep_by_mass_ties_and_nan():
+    # four equal masses, share 0.6: the mass above the i-th is 0.25 i, so three are kept whichever order the sort
+    # gives the ties
+    keep = keep_by_mass(torch.full((1, 4), 0.25), torch.ones(1, 4, dtype=torch.bool), torch.tensor([0.6]))
+    assert int(keep.sum()) == 3
+    # a row of NaN masses (a head whose scores overflowed) keeps nothing, not even its forced or minimum entries
+    nan = torch.full((1, 5), float("nan"))
+    keep = keep_by_mass(nan, torch.ones(1, 5, dtype=torch.bool), torch.tensor([0.9]),
+                        forced=torch.tensor([[True, False, False, False, False]]), min_count=torch.tensor([3]))
+    assert not keep.any()
+    keep = keep_ranked(nan[0], nan[0], torch.tensor(0.9), forced=True, lanes=torch.arange(5), min_lanes=torch.tensor(3))
+    assert not keep.any()
+
+
+def test_select_heads_consumes_b_and_matches_per_head_choice():
+    geom = make_geometry([70, 130], [30, 170])
+    nkb = -(-geom.max_seqlen_k // BLOCK)
+    g = torch.Generator().manual_seed(3)
+    keep = (torch.rand(geom.num_query_blocks, 3, nkb, generator=g) < 0.5).to(DEVICE) & grid(geom, nkb).candidate
+    for a, b in ((layout_from_blocks(keep, geom), random_layout(geom, 3, seed=4)),  # b with fewer ranges than a
+                 (random_layout(geom, 3, seed=5, max_cols=3), layout_from_blocks(keep, geom))):
+        pick = torch.rand(geom.num_query_blocks, 3, generator=g).to(DEVICE) < 0.5
+        dense_a, dense_b = a.to_dense(geom), b.to_dense(geom)
+        b_start = b.block_start
+        out = select_heads(pick, a, b)
+        qb0 = 0
+        for r, (want_a, want_b, got) in enumerate(zip(dense_a, dense_b, out.to_dense(geom))):
+            rows = torch.arange(geom.seq_lens_q_cpu[r]) // BLOCK + qb0
+            choose = pick.cpu()[rows].T.unsqueeze(-1)  # [H, Sq_r, 1]
+            assert torch.equal(got, torch.where(choose, want_a, want_b)), r
+            qb0 += -(-geom.seq_lens_q_cpu[r] // BLOCK)
+        if b_start.shape[2] >= a.block_start.shape[2]:  # no padding needed: b's own tensor is written and returned
+            assert out.block_start.data_ptr() == b_start.data_ptr()
+
+
+def test_batch_constants_are_made_once_per_geometry():
+    geom = make_geometry([70, 1], [30, 64])
+    calls = []
+    assert geom.derived(("k",), lambda: calls.append(1) or torch.ones(2)) is geom.derived(("k",), lambda: calls.append(1))
+    assert calls == [1]
+    assert grid(geom, 4) is grid(geom, 4) and grid(geom, 4) is not grid(geom, 5)
+    other = make_geometry([70, 1], [30, 64])
+    assert grid(other, 4) is not grid(geom, 4)  # a new batch starts empty
+    assert "_derived" not in repr(geom)
 
 # ---- through the sparse kernel ----------------------------------------------------------------------------------
 

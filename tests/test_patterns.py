@@ -337,6 +337,10 @@ def test_concat_heads_puts_groups_back():
     joined = concat_heads([dense, ashape], [[1, 3], [2, 0]], 4)
     m, d, a = joined.to_dense(geom)[0], dense.to_dense(geom)[0], ashape.to_dense(geom)[0]
     assert torch.equal(m[[1, 3]], d) and torch.equal(m[[2, 0]], a)
+    index = [torch.tensor(hs, dtype=torch.int32, device=DEV) for hs in ([1, 3], [2, 0])]  # the HeadSets' q_head
+    assert concat_heads([dense, ashape], [[1, 3], [2, 0]], 4, index=index).same_as(joined)
+    with pytest.raises(ValueError, match="index"):
+        concat_heads([dense, ashape], [[1, 3], [2, 0]], 4, index=index[:1])
     with pytest.raises(ValueError, match="heads"):
         concat_heads([dense, ashape], [[1, 3], [2, 2]], 4)
     single = build_a_shape(geom, HeadSet.build([1, 0], num_q_heads=2, num_kv_heads=1, device=DEV,

@@ -29,10 +29,11 @@ import torch
 
 from ..checks import check
 from ..config import Estimation
-from ..kernels.estimate import lastq_scores, pool_keys
+from ..kernels.estimate import lastq_sums, pool_keys
 from ..kernels.sparse_attention import check_queries_and_kv
 from ..layout import BLOCK, SENTINEL, BatchGeometry, KVSource, SparseLayout
-from .blocks import block_candidates, keep_by_mass, layout_from_blocks, pad_last, pooled_query_blocks, select_heads
+from .blocks import (block_candidates, grid, keep_by_mass, keep_ranked, layout_from_blocks, pad_last,
+                     pooled_query_blocks, select_heads)
 from .convert import indices_to_layout
 from .heads import HeadSet
 from .selection import Selection, block_means, selection_keys
@@ -62,14 +63,47 @@ def top_by_mass(mass: torch.Tensor, valid: torch.Tensor, share: torch.Tensor, mi
     return idx.sort(dim=-1, descending=descending).values.to(torch.int32)
 
 
-def _last_rows_mean(q: torch.Tensor, geom: BatchGeometry, q_head: torch.Tensor, last_q: int) -> torch.Tensor:
-    """Mean of the last ``min(last_q, Sq_r)`` queries of each request: ``[B, Hs, D]`` float32."""
+def _batch_constants(geom: BatchGeometry, est: Estimation):
+    """What the build reads that depends on the batch only, made once per batch:
+
+    * ``rows [B, 1, 1]`` int32: estimation rows per request;
+    * ``vs_offset [2, B, 1, max Sk]`` float32: the columns' and diagonals' priority offsets, ``2`` forced, ``0``
+      other keys, ``-1`` past ``Sk_r`` (where the masses are 0), so ``mass + offset`` is :func:`keep_by_mass`'s
+      priority;
+    * ``pos [max Sk]`` int64 lanes; ``unused [2, 1, 1, 1]`` int64: the index lists' padding (``SENTINEL``
+      columns, ``-1`` diagonals, both sorted ascending);
+    * ``outside [B, 1, NKB]`` bool: key blocks past ``Sk_r``;
+    * ``block_offset [NQB, 1, NKB]`` float32: the block priority offsets (``2`` diagonal, ``0`` other
+      candidates, ``-1`` the rest: their probabilities are 0); ``block_lanes [NKB]`` int64: ``64 b``, so
+      ``64 b < min_budget`` is ``b < ceil(min_budget / 64)``.
+    """
+    dev = geom.seq_lens_k.device
+    nkb = -(-geom.max_seqlen_k // BLOCK)
+    pos = torch.arange(geom.max_seqlen_k, device=dev)
+    forced = torch.stack([pos < est.forced_sink, pos < est.forced_local]).view(2, 1, 1, -1)
+    sk = geom.seq_lens_k.view(-1, 1, 1)
+    g = grid(geom, nkb)
+    return dict(rows=(geom.cu_seqlens_q[1:] - geom.cu_seqlens_q[:-1]).clamp(max=est.last_q).view(-1, 1, 1),
+                vs_offset=torch.where(pos < sk, 2.0 * forced, -1.0), pos=pos,
+                unused=torch.tensor([SENTINEL, -1], device=dev).view(2, 1, 1, 1),
+                outside=torch.arange(nkb, device=dev).view(1, 1, -1) * BLOCK >= sk,
+                block_offset=torch.where(g.candidate, 2.0 * g.diagonal, -1.0), block_lanes=g.lanes * BLOCK)
+
+
+def _last_rows(geom: BatchGeometry, last_q: int):
     end = geom.cu_seqlens_q[1:]
     n = (end - geom.cu_seqlens_q[:-1]).clamp(max=last_q)
-    lane = torch.arange(last_q, device=q.device, dtype=torch.int32)
+    lane = torch.arange(last_q, device=end.device, dtype=torch.int32)
     valid = lane < n.view(-1, 1)
-    rows = q[torch.where(valid, (end - n).view(-1, 1) + lane, 0).long()][:, :, q_head.long()].float()
-    return (rows * valid.view(*valid.shape, 1, 1)).sum(1) / n.view(-1, 1, 1)
+    return torch.where(valid, (end - n).view(-1, 1) + lane, 0).long().unsqueeze(-1), valid.view(*valid.shape, 1, 1), \
+        n.view(-1, 1, 1)
+
+
+def _last_rows_mean(q: torch.Tensor, geom: BatchGeometry, q_head: torch.Tensor, last_q: int) -> torch.Tensor:
+    """Mean of the last ``min(last_q, Sq_r)`` queries of each request: ``[B, Hs, D]`` float32."""
+    tok, valid, n = geom.derived(("last_rows", last_q), lambda: _last_rows(geom, last_q))
+    rows = q[tok, q_head].float()  # [B, last_q, Hs, D]
+    return (rows * valid).sum(1) / n
 
 
 def build_flexprefill(q: torch.Tensor, kv: KVSource, geom: BatchGeometry, heads: HeadSet, *, sm_scale: float,
@@ -78,6 +112,7 @@ def build_flexprefill(q: torch.Tensor, kv: KVSource, geom: BatchGeometry, heads:
 
     q: ``[T, Hq, D]`` chunk queries packed by ``geom.cu_seqlens_q`` (RoPE applied); kv: the requests' keys.
     Returns a layout ``[NQB, Hs, ...]`` (``MAXB = max(ceil(max Sk / 64), cap)``, ``MAXC = cap``; module docstring).
+    What depends on the batch only (masks, lanes, row indices) is built once per batch and shared by the layers.
     """
     check_queries_and_kv(q, kv, geom)
     check(all(b in heads.budgets for b in ("gamma", "tau", "min_budget")), "heads",
@@ -87,27 +122,29 @@ def build_flexprefill(q: torch.Tensor, kv: KVSource, geom: BatchGeometry, heads:
     nkb = -(-max_sk // BLOCK)
     gamma, tau = heads.budgets["gamma"].view(1, -1), heads.budgets["tau"].view(1, -1)
     min_budget = heads.budgets["min_budget"].view(1, -1)
+    g = grid(geom, nkb)
+    c = geom.derived(("flexprefill", est.last_q, est.forced_sink, est.forced_local),
+                lambda: _batch_constants(geom, est))
 
     # -- the last queries' true attention: per key column, per diagonal, per key block (each sums to 1)
-    col, diag = lastq_scores(q, kv, geom, heads.q_head, heads.kv_head, sm_scale=sm_scale, last_q=est.last_q)
-    rows = (geom.cu_seqlens_q[1:] - geom.cu_seqlens_q[:-1]).clamp(max=est.last_q).view(-1, 1, 1)
-    valid = col >= 0  # [B, Hs, max Sk]: the request's keys (col and diag are -1 past Sk_r)
-    col_mass, diag_mass = col.clamp(min=0) / rows, diag.clamp(min=0) / rows
-    true_blocks = pad_last(col_mass, nkb * BLOCK).view(b, hs, nkb, BLOCK).sum(-1)
+    sums = lastq_sums(q, kv, geom, heads.q_head, heads.kv_head, sm_scale=sm_scale, last_q=est.last_q)
+    mass = sums.clamp(min=0) / c["rows"]  # [2, B, Hs, max Sk]: column, diagonal masses (0 past Sk_r)
+    true_blocks = pad_last(mass[0], nkb * BLOCK).view(b, hs, nkb, BLOCK).sum(-1)
 
     # -- the pooled estimate of the same rows, and the decision per (request, head)
-    keys = pool_keys(kv, geom).index_select(1, heads.kv_head.long())  # [B, Hs, NKB, D] float32
+    keys = pool_keys(kv, geom).index_select(1, heads.kv_head)  # [B, Hs, NKB, D] float32
     logits = torch.einsum("bhd,bhkd->bhk", _last_rows_mean(q, geom, heads.q_head, est.last_q), keys) * sm_scale
-    in_context = torch.arange(nkb, device=dev).view(1, 1, -1) * BLOCK < geom.seq_lens_k.view(-1, 1, 1)
-    pooled = logits.masked_fill(~in_context, float("-inf")).softmax(-1)
+    pooled = logits.masked_fill_(c["outside"], float("-inf")).softmax(-1)
     use_blocks = js_distance(true_blocks, pooled) < tau  # [B, Hs]
 
-    # -- vertical-slash branch: columns and diagonals by cumulative mass
+    # -- vertical-slash branch: columns and diagonals by cumulative mass, both at once. The sums of a head are
+    # all >= 0 below Sk_r, or all NaN (then nothing is kept, as when they count as invalid).
     cap = min(max_sk, max(VS_CAP, int(heads.budget_max["min_budget"])))
-    pos = torch.arange(max_sk, device=dev)
-    columns = top_by_mass(col_mass, valid, gamma, min_budget, pos < est.forced_sink, cap, SENTINEL, False)
-    offsets = top_by_mass(diag_mass, valid, gamma, min_budget, pos < est.forced_local, cap, -1, True)
-    vertical_slash = indices_to_layout(columns, offsets, geom)
+    prio = mass + c["vs_offset"]
+    keep = keep_ranked(mass, prio, gamma, forced=True, lanes=c["pos"], min_lanes=min_budget)
+    vals, idx = torch.where(keep, prio, -1.0).topk(cap, dim=-1)
+    idx = torch.where(vals >= 0, idx, c["unused"]).sort(dim=-1).values.to(torch.int32)
+    vertical_slash = indices_to_layout(idx[0], idx[1].flip(-1), geom)  # diagonals descending
 
     # -- query-aware block branch: per query block, key blocks by cumulative pooled mass
     pooled_q = pooled_query_blocks(q, geom, heads.q_head)  # [NQB, Hs, D]
@@ -115,12 +152,11 @@ def build_flexprefill(q: torch.Tensor, kv: KVSource, geom: BatchGeometry, heads:
     qb0 = 0
     for r, sq in enumerate(geom.seq_lens_q_cpu):  # one batched product per request; host ints only, no sync
         n = -(-sq // BLOCK)
-        scores[qb0:qb0 + n] = torch.einsum("nhd,hkd->nhk", pooled_q[qb0:qb0 + n], keys[r]) * sm_scale
+        torch.mul(torch.einsum("nhd,hkd->nhk", pooled_q[qb0:qb0 + n], keys[r]), sm_scale, out=scores[qb0:qb0 + n])
         qb0 += n
-    candidate, diagonal = block_candidates(geom, nkb)
-    p = scores.masked_fill(~candidate, float("-inf")).softmax(-1)
-    keep = keep_by_mass(p, candidate, gamma, forced=diagonal, min_count=-(-min_budget // BLOCK))
-    return select_heads(use_blocks[geom.qb_request.long()], layout_from_blocks(keep, geom), vertical_slash)
+    p = scores.masked_fill_(g.not_candidate, float("-inf")).softmax(-1)
+    keep = keep_ranked(p, p + c["block_offset"], gamma, forced=True, lanes=c["block_lanes"], min_lanes=min_budget)
+    return select_heads(use_blocks[g.qb_request], layout_from_blocks(keep, geom), vertical_slash)
 
 
 def _head_inputs(q: torch.Tensor, k: torch.Tensor, sm_scale: float, est: Estimation, softcap: float | None):

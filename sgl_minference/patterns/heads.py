@@ -50,10 +50,13 @@ class HeadSet:
                    budget_max={k: max(v) for k, v in budgets.items()})
 
 
-def concat_heads(parts: list[SparseLayout], heads: list[list[int]], num_heads: int) -> SparseLayout:
+def concat_heads(parts: list[SparseLayout], heads: list[list[int]], num_heads: int, *,
+                 index: list[torch.Tensor] | None = None) -> SparseLayout:
     """Put per-group layouts back at their head positions: one ``SparseLayout`` over ``num_heads`` heads.
 
     ``parts[i]`` covers the query heads ``heads[i]`` (in that order); capacities are padded to the largest.
+    ``index[i]``: the same heads as an int tensor on the layouts' device (:attr:`HeadSet.q_head`), so the per-layer
+    call copies nothing from the host; made from ``heads`` when not given.
     """
     check(len(parts) == len(heads) and parts, "parts", "one head list per layout needed")
     check(sorted(h for hs in heads for h in hs) == list(range(num_heads)), "heads",
@@ -70,8 +73,11 @@ def concat_heads(parts: list[SparseLayout], heads: list[list[int]], num_heads: i
 
     out = SparseLayout(block_start=empty(maxb), block_end=empty(maxb), col_index=empty(maxc),
                        block_count=empty(1)[..., 0], full_count=empty(1)[..., 0], col_count=empty(1)[..., 0])
-    for p, hs in zip(parts, heads):
-        idx = torch.tensor(hs, device=dev)
+    if index is None:
+        index = [torch.tensor(hs, device=dev) for hs in heads]
+    check(len(index) == len(heads) and all(i.shape == (len(hs),) for i, hs in zip(index, heads)), "index",
+          "one device index per head list, of its length")
+    for p, idx in zip(parts, index):
         nb, nc = p.block_start.shape[2], p.col_index.shape[2]
         out.block_start[:, idx, :nb] = p.block_start
         out.block_end[:, idx, :nb] = p.block_end

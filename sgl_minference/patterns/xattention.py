@@ -32,7 +32,7 @@ from ..config import Estimation
 from ..kernels.sparse_attention import check_queries_and_kv
 from ..layout import BLOCK, BatchGeometry, KVSource, SparseLayout
 from ..registry import XATTENTION_STRIDES
-from .blocks import block_candidates, keep_by_mass, layout_from_blocks
+from .blocks import block_candidates, grid, keep_by_mass, keep_ranked, layout_from_blocks, pad_last
 from .heads import HeadSet
 from .selection import Selection, block_keys
 from .share_fit import largest_share_within
@@ -68,13 +68,15 @@ def _strided(x: torch.Tensor, stride: int, reverse: bool) -> torch.Tensor:
 
 
 def antidiagonal_block_mass(q_rows: torch.Tensor, k_rows: torch.Tensor, runs: list[tuple[int, int, int]], *,
-                            stride: int, sm_scale: float, num_key_blocks: int) -> torch.Tensor:
+                            stride: int, sm_scale: float, num_key_blocks: int,
+                            out: torch.Tensor | None = None) -> torch.Tensor:
     """Estimated share of every key block in its query block's row, for one request (module docstring).
 
     Args:
         q_rows: ``[Sq, Hs, D]`` the chunk's queries of the scored heads (the last ``Sq`` of ``Sk`` positions).
         k_rows: ``[Sk, Hk, D]`` the request's keys, same dtype; runs: :func:`kv_runs` of the scored heads.
         num_key_blocks: output width, at least ``ceil(Sk / 64)``.
+        out: where to write the result (zero-filled, the returned shape), else a new tensor.
     Returns:
         ``[ceil(Sq / 64), Hs, num_key_blocks]`` float32, each row summing to 1 over the causal key blocks.
     """
@@ -83,39 +85,51 @@ def antidiagonal_block_mass(q_rows: torch.Tensor, k_rows: torch.Tensor, runs: li
     nqb, nkb = -(-sq // BLOCK), -(-sk // BLOCK)
     per = BLOCK // stride  # strided rows (and keys) per 64-block
     prefix, rows_valid = sk - sq, -(-sq // stride)  # strided rows holding a real query (host ints)
+    # Strided row g's first position is prefix + stride g, strided key t's first key stride t: t is causal for g
+    # exactly when t - prefix // stride <= g (integers), a comparison of two slices of one range.
+    shift = prefix // stride
     # the scale folded into the (small) strided queries saves a pass over the logits
-    qs = _strided(F.pad(q_rows * (sm_scale / stride), (0, 0, 0, 0, 0, nqb * BLOCK - sq)), stride, reverse=True)
-    ks = _strided(F.pad(k_rows, (0, 0, 0, 0, 0, nkb * BLOCK - sk)), stride, reverse=False)  # [Hk, T, S*D]
-    dev = q_rows.device
-    first_pos = prefix + stride * torch.arange(nqb * per, device=dev)  # each strided row's first position
-    key_pos = stride * torch.arange(nkb * per, device=dev)
-    out = torch.zeros(nqb, hs, num_key_blocks, device=dev, dtype=torch.float32)
+    qs = _strided(pad_rows(q_rows * (sm_scale / stride), nqb * BLOCK), stride, reverse=True)
+    ks = _strided(pad_rows(k_rows, nkb * BLOCK), stride, reverse=False)  # [Hk, T, S*D]
+    lanes = torch.arange(max(nqb, nkb) * per, device=q_rows.device)
+    if out is None:
+        out = torch.zeros(nqb, hs, num_key_blocks, device=q_rows.device, dtype=torch.float32)
     for i0, i1, kh in runs:
         rows_per = max(per, SCORE_ELEMENTS // ((i1 - i0) * nkb * per) // per * per)  # whole query blocks
         for g0 in range(0, nqb * per, rows_per):
             g1 = min(g0 + rows_per, nqb * per)
             # -- key groups some row of the chunk sees: [0, t_hi) (whole key blocks); masked from t_lo on
-            t_lo = (prefix + stride * g0) // stride + 1
-            t_hi = min(nkb * per, -(-((prefix + stride * (g1 - 1)) // stride + 1) // per) * per)
+            t_lo = shift + g0 + 1
+            t_hi = min(nkb * per, -(-(shift + g1) // per) * per)
             # -- strided logits of this chunk, one GEMM per KV head run (model dtype, fp32 accumulate)
             logits = torch.matmul(qs[i0:i1, g0:g1], ks[kh, :t_hi].T).float()  # [n, g, t_hi]
             if t_lo < t_hi:
-                causal = key_pos[t_lo:t_hi].view(1, -1) <= first_pos[g0:g1].view(-1, 1)
-                logits[..., t_lo:].masked_fill_(~causal, float("-inf"))
+                logits[..., t_lo:].masked_fill_(lanes[t_lo - shift:t_hi - shift].view(1, -1)
+                                                > lanes[g0:g1].view(-1, 1), float("-inf"))
             p = logits.softmax(-1)
-            p[:, max(rows_valid - g0, 0):] = 0.0  # padding rows of the last block add nothing
-            # -- sum to 64x64 blocks and normalise per query block
+            if rows_valid < g1:
+                p[:, max(rows_valid - g0, 0):] = 0.0  # padding rows of the last block add nothing
+            # -- sum to 64x64 blocks and normalise per query block, written in place
             blocks = p.view(i1 - i0, (g1 - g0) // per, per, t_hi // per, per).sum((2, 4))
-            out[g0 // per: g1 // per, i0:i1, :t_hi // per] = (blocks / blocks.sum(-1, keepdim=True)).transpose(0, 1)
+            torch.div(blocks, blocks.sum(-1, keepdim=True),
+                      out=out[g0 // per: g1 // per, i0:i1, :t_hi // per].transpose(0, 1))
     return out
 
 
+def pad_rows(x: torch.Tensor, rows: int) -> torch.Tensor:
+    """``x [L, ...]`` padded with zero rows to ``rows`` (``x`` itself when it has them)."""
+    return x if x.shape[0] == rows else F.pad(x, (0, 0, 0, 0, 0, rows - x.shape[0]))
+
+
 def request_keys(kv: KVSource, r: int, seq_len_k: int) -> torch.Tensor:
-    """Request ``r``'s keys ``[Sk, Hk, D]`` gathered on the device (row offsets stay device tensors: no sync)."""
-    if kv.paged:
-        rows = kv.req_to_token[kv.req_pool_indices[r], :seq_len_k].long()
+    """Request ``r``'s keys ``[Sk, Hk, D]`` gathered on the device (row offsets stay device tensors: no sync), or
+    a view of ``kv.k`` where the request's rows are known on the host."""
+    if kv.paged:  # a one-entry index keeps the pool row on the device (indexing by kv.req_pool_indices[r] syncs)
+        rows = kv.req_to_token.index_select(0, kv.req_pool_indices[r:r + 1])[0, :seq_len_k]
+    elif kv.kv_start_cpu is not None:  # rows known on the host: a view, no copy
+        return kv.k[kv.kv_start_cpu[r]:kv.kv_start_cpu[r] + seq_len_k]
     else:
-        rows = kv.kv_start[r].long() + torch.arange(seq_len_k, device=kv.k.device)
+        rows = kv.kv_start[r] + torch.arange(seq_len_k, device=kv.k.device)
     return kv.k.index_select(0, rows)
 
 
@@ -132,17 +146,23 @@ def build_xattention(q: torch.Tensor, kv: KVSource, geom: BatchGeometry, heads: 
     check(stride in XATTENTION_STRIDES, "stride", f"{stride} not one of {XATTENTION_STRIDES}")
     nkb = -(-geom.max_seqlen_k // BLOCK)
     runs = kv_runs(heads.heads, q.shape[1] // kv.k.shape[1])
-    mass = torch.empty(geom.num_query_blocks, len(heads.heads), nkb, device=q.device, dtype=torch.float32)
+    mass = torch.zeros(geom.num_query_blocks, len(heads.heads), nkb, device=q.device, dtype=torch.float32)
     qb0, t0 = 0, 0
     for r, (sq, sk) in enumerate(zip(geom.seq_lens_q_cpu, geom.seq_lens_k_cpu)):  # host lengths: no sync
         n = -(-sq // BLOCK)
-        mass[qb0:qb0 + n] = antidiagonal_block_mass(q[t0:t0 + sq].index_select(1, heads.q_head.long()),
-                                                    request_keys(kv, r, sk), runs, stride=stride,
-                                                    sm_scale=sm_scale, num_key_blocks=nkb)
+        antidiagonal_block_mass(q[t0:t0 + sq].index_select(1, heads.q_head), request_keys(kv, r, sk), runs,
+                                stride=stride, sm_scale=sm_scale, num_key_blocks=nkb, out=mass[qb0:qb0 + n])
         qb0, t0 = qb0 + n, t0 + sq
-    candidate, diagonal = block_candidates(geom, nkb)
-    keep = keep_by_mass(mass, candidate, heads.budgets["threshold"].view(1, -1), forced=forced_blocks(diagonal))
+    # the block shares are 0 off the candidates, so mass + offset is keep_by_mass's priority
+    offset = geom.derived(("xattention_offset", nkb), lambda: _priority_offset(geom, nkb))
+    keep = keep_ranked(mass, mass + offset, heads.budgets["threshold"].view(1, -1), forced=True)
     return layout_from_blocks(keep, geom)
+
+
+def _priority_offset(geom: BatchGeometry, num_key_blocks: int) -> torch.Tensor:
+    """``[NQB, 1, NKB]`` float32: ``2`` on the forced blocks, ``0`` on the other candidates, ``-1`` elsewhere."""
+    g = grid(geom, num_key_blocks)
+    return torch.where(g.candidate, 2.0 * forced_blocks(g.diagonal), -1.0)
 
 
 def _head_mass(spec, q: torch.Tensor, k: torch.Tensor, sm_scale: float):
