@@ -66,7 +66,7 @@ def layer_layout(q: torch.Tensor, kv: KVSource, plan: SparsePlan, heads: LayerHe
     est = config.estimation
     parts = [build(q, kv, plan.geom, g, sm_scale=sm_scale, est=est, layer_id=heads.layer_id) for g in heads.groups]
     layout = concat_heads(parts, [g.heads.heads for g in heads.groups], heads.num_q_heads,
-                          index=[g.heads.q_head for g in heads.groups])
+                          index=[g.heads.q_index for g in heads.groups])
     if plan.dense_layout is not None:
         layout = overlay_query_blocks(layout, plan.dense_blocks, plan.dense_layout)
     return layout

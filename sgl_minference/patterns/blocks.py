@@ -142,7 +142,7 @@ def _pool_rows(geom: BatchGeometry):
 def pooled_query_blocks(q: torch.Tensor, geom: BatchGeometry, q_head: torch.Tensor) -> torch.Tensor:
     """Mean of each query block's valid rows: ``[NQB, Hs, D]`` float32 (padding rows excluded).
 
-    q: ``[T, Hq, D]`` packed by ``geom.cu_seqlens_q``; q_head: ``[Hs]`` int32 heads to pool.
+    q: ``[T, Hq, D]`` packed by ``geom.cu_seqlens_q``; q_head: ``[Hs]`` int64 heads to pool (``HeadSet.q_index``).
     """
     tok, valid, count = geom.derived(("pool_rows",), lambda: _pool_rows(geom))
     rows = q[tok, q_head].float()  # [NQB, 64, Hs, D]: one gather of the rows and heads

@@ -133,7 +133,7 @@ def build_flexprefill(q: torch.Tensor, kv: KVSource, geom: BatchGeometry, heads:
 
     # -- the pooled estimate of the same rows, and the decision per (request, head)
     keys = pool_keys(kv, geom).index_select(1, heads.kv_head)  # [B, Hs, NKB, D] float32
-    logits = torch.einsum("bhd,bhkd->bhk", _last_rows_mean(q, geom, heads.q_head, est.last_q), keys) * sm_scale
+    logits = torch.einsum("bhd,bhkd->bhk", _last_rows_mean(q, geom, heads.q_index, est.last_q), keys) * sm_scale
     pooled = logits.masked_fill_(c["outside"], float("-inf")).softmax(-1)
     use_blocks = js_distance(true_blocks, pooled) < tau  # [B, Hs]
 
@@ -147,7 +147,7 @@ def build_flexprefill(q: torch.Tensor, kv: KVSource, geom: BatchGeometry, heads:
     vertical_slash = indices_to_layout(idx[0], idx[1].flip(-1), geom)  # diagonals descending
 
     # -- query-aware block branch: per query block, key blocks by cumulative pooled mass
-    pooled_q = pooled_query_blocks(q, geom, heads.q_head)  # [NQB, Hs, D]
+    pooled_q = pooled_query_blocks(q, geom, heads.q_index)  # [NQB, Hs, D]
     scores = torch.empty(geom.num_query_blocks, hs, nkb, device=dev, dtype=torch.float32)
     qb0 = 0
     for r, sq in enumerate(geom.seq_lens_q_cpu):  # one batched product per request; host ints only, no sync

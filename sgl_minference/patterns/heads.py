@@ -22,6 +22,9 @@ class HeadSet:
     heads: list[int]  # query head indices within q's head dimension
     q_head: torch.Tensor  # [Hs] int32: the same indices on the device
     kv_head: torch.Tensor  # [Hs] int32: KV head read by each query head (GQA: head // group)
+    # [Hs] int64: q_head for torch's advanced indexing, which converts an int32 index with one more launch per use
+    # (index_select takes int32 as it is)
+    q_index: torch.Tensor
     budgets: dict[str, torch.Tensor] = field(default_factory=dict)  # name -> [Hs] int32 / float32 per head
     budget_max: dict[str, int | float] = field(default_factory=dict)  # name -> host max of that budget
 
@@ -46,7 +49,8 @@ class HeadSet:
         def i32(x):
             return torch.tensor(x, dtype=torch.int32, device=device)
 
-        return cls(heads=list(heads), q_head=i32(heads), kv_head=i32([h // group for h in heads]), budgets=dev,
+        return cls(heads=list(heads), q_head=i32(heads), kv_head=i32([h // group for h in heads]),
+                   q_index=torch.tensor(heads, dtype=torch.int64, device=device), budgets=dev,
                    budget_max={k: max(v) for k, v in budgets.items()})
 
 
@@ -55,8 +59,8 @@ def concat_heads(parts: list[SparseLayout], heads: list[list[int]], num_heads: i
     """Put per-group layouts back at their head positions: one ``SparseLayout`` over ``num_heads`` heads.
 
     ``parts[i]`` covers the query heads ``heads[i]`` (in that order); capacities are padded to the largest.
-    ``index[i]``: the same heads as an int tensor on the layouts' device (:attr:`HeadSet.q_head`), so the per-layer
-    call copies nothing from the host; made from ``heads`` when not given.
+    ``index[i]``: the same heads as an int64 tensor on the layouts' device (:attr:`HeadSet.q_index`), so the
+    per-layer call copies nothing from the host; made from ``heads`` when not given.
     """
     check(len(parts) == len(heads) and parts, "parts", "one head list per layout needed")
     check(sorted(h for hs in heads for h in hs) == list(range(num_heads)), "heads",
