@@ -6,18 +6,20 @@
 # `touch /tmp/res/done.serving_smol_minference /tmp/res/done.serving_smol_fa3`. The soak gets a session of its own.
 . benchmarks/gpu_session/common.sh
 export CALL_S=${CALL_S:-585}
+# TAG names the files of runs that repeat per session (TAG=session17 bash ...)
+TAG=${TAG:-session16}
 # ONLY_FA3_SERVING=1: the minference serving run is done (a second host that lost the first one's files)
 # NO_PROFILE=1: skip the captured-layout profiles
 [ -f /tmp/res/done.models ] || setup_host
 NEED=120 ONCE=1 step gpu_kernels 240 python3 -m pytest -m gpu -q -p no:cacheprovider tests/test_sparse_attention.py \
   tests/test_routing.py tests/test_patterns.py tests/test_select.py \
-  --junitxml=/tmp/res/gpu_kernels_h200_session16.xml
+  --junitxml=/tmp/res/gpu_kernels_h200_$TAG.xml
 [ -z "$NO_PROFILE" ] && NEED=90 step profile_smol 200 python3 -m benchmarks.chunk_bench --data captured --captured /tmp/models/smollm2 \
   --length 7936 --chunk 8K --config '{"config_path": "sgl_minference/configs/smollm2-135m.json"}' --profile \
-  --out /tmp/res/chunk_h200_smollm2_8k_captured_profile_session16.json
+  --out /tmp/res/chunk_h200_smollm2_8k_captured_profile_$TAG.json
 [ -z "$NO_PROFILE" ] && NEED=90 step profile_gemma 240 python3 -m benchmarks.chunk_bench --data captured --captured /tmp/models/gemma3-270m \
   --length 32512 --chunk 8K --config '{"config_path": "sgl_minference/configs/gemma3-270m.json"}' --profile \
-  --out /tmp/res/chunk_h200_gemma3_32k_captured_profile_session16.json
+  --out /tmp/res/chunk_h200_gemma3_32k_captured_profile_$TAG.json
 mkdir -p /tmp/res/logs
 # the serving runs keep the SmolLM2 config session 10's runs used (shipped until 2026-12-03)
 OLD_SMOL=benchmarks/results/multiturn/smollm2-135m_config_2026-11-24.json
@@ -39,7 +41,7 @@ NEED=240 step e2e_8b 560 python3 -m benchmarks.e2e_ttft --model llama3-8b --back
   --lengths 8K,32K,256K --scenarios single --structure dummy,synthetic --warmup-lens 4K,32K --reps 2 \
   --rep-budget-s 40 --budget-s $((CALL_S - SECONDS - 30)) --resume --out $E8
 NEED=240 ONCE=1 step gemma_equiv 400 env SGL_MINFERENCE_TEST_MODEL=/tmp/models/gemma3-270m python3 -m pytest \
-  -p no:cacheprovider -m gpu -q tests/test_sglang_gpu.py -k "not 64k" --junitxml=/tmp/res/test_sglang_gpu_gemma3_h200_session16.xml
+  -p no:cacheprovider -m gpu -q tests/test_sglang_gpu.py -k "not 64k" --junitxml=/tmp/res/test_sglang_gpu_gemma3_h200_$TAG.xml
 # Issue 11 items 2 and 4: the 8B 128K row (routing now weighs the index) and the chunk-size choice, 8192 (SGLang's
 # default here) against 32768, at 128K and 256K, synthetic structure; resumable like the rows above
 EC=/tmp/res/e2e_h200_8b_chunks.json
