@@ -337,8 +337,12 @@ def test_concat_heads_puts_groups_back():
     joined = concat_heads([dense, ashape], [[1, 3], [2, 0]], 4)
     m, d, a = joined.to_dense(geom)[0], dense.to_dense(geom)[0], ashape.to_dense(geom)[0]
     assert torch.equal(m[[1, 3]], d) and torch.equal(m[[2, 0]], a)
-    index = [torch.tensor(hs, dtype=torch.int32, device=DEV) for hs in ([1, 3], [2, 0])]  # the HeadSets' q_head
-    assert concat_heads([dense, ashape], [[1, 3], [2, 0]], 4, index=index).same_as(joined)
+    index = [HeadSet.build(hs, num_q_heads=4, num_kv_heads=2, device=DEV).q_index for hs in ([1, 3], [2, 0])]
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        indexed = concat_heads([dense, ashape], [[1, 3], [2, 0]], 4, index=index)
+    assert indexed.same_as(joined)
+    # the per-layer call converts no index (an int32 one costs an extra launch per use) and copies nothing from the host
+    assert not [e.name for e in prof.events() if e.name in ("aten::_to_copy", "aten::lift_fresh")]
     with pytest.raises(ValueError, match="index"):
         concat_heads([dense, ashape], [[1, 3], [2, 0]], 4, index=index[:1])
     with pytest.raises(ValueError, match="heads"):
