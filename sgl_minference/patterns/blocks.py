@@ -57,12 +57,6 @@ def grid(geom: BatchGeometry, num_key_blocks: int) -> BlockGrid:
     return geom.derived(("grid", num_key_blocks), lambda: _grid(geom, num_key_blocks))
 
 
-def block_rows(geom: BatchGeometry) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(r0, p_last)``, each ``[NQB, 1, 1]`` int32: first and last valid row position of every query block."""
-    g = grid(geom, 0)
-    return g.r0, g.p_last
-
-
 def block_candidates(geom: BatchGeometry, num_key_blocks: int) -> tuple[torch.Tensor, torch.Tensor]:
     """``(candidate, diagonal)`` masks, each ``[NQB, 1, num_key_blocks]`` bool (see the module docstring; shared
     by every layer of the batch: not to be modified)."""
@@ -131,12 +125,21 @@ def layout_from_blocks(keep: torch.Tensor, geom: BatchGeometry) -> SparseLayout:
                         full_count=full_count, col_index=none, col_count=torch.zeros_like(block_count))
 
 
-def _pool_rows(geom: BatchGeometry):
-    start = geom.cu_seqlens_q[geom.qb_request.long()] + geom.qb_row
-    end = geom.cu_seqlens_q[geom.qb_request.long() + 1]
-    tok = start.view(-1, 1) + torch.arange(BLOCK, device=start.device, dtype=torch.int32)
+def row_span(start: torch.Tensor, end: torch.Tensor, width: int) -> tuple[torch.Tensor, ...]:
+    """The packed rows ``start[i] .. start[i] + width - 1`` cut at ``end[i]`` (``start``, ``end`` ``[N]`` int32), as
+    :func:`mean_rows` reads them: ``(tok [N, width, 1]`` int64, 0 where cut; ``valid [N, width, 1, 1]`` bool;
+    ``count [N, 1, 1]`` int64)."""
+    tok = start.view(-1, 1) + torch.arange(width, device=start.device, dtype=torch.int32)
     valid = tok < end.view(-1, 1)
     return torch.where(valid, tok, 0).long().unsqueeze(-1), valid.view(*valid.shape, 1, 1), valid.sum(1).view(-1, 1, 1)
+
+
+def mean_rows(q: torch.Tensor, span: tuple[torch.Tensor, ...], q_head: torch.Tensor) -> torch.Tensor:
+    """Mean over each :func:`row_span` entry's valid rows of ``q [T, Hq, D]``, heads ``q_head [Hs]`` int64:
+    ``[N, Hs, D]`` float32."""
+    tok, valid, count = span
+    rows = q[tok, q_head].float()  # [N, width, Hs, D]: one gather of the rows and heads
+    return (rows * valid).sum(1) / count
 
 
 def pooled_query_blocks(q: torch.Tensor, geom: BatchGeometry, q_head: torch.Tensor) -> torch.Tensor:
@@ -144,9 +147,10 @@ def pooled_query_blocks(q: torch.Tensor, geom: BatchGeometry, q_head: torch.Tens
 
     q: ``[T, Hq, D]`` packed by ``geom.cu_seqlens_q``; q_head: ``[Hs]`` int64 heads to pool (``HeadSet.q_index``).
     """
-    tok, valid, count = geom.derived(("pool_rows",), lambda: _pool_rows(geom))
-    rows = q[tok, q_head].float()  # [NQB, 64, Hs, D]: one gather of the rows and heads
-    return (rows * valid).sum(1) / count
+    req = geom.qb_request.long()
+    span = geom.derived(("pool_rows",), lambda: row_span(geom.cu_seqlens_q[req] + geom.qb_row,
+                                                         geom.cu_seqlens_q[req + 1], BLOCK))
+    return mean_rows(q, span, q_head)
 
 
 def pad_last(t: torch.Tensor, size: int, value: int = 0) -> torch.Tensor:

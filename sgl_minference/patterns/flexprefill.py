@@ -32,8 +32,8 @@ from ..config import Estimation
 from ..kernels.estimate import lastq_sums, pool_keys
 from ..kernels.sparse_attention import check_queries_and_kv
 from ..layout import BLOCK, SENTINEL, BatchGeometry, KVSource, SparseLayout
-from .blocks import (block_candidates, grid, keep_by_mass, keep_ranked, layout_from_blocks, pad_last,
-                     pooled_query_blocks, select_heads)
+from .blocks import (block_candidates, grid, keep_by_mass, keep_ranked, layout_from_blocks, mean_rows, pad_last,
+                     pooled_query_blocks, row_span, select_heads)
 from .convert import indices_to_layout
 from .heads import HeadSet
 from .selection import Selection, block_means, selection_keys
@@ -86,24 +86,17 @@ def _batch_constants(geom: BatchGeometry, est: Estimation):
     return dict(rows=(geom.cu_seqlens_q[1:] - geom.cu_seqlens_q[:-1]).clamp(max=est.last_q).view(-1, 1, 1),
                 vs_offset=torch.where(pos < sk, 2.0 * forced, -1.0), pos=pos,
                 unused=torch.tensor([SENTINEL, -1], device=dev).view(2, 1, 1, 1),
-                outside=torch.arange(nkb, device=dev).view(1, 1, -1) * BLOCK >= sk,
+                outside=g.start >= sk,
                 block_offset=torch.where(g.candidate, 2.0 * g.diagonal, -1.0), block_lanes=g.lanes * BLOCK)
-
-
-def _last_rows(geom: BatchGeometry, last_q: int):
-    end = geom.cu_seqlens_q[1:]
-    n = (end - geom.cu_seqlens_q[:-1]).clamp(max=last_q)
-    lane = torch.arange(last_q, device=end.device, dtype=torch.int32)
-    valid = lane < n.view(-1, 1)
-    return torch.where(valid, (end - n).view(-1, 1) + lane, 0).long().unsqueeze(-1), valid.view(*valid.shape, 1, 1), \
-        n.view(-1, 1, 1)
 
 
 def _last_rows_mean(q: torch.Tensor, geom: BatchGeometry, q_head: torch.Tensor, last_q: int) -> torch.Tensor:
     """Mean of the last ``min(last_q, Sq_r)`` queries of each request: ``[B, Hs, D]`` float32."""
-    tok, valid, n = geom.derived(("last_rows", last_q), lambda: _last_rows(geom, last_q))
-    rows = q[tok, q_head].float()  # [B, last_q, Hs, D]
-    return (rows * valid).sum(1) / n
+    def span():
+        end = geom.cu_seqlens_q[1:]
+        return row_span(end - (end - geom.cu_seqlens_q[:-1]).clamp(max=last_q), end, last_q)
+
+    return mean_rows(q, geom.derived(("last_rows", last_q), span), q_head)
 
 
 def build_flexprefill(q: torch.Tensor, kv: KVSource, geom: BatchGeometry, heads: HeadSet, *, sm_scale: float,
