@@ -12,11 +12,11 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import torch
-import torch.nn.functional as F
 
 from ..config import Estimation, MInferenceConfig
 from ..layout import BatchGeometry, KVSource, SparseLayout
 from ..patterns import concat_heads
+from ..patterns.blocks import pad_last
 from ..registry import PATTERNS
 from .planner import HeadGroup, LayerHeads, SparsePlan
 
@@ -31,10 +31,6 @@ def build_group(q: torch.Tensor, kv: KVSource, geom: BatchGeometry, group: HeadG
     return PATTERNS[group.kind].build(q, kv, geom, group.heads, sm_scale=sm_scale, est=est)
 
 
-def _pad_last(t: torch.Tensor, size: int) -> torch.Tensor:
-    return t if t.shape[-1] == size else F.pad(t, (0, size - t.shape[-1]))
-
-
 def overlay_query_blocks(base: SparseLayout, rows: torch.Tensor, part: SparseLayout) -> SparseLayout:
     """``base`` with query blocks ``rows`` replaced by ``part`` (``part``'s block ``i`` goes to ``rows[i]``).
 
@@ -47,7 +43,7 @@ def overlay_query_blocks(base: SparseLayout, rows: torch.Tensor, part: SparseLay
     def merged(name: str, cap: int | None) -> torch.Tensor:
         a, b = getattr(base, name), getattr(part, name)
         if cap is not None:
-            a, b = _pad_last(a, cap), _pad_last(b, cap)
+            a, b = pad_last(a, cap), pad_last(b, cap)
         return a.index_copy(0, rows, b)
 
     return SparseLayout(block_start=merged("block_start", maxb), block_end=merged("block_end", maxb),
